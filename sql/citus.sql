@@ -1,0 +1,19 @@
+-- Scale-out with Citus: run once on the coordinator, after the schema exists (V001__init.sql),
+-- with the search_path set to the repository's schema:
+--   psql -d mydb -c 'SET search_path TO ml' -f sql/citus.sql
+--
+-- Every primary and unique key includes its table's distribution column (a test checks it
+-- against the catalog), so these calls succeed unchanged. Model-keyed tables are co-located by
+-- model_name so alias moves and cleanups stay single-shard transactions.
+
+-- Small, read on every embedding write: a copy on every node.
+SELECT create_reference_table('embedding_types');
+
+SELECT create_distributed_table('ml_models', 'model_name');
+SELECT create_distributed_table('model_aliases', 'model_name', colocate_with => 'ml_models');
+SELECT create_distributed_table('model_alias_stack', 'model_name', colocate_with => 'ml_models');
+SELECT create_distributed_table('model_alias_history', 'model_name', colocate_with => 'ml_models');
+SELECT create_distributed_table('training_metrics', 'model_name', colocate_with => 'ml_models');
+
+SELECT create_distributed_table('embeddings', 'entity_id');
+SELECT create_distributed_table('prediction_cache', 'cache_key');

@@ -1,0 +1,259 @@
+//! Model bytes in and out without holding them in memory: a reader is spooled to a temp file
+//! while it is hashed, then framed by hand into a binary COPY; a load streams the value out in
+//! slices inside one snapshot, hashing as it writes.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+
+use postgres::{IsolationLevel, Transaction};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{RepoError, Result};
+use crate::migrate::to_hex;
+use crate::models::{verify_checksum, ModelInfo, SaveRequest, VersionRef, INFO_COLUMNS};
+use crate::repository::ModelRepository;
+use crate::retry::Retry;
+use crate::validate;
+
+/// Size of one read or write step: what a streaming call holds at once.
+const CHUNK: usize = 4 << 20;
+
+/// Where the bytes of a save come from.
+pub(crate) enum BlobSource<'a> {
+    /// The caller's slice, sent as one parameter.
+    Slice(&'a [u8]),
+    /// A spooled temp file of known length, sent by binary COPY.
+    Spooled { file: File, len: u64 },
+}
+
+const UPSERT_TAIL: &str = "ON CONFLICT (model_name, version) DO UPDATE SET
+        model_data = EXCLUDED.model_data, metadata = EXCLUDED.metadata,
+        checksum = EXCLUDED.checksum, is_active = true, save_seq = EXCLUDED.save_seq,
+        created_at = now(), load_count = 0, last_loaded_at = NULL
+     WHERE NOT m.is_active";
+
+const CREATE_UPLOAD: &str = "CREATE TEMP TABLE pg_model_repo_upload (model_data bytea) ON COMMIT DROP;
+     ALTER TABLE pg_model_repo_upload ALTER COLUMN model_data SET STORAGE EXTERNAL";
+
+const COPY_UPLOAD: &str = "COPY pg_model_repo_upload (model_data) FROM STDIN (FORMAT binary)";
+
+/// The binary COPY header: signature, flags, header extension length.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+impl BlobSource<'_> {
+    /// Inserts (or revives a soft-deleted) version with these bytes; `None` if an active
+    /// version with the same name appeared meanwhile.
+    pub(crate) fn insert(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        request: &SaveRequest<'_>,
+    ) -> Result<Option<ModelInfo>> {
+        tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+        let row = match self {
+            BlobSource::Slice(data) => {
+                let sql = format!(
+                    "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum)
+                     VALUES ($1, $2, $3, $4, $5) {UPSERT_TAIL} RETURNING {INFO_COLUMNS}"
+                );
+                tx.query_opt(
+                    sql.as_str(),
+                    &[
+                        &request.model_name,
+                        &request.version,
+                        data,
+                        request.metadata,
+                        &request.checksum,
+                    ],
+                )?
+            }
+            BlobSource::Spooled { file, len } => {
+                copy_into_upload_table(tx, file, *len)?;
+                let sql = format!(
+                    "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum)
+                     SELECT $1, $2, u.model_data, $3, $4 FROM pg_model_repo_upload u
+                     {UPSERT_TAIL} RETURNING {INFO_COLUMNS}"
+                );
+                tx.query_opt(
+                    sql.as_str(),
+                    &[
+                        &request.model_name,
+                        &request.version,
+                        request.metadata,
+                        &request.checksum,
+                    ],
+                )?
+            }
+        };
+        row.map(|r| ModelInfo::from_row(&r)).transpose()
+    }
+}
+
+/// Streams the spooled file into a one-row, one-column staging table by binary COPY, framed by
+/// hand so that the value never sits in memory whole.
+fn copy_into_upload_table(tx: &mut Transaction<'_>, file: &mut File, len: u64) -> Result<()> {
+    tx.batch_execute(CREATE_UPLOAD)?;
+    let field_len = i32::try_from(len)
+        .map_err(|_| RepoError::invalid(format!("model of {len} bytes is too large for COPY")))?;
+    file.seek(SeekFrom::Start(0))?;
+    let mut writer = tx.copy_in(COPY_UPLOAD)?;
+    writer.write_all(COPY_HEADER)?;
+    writer.write_all(&1i16.to_be_bytes())?;
+    writer.write_all(&field_len.to_be_bytes())?;
+    let copied = std::io::copy(&mut file.take(len), &mut writer)?;
+    if copied != len {
+        return Err(RepoError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("spool file shrank: {copied} of {len} bytes"),
+        )));
+    }
+    writer.write_all(&(-1i16).to_be_bytes())?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// Copies `reader` to an anonymous temp file, hashing and counting as it goes; more than
+/// `max` bytes is `InvalidInput` (and nothing was sent anywhere).
+fn spool(reader: &mut dyn Read, max: u64) -> Result<(File, u64, String)> {
+    let mut file = tempfile::tempfile()?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        len += n as u64;
+        if len > max {
+            return Err(RepoError::invalid(format!(
+                "model is larger than max_model_size ({max} bytes)"
+            )));
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n])?;
+    }
+    file.flush()?;
+    Ok((file, len, to_hex(&hasher.finalize())))
+}
+
+const SELECT_SLICE: &str = "SELECT substring(model_data FROM $3 FOR $4) \
+     FROM ml_models WHERE model_name = $1 AND version = $2";
+
+impl ModelRepository {
+    /// Saves a model read from `reader` in constant memory (the bytes are spooled to a temp
+    /// file and hashed, then streamed by binary COPY). Same rules as
+    /// [`save_model`](Self::save_model).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let mut file = std::fs::File::open("model.onnx")?;
+    /// let info = repo.save_model_from_reader("ranker", "3.0", &mut file, &serde_json::json!({}))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn save_model_from_reader(
+        &self,
+        model_name: &str,
+        version: &str,
+        reader: &mut dyn Read,
+        metadata: &Value,
+    ) -> Result<ModelInfo> {
+        self.timed("save_model_from_reader", || {
+            let request = self.check_save(model_name, version, metadata, 0)?;
+            let (file, len, checksum) = spool(reader, self.inner.config.max_model_size)?;
+            let request = SaveRequest {
+                size: len,
+                checksum,
+                ..request
+            };
+            self.store_model(&request, &mut BlobSource::Spooled { file, len })
+        })
+    }
+
+    /// Streams a version's bytes to `writer` in slices, in constant memory; `Ok(None)` when it
+    /// is absent or deleted. The checksum is verified as the bytes pass: on `Corrupt` (returned
+    /// at the end) the caller must discard what was written. A failure after the first byte
+    /// was written is not retried (the writer already holds part of the model).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let mut out = std::fs::File::create("ranker.bin")?;
+    /// let info = repo.load_model_to_writer("ranker", "latest", &mut out)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn load_model_to_writer(
+        &self,
+        model_name: &str,
+        version: &str,
+        writer: &mut dyn Write,
+    ) -> Result<Option<ModelInfo>> {
+        self.timed("load_model_to_writer", || {
+            validate::model_name(model_name)?;
+            let vref = VersionRef::parse(version)?;
+            let mut written = 0u64;
+            self.with_conn("load_model_to_writer", Retry::Idempotent, |conn| {
+                let mut tx = conn
+                    .client()
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()?;
+                tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+                let Some(row) = vref.select(&mut tx, model_name, INFO_COLUMNS, "")? else {
+                    return Ok(None);
+                };
+                let info = ModelInfo::from_row(&row)?;
+                let hash = stream_slices(&mut tx, &info, writer, &mut written)
+                    .map_err(|e| interrupted_after(written, e))?;
+                tx.commit()?;
+                verify_checksum(&info, &hash)?;
+                Ok(Some(info))
+            })
+        })
+    }
+}
+
+/// Writes the value slice by slice; returns its hex SHA-256.
+fn stream_slices(
+    tx: &mut Transaction<'_>,
+    info: &ModelInfo,
+    writer: &mut dyn Write,
+    written: &mut u64,
+) -> Result<String> {
+    let statement = tx.prepare(SELECT_SLICE)?;
+    let mut hasher = Sha256::new();
+    let mut offset = 0u64;
+    while offset < info.size_bytes {
+        // substring() counts from 1.
+        // substring() takes int4: fine, a BYTEA value is under 1 GiB.
+        let start = i32::try_from(offset + 1).unwrap_or(i32::MAX);
+        let len = CHUNK as i32;
+        let row = tx.query_one(&statement, &[&info.model_name, &info.version, &start, &len])?;
+        let slice: &[u8] = row.try_get(0)?;
+        if slice.is_empty() {
+            break;
+        }
+        hasher.update(slice);
+        writer.write_all(slice)?;
+        *written += slice.len() as u64;
+        offset += slice.len() as u64;
+    }
+    writer.flush()?;
+    Ok(to_hex(&hasher.finalize()))
+}
+
+/// Once bytes reached the caller's writer a repeat would duplicate them: the error is then
+/// reported as an interrupted stream, which is never retried.
+fn interrupted_after(written: u64, error: RepoError) -> RepoError {
+    if written == 0 {
+        return error;
+    }
+    RepoError::Io(std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        format!("model stream interrupted after {written} bytes: {error}"),
+    ))
+}

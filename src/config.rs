@@ -1,0 +1,441 @@
+//! `RepositoryConfig`: every setting with its default, reading them from the environment, and
+//! checking them before anything connects. Its `Debug` never shows the password.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::{RepoError, Result};
+use crate::validate;
+
+/// The largest single BYTEA value that binary COPY really takes: 1 GiB - 1 MiB.
+pub const MAX_BYTEA_MODEL_SIZE: u64 = (1 << 30) - (1 << 20);
+
+/// The application_name given to every connection whose URL does not name one.
+pub const DEFAULT_APPLICATION_NAME: &str = "pg-model-repo";
+
+/// How to reach the database and how the repository behaves.
+///
+/// Built with [`RepositoryConfig::new`] or [`RepositoryConfig::from_env`] and refined with
+/// setters that take and return `self`. Values are checked by [`ModelRepository::open`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use pg_model_repo::RepositoryConfig;
+///
+/// let config = RepositoryConfig::new("postgres://app@localhost/ml")
+///     .schema("recsys")
+///     .pool_size(8)
+///     .query_timeout(Duration::from_secs(10));
+/// ```
+///
+/// [`ModelRepository::open`]: crate::ModelRepository::open
+#[derive(Clone)]
+pub struct RepositoryConfig {
+    pub(crate) database_url: String,
+    pub(crate) schema: String,
+    pub(crate) pool_size: u32,
+    pub(crate) max_overflow: u32,
+    pub(crate) pool_timeout: Duration,
+    pub(crate) query_timeout: Duration,
+    pub(crate) cache_default_ttl: Duration,
+    pub(crate) cache_max_ttl: Duration,
+    pub(crate) enable_metrics: bool,
+    pub(crate) reaper_interval: Option<Duration>,
+    pub(crate) slow_query_threshold: Duration,
+    pub(crate) auto_migrate: bool,
+    pub(crate) max_model_size: u64,
+}
+
+impl RepositoryConfig {
+    /// A configuration for `database_url` (`postgres://…` URL or `host=… user=…` key/value
+    /// string) with every other setting at its default.
+    ///
+    /// A SQLAlchemy-style scheme such as `postgresql+asyncpg://` is accepted as `postgresql://`.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        RepositoryConfig {
+            database_url: strip_driver_suffix(database_url.into()),
+            schema: "public".to_owned(),
+            pool_size: 20,
+            max_overflow: 40,
+            pool_timeout: Duration::from_secs(30),
+            query_timeout: Duration::from_secs(30),
+            cache_default_ttl: Duration::from_secs(3600),
+            cache_max_ttl: Duration::from_secs(86_400),
+            enable_metrics: true,
+            reaper_interval: Some(Duration::from_secs(60)),
+            slow_query_threshold: Duration::from_secs(1),
+            auto_migrate: true,
+            max_model_size: MAX_BYTEA_MODEL_SIZE,
+        }
+    }
+
+    /// Reads `DATABASE_URL` (required), `DB_POOL_SIZE`, `DB_MAX_OVERFLOW`, `DB_POOL_TIMEOUT`,
+    /// `QUERY_TIMEOUT`, `CACHE_DEFAULT_TTL`, `CACHE_MAX_TTL` (durations in seconds, decimals
+    /// allowed), `ENABLE_METRICS` (true/false/1/0/yes/no/on/off) and `MODEL_REPO_SCHEMA`.
+    ///
+    /// A missing `DATABASE_URL` or a malformed value is `InvalidInput` naming the variable.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// let repo = pg_model_repo::ModelRepository::open(pg_model_repo::RepositoryConfig::from_env()?)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env), reading variables through `lookup` (useful for tests
+    /// and for configuration kept elsewhere than the process environment).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let url = lookup("DATABASE_URL")
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| RepoError::invalid("DATABASE_URL is not set"))?;
+        let mut config = RepositoryConfig::new(url);
+        let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = var("DB_POOL_SIZE") {
+            config.pool_size = parse_var("DB_POOL_SIZE", &v)?;
+        }
+        if let Some(v) = var("DB_MAX_OVERFLOW") {
+            config.max_overflow = parse_var("DB_MAX_OVERFLOW", &v)?;
+        }
+        if let Some(v) = var("DB_POOL_TIMEOUT") {
+            config.pool_timeout = parse_seconds("DB_POOL_TIMEOUT", &v)?;
+        }
+        if let Some(v) = var("QUERY_TIMEOUT") {
+            config.query_timeout = parse_seconds("QUERY_TIMEOUT", &v)?;
+        }
+        if let Some(v) = var("CACHE_DEFAULT_TTL") {
+            config.cache_default_ttl = parse_seconds("CACHE_DEFAULT_TTL", &v)?;
+        }
+        if let Some(v) = var("CACHE_MAX_TTL") {
+            config.cache_max_ttl = parse_seconds("CACHE_MAX_TTL", &v)?;
+        }
+        if let Some(v) = var("ENABLE_METRICS") {
+            config.enable_metrics = parse_bool("ENABLE_METRICS", &v)?;
+        }
+        if let Some(v) = var("MODEL_REPO_SCHEMA") {
+            validate::identifier("MODEL_REPO_SCHEMA", &v)?;
+            config.schema = v;
+        }
+        Ok(config)
+    }
+
+    /// The PostgreSQL schema that holds the tables; created by `open` if absent. Must match
+    /// `[A-Za-z_][A-Za-z0-9_]{0,62}` (checked by `open`). Defaults to `"public"`.
+    pub fn schema(mut self, name: &str) -> Self {
+        self.schema = name.to_owned();
+        self
+    }
+
+    /// Connections kept open. Defaults to 20.
+    pub fn pool_size(mut self, n: u32) -> Self {
+        self.pool_size = n;
+        self
+    }
+
+    /// Extra connections opened under load, on top of `pool_size`. Defaults to 40.
+    pub fn max_overflow(mut self, n: u32) -> Self {
+        self.max_overflow = n;
+        self
+    }
+
+    /// How long a call waits for a free connection before `RepoError::Timeout`. Defaults to 30 s.
+    pub fn pool_timeout(mut self, d: Duration) -> Self {
+        self.pool_timeout = d;
+        self
+    }
+
+    /// `statement_timeout` (and `lock_timeout`) of single statements; streaming and bulk work
+    /// runs without the statement timeout. Defaults to 30 s.
+    pub fn query_timeout(mut self, d: Duration) -> Self {
+        self.query_timeout = d;
+        self
+    }
+
+    /// The TTL used by `cache_predictions_default`. Defaults to 3600 s.
+    pub fn cache_default_ttl(mut self, d: Duration) -> Self {
+        self.cache_default_ttl = d;
+        self
+    }
+
+    /// The longest TTL a cache entry may have. Defaults to 86400 s.
+    pub fn cache_max_ttl(mut self, d: Duration) -> Self {
+        self.cache_max_ttl = d;
+        self
+    }
+
+    /// Whether per-operation timings are recorded. Defaults to true.
+    pub fn enable_metrics(mut self, on: bool) -> Self {
+        self.enable_metrics = on;
+        self
+    }
+
+    /// How often the background reaper deletes expired cache rows and flushes hit counters;
+    /// `None` runs no background thread. Defaults to `Some(60 s)`.
+    pub fn reaper_interval(mut self, every: Option<Duration>) -> Self {
+        self.reaper_interval = every;
+        self
+    }
+
+    /// Operations slower than this log a warning; a health latency probe above it is
+    /// Degraded. Defaults to 1 s.
+    pub fn slow_query_threshold(mut self, d: Duration) -> Self {
+        self.slow_query_threshold = d;
+        self
+    }
+
+    /// Whether `open` creates the schema and applies migrations; with false it runs no DDL.
+    /// Defaults to true.
+    pub fn auto_migrate(mut self, on: bool) -> Self {
+        self.auto_migrate = on;
+        self
+    }
+
+    /// The largest model accepted, in bytes. Defaults to 1 GiB - 1 MiB, the most one BYTEA
+    /// value takes through COPY (also the upper bound `open` accepts).
+    pub fn max_model_size(mut self, bytes: u64) -> Self {
+        self.max_model_size = bytes;
+        self
+    }
+
+    /// The configured schema name.
+    pub fn schema_name(&self) -> &str {
+        &self.schema
+    }
+
+    /// Checks every value; called by `open` and `migrate` before any connection is made.
+    pub(crate) fn validate(&self) -> Result<()> {
+        validate::identifier("schema", &self.schema)?;
+        if self.pool_size == 0 {
+            return Err(RepoError::invalid("pool_size must be at least 1"));
+        }
+        for (name, d) in [
+            ("pool_timeout", self.pool_timeout),
+            ("query_timeout", self.query_timeout),
+            ("cache_default_ttl", self.cache_default_ttl),
+            ("cache_max_ttl", self.cache_max_ttl),
+        ] {
+            if d.is_zero() {
+                return Err(RepoError::invalid(format!("{name} must be greater than zero")));
+            }
+        }
+        if self.cache_default_ttl > self.cache_max_ttl {
+            return Err(RepoError::invalid(
+                "cache_default_ttl must not exceed cache_max_ttl",
+            ));
+        }
+        if self.reaper_interval.is_some_and(|d| d.is_zero()) {
+            return Err(RepoError::invalid("reaper_interval must be greater than zero"));
+        }
+        if self.max_model_size == 0 || self.max_model_size > MAX_BYTEA_MODEL_SIZE {
+            return Err(RepoError::invalid(format!(
+                "max_model_size must be within 1..={MAX_BYTEA_MODEL_SIZE} bytes"
+            )));
+        }
+        self.pg_config().map(|_| ())
+    }
+
+    /// The parsed connection settings, with our application_name unless the URL gives one.
+    pub(crate) fn pg_config(&self) -> Result<postgres::Config> {
+        let mut pg = postgres::Config::from_str(&self.database_url).map_err(|e| {
+            RepoError::invalid(format!("database_url cannot be parsed: {e}"))
+        })?;
+        if pg.get_application_name().is_none() {
+            pg.application_name(DEFAULT_APPLICATION_NAME);
+        }
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(self.pool_timeout.min(Duration::from_secs(10)));
+        }
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
+        if pg.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(RepoError::invalid(
+                "database_url asks for sslmode=require, but this build has no TLS support; \
+                 refusing to connect in plaintext",
+            ));
+        }
+        Ok(pg)
+    }
+
+    /// The connection target without credentials, for logs and Debug.
+    pub(crate) fn redacted_target(&self) -> String {
+        match postgres::Config::from_str(&self.database_url) {
+            Ok(pg) => describe_target(&pg),
+            Err(_) => "<unparsable database_url>".to_owned(),
+        }
+    }
+}
+
+/// `user@host:port/dbname`, never the password.
+pub(crate) fn describe_target(pg: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = pg.get_ports().iter().map(u16::to_string).collect();
+    format!(
+        "{}@{}:{}/{}",
+        pg.get_user().unwrap_or("<default user>"),
+        if hosts.is_empty() { "<default host>".to_owned() } else { hosts.join(",") },
+        if ports.is_empty() { "5432".to_owned() } else { ports.join(",") },
+        pg.get_dbname().unwrap_or("<default db>"),
+    )
+}
+
+impl fmt::Debug for RepositoryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RepositoryConfig")
+            .field("database", &self.redacted_target())
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("max_overflow", &self.max_overflow)
+            .field("pool_timeout", &self.pool_timeout)
+            .field("query_timeout", &self.query_timeout)
+            .field("cache_default_ttl", &self.cache_default_ttl)
+            .field("cache_max_ttl", &self.cache_max_ttl)
+            .field("enable_metrics", &self.enable_metrics)
+            .field("reaper_interval", &self.reaper_interval)
+            .field("slow_query_threshold", &self.slow_query_threshold)
+            .field("auto_migrate", &self.auto_migrate)
+            .field("max_model_size", &self.max_model_size)
+            .finish()
+    }
+}
+
+/// `postgresql+asyncpg://…` (SQLAlchemy's form, used by the system this crate replaces) is the
+/// same URL with a driver tag; the tag means nothing here.
+fn strip_driver_suffix(url: String) -> String {
+    for scheme in ["postgresql+", "postgres+"] {
+        if let Some(rest) = url.strip_prefix(scheme) {
+            if let Some(pos) = rest.find("://") {
+                return format!("{}{}", &scheme[..scheme.len() - 1], &rest[pos..]);
+            }
+        }
+    }
+    url
+}
+
+fn parse_var<T: FromStr>(name: &str, value: &str) -> Result<T> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| RepoError::invalid(format!("{name} is malformed: {value:?}")))
+}
+
+fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
+    let secs: f64 = parse_var(name, value)?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| RepoError::invalid(format!("{name} must be a non-negative number of seconds: {value:?}")))
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(RepoError::invalid(format!("{name} is malformed: {value:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<RepositoryConfig> {
+        let map: HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        RepositoryConfig::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn from_env_reads_every_variable() {
+        let c = from(&[
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("DB_POOL_SIZE", "3"),
+            ("DB_MAX_OVERFLOW", "4"),
+            ("DB_POOL_TIMEOUT", "1.5"),
+            ("QUERY_TIMEOUT", "7"),
+            ("CACHE_DEFAULT_TTL", "10"),
+            ("CACHE_MAX_TTL", "20"),
+            ("ENABLE_METRICS", "false"),
+            ("MODEL_REPO_SCHEMA", "s1"),
+        ])
+        .unwrap();
+        assert_eq!(c.pool_size, 3);
+        assert_eq!(c.max_overflow, 4);
+        assert_eq!(c.pool_timeout, Duration::from_millis(1500));
+        assert_eq!(c.query_timeout, Duration::from_secs(7));
+        assert_eq!(c.cache_default_ttl, Duration::from_secs(10));
+        assert_eq!(c.cache_max_ttl, Duration::from_secs(20));
+        assert!(!c.enable_metrics);
+        assert_eq!(c.schema, "s1");
+    }
+
+    #[test]
+    fn malformed_variables_are_named_in_the_error() {
+        for (name, bad) in [
+            ("DB_POOL_SIZE", "many"),
+            ("DB_MAX_OVERFLOW", "-1"),
+            ("DB_POOL_TIMEOUT", "soon"),
+            ("QUERY_TIMEOUT", "-3"),
+            ("CACHE_DEFAULT_TTL", "1h"),
+            ("CACHE_MAX_TTL", "NaN"),
+            ("ENABLE_METRICS", "maybe"),
+            ("MODEL_REPO_SCHEMA", "bad-name"),
+        ] {
+            let err = from(&[("DATABASE_URL", "postgres://u@h/db"), (name, bad)]).unwrap_err();
+            match err {
+                RepoError::InvalidInput(m) => assert!(m.contains(name), "{m}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let missing = from(&[]).unwrap_err();
+        assert!(missing.to_string().contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        for url in [
+            "postgres://alice:s3cr3t-pw@db.example/ml",
+            "host=db user=alice password=s3cr3t-pw dbname=ml",
+            "host=db user=alice password='s3cr3t-pw' dbname=ml",
+            "postgres://alice:s3cr3t-pw@db.example/ml?sslmode=disable&password=s3cr3t-pw",
+            "not a url s3cr3t-pw",
+        ] {
+            let shown = format!("{:?}", RepositoryConfig::new(url));
+            assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn sqlalchemy_driver_tags_are_dropped() {
+        let c = RepositoryConfig::new("postgresql+asyncpg://u:p@h/db");
+        assert_eq!(c.database_url, "postgresql://u:p@h/db");
+    }
+
+    #[test]
+    fn validation_rejects_bad_settings() {
+        let base = || RepositoryConfig::new("postgres://u@h/db");
+        assert!(base().validate().is_ok());
+        assert!(base().schema("x;drop").validate().is_err());
+        assert!(base().pool_size(0).validate().is_err());
+        assert!(base().pool_timeout(Duration::ZERO).validate().is_err());
+        assert!(base()
+            .cache_default_ttl(Duration::from_secs(10))
+            .cache_max_ttl(Duration::from_secs(5))
+            .validate()
+            .is_err());
+        assert!(base().max_model_size(MAX_BYTEA_MODEL_SIZE + 1).validate().is_err());
+        assert!(RepositoryConfig::new("postgres://u@h/db?sslmode=require")
+            .validate()
+            .is_err());
+    }
+}

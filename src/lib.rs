@@ -1,0 +1,52 @@
+//! pg-model-repo keeps a machine-learning system's state in PostgreSQL: versioned model blobs
+//! with metadata, checksums, aliases and streaming transfers; training metrics with history.
+//!
+//! Synchronous and thread-safe: one [`ModelRepository`] (cheap to clone) serves every thread
+//! of a batch job from one connection pool.
+//!
+//! ```no_run
+//! # fn main() -> pg_model_repo::Result<()> {
+//! use pg_model_repo::*;
+//! use serde_json::json;
+//!
+//! let repo = ModelRepository::open(RepositoryConfig::new("postgres://app@localhost/ml").schema("ml"))?;
+//! repo.save_model("ranker", "1.0", b"weights v1", &json!({"auc": 0.91}))?;
+//! repo.save_model("ranker", "2.0", b"weights v2", &json!({"auc": 0.93}))?;
+//! repo.set_model_alias("ranker", "champion", "2.0")?;
+//! assert_eq!(repo.load_model("ranker", "@champion")?.as_deref(), Some(&b"weights v2"[..]));
+//! repo.save_training_metrics("ranker", "2.0", &[("auc".to_string(), 0.93)].into())?;
+//! repo.close();
+//! # Ok(()) }
+//! ```
+//!
+//! Every call validates its input before any I/O (bad input is [`RepoError::InvalidInput`]
+//! and writes nothing), retries transient connection failures with bounded backoff where the
+//! operation is safe to repeat, and reports its timing to [`ModelRepository::get_performance_metrics`].
+//!
+//! The `postgres` client runs its own small runtime: calling this crate from inside a tokio
+//! runtime's worker thread panics there. From async code, use `spawn_blocking`.
+
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+mod aliases;
+mod blob;
+mod config;
+mod error;
+mod migrate;
+mod models;
+mod pool;
+mod repository;
+mod retry;
+pub mod throwaway;
+mod timings;
+mod training;
+mod validate;
+
+pub use config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
+pub use error::{RepoError, Result};
+pub use models::ModelInfo;
+pub use pool::PoolState;
+pub use repository::ModelRepository;
+pub use timings::QueryMetric;
+pub use training::TrainingMetricsRecord;
+pub use validate::MAX_METADATA_BYTES;

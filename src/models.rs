@@ -1,0 +1,433 @@
+//! Model versions: save (idempotent re-save, conflict on different content, revival of a
+//! soft-deleted version), load with checksum verification, listings, metadata search, soft
+//! delete and cleanup. Streaming transfers live in `blob.rs`, aliases in `aliases.rs`.
+
+use std::time::SystemTime;
+
+use postgres::types::ToSql;
+use postgres::{GenericClient, Row};
+use serde_json::Value;
+
+use crate::blob::BlobSource;
+use crate::error::{RepoError, Result};
+use crate::migrate::hex_sha256;
+use crate::repository::ModelRepository;
+use crate::retry::Retry;
+use crate::validate;
+
+/// One stored model version, without its bytes.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelInfo {
+    /// The model's name.
+    pub model_name: String,
+    /// The version's literal name.
+    pub version: String,
+    /// Size of the model bytes.
+    pub size_bytes: u64,
+    /// SHA-256 of the bytes, lowercase hex.
+    pub checksum: String,
+    /// The caller's metadata object, as saved.
+    pub metadata: Value,
+    /// When this version was (last) saved.
+    pub created_at: SystemTime,
+    /// False once soft-deleted.
+    pub is_active: bool,
+}
+
+/// The columns every `ModelInfo` is read from (table alias `m`).
+pub(crate) const INFO_COLUMNS: &str =
+    "m.model_name, m.version, m.size_bytes, m.checksum, m.metadata, m.created_at, m.is_active";
+
+impl ModelInfo {
+    pub(crate) fn from_row(row: &Row) -> Result<Self> {
+        let size: i64 = row.try_get("size_bytes")?;
+        let checksum: Option<String> = row.try_get("checksum")?;
+        Ok(ModelInfo {
+            model_name: row.try_get("model_name")?,
+            version: row.try_get("version")?,
+            size_bytes: u64::try_from(size).unwrap_or(0),
+            checksum: checksum.unwrap_or_default(),
+            metadata: row.try_get("metadata")?,
+            created_at: row.try_get("created_at")?,
+            is_active: row.try_get("is_active")?,
+        })
+    }
+}
+
+/// How a caller names a version: literally, as the newest active one, or through an alias.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum VersionRef {
+    Literal(String),
+    Latest,
+    Alias(String),
+}
+
+impl VersionRef {
+    /// Parses and validates `"latest"`, `"@alias"` or a literal version.
+    pub(crate) fn parse(version: &str) -> Result<Self> {
+        if version == "latest" {
+            return Ok(VersionRef::Latest);
+        }
+        if let Some(alias) = version.strip_prefix('@') {
+            validate::alias(alias)?;
+            return Ok(VersionRef::Alias(alias.to_owned()));
+        }
+        validate::name("version", version, validate::VERSION_MAX)?;
+        Ok(VersionRef::Literal(version.to_owned()))
+    }
+
+    /// The active row this reference names, with `columns` (table alias `m`) and an optional
+    /// locking clause.
+    pub(crate) fn select<C: GenericClient>(
+        &self,
+        client: &mut C,
+        model_name: &str,
+        columns: &str,
+        locking: &str,
+    ) -> Result<Option<Row>> {
+        let (sql, key): (String, Option<&str>) = match self {
+            VersionRef::Literal(v) => (
+                format!(
+                    "SELECT {columns} FROM ml_models m WHERE m.model_name = $1 \
+                     AND m.version = $2 AND m.is_active {locking}"
+                ),
+                Some(v),
+            ),
+            VersionRef::Latest => (
+                format!(
+                    "SELECT {columns} FROM ml_models m WHERE m.model_name = $1 AND m.is_active \
+                     ORDER BY m.save_seq DESC LIMIT 1 {locking}"
+                ),
+                None,
+            ),
+            VersionRef::Alias(a) => (
+                format!(
+                    "SELECT {columns} FROM ml_models m JOIN model_aliases a \
+                     ON a.model_name = m.model_name AND a.version = m.version \
+                     WHERE m.model_name = $1 AND a.alias = $2 AND m.is_active {locking}"
+                ),
+                Some(a),
+            ),
+        };
+        let row = match key {
+            Some(k) => client.query_opt(sql.as_str(), &[&model_name, &k])?,
+            None => client.query_opt(sql.as_str(), &[&model_name])?,
+        };
+        Ok(row)
+    }
+}
+
+const SELECT_FOR_SAVE: &str = "SELECT m.model_name, m.version, m.size_bytes, m.checksum, \
+     m.metadata, m.created_at, m.is_active, m.metadata = $3 AS same_metadata \
+     FROM ml_models m WHERE m.model_name = $1 AND m.version = $2 FOR UPDATE";
+
+const SELECT_VERSIONS: &str = "SELECT m.model_name, m.version, m.size_bytes, m.checksum, \
+     m.metadata, m.created_at, m.is_active FROM ml_models m \
+     WHERE m.model_name = $1 AND m.is_active ORDER BY m.save_seq DESC";
+
+const SEARCH: &str = "SELECT m.model_name, m.version, m.size_bytes, m.checksum, m.metadata, \
+     m.created_at, m.is_active FROM ml_models m \
+     WHERE m.is_active AND m.metadata @> $1 ORDER BY m.save_seq DESC";
+
+const SOFT_DELETE: &str = "UPDATE ml_models SET is_active = false \
+     WHERE model_name = $1 AND version = $2 AND is_active";
+
+const CLEANUP: &str = "WITH keep AS (
+        SELECT version FROM ml_models WHERE model_name = $1 AND is_active
+        ORDER BY save_seq DESC LIMIT $2)
+     DELETE FROM ml_models WHERE model_name = $1 AND version NOT IN (SELECT version FROM keep)
+     RETURNING version";
+
+/// What the caller asked to store, checked and hashed before any I/O.
+pub(crate) struct SaveRequest<'a> {
+    pub model_name: &'a str,
+    pub version: &'a str,
+    pub metadata: &'a Value,
+    pub size: u64,
+    pub checksum: String,
+}
+
+impl ModelRepository {
+    /// Saves `data` as `version` of `model_name` with a metadata object.
+    ///
+    /// Saving an active version again with the same bytes and metadata returns the stored
+    /// info (a retried save is harmless); with different ones it is `RepoError::Conflict`.
+    /// A soft-deleted version is replaced and becomes the newest. `"latest"` and `"@…"` are
+    /// not valid versions to save. Larger than `max_model_size`: `InvalidInput`.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let info = repo.save_model("ranker", "2.0", &[1, 2, 3], &serde_json::json!({"auc": 0.93}))?;
+    /// println!("saved {} bytes, sha256 {}", info.size_bytes, info.checksum);
+    /// # Ok(()) }
+    /// ```
+    pub fn save_model(
+        &self,
+        model_name: &str,
+        version: &str,
+        data: &[u8],
+        metadata: &Value,
+    ) -> Result<ModelInfo> {
+        self.timed("save_model", || {
+            let request = self.check_save(model_name, version, metadata, data.len() as u64)?;
+            let request = SaveRequest {
+                checksum: hex_sha256(data),
+                ..request
+            };
+            self.store_model(&request, &mut BlobSource::Slice(data))
+        })
+    }
+
+    /// Validates a save before any I/O; the checksum is filled in by the caller.
+    pub(crate) fn check_save<'a>(
+        &self,
+        model_name: &'a str,
+        version: &'a str,
+        metadata: &'a Value,
+        size: u64,
+    ) -> Result<SaveRequest<'a>> {
+        validate::model_name(model_name)?;
+        validate::saved_version(version)?;
+        validate::metadata(metadata)?;
+        self.check_model_size(size)?;
+        Ok(SaveRequest {
+            model_name,
+            version,
+            metadata,
+            size,
+            checksum: String::new(),
+        })
+    }
+
+    pub(crate) fn check_model_size(&self, size: u64) -> Result<()> {
+        let max = self.inner.config.max_model_size;
+        if size > max {
+            return Err(RepoError::invalid(format!(
+                "model is {size} bytes; max_model_size is {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The transaction behind every save: compare with what is stored, else write the bytes.
+    pub(crate) fn store_model(
+        &self,
+        request: &SaveRequest<'_>,
+        source: &mut BlobSource<'_>,
+    ) -> Result<ModelInfo> {
+        self.with_conn("save_model", Retry::Idempotent, |conn| {
+            let mut tx = conn.client().transaction()?;
+            // An identical active version answers without sending the bytes again.
+            if let Some(info) = compare_with_stored(&mut tx, request)? {
+                tx.commit()?;
+                return Ok(info);
+            }
+            let written = source.insert(&mut tx, request)?;
+            let info = match written {
+                Some(info) => info,
+                // Someone saved the same version between our check and our insert.
+                None => compare_with_stored(&mut tx, request)?.ok_or_else(|| {
+                    RepoError::Conflict(format!(
+                        "{}/{} was saved concurrently",
+                        request.model_name, request.version
+                    ))
+                })?,
+            };
+            tx.commit()?;
+            Ok(info)
+        })
+    }
+
+    /// Loads the bytes of a version (`"latest"`, `"@alias"` or a literal one); `Ok(None)` when
+    /// it is absent or deleted, `RepoError::Corrupt` when the bytes no longer match their
+    /// checksum.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// if let Some(bytes) = repo.load_model("ranker", "@champion")? {
+    ///     println!("{} bytes", bytes.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn load_model(&self, model_name: &str, version: &str) -> Result<Option<Vec<u8>>> {
+        self.timed("load_model", || {
+            Ok(self.fetch_model(model_name, version)?.map(|(_, data)| data))
+        })
+    }
+
+    /// Like [`load_model`](Self::load_model), with the version's info.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// if let Some((info, bytes)) = repo.load_model_with_info("ranker", "latest")? {
+    ///     println!("{} {} ({} bytes)", info.model_name, info.version, bytes.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn load_model_with_info(
+        &self,
+        model_name: &str,
+        version: &str,
+    ) -> Result<Option<(ModelInfo, Vec<u8>)>> {
+        self.timed("load_model_with_info", || {
+            self.fetch_model(model_name, version)
+        })
+    }
+
+    fn fetch_model(&self, model_name: &str, version: &str) -> Result<Option<(ModelInfo, Vec<u8>)>> {
+        validate::model_name(model_name)?;
+        let vref = VersionRef::parse(version)?;
+        let columns = format!("{INFO_COLUMNS}, m.model_data");
+        let found = self.with_conn("load_model", Retry::Idempotent, |conn| {
+            let mut tx = conn.client().transaction()?;
+            tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+            let row = vref.select(&mut tx, model_name, &columns, "")?;
+            tx.commit()?;
+            row.map(|r| Ok((ModelInfo::from_row(&r)?, r.try_get::<_, Vec<u8>>("model_data")?)))
+                .transpose()
+        })?;
+        let Some((info, data)) = found else {
+            return Ok(None);
+        };
+        verify_checksum(&info, &hex_sha256(&data))?;
+        Ok(Some((info, data)))
+    }
+
+    /// Active versions of a model, newest first.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// for v in repo.get_model_versions("ranker")? {
+    ///     println!("{} {} bytes", v.version, v.size_bytes);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn get_model_versions(&self, model_name: &str) -> Result<Vec<ModelInfo>> {
+        self.timed("get_model_versions", || {
+            validate::model_name(model_name)?;
+            self.with_conn("get_model_versions", Retry::Idempotent, |conn| {
+                let statement = conn.prepare_cached(SELECT_VERSIONS)?;
+                let rows = conn.client().query(&statement, &[&model_name])?;
+                rows.iter().map(ModelInfo::from_row).collect()
+            })
+        })
+    }
+
+    /// Active versions (of every model) whose metadata contains `metadata_filter` (JSONB
+    /// `@>`), newest first; `{}` matches all.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let prod = repo.search_models(&serde_json::json!({"stage": "prod"}))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn search_models(&self, metadata_filter: &Value) -> Result<Vec<ModelInfo>> {
+        self.timed("search_models", || {
+            validate::metadata(metadata_filter)?;
+            self.with_conn("search_models", Retry::Idempotent, |conn| {
+                let statement = conn.prepare_cached(SEARCH)?;
+                let rows = conn.client().query(&statement, &[metadata_filter])?;
+                rows.iter().map(ModelInfo::from_row).collect()
+            })
+        })
+    }
+
+    /// Soft-deletes a version (it stays in the table, inactive); aliases pointing to it are
+    /// removed (their history stays). True if an active version was deleted.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// assert!(repo.delete_model("ranker", "1.0")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn delete_model(&self, model_name: &str, version: &str) -> Result<bool> {
+        self.timed("delete_model", || {
+            validate::model_name(model_name)?;
+            let vref = VersionRef::parse(version)?;
+            self.with_conn("delete_model", Retry::Idempotent, |conn| {
+                let mut tx = conn.client().transaction()?;
+                let Some(row) = vref.select(&mut tx, model_name, "m.version", "FOR UPDATE")?
+                else {
+                    return Ok(false);
+                };
+                let literal: String = row.try_get(0)?;
+                let deleted = tx.execute(SOFT_DELETE, &[&model_name, &literal])? > 0;
+                crate::aliases::drop_aliases_to(&mut tx, model_name, &[literal])?;
+                tx.commit()?;
+                Ok(deleted)
+            })
+        })
+    }
+
+    /// Physically removes every version of `model_name` except the `keep_versions` newest
+    /// active ones (soft-deleted versions go too; 0 keeps none). Aliases to removed versions
+    /// go; their history and training metrics stay. Returns the number of versions removed.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let removed = repo.cleanup_old_models("ranker", 5)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn cleanup_old_models(&self, model_name: &str, keep_versions: usize) -> Result<u64> {
+        self.timed("cleanup_old_models", || {
+            validate::model_name(model_name)?;
+            let keep = i64::try_from(keep_versions).unwrap_or(i64::MAX);
+            self.with_conn("cleanup_old_models", Retry::Idempotent, |conn| {
+                let mut tx = conn.client().transaction()?;
+                let removed: Vec<String> = tx
+                    .query(CLEANUP, &[&model_name, &keep])?
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<std::result::Result<_, _>>()?;
+                crate::aliases::drop_aliases_to(&mut tx, model_name, &removed)?;
+                tx.commit()?;
+                Ok(removed.len() as u64)
+            })
+        })
+    }
+}
+
+/// The stored version as `ModelInfo` if it is active with the same content; `Conflict` if it is
+/// active with other content; `None` if absent or soft-deleted (then it may be written).
+fn compare_with_stored<C: GenericClient>(
+    client: &mut C,
+    request: &SaveRequest<'_>,
+) -> Result<Option<ModelInfo>> {
+    let params: [&(dyn ToSql + Sync); 3] =
+        [&request.model_name, &request.version, request.metadata];
+    let Some(row) = client.query_opt(SELECT_FOR_SAVE, &params)? else {
+        return Ok(None);
+    };
+    let stored = ModelInfo::from_row(&row)?;
+    if !stored.is_active {
+        return Ok(None);
+    }
+    let same_metadata: bool = row.try_get("same_metadata")?;
+    if stored.checksum == request.checksum && stored.size_bytes == request.size && same_metadata {
+        return Ok(Some(stored));
+    }
+    Err(RepoError::Conflict(format!(
+        "{}/{} is already saved with different {}",
+        request.model_name,
+        request.version,
+        if same_metadata { "bytes" } else { "content or metadata" }
+    )))
+}
+
+/// `Corrupt` when the bytes read no longer hash to the stored checksum.
+pub(crate) fn verify_checksum(info: &ModelInfo, actual: &str) -> Result<()> {
+    if info.checksum.is_empty() || info.checksum.eq_ignore_ascii_case(actual) {
+        return Ok(());
+    }
+    Err(RepoError::Corrupt(format!(
+        "{}/{}: stored checksum {} but the bytes hash to {actual}",
+        info.model_name, info.version, info.checksum
+    )))
+}

@@ -1,0 +1,255 @@
+//! The connection pool: r2d2 over our own connection manager, which sets each session up
+//! (search_path, timeouts, application_name), caches prepared statements, and never hands a
+//! broken connection out again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use postgres::{Client, NoTls, Statement};
+
+use crate::config::{describe_target, RepositoryConfig};
+use crate::error::{is_connection_failure, RepoError, Result};
+
+/// How long a stale connection may take to prove it is alive before it is discarded.
+const VALIDATION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One pooled session.
+pub(crate) struct PgConnection {
+    client: Client,
+    poisoned: bool,
+    /// The failure epoch this connection was last known good in (see [`PoolShared`]).
+    epoch: u64,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl PgConnection {
+    /// The underlying client, for statements that need no cache.
+    pub(crate) fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// A prepared statement for `sql`, prepared once per connection.
+    pub(crate) fn prepare_cached(&mut self, sql: &'static str) -> Result<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Marks the session unusable: the pool drops it instead of reusing it.
+    pub(crate) fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
+    /// True once the session was poisoned or its socket is known to be closed.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.poisoned || self.client.is_closed()
+    }
+}
+
+impl std::fmt::Debug for PgConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConnection")
+            .field("poisoned", &self.poisoned)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the manager and the pool handle.
+///
+/// The failure epoch: `postgres::Client::is_closed` stays false after the server killed the
+/// backend, until a query fails, and validating every checkout costs a round trip. So a
+/// connection failure bumps the epoch, and only connections last known good in an older epoch
+/// are validated on checkout; after a mass kill every stale connection is weeded out once,
+/// while healthy traffic pays nothing.
+#[derive(Debug, Default)]
+pub(crate) struct PoolShared {
+    epoch: AtomicU64,
+}
+
+/// Our r2d2 connection manager.
+pub(crate) struct Manager {
+    pg: postgres::Config,
+    session_setup: String,
+    shared: Arc<PoolShared>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("target", &describe_target(&self.pg))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    fn new(config: &RepositoryConfig, shared: Arc<PoolShared>) -> Result<Self> {
+        Ok(Manager {
+            pg: config.pg_config()?,
+            session_setup: session_setup_sql(config),
+            shared,
+        })
+    }
+}
+
+/// The statements every new session runs: our schema first on the search path, and the query
+/// timeout as both statement_timeout and lock_timeout.
+pub(crate) fn session_setup_sql(config: &RepositoryConfig) -> String {
+    let timeout_ms = config.query_timeout.as_millis().max(1);
+    format!(
+        "SET search_path TO {}; SET statement_timeout = {timeout_ms}; \
+         SET lock_timeout = {timeout_ms}",
+        quote_ident(&config.schema),
+    )
+}
+
+/// Opens one session with our settings, outside any pool (migrations, tests, tools).
+pub(crate) fn connect(config: &RepositoryConfig) -> Result<Client> {
+    let mut client = config.pg_config()?.connect(NoTls)?;
+    client.batch_execute(&session_setup_sql(config))?;
+    Ok(client)
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PgConnection;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<PgConnection, postgres::Error> {
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let mut client = self.pg.connect(NoTls)?;
+        client.batch_execute(&self.session_setup)?;
+        Ok(PgConnection {
+            client,
+            poisoned: false,
+            epoch,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut PgConnection) -> std::result::Result<(), postgres::Error> {
+        let current = self.shared.epoch.load(Ordering::Acquire);
+        if conn.epoch >= current {
+            return Ok(());
+        }
+        conn.client.is_valid(VALIDATION_TIMEOUT)?;
+        conn.epoch = current;
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        conn.is_broken()
+    }
+}
+
+/// Logs r2d2's connection failures at warn (they carry no password: the client's error text
+/// names the server and the user at most).
+#[derive(Debug)]
+struct LogErrors;
+
+impl r2d2::HandleError<postgres::Error> for LogErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        log::warn!("pg-model-repo: connection attempt failed: {error}");
+    }
+}
+
+/// One scheduler thread pool for every repository's pool maintenance, instead of three new
+/// threads per repository.
+fn maintenance_threads() -> Arc<scheduled_thread_pool::ScheduledThreadPool> {
+    static THREADS: OnceLock<Arc<scheduled_thread_pool::ScheduledThreadPool>> = OnceLock::new();
+    THREADS
+        .get_or_init(|| {
+            Arc::new(
+                scheduled_thread_pool::ScheduledThreadPool::builder()
+                    .num_threads(2)
+                    .thread_name_pattern("pg-model-repo-pool-{}")
+                    .build(),
+            )
+        })
+        .clone()
+}
+
+/// A checked-out session; returns to the pool on drop unless broken.
+pub(crate) type Conn = r2d2::PooledConnection<Manager>;
+
+/// The repository's pool handle: cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct Pool {
+    inner: r2d2::Pool<Manager>,
+    shared: Arc<PoolShared>,
+}
+
+/// A snapshot of the pool's occupancy.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PoolState {
+    /// Open connections, idle or in use.
+    pub connections: u32,
+    /// Open connections waiting in the pool.
+    pub idle: u32,
+    /// The most connections the pool opens (pool_size + max_overflow).
+    pub max_size: u32,
+}
+
+impl Pool {
+    /// Builds the pool without waiting for its connections (they open in the background and on
+    /// demand).
+    pub(crate) fn new(config: &RepositoryConfig) -> Result<Self> {
+        let shared = Arc::new(PoolShared::default());
+        let manager = Manager::new(config, shared.clone())?;
+        let max_size = config.pool_size.saturating_add(config.max_overflow).max(1);
+        let inner = r2d2::Pool::builder()
+            .max_size(max_size)
+            .min_idle(Some(config.pool_size.min(max_size)))
+            .connection_timeout(config.pool_timeout)
+            .test_on_check_out(true)
+            .max_lifetime(Some(Duration::from_secs(30 * 60)))
+            .idle_timeout(Some(Duration::from_secs(10 * 60)))
+            .error_handler(Box::new(LogErrors))
+            .thread_pool(maintenance_threads())
+            .build_unchecked(manager);
+        Ok(Pool { inner, shared })
+    }
+
+    /// A connection within pool_timeout, else `RepoError::Timeout`.
+    pub(crate) fn get(&self) -> Result<Conn> {
+        self.inner.get().map_err(|e| {
+            RepoError::pool_timeout(format!(
+                "waited {:?}: {e}",
+                self.inner.connection_timeout()
+            ))
+        })
+    }
+
+    /// Records what a failed call means for its connection: a connection failure poisons the
+    /// session and starts a new failure epoch, so its idle siblings are checked before reuse.
+    pub(crate) fn note_failure(&self, conn: &mut PgConnection, error: &RepoError) {
+        let broken = match error {
+            RepoError::Database(e) => is_connection_failure(e),
+            _ => false,
+        };
+        if broken || conn.is_broken() {
+            conn.poison();
+            self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Connections open and idle right now.
+    pub(crate) fn state(&self) -> PoolState {
+        let s = self.inner.state();
+        PoolState {
+            connections: s.connections,
+            idle: s.idle_connections,
+            max_size: self.inner.max_size(),
+        }
+    }
+}
+
+/// Quotes an identifier for SQL: `"name"`, with inner quotes doubled.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

@@ -1,0 +1,128 @@
+//! Shared test setup: one real PostgreSQL per test binary (`DATABASE_URL`, or a throwaway
+//! server from the local binaries), and one fresh schema per test, dropped afterwards.
+#![allow(dead_code)]
+
+use std::ops::Deref;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::{ModelRepository, RepositoryConfig};
+
+/// Settings for the throwaway server: room for many parallel tests, no fsync (tests need no
+/// durability), pg_stat_statements-free.
+pub const TEST_SERVER_SETTINGS: &[(&str, &str)] = &[
+    ("max_connections", "400"),
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+];
+
+/// The server every test in this binary uses. Fails loudly (never skips) when neither
+/// `DATABASE_URL` nor local PostgreSQL binaries are available.
+pub fn server_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    static SERVER: OnceLock<ThrowawayServer> = OnceLock::new();
+    URL.get_or_init(|| {
+        let _ = env_logger::builder().is_test(true).try_init();
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            if !url.trim().is_empty() {
+                return url;
+            }
+        }
+        let server = ThrowawayServer::start(TEST_SERVER_SETTINGS)
+            .unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL: {e}"));
+        SERVER.get_or_init(|| server).url()
+    })
+    .clone()
+}
+
+/// A schema name unique to this process and test.
+pub fn unique_schema(tag: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "t_{}_{}_{}",
+        tag,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A direct superuser-ish connection to the test server (not through the repository).
+pub fn admin() -> postgres::Client {
+    postgres::Client::connect(&server_url(), postgres::NoTls).expect("admin connection")
+}
+
+/// A test's config: its own schema, a small pool, no reaper thread unless asked.
+pub fn config(schema: &str) -> RepositoryConfig {
+    RepositoryConfig::new(server_url())
+        .schema(schema)
+        .pool_size(2)
+        .max_overflow(4)
+        .pool_timeout(Duration::from_secs(10))
+        .reaper_interval(None)
+}
+
+/// A repository in a fresh schema, dropped (with the schema) at the end of the test.
+pub struct TestRepo {
+    pub repo: ModelRepository,
+    pub schema: String,
+}
+
+impl TestRepo {
+    pub fn new() -> Self {
+        Self::with_config(|c| c)
+    }
+
+    pub fn with_config(adjust: impl FnOnce(RepositoryConfig) -> RepositoryConfig) -> Self {
+        let schema = unique_schema("r");
+        let repo = ModelRepository::open(adjust(config(&schema))).expect("open repository");
+        TestRepo { repo, schema }
+    }
+
+    /// Runs SQL in this test's schema on a direct connection.
+    pub fn sql(&self) -> postgres::Client {
+        let mut client = admin();
+        client
+            .batch_execute(&format!("SET search_path TO \"{}\"", self.schema))
+            .unwrap();
+        client
+    }
+}
+
+impl Deref for TestRepo {
+    type Target = ModelRepository;
+    fn deref(&self) -> &ModelRepository {
+        &self.repo
+    }
+}
+
+impl Drop for TestRepo {
+    fn drop(&mut self) {
+        drop_schema(&self.schema);
+    }
+}
+
+pub fn drop_schema(schema: &str) {
+    if let Ok(mut client) = postgres::Client::connect(&server_url(), postgres::NoTls) {
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+    }
+}
+
+/// Asserts that a result is `InvalidInput`.
+#[track_caller]
+pub fn assert_invalid<T: std::fmt::Debug>(result: pg_model_repo::Result<T>) {
+    match result {
+        Err(pg_model_repo::RepoError::InvalidInput(_)) => {}
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+}
+
+/// Row count of a table in the test's schema.
+pub fn count(repo: &TestRepo, table: &str) -> i64 {
+    repo.sql()
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .unwrap()
+        .get(0)
+}

@@ -12,7 +12,8 @@ use crate::repository::ModelRepository;
 use crate::retry::Retry;
 use crate::validate;
 
-const UPSERT_ALIAS: &str = "INSERT INTO model_aliases (model_name, alias, version) VALUES ($1, $2, $3)
+const UPSERT_ALIAS: &str =
+    "INSERT INTO model_aliases (model_name, alias, version) VALUES ($1, $2, $3)
      ON CONFLICT (model_name, alias) DO UPDATE SET version = EXCLUDED.version, updated_at = now()";
 
 const PUSH: &str = "INSERT INTO model_alias_stack (model_name, alias, version) VALUES ($1, $2, $3)";
@@ -104,7 +105,9 @@ impl ModelRepository {
             validate::alias(alias)?;
             self.with_conn("delete_model_alias", Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
-                let existed = tx.query_opt(DELETE_ALIAS, &[&model_name, &alias])?.is_some();
+                let existed = tx
+                    .query_opt(DELETE_ALIAS, &[&model_name, &alias])?
+                    .is_some();
                 tx.execute(DELETE_STACK, &[&model_name, &alias])?;
                 tx.commit()?;
                 Ok(existed)
@@ -205,14 +208,20 @@ impl ModelRepository {
 /// Pops the current target and every inactive one below it; moves the alias to the first
 /// active version left and records the move. Returns (history event, new target).
 fn pop_to_active(tx: &mut Transaction<'_>, model_name: &str, alias: &str) -> Result<(i64, String)> {
-    if tx.query_opt(CURRENT_FOR_UPDATE, &[&model_name, &alias])?.is_none() {
+    if tx
+        .query_opt(CURRENT_FOR_UPDATE, &[&model_name, &alias])?
+        .is_none()
+    {
         return Err(RepoError::NotFound(format!(
             "model {model_name:?} has no alias {alias:?}"
         )));
     }
     let stack = tx.query(STACK_DOWN, &[&model_name, &alias])?;
     // Skip the top (the current target), then the first active entry below is the new top.
-    let below = stack.iter().skip(1).find(|row| row.get::<_, bool>("active"));
+    let below = stack
+        .iter()
+        .skip(1)
+        .find(|row| row.get::<_, bool>("active"));
     let Some(row) = below else {
         return Err(RepoError::NotFound(format!(
             "alias {alias:?} of model {model_name:?} has no earlier active version to roll back to"

@@ -33,7 +33,8 @@ const UPSERT_TAIL: &str = "ON CONFLICT (model_name, version) DO UPDATE SET
         created_at = now(), load_count = 0, last_loaded_at = NULL
      WHERE NOT m.is_active";
 
-const CREATE_UPLOAD: &str = "CREATE TEMP TABLE pg_model_repo_upload (model_data bytea) ON COMMIT DROP;
+const CREATE_UPLOAD: &str =
+    "CREATE TEMP TABLE pg_model_repo_upload (model_data bytea) ON COMMIT DROP;
      ALTER TABLE pg_model_repo_upload ALTER COLUMN model_data SET STORAGE EXTERNAL";
 
 const COPY_UPLOAD: &str = "COPY pg_model_repo_upload (model_data) FROM STDIN (FORMAT binary)";

@@ -217,7 +217,9 @@ impl RepositoryConfig {
             ("cache_max_ttl", self.cache_max_ttl),
         ] {
             if d.is_zero() {
-                return Err(RepoError::invalid(format!("{name} must be greater than zero")));
+                return Err(RepoError::invalid(format!(
+                    "{name} must be greater than zero"
+                )));
             }
         }
         if self.cache_default_ttl > self.cache_max_ttl {
@@ -226,7 +228,9 @@ impl RepositoryConfig {
             ));
         }
         if self.reaper_interval.is_some_and(|d| d.is_zero()) {
-            return Err(RepoError::invalid("reaper_interval must be greater than zero"));
+            return Err(RepoError::invalid(
+                "reaper_interval must be greater than zero",
+            ));
         }
         if self.max_model_size == 0 || self.max_model_size > MAX_BYTEA_MODEL_SIZE {
             return Err(RepoError::invalid(format!(
@@ -238,9 +242,8 @@ impl RepositoryConfig {
 
     /// The parsed connection settings, with our application_name unless the URL gives one.
     pub(crate) fn pg_config(&self) -> Result<postgres::Config> {
-        let mut pg = postgres::Config::from_str(&self.database_url).map_err(|e| {
-            RepoError::invalid(format!("database_url cannot be parsed: {e}"))
-        })?;
+        let mut pg = postgres::Config::from_str(&self.database_url)
+            .map_err(|e| RepoError::invalid(format!("database_url cannot be parsed: {e}")))?;
         if pg.get_application_name().is_none() {
             pg.application_name(DEFAULT_APPLICATION_NAME);
         }
@@ -284,8 +287,16 @@ pub(crate) fn describe_target(pg: &postgres::Config) -> String {
     format!(
         "{}@{}:{}/{}",
         pg.get_user().unwrap_or("<default user>"),
-        if hosts.is_empty() { "<default host>".to_owned() } else { hosts.join(",") },
-        if ports.is_empty() { "5432".to_owned() } else { ports.join(",") },
+        if hosts.is_empty() {
+            "<default host>".to_owned()
+        } else {
+            hosts.join(",")
+        },
+        if ports.is_empty() {
+            "5432".to_owned()
+        } else {
+            ports.join(",")
+        },
         pg.get_dbname().unwrap_or("<default db>"),
     )
 }
@@ -332,15 +343,20 @@ fn parse_var<T: FromStr>(name: &str, value: &str) -> Result<T> {
 
 fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
     let secs: f64 = parse_var(name, value)?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| RepoError::invalid(format!("{name} must be a non-negative number of seconds: {value:?}")))
+    Duration::try_from_secs_f64(secs).map_err(|_| {
+        RepoError::invalid(format!(
+            "{name} must be a non-negative number of seconds: {value:?}"
+        ))
+    })
 }
 
 fn parse_bool(name: &str, value: &str) -> Result<bool> {
     match value.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(RepoError::invalid(format!("{name} is malformed: {value:?}"))),
+        _ => Err(RepoError::invalid(format!(
+            "{name} is malformed: {value:?}"
+        ))),
     }
 }
 
@@ -350,8 +366,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn from(vars: &[(&str, &str)]) -> Result<RepositoryConfig> {
-        let map: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         RepositoryConfig::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -433,7 +451,10 @@ mod tests {
             .cache_max_ttl(Duration::from_secs(5))
             .validate()
             .is_err());
-        assert!(base().max_model_size(MAX_BYTEA_MODEL_SIZE + 1).validate().is_err());
+        assert!(base()
+            .max_model_size(MAX_BYTEA_MODEL_SIZE + 1)
+            .validate()
+            .is_err());
         assert!(RepositoryConfig::new("postgres://u@h/db?sslmode=require")
             .validate()
             .is_err());

@@ -53,7 +53,11 @@ pub(crate) fn run(config: &RepositoryConfig) -> Result<()> {
 /// The advisory lock that serializes migrations of one schema (and its creation).
 fn lock_key(schema: &str) -> i64 {
     let digest = Sha256::digest(format!("pg-model-repo:migrate:{schema}"));
-    i64::from_be_bytes(digest[..8].try_into().expect("a sha256 digest has 32 bytes"))
+    i64::from_be_bytes(
+        digest[..8]
+            .try_into()
+            .expect("a sha256 digest has 32 bytes"),
+    )
 }
 
 fn apply_pending(client: &mut Client, schema: &str) -> Result<()> {
@@ -105,10 +109,12 @@ pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
 /// Lowercase hex of any bytes.
 pub(crate) fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// True when the schema holds every table this version of the crate needs (for
@@ -116,10 +122,7 @@ pub(crate) fn to_hex(bytes: &[u8]) -> String {
 pub(crate) fn check_applied(client: &mut Client) -> Result<()> {
     let latest = MIGRATIONS.last().map_or(0, |m| m.version);
     let row = client
-        .query_opt(
-            "SELECT max(version) FROM model_repo_migrations",
-            &[],
-        )
+        .query_opt("SELECT max(version) FROM model_repo_migrations", &[])
         .map_err(|e| match e.code().map(|c| c.code()) {
             Some("42P01") => RepoError::NotFound(
                 "the schema has no pg-model-repo tables; run ModelRepository::migrate as its owner"

@@ -286,8 +286,13 @@ impl ModelRepository {
             tx.batch_execute("SET LOCAL statement_timeout = 0")?;
             let row = vref.select(&mut tx, model_name, &columns, "")?;
             tx.commit()?;
-            row.map(|r| Ok((ModelInfo::from_row(&r)?, r.try_get::<_, Vec<u8>>("model_data")?)))
-                .transpose()
+            row.map(|r| {
+                Ok((
+                    ModelInfo::from_row(&r)?,
+                    r.try_get::<_, Vec<u8>>("model_data")?,
+                ))
+            })
+            .transpose()
         })?;
         let Some((info, data)) = found else {
             return Ok(None);
@@ -352,8 +357,7 @@ impl ModelRepository {
             let vref = VersionRef::parse(version)?;
             self.with_conn("delete_model", Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
-                let Some(row) = vref.select(&mut tx, model_name, "m.version", "FOR UPDATE")?
-                else {
+                let Some(row) = vref.select(&mut tx, model_name, "m.version", "FOR UPDATE")? else {
                     return Ok(false);
                 };
                 let literal: String = row.try_get(0)?;
@@ -417,7 +421,11 @@ fn compare_with_stored<C: GenericClient>(
         "{}/{} is already saved with different {}",
         request.model_name,
         request.version,
-        if same_metadata { "bytes" } else { "content or metadata" }
+        if same_metadata {
+            "bytes"
+        } else {
+            "content or metadata"
+        }
     )))
 }
 

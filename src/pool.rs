@@ -218,10 +218,7 @@ impl Pool {
     /// A connection within pool_timeout, else `RepoError::Timeout`.
     pub(crate) fn get(&self) -> Result<Conn> {
         self.inner.get().map_err(|e| {
-            RepoError::pool_timeout(format!(
-                "waited {:?}: {e}",
-                self.inner.connection_timeout()
-            ))
+            RepoError::pool_timeout(format!("waited {:?}: {e}", self.inner.connection_timeout()))
         })
     }
 

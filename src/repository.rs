@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::config::RepositoryConfig;
 use crate::error::Result;
 use crate::migrate;
-use crate::pool::{Pool, PoolState, PgConnection};
+use crate::pool::{PgConnection, Pool, PoolState};
 use crate::retry::{self, Policy, Retry};
 use crate::timings::{QueryMetric, Timings};
 
@@ -157,7 +157,9 @@ impl ModelRepository {
     pub(crate) fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let started = Instant::now();
         let result = f();
-        self.inner.timings.record(op, started.elapsed(), result.is_ok());
+        self.inner
+            .timings
+            .record(op, started.elapsed(), result.is_ok());
         result
     }
 

@@ -103,7 +103,16 @@ impl ThrowawayServer {
             self.dir.display()
         );
         let log = self.dir.join("server.log");
-        self.pg_ctl(&["start", "-w", "-t", "60", "-o", &options, "-l", &log.to_string_lossy()])?;
+        self.pg_ctl(&[
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            &options,
+            "-l",
+            &log.to_string_lossy(),
+        ])?;
         self.running = true;
         Ok(())
     }
@@ -182,7 +191,10 @@ impl ThrowawayServer {
     /// directory: cleanup even when the owner never drops (statics) or is killed.
     fn spawn_watchdog(&self) {
         let pg_ctl = self.bindir.join("pg_ctl");
-        let prefix = self.run_as.map(|u| format!("runuser -u {u} -- ")).unwrap_or_default();
+        let prefix = self
+            .run_as
+            .map(|u| format!("runuser -u {u} -- "))
+            .unwrap_or_default();
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
              {prefix}'{pg_ctl}' -D '{data}' stop -m immediate >/dev/null 2>&1; rm -rf '{dir}'",
@@ -248,7 +260,9 @@ fn find_bindir() -> Option<PathBuf> {
 
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// A fresh directory the server's user may write.

@@ -25,10 +25,14 @@ pub(crate) fn identifier(what: &str, name: &str) -> Result<()> {
 /// A name or key: 1..=max characters, no NUL, not whitespace only.
 pub(crate) fn name(what: &str, value: &str, max_chars: usize) -> Result<()> {
     if value.contains('\0') {
-        return Err(RepoError::invalid(format!("{what} must not contain a NUL byte")));
+        return Err(RepoError::invalid(format!(
+            "{what} must not contain a NUL byte"
+        )));
     }
     if value.trim().is_empty() {
-        return Err(RepoError::invalid(format!("{what} must not be empty or blank")));
+        return Err(RepoError::invalid(format!(
+            "{what} must not be empty or blank"
+        )));
     }
     let chars = value.chars().count();
     if chars > max_chars {
@@ -102,9 +106,9 @@ fn contains_nul(value: &serde_json::Value) -> bool {
     match value {
         serde_json::Value::String(s) => s.contains('\0'),
         serde_json::Value::Array(items) => items.iter().any(contains_nul),
-        serde_json::Value::Object(map) => map
-            .iter()
-            .any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        serde_json::Value::Object(map) => {
+            map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
+        }
         _ => false,
     }
 }
@@ -119,7 +123,15 @@ mod tests {
         for ok in ["public", "_x", "A1_b", &"a".repeat(63)] {
             assert!(identifier("schema", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1a", "a-b", "a b", "x\"; drop schema public; --", &"a".repeat(64), "é"] {
+        for bad in [
+            "",
+            "1a",
+            "a-b",
+            "a b",
+            "x\"; drop schema public; --",
+            &"a".repeat(64),
+            "é",
+        ] {
             assert!(identifier("schema", bad).is_err(), "{bad}");
         }
     }

@@ -27,10 +27,15 @@ fn an_alias_resolves_to_its_version_everywhere() {
     let repo = repo_with_versions(&["1", "2"]);
     repo.set_model_alias("m", "champion", "1").unwrap();
     assert_eq!(repo.load_model("m", "@champion").unwrap().unwrap(), b"1");
-    let (info, _) = repo.load_model_with_info("m", "@champion").unwrap().unwrap();
+    let (info, _) = repo
+        .load_model_with_info("m", "@champion")
+        .unwrap()
+        .unwrap();
     assert_eq!(info.version, "1");
     let mut out = Vec::new();
-    repo.load_model_to_writer("m", "@champion", &mut out).unwrap().unwrap();
+    repo.load_model_to_writer("m", "@champion", &mut out)
+        .unwrap()
+        .unwrap();
     assert_eq!(out, b"1");
     repo.set_model_alias("m", "champion", "2").unwrap();
     assert_eq!(repo.load_model("m", "@champion").unwrap().unwrap(), b"2");
@@ -52,7 +57,15 @@ fn alias_names_follow_the_rules() {
     let repo = repo_with_versions(&["1"]);
     repo.set_model_alias("m", &"a".repeat(64), "1").unwrap();
     repo.set_model_alias("m", "Prod_v-2", "1").unwrap();
-    for bad in ["", "latest", "has space", "dot.ted", "ünï", "a\0", &"a".repeat(65)] {
+    for bad in [
+        "",
+        "latest",
+        "has space",
+        "dot.ted",
+        "ünï",
+        "a\0",
+        &"a".repeat(65),
+    ] {
         assert_invalid(repo.set_model_alias("m", bad, "1"));
     }
     assert_eq!(repo.get_model_aliases("m").unwrap().len(), 2);

@@ -10,7 +10,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]
@@ -32,7 +35,10 @@ fn saved_model_loads_back_with_its_info() {
     assert_eq!(info.metadata, meta);
     assert!(info.is_active);
 
-    assert_eq!(repo.load_model("ranker", "1.0").unwrap(), Some(data.clone()));
+    assert_eq!(
+        repo.load_model("ranker", "1.0").unwrap(),
+        Some(data.clone())
+    );
     let (loaded_info, bytes) = repo.load_model_with_info("ranker", "1.0").unwrap().unwrap();
     assert_eq!(bytes, data);
     assert_eq!(loaded_info, info);
@@ -49,9 +55,13 @@ fn empty_model_bytes_are_a_valid_model() {
 #[test]
 fn identical_resave_returns_the_existing_info() {
     let repo = TestRepo::new();
-    let first = repo.save_model("m", "1", b"abc", &json!({"a": 1, "b": 2})).unwrap();
+    let first = repo
+        .save_model("m", "1", b"abc", &json!({"a": 1, "b": 2}))
+        .unwrap();
     // Same JSONB value, other key order and spacing.
-    let again = repo.save_model("m", "1", b"abc", &json!({"b": 2, "a": 1})).unwrap();
+    let again = repo
+        .save_model("m", "1", b"abc", &json!({"b": 2, "a": 1}))
+        .unwrap();
     assert_eq!(again, first);
     assert_eq!(count(&repo, "ml_models"), 1);
 }
@@ -77,7 +87,9 @@ fn resaving_a_deleted_version_revives_it_as_latest() {
     repo.save_model("m", "1", b"one", &json!({})).unwrap();
     repo.save_model("m", "2", b"two", &json!({})).unwrap();
     assert!(repo.delete_model("m", "1").unwrap());
-    let revived = repo.save_model("m", "1", b"new one", &json!({"r": true})).unwrap();
+    let revived = repo
+        .save_model("m", "1", b"new one", &json!({"r": true}))
+        .unwrap();
     assert!(revived.is_active);
     assert_eq!(revived.metadata, json!({"r": true}));
     assert_eq!(repo.load_model("m", "latest").unwrap().unwrap(), b"new one");
@@ -136,7 +148,10 @@ fn absent_and_deleted_versions_load_as_none() {
     repo.delete_model("m", "1").unwrap();
     assert_eq!(repo.load_model("m", "1").unwrap(), None);
     let mut sink = Vec::new();
-    assert!(repo.load_model_to_writer("m", "1", &mut sink).unwrap().is_none());
+    assert!(repo
+        .load_model_to_writer("m", "1", &mut sink)
+        .unwrap()
+        .is_none());
     assert!(sink.is_empty());
 }
 
@@ -159,8 +174,12 @@ fn names_and_versions_follow_the_character_limits() {
     let repo = TestRepo::new();
     let name_255 = "é".repeat(255);
     let version_50 = "ü".repeat(50);
-    repo.save_model(&name_255, &version_50, b"x", &json!({})).unwrap();
-    assert_eq!(repo.load_model(&name_255, &version_50).unwrap().unwrap(), b"x");
+    repo.save_model(&name_255, &version_50, b"x", &json!({}))
+        .unwrap();
+    assert_eq!(
+        repo.load_model(&name_255, &version_50).unwrap().unwrap(),
+        b"x"
+    );
     assert_invalid(repo.save_model(&"é".repeat(256), "1", b"x", &json!({})));
     assert_invalid(repo.save_model("m", &"ü".repeat(51), b"x", &json!({})));
     for blank in ["", " ", "\t\n"] {
@@ -180,12 +199,19 @@ fn names_and_versions_follow_the_character_limits() {
 #[test]
 fn changed_bytes_are_reported_as_corrupt() {
     let repo = TestRepo::new();
-    repo.save_model("m", "1", b"original bytes", &json!({})).unwrap();
+    repo.save_model("m", "1", b"original bytes", &json!({}))
+        .unwrap();
     repo.sql()
         .execute("UPDATE ml_models SET model_data = 'tampered'::bytea", &[])
         .unwrap();
-    assert!(matches!(repo.load_model("m", "1"), Err(RepoError::Corrupt(_))));
-    assert!(matches!(repo.load_model_with_info("m", "latest"), Err(RepoError::Corrupt(_))));
+    assert!(matches!(
+        repo.load_model("m", "1"),
+        Err(RepoError::Corrupt(_))
+    ));
+    assert!(matches!(
+        repo.load_model_with_info("m", "latest"),
+        Err(RepoError::Corrupt(_))
+    ));
     let mut sink = Vec::new();
     assert!(matches!(
         repo.load_model_to_writer("m", "1", &mut sink),
@@ -196,7 +222,8 @@ fn changed_bytes_are_reported_as_corrupt() {
 #[test]
 fn models_over_max_model_size_are_rejected_and_not_stored() {
     let repo = TestRepo::with_config(|c| c.max_model_size(1000));
-    repo.save_model("m", "ok", &[7u8; 1000], &json!({})).unwrap();
+    repo.save_model("m", "ok", &[7u8; 1000], &json!({}))
+        .unwrap();
     assert_invalid(repo.save_model("m", "big", &[7u8; 1001], &json!({})));
     let mut reader = Cursor::new(vec![7u8; 1001]);
     assert_invalid(repo.save_model_from_reader("m", "big", &mut reader, &json!({})));
@@ -225,10 +252,19 @@ fn versions_list_active_ones_newest_first() {
 #[test]
 fn search_matches_contained_metadata_newest_first() {
     let repo = TestRepo::new();
-    repo.save_model("a", "1", b"x", &json!({"stage": "prod", "team": "rec"})).unwrap();
-    repo.save_model("b", "1", b"x", &json!({"stage": "dev"})).unwrap();
-    repo.save_model("c", "1", b"x", &json!({"stage": "prod", "tags": ["x", "y"]})).unwrap();
-    repo.save_model("d", "1", b"x", &json!({"stage": "prod"})).unwrap();
+    repo.save_model("a", "1", b"x", &json!({"stage": "prod", "team": "rec"}))
+        .unwrap();
+    repo.save_model("b", "1", b"x", &json!({"stage": "dev"}))
+        .unwrap();
+    repo.save_model(
+        "c",
+        "1",
+        b"x",
+        &json!({"stage": "prod", "tags": ["x", "y"]}),
+    )
+    .unwrap();
+    repo.save_model("d", "1", b"x", &json!({"stage": "prod"}))
+        .unwrap();
     repo.delete_model("d", "1").unwrap();
     let names = |filter| -> Vec<String> {
         repo.search_models(&filter)
@@ -278,7 +314,10 @@ fn delete_is_soft_and_reports_whether_it_deleted() {
     assert!(!repo.delete_model("m", "never").unwrap());
     let active: bool = repo
         .sql()
-        .query_one("SELECT is_active FROM ml_models WHERE model_name = 'm'", &[])
+        .query_one(
+            "SELECT is_active FROM ml_models WHERE model_name = 'm'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(!active, "the row stays, inactive");
@@ -288,7 +327,8 @@ fn delete_is_soft_and_reports_whether_it_deleted() {
 fn cleanup_keeps_the_newest_active_versions_only() {
     let repo = TestRepo::new();
     for v in 1..=6 {
-        repo.save_model("m", &v.to_string(), b"x", &json!({})).unwrap();
+        repo.save_model("m", &v.to_string(), b"x", &json!({}))
+            .unwrap();
     }
     repo.save_model("other", "1", b"x", &json!({})).unwrap();
     repo.delete_model("m", "6").unwrap();
@@ -318,10 +358,14 @@ fn cleanup_removes_aliases_but_keeps_history_and_metrics() {
     }
     repo.set_model_alias("m", "old", "1").unwrap();
     repo.set_model_alias("m", "new", "3").unwrap();
-    repo.save_training_metrics("m", "1", &[("loss".into(), 0.5)].into()).unwrap();
+    repo.save_training_metrics("m", "1", &[("loss".into(), 0.5)].into())
+        .unwrap();
     assert_eq!(repo.cleanup_old_models("m", 1).unwrap(), 2);
     let aliases = repo.get_model_aliases("m").unwrap();
-    assert_eq!(aliases.into_iter().collect::<Vec<_>>(), [("new".into(), "3".into())]);
+    assert_eq!(
+        aliases.into_iter().collect::<Vec<_>>(),
+        [("new".into(), "3".into())]
+    );
     assert_eq!(repo.get_alias_history("m", "old").unwrap().len(), 1);
     assert!(repo.get_training_metrics("m", "1").unwrap().is_some());
     assert_eq!(repo.load_model("m", "@old").unwrap(), None);
@@ -331,21 +375,33 @@ fn cleanup_removes_aliases_but_keeps_history_and_metrics() {
 fn streaming_save_and_load_round_trip_with_checksum() {
     let repo = TestRepo::new();
     // Several slices long, not a multiple of the slice size, from a reader of unknown length.
-    let data: Vec<u8> = (0..9_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let mut reader = ChunkyReader { inner: Cursor::new(data.clone()) };
+    let data: Vec<u8> = (0..9_500_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut reader = ChunkyReader {
+        inner: Cursor::new(data.clone()),
+    };
     let info = repo
         .save_model_from_reader("big", "1", &mut reader, &json!({"kind": "stream"}))
         .unwrap();
     assert_eq!(info.size_bytes, data.len() as u64);
     assert_eq!(info.checksum, sha256_hex(&data));
     let mut out = Vec::new();
-    let loaded = repo.load_model_to_writer("big", "latest", &mut out).unwrap().unwrap();
+    let loaded = repo
+        .load_model_to_writer("big", "latest", &mut out)
+        .unwrap()
+        .unwrap();
     assert_eq!(loaded, info);
     assert!(out == data, "streamed bytes differ");
     assert!(repo.load_model("big", "1").unwrap().unwrap() == data);
     // An identical streamed re-save is harmless; a different one conflicts.
     let again = repo
-        .save_model_from_reader("big", "1", &mut Cursor::new(data.clone()), &json!({"kind": "stream"}))
+        .save_model_from_reader(
+            "big",
+            "1",
+            &mut Cursor::new(data.clone()),
+            &json!({"kind": "stream"}),
+        )
         .unwrap();
     assert_eq!(again, info);
     assert!(matches!(
@@ -360,7 +416,9 @@ fn slice_saved_models_stream_out_and_streamed_ones_load_whole() {
     let data = vec![42u8; 5_000_000];
     repo.save_model("m", "1", &data, &json!({})).unwrap();
     let mut out = Vec::new();
-    repo.load_model_to_writer("m", "1", &mut out).unwrap().unwrap();
+    repo.load_model_to_writer("m", "1", &mut out)
+        .unwrap()
+        .unwrap();
     assert!(out == data);
 }
 
@@ -400,7 +458,10 @@ fn rows_inserted_by_hand_with_seed_columns_only_are_valid() {
             &[],
         )
         .unwrap();
-    let (info, data) = repo.load_model_with_info("hand", "latest").unwrap().unwrap();
+    let (info, data) = repo
+        .load_model_with_info("hand", "latest")
+        .unwrap()
+        .unwrap();
     assert_eq!(data, b"abc");
     assert_eq!(info.checksum, sha256_hex(b"abc"));
     assert_eq!(info.size_bytes, 3);

@@ -1,0 +1,221 @@
+//! The main job: a walk through every feature of pg-model-repo against a real PostgreSQL.
+//!
+//! Uses `DATABASE_URL` if set, otherwise starts a throwaway server from the local PostgreSQL
+//! binaries. Works in a schema of its own, dropped at the end.
+//!
+//!     cargo run --release --example quickstart
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::process::ExitCode;
+
+use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
+use serde_json::json;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match run() {
+        Ok(summary) => {
+            println!("\n{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("quickstart failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where the database is: `DATABASE_URL`, or a server of our own kept alive while we run.
+fn database() -> pg_model_repo::Result<(String, Option<ThrowawayServer>)> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => Ok((url, None)),
+        _ => {
+            println!(
+                "DATABASE_URL is not set: starting a throwaway PostgreSQL from the local binaries"
+            );
+            let server = ThrowawayServer::start(&[])?;
+            Ok((server.url(), Some(server)))
+        }
+    }
+}
+
+fn section(title: &str) {
+    println!("\n== {title} ==");
+}
+
+fn run() -> pg_model_repo::Result<String> {
+    let (url, _server) = database()?;
+    let schema = format!("quickstart_{}", std::process::id());
+    let config = RepositoryConfig::new(url.clone())
+        .schema(&schema)
+        .pool_size(4)
+        .max_overflow(4);
+    println!("config: {config:?}");
+    let repo = ModelRepository::open(config)?;
+    let result = tour(&repo);
+    repo.close();
+    drop_schema(&url, &schema);
+    result
+}
+
+fn tour(repo: &ModelRepository) -> pg_model_repo::Result<String> {
+    let models = models(repo)?;
+    let aliases = aliases(repo)?;
+    let streamed = streaming(repo)?;
+    let metrics = training(repo)?;
+    section("Timings");
+    for m in repo.get_performance_metrics() {
+        println!(
+            "{:<28} {:>4} calls  {:>2} errors  mean {:>9.3?}  p99 {:>9.3?}  max {:>9.3?}",
+            m.query_type, m.count, m.errors, m.mean, m.p99, m.max
+        );
+    }
+    Ok(format!(
+        "quickstart ok: {models} model versions, {aliases} alias moves, {} MiB streamed, {metrics} metric records",
+        streamed >> 20
+    ))
+}
+
+fn models(repo: &ModelRepository) -> pg_model_repo::Result<usize> {
+    section("Models");
+    let v1 = repo.save_model(
+        "ranker",
+        "1.0",
+        b"weights of v1",
+        &json!({"auc": 0.91, "stage": "dev"}),
+    )?;
+    println!(
+        "saved {}/{}: {} bytes, sha256 {}",
+        v1.model_name,
+        v1.version,
+        v1.size_bytes,
+        &v1.checksum[..16]
+    );
+    let v2 = repo.save_model(
+        "ranker",
+        "2.0",
+        b"weights of v2",
+        &json!({"auc": 0.93, "stage": "prod"}),
+    )?;
+    println!("saved {}/{}", v2.model_name, v2.version);
+    let again = repo.save_model(
+        "ranker",
+        "2.0",
+        b"weights of v2",
+        &json!({"stage": "prod", "auc": 0.93}),
+    )?;
+    println!(
+        "re-saving identical 2.0 is harmless: same checksum {}",
+        again.checksum == v2.checksum
+    );
+    match repo.save_model("ranker", "2.0", b"other bytes", &json!({})) {
+        Err(RepoError::Conflict(m)) => println!("re-saving 2.0 with other bytes: conflict ({m})"),
+        other => println!("unexpected: {other:?}"),
+    }
+    let latest = repo.load_model("ranker", "latest")?.unwrap_or_default();
+    println!("latest loads {:?}", String::from_utf8_lossy(&latest));
+    let prod = repo.search_models(&json!({"stage": "prod"}))?;
+    println!(
+        "search {{\"stage\": \"prod\"}}: {:?}",
+        prod.iter().map(|i| &i.version).collect::<Vec<_>>()
+    );
+    repo.save_model("ranker", "3.0", b"weights of v3", &json!({"auc": 0.90}))?;
+    println!("soft-delete 3.0: {}", repo.delete_model("ranker", "3.0")?);
+    println!(
+        "load 3.0 after delete: {:?}",
+        repo.load_model("ranker", "3.0")?
+    );
+    let versions = repo.get_model_versions("ranker")?;
+    println!(
+        "active versions, newest first: {:?}",
+        versions.iter().map(|i| &i.version).collect::<Vec<_>>()
+    );
+    match repo.save_model("ranker", "latest", b"x", &json!({})) {
+        Err(RepoError::InvalidInput(m)) => println!("bad input is a typed error: {m}"),
+        other => println!("unexpected: {other:?}"),
+    }
+    for v in ["4.0", "5.0"] {
+        repo.save_model("ranker", v, v.as_bytes(), &json!({}))?;
+    }
+    let removed = repo.cleanup_old_models("ranker", 3)?;
+    println!("cleanup keeping the 3 newest active versions removed {removed}");
+    Ok(repo.get_model_versions("ranker")?.len())
+}
+
+fn aliases(repo: &ModelRepository) -> pg_model_repo::Result<usize> {
+    section("Aliases");
+    repo.set_model_alias("ranker", "champion", "2.0")?;
+    repo.set_model_alias("ranker", "champion", "4.0")?;
+    repo.set_model_alias("ranker", "champion", "5.0")?;
+    println!("aliases: {:?}", repo.get_model_aliases("ranker")?);
+    println!(
+        "rollback champion -> {}",
+        repo.rollback_model_alias("ranker", "champion")?
+    );
+    let champion = repo.load_model("ranker", "@champion")?.unwrap_or_default();
+    println!("@champion loads {:?}", String::from_utf8_lossy(&champion));
+    let history = repo.get_alias_history("ranker", "champion")?;
+    println!(
+        "champion history: {:?}",
+        history.iter().map(|(v, _)| v).collect::<Vec<_>>()
+    );
+    Ok(history.len())
+}
+
+fn streaming(repo: &ModelRepository) -> pg_model_repo::Result<u64> {
+    section("Streaming a large model");
+    let data: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let started = std::time::Instant::now();
+    let info = repo.save_model_from_reader(
+        "encoder",
+        "1",
+        &mut Cursor::new(&data),
+        &json!({"format": "raw"}),
+    )?;
+    println!(
+        "streamed {} MiB in {:.2?}",
+        info.size_bytes >> 20,
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let mut out = Vec::with_capacity(data.len());
+    repo.load_model_to_writer("encoder", "latest", &mut out)?;
+    println!(
+        "streamed back in {:.2?}, identical: {}, checksum verified on the way",
+        started.elapsed(),
+        out == data
+    );
+    Ok(info.size_bytes)
+}
+
+fn training(repo: &ModelRepository) -> pg_model_repo::Result<usize> {
+    section("Training metrics");
+    for (version, auc, loss) in [
+        ("2.0", 0.93, 0.21),
+        ("4.0", 0.94, 0.19),
+        ("5.0", 0.95, 0.18),
+    ] {
+        let metrics: BTreeMap<String, f64> =
+            [("auc".to_string(), auc), ("loss".to_string(), loss)].into();
+        repo.save_training_metrics("ranker", version, &metrics)?;
+    }
+    println!(
+        "metrics of 5.0: {:?}",
+        repo.get_training_metrics("ranker", "5.0")?
+    );
+    let history = repo.get_training_metrics_history("ranker")?;
+    for r in &history {
+        println!("  {} {:?}", r.version, r.metrics);
+    }
+    Ok(history.len())
+}
+
+fn drop_schema(url: &str, schema: &str) {
+    if let Ok(mut client) = postgres::Client::connect(url, postgres::NoTls) {
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+    }
+}

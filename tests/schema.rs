@@ -1,0 +1,340 @@
+//! Opening, migrations, schema rules and the pool's limits, against a real PostgreSQL.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{admin, config, drop_schema, unique_schema, TestRepo};
+use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
+use serde_json::json;
+
+fn schema_exists(name: &str) -> bool {
+    admin()
+        .query_opt(
+            "SELECT 1 FROM pg_namespace WHERE nspname::text = $1",
+            &[&name],
+        )
+        .unwrap()
+        .is_some()
+}
+
+#[test]
+fn six_concurrent_opens_of_one_new_schema_all_succeed() {
+    let schema = unique_schema("six");
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| ModelRepository::open(config(&schema)).map(|r| r.close())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    drop_schema_after(&schema, || {
+        for r in &results {
+            assert!(r.is_ok(), "{r:?}");
+        }
+        let applied: i64 = admin()
+            .query_one(
+                &format!("SELECT count(*) FROM \"{schema}\".model_repo_migrations"),
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(applied, 1, "each migration is recorded once");
+    });
+}
+
+fn drop_schema_after(schema: &str, f: impl FnOnce()) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    drop_schema(schema);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn hostile_schema_names_are_invalid_and_run_no_sql() {
+    for name in [
+        "x\"; DROP SCHEMA public CASCADE; --",
+        "has space",
+        "1starts_with_digit",
+        "",
+        "dash-ed",
+        &"a".repeat(64),
+    ] {
+        let result = ModelRepository::open(config(name));
+        assert!(
+            matches!(result, Err(RepoError::InvalidInput(_))),
+            "{name:?}: {result:?}"
+        );
+        assert!(!schema_exists(name));
+    }
+    assert!(schema_exists("public"));
+}
+
+#[test]
+fn reserved_words_and_mixed_case_schemas_are_quoted() {
+    for name in ["select", &format!("Mixed_{}", std::process::id())] {
+        let repo = ModelRepository::open(config(name)).unwrap();
+        repo.save_model("m", "1", b"x", &json!({})).unwrap();
+        repo.close();
+        assert!(schema_exists(name));
+        drop_schema(name);
+    }
+}
+
+#[test]
+fn auto_migrate_false_runs_no_ddl_and_fails_clearly_on_a_missing_schema() {
+    let schema = unique_schema("nomig");
+    let result = ModelRepository::open(config(&schema).auto_migrate(false));
+    assert!(matches!(result, Err(RepoError::NotFound(_))), "{result:?}");
+    assert!(!schema_exists(&schema));
+    ModelRepository::migrate(&config(&schema)).unwrap();
+    drop_schema_after(&schema, || {
+        let repo = ModelRepository::open(config(&schema).auto_migrate(false)).unwrap();
+        repo.save_model("m", "1", b"x", &json!({})).unwrap();
+    });
+}
+
+#[test]
+fn an_edited_applied_migration_is_refused() {
+    let repo = TestRepo::new();
+    repo.sql()
+        .execute("UPDATE model_repo_migrations SET checksum = 'edited'", &[])
+        .unwrap();
+    let result = ModelRepository::open(config(&repo.schema));
+    assert!(matches!(result, Err(RepoError::Conflict(_))), "{result:?}");
+}
+
+#[test]
+fn the_sql_files_run_with_psql_and_the_library_adopts_the_schema() {
+    let schema = unique_schema("psql");
+    let url = common::server_url();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/V001__init.sql");
+    for _ in 0..2 {
+        let output = std::process::Command::new("psql")
+            .args([
+                &url,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+                "-c",
+                &format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
+                "-c",
+                &format!("SET search_path TO \"{schema}\""),
+                "-f",
+                file,
+            ])
+            .output()
+            .expect("psql is installed with the PostgreSQL binaries");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    drop_schema_after(&schema, || {
+        let repo = ModelRepository::open(config(&schema)).unwrap();
+        repo.save_model("m", "1", b"x", &json!({})).unwrap();
+        assert_eq!(repo.load_model("m", "latest").unwrap().unwrap(), b"x");
+    });
+}
+
+/// `create_distributed_table('table', 'column'` pairs from sql/citus.sql.
+fn distribution_columns() -> BTreeMap<String, String> {
+    let text = include_str!("../sql/citus.sql");
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .filter_map(|l| l.split("create_distributed_table(").nth(1))
+        .map(|args| {
+            let quoted: Vec<&str> = args.split('\'').collect();
+            (quoted[1].to_owned(), quoted[3].to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn every_key_includes_its_tables_citus_distribution_column() {
+    let repo = TestRepo::new();
+    let columns = distribution_columns();
+    assert!(columns.len() >= 7, "{columns:?}");
+    let rows = repo
+        .sql()
+        .query(
+            "SELECT c.relname, con.conname,
+                    array_agg(a.attname::text ORDER BY a.attnum) AS cols
+             FROM pg_constraint con
+             JOIN pg_class c ON c.oid = con.conrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (con.conkey)
+             WHERE n.nspname = $1 AND con.contype IN ('p', 'u')
+             GROUP BY c.relname, con.conname",
+            &[&repo.schema],
+        )
+        .unwrap();
+    let mut checked = 0;
+    for row in rows {
+        let table: String = row.get(0);
+        let constraint: String = row.get(1);
+        let cols: Vec<String> = row.get(2);
+        if let Some(dist) = columns.get(&table) {
+            assert!(
+                cols.contains(dist),
+                "{table}.{constraint} {cols:?} lacks distribution column {dist}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= columns.len(),
+        "every distributed table has a key"
+    );
+    // Unique indexes created outside constraints must obey the rule too.
+    let stray: i64 = repo
+        .sql()
+        .query_one(
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND i.indisunique
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid)",
+            &[&repo.schema],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stray, 0);
+}
+
+#[test]
+fn rows_with_only_the_seed_columns_are_valid_in_every_table() {
+    let repo = TestRepo::new();
+    repo.sql()
+        .batch_execute(
+            "INSERT INTO ml_models (model_name, version, model_data) VALUES ('m', '1', '\\x00');
+             INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension)
+                 VALUES ('user', 'u1', '\\x0000803f', 1);
+             INSERT INTO prediction_cache (cache_key, predictions, expires_at)
+                 VALUES ('k', '\\x00', now() + interval '1 hour');
+             INSERT INTO training_metrics (model_name, version, metrics)
+                 VALUES ('m', '1', '{\"auc\": 0.5}');",
+        )
+        .unwrap();
+    assert_eq!(repo.load_model("m", "1").unwrap().unwrap(), [0u8]);
+    assert_eq!(
+        repo.get_training_metrics("m", "1").unwrap().unwrap()["auc"],
+        0.5
+    );
+}
+
+fn application_names() -> Vec<String> {
+    admin()
+        .query(
+            "SELECT DISTINCT application_name FROM pg_stat_activity WHERE backend_type = 'client backend'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn connections_carry_an_application_name() {
+    let repo = TestRepo::new();
+    repo.get_model_versions("m").unwrap();
+    assert!(application_names().contains(&"pg-model-repo".to_owned()));
+
+    let own = format!("own_app_{}", std::process::id());
+    let sep = if common::server_url().contains("://") {
+        "?"
+    } else {
+        " "
+    };
+    let url = if sep == "?" {
+        format!("{}?application_name={own}", common::server_url())
+    } else {
+        format!("{} application_name={own}", common::server_url())
+    };
+    let schema = repo.schema.clone();
+    let mine = ModelRepository::open(
+        RepositoryConfig::new(url)
+            .schema(&schema)
+            .pool_size(1)
+            .reaper_interval(None),
+    )
+    .unwrap();
+    mine.get_model_versions("m").unwrap();
+    assert!(application_names().contains(&own));
+}
+
+/// A writer that holds its connection busy for a while.
+struct SlowWriter(Duration);
+
+impl std::io::Write for SlowWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::thread::sleep(self.0);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_pool_times_out_after_pool_timeout_and_never_hangs() {
+    let repo = TestRepo::with_config(|c| {
+        c.pool_size(1)
+            .max_overflow(0)
+            .pool_timeout(Duration::from_millis(400))
+    });
+    repo.save_model("m", "1", b"x", &json!({})).unwrap();
+    std::thread::scope(|s| {
+        let holder = s
+            .spawn(|| repo.load_model_to_writer("m", "1", &mut SlowWriter(Duration::from_secs(2))));
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let result = repo.get_model_versions("m");
+        let waited = started.elapsed();
+        match &result {
+            Err(e @ RepoError::Timeout(_)) => assert!(e.is_transient(), "{e}"),
+            other => panic!("expected Timeout, got {other:?}"),
+        }
+        assert!(waited >= Duration::from_millis(350), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+        holder.join().unwrap().unwrap();
+    });
+    assert_eq!(repo.get_model_versions("m").unwrap().len(), 1);
+}
+
+#[test]
+fn a_lock_wait_past_query_timeout_is_a_timeout_and_the_connection_survives() {
+    let repo = TestRepo::with_config(|c| {
+        c.pool_size(1)
+            .max_overflow(0)
+            .query_timeout(Duration::from_millis(300))
+    });
+    repo.save_model("m", "1", b"x", &json!({})).unwrap();
+    let mut locker = repo.sql();
+    let mut tx = locker.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE ml_models IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let result = repo.get_model_versions("m");
+    match &result {
+        Err(e @ RepoError::Timeout(_)) => assert!(!e.is_transient(), "{e}"),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    tx.rollback().unwrap();
+    assert_eq!(repo.get_model_versions("m").unwrap().len(), 1);
+}
+
+#[test]
+fn from_env_reads_the_documented_variables() {
+    let vars: BTreeMap<&str, &str> = [
+        ("DATABASE_URL", "postgres://u@h/db"),
+        ("DB_POOL_SIZE", "7"),
+        ("MODEL_REPO_SCHEMA", "ml"),
+    ]
+    .into();
+    let config = RepositoryConfig::from_lookup(|k| vars.get(k).map(|v| v.to_string())).unwrap();
+    assert_eq!(config.schema_name(), "ml");
+    let shown = format!("{config:?}");
+    assert!(shown.contains("pool_size: 7"), "{shown}");
+}

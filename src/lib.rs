@@ -34,6 +34,7 @@ mod config;
 mod error;
 mod migrate;
 mod models;
+mod monitor;
 mod pool;
 mod repository;
 mod retry;
@@ -45,6 +46,10 @@ mod validate;
 pub use config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
 pub use error::{RepoError, Result};
 pub use models::ModelInfo;
+pub use monitor::{
+    CheckResult, EmbeddingsStats, EntityTypeStats, HealthReport, HealthStatus, ModelStats,
+    ModelStorageStats, OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance,
+};
 pub use pool::PoolState;
 pub use repository::ModelRepository;
 pub use timings::QueryMetric;

@@ -70,6 +70,8 @@ impl std::fmt::Debug for PgConnection {
 #[derive(Debug, Default)]
 pub(crate) struct PoolShared {
     epoch: AtomicU64,
+    /// Callers waiting for a connection right now.
+    waiting: AtomicU64,
 }
 
 /// Our r2d2 connection manager.
@@ -193,6 +195,8 @@ pub struct PoolState {
     pub idle: u32,
     /// The most connections the pool opens (pool_size + max_overflow).
     pub max_size: u32,
+    /// Callers waiting for a connection.
+    pub waiting: u64,
 }
 
 impl Pool {
@@ -217,9 +221,15 @@ impl Pool {
 
     /// A connection within pool_timeout, else `RepoError::Timeout`.
     pub(crate) fn get(&self) -> Result<Conn> {
-        self.inner.get().map_err(|e| {
-            RepoError::pool_timeout(format!("waited {:?}: {e}", self.inner.connection_timeout()))
-        })
+        self.get_within(self.inner.connection_timeout())
+    }
+
+    /// A connection within `timeout`, else `RepoError::Timeout`.
+    pub(crate) fn get_within(&self, timeout: Duration) -> Result<Conn> {
+        self.shared.waiting.fetch_add(1, Ordering::AcqRel);
+        let result = self.inner.get_timeout(timeout);
+        self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        result.map_err(|e| RepoError::pool_timeout(format!("waited {timeout:?}: {e}")))
     }
 
     /// Records what a failed call means for its connection: a connection failure poisons the
@@ -235,6 +245,11 @@ impl Pool {
         }
     }
 
+    /// The configured checkout timeout (pool_timeout).
+    pub(crate) fn timeout(&self) -> Duration {
+        self.inner.connection_timeout()
+    }
+
     /// Connections open and idle right now.
     pub(crate) fn state(&self) -> PoolState {
         let s = self.inner.state();
@@ -242,6 +257,7 @@ impl Pool {
             connections: s.connections,
             idle: s.idle_connections,
             max_size: self.inner.max_size(),
+            waiting: self.shared.waiting.load(Ordering::Acquire),
         }
     }
 }

@@ -64,7 +64,11 @@ fn killing_every_idle_connection_at_once_is_invisible_to_callers() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(kill_repository_backends(&server.url()) >= 2);
     for i in 0..20 {
-        assert_eq!(repo.load_model("m", "1").unwrap().unwrap(), b"x", "call {i}");
+        assert_eq!(
+            repo.load_model("m", "1").unwrap().unwrap(),
+            b"x",
+            "call {i}"
+        );
     }
     repo.save_model("m", "2", b"y", &json!({})).unwrap();
     assert!(kill_repository_backends(&server.url()) >= 1);
@@ -119,7 +123,10 @@ fn restart_during_workload(mode: StopMode) {
         .collect();
     for version in acknowledged.lock().unwrap().iter() {
         assert!(stored.contains(version), "acknowledged {version} was lost");
-        assert_eq!(repo.load_model("m", version).unwrap().unwrap(), version.as_bytes());
+        assert_eq!(
+            repo.load_model("m", version).unwrap().unwrap(),
+            version.as_bytes()
+        );
     }
     assert!(!acknowledged.lock().unwrap().is_empty());
 }
@@ -193,7 +200,10 @@ impl CuttingProxy {
     }
 
     fn url(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
     }
 
     fn cut_all(&self) -> usize {
@@ -225,7 +235,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A writer that cuts the proxy once it has received some bytes.
@@ -257,7 +270,9 @@ fn connections_cut_mid_stream_leave_nothing_half_written() {
     drop(open(&server.url(), 1));
     let proxy = CuttingProxy::start(server.port());
     let repo = open(&proxy.url(), 2);
-    let data: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    let data: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
 
     // Cut while a streamed save is in flight: it is retried whole or reported, never half.
     let cutter = std::thread::scope(|s| {
@@ -284,12 +299,22 @@ fn connections_cut_mid_stream_leave_nothing_half_written() {
     }
 
     // Cut while a load streams out: the caller hears about it, the next call works.
-    let mut writer = CutAfter { proxy: &proxy, after: 5 << 20, seen: 0, cut: false };
+    let mut writer = CutAfter {
+        proxy: &proxy,
+        after: 5 << 20,
+        seen: 0,
+        cut: false,
+    };
     let result = repo.load_model_to_writer("big", "1", &mut writer);
     assert!(writer.cut);
-    assert!(result.is_err(), "a stream cut after bytes were written must be reported");
+    assert!(
+        result.is_err(),
+        "a stream cut after bytes were written must be reported"
+    );
     let mut out = Vec::new();
-    repo.load_model_to_writer("big", "1", &mut out).unwrap().unwrap();
+    repo.load_model_to_writer("big", "1", &mut out)
+        .unwrap()
+        .unwrap();
     assert!(out == data);
     let started = Instant::now();
     assert_eq!(repo.get_model_versions("big").unwrap().len(), 1);

@@ -1,0 +1,186 @@
+//! Credentials never leak (Debug, Display, logs, failed logins), and an application role with
+//! only USAGE and DML works the repository that an owner role migrated.
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
+use serde_json::json;
+
+/// Every log line of this test binary, at every level.
+static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let line = format!("{} {} {}", record.level(), record.target(), record.args());
+        LINES.lock().unwrap().push(line);
+    }
+    fn flush(&self) {}
+}
+
+fn capture_logs() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        log::set_boxed_logger(Box::new(Capture)).unwrap();
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+}
+
+/// One server for this binary, with password authentication for role `app_user`.
+fn server() -> &'static ThrowawayServer {
+    static SERVER: OnceLock<ThrowawayServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let server = ThrowawayServer::start(&[("max_connections", "100")]).unwrap();
+        let hba = server.data_dir().join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(
+            &hba,
+            format!("host all app_user 127.0.0.1/32 scram-sha-256\n{rules}"),
+        )
+        .unwrap();
+        let mut admin = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE app_user LOGIN PASSWORD '{PASSWORD}';
+                 GRANT CREATE ON DATABASE postgres TO app_user;
+                 SELECT pg_reload_conf();"
+            ))
+            .unwrap();
+        server
+    })
+}
+
+const PASSWORD: &str = "S3cret-pw-4711";
+const WRONG: &str = "Wr0ng-pw-0815";
+
+fn urls(password: &str) -> [String; 2] {
+    let port = server().port();
+    [
+        format!("postgres://app_user:{password}@127.0.0.1:{port}/postgres"),
+        format!("host=127.0.0.1 port={port} user=app_user password={password} dbname=postgres"),
+    ]
+}
+
+fn assert_clean(text: &str) {
+    assert!(!text.contains(PASSWORD), "password leaked: {text}");
+    assert!(!text.contains(WRONG), "password leaked: {text}");
+}
+
+#[test]
+fn no_password_appears_in_debug_display_errors_or_logs() {
+    capture_logs();
+    let _ = server();
+    LINES.lock().unwrap().clear();
+    for url in urls(PASSWORD) {
+        let config = RepositoryConfig::new(url.clone())
+            .schema("creds")
+            .pool_size(1)
+            .reaper_interval(None);
+        assert_clean(&format!("{config:?}"));
+        let repo = ModelRepository::open(config).expect("the right password opens");
+        repo.save_model("m", "1", b"x", &json!({})).unwrap();
+        assert_clean(&format!("{repo:?}"));
+        repo.close();
+    }
+    for url in urls(WRONG) {
+        let config = RepositoryConfig::new(url)
+            .schema("creds")
+            .pool_size(1)
+            .pool_timeout(Duration::from_secs(2))
+            .reaper_interval(None);
+        let err = ModelRepository::open(config).expect_err("a wrong password fails");
+        assert!(matches!(err, RepoError::Database(_)), "{err:?}");
+        assert_clean(&err.to_string());
+        assert_clean(&format!("{err:?}"));
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            assert_clean(&s.to_string());
+            source = s.source();
+        }
+    }
+    let lines = LINES.lock().unwrap();
+    assert!(!lines.is_empty(), "the capture saw the library's logs");
+    for line in lines.iter() {
+        assert_clean(line);
+    }
+}
+
+fn psql(url: &str, args: &[&str]) {
+    let output = std::process::Command::new("psql")
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1", "-q"])
+        .args(args)
+        .output()
+        .expect("psql comes with the PostgreSQL binaries");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn an_application_role_with_only_usage_and_dml_works_the_repository() {
+    let server = server();
+    let mut admin = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE ml_owner LOGIN; CREATE ROLE ml_app LOGIN;
+             GRANT CREATE ON DATABASE postgres TO ml_owner;",
+        )
+        .unwrap();
+    let as_role = |role: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={role} dbname=postgres",
+            server.port()
+        )
+    };
+    let config = |role: &str| {
+        RepositoryConfig::new(as_role(role))
+            .schema("least")
+            .pool_size(1)
+            .reaper_interval(None)
+    };
+    ModelRepository::migrate(&config("ml_owner")).unwrap();
+    let roles_sql = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/roles.sql");
+    psql(
+        &as_role("ml_owner"),
+        &[
+            "-v",
+            "schema=least",
+            "-v",
+            "app_role=ml_app",
+            "-f",
+            roles_sql,
+        ],
+    );
+
+    // Without DDL rights, auto_migrate must stay off; with it off the role works everything.
+    assert!(ModelRepository::open(config("ml_app")).is_err());
+    let repo = ModelRepository::open(config("ml_app").auto_migrate(false)).unwrap();
+    repo.save_model("m", "1", b"one", &json!({"a": 1})).unwrap();
+    repo.save_model_from_reader("m", "2", &mut &b"two"[..], &json!({}))
+        .unwrap();
+    repo.set_model_alias("m", "champion", "1").unwrap();
+    repo.set_model_alias("m", "champion", "2").unwrap();
+    assert_eq!(repo.rollback_model_alias("m", "champion").unwrap(), "1");
+    repo.save_training_metrics("m", "1", &[("auc".to_string(), 0.9)].into())
+        .unwrap();
+    assert!(repo.delete_model("m", "2").unwrap());
+    assert_eq!(repo.cleanup_old_models("m", 1).unwrap(), 1);
+    let mut out = Vec::new();
+    repo.load_model_to_writer("m", "@champion", &mut out)
+        .unwrap();
+    assert_eq!(out, b"one");
+
+    // And it really has no DDL rights.
+    let mut app = postgres::Client::connect(&as_role("ml_app"), postgres::NoTls).unwrap();
+    let ddl = app.batch_execute("CREATE TABLE least.intruder (x int)");
+    assert!(ddl.is_err());
+}

@@ -45,6 +45,7 @@ pub struct RepositoryConfig {
     pub(crate) slow_query_threshold: Duration,
     pub(crate) auto_migrate: bool,
     pub(crate) max_model_size: u64,
+    pub(crate) tls_root_certificate: Option<std::path::PathBuf>,
 }
 
 impl RepositoryConfig {
@@ -67,6 +68,7 @@ impl RepositoryConfig {
             slow_query_threshold: Duration::from_secs(1),
             auto_migrate: true,
             max_model_size: MAX_BYTEA_MODEL_SIZE,
+            tls_root_certificate: None,
         }
     }
 
@@ -199,6 +201,14 @@ impl RepositoryConfig {
         self
     }
 
+    /// A PEM file with the root certificate(s) that sign the server's certificate; connections
+    /// then use TLS and verify the server against it (needs the `tls` feature). Without it,
+    /// `sslmode=require` verifies against the system's roots. Defaults to none.
+    pub fn tls_root_certificate(mut self, pem_file: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_root_certificate = Some(pem_file.into());
+        self
+    }
+
     /// The configured schema name.
     pub fn schema_name(&self) -> &str {
         &self.schema
@@ -237,7 +247,12 @@ impl RepositoryConfig {
                 "max_model_size must be within 1..={MAX_BYTEA_MODEL_SIZE} bytes"
             )));
         }
-        self.pg_config().map(|_| ())
+        self.connector().map(|_| ())
+    }
+
+    /// How sessions connect (plaintext or TLS), checked against the build's features.
+    pub(crate) fn connector(&self) -> Result<crate::tls::Connector> {
+        crate::tls::Connector::for_config(self, &self.pg_config()?)
     }
 
     /// The parsed connection settings, with our application_name unless the URL gives one.
@@ -254,12 +269,6 @@ impl RepositoryConfig {
             .keepalives_idle(Duration::from_secs(30))
             .keepalives_interval(Duration::from_secs(10))
             .keepalives_retries(3);
-        if pg.get_ssl_mode() == postgres::config::SslMode::Require {
-            return Err(RepoError::invalid(
-                "database_url asks for sslmode=require, but this build has no TLS support; \
-                 refusing to connect in plaintext",
-            ));
-        }
         Ok(pg)
     }
 
@@ -317,6 +326,7 @@ impl fmt::Debug for RepositoryConfig {
             .field("slow_query_threshold", &self.slow_query_threshold)
             .field("auto_migrate", &self.auto_migrate)
             .field("max_model_size", &self.max_model_size)
+            .field("tls_root_certificate", &self.tls_root_certificate)
             .finish()
     }
 }
@@ -455,8 +465,7 @@ mod tests {
             .max_model_size(MAX_BYTEA_MODEL_SIZE + 1)
             .validate()
             .is_err());
-        assert!(RepositoryConfig::new("postgres://u@h/db?sslmode=require")
-            .validate()
-            .is_err());
+        let tls = RepositoryConfig::new("postgres://u@h/db?sslmode=require").validate();
+        assert_eq!(tls.is_err(), !cfg!(feature = "tls"));
     }
 }

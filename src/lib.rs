@@ -40,6 +40,7 @@ mod repository;
 mod retry;
 pub mod throwaway;
 mod timings;
+mod tls;
 mod training;
 mod validate;
 

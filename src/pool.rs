@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 
 use crate::config::{describe_target, RepositoryConfig};
 use crate::error::{is_connection_failure, RepoError, Result};
+use crate::tls::Connector;
 
 /// How long a stale connection may take to prove it is alive before it is discarded.
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,6 +78,7 @@ pub(crate) struct PoolShared {
 /// Our r2d2 connection manager.
 pub(crate) struct Manager {
     pg: postgres::Config,
+    connector: Connector,
     session_setup: String,
     shared: Arc<PoolShared>,
 }
@@ -93,6 +95,7 @@ impl Manager {
     fn new(config: &RepositoryConfig, shared: Arc<PoolShared>) -> Result<Self> {
         Ok(Manager {
             pg: config.pg_config()?,
+            connector: config.connector()?,
             session_setup: session_setup_sql(config),
             shared,
         })
@@ -112,7 +115,7 @@ pub(crate) fn session_setup_sql(config: &RepositoryConfig) -> String {
 
 /// Opens one session with our settings, outside any pool (migrations, tests, tools).
 pub(crate) fn connect(config: &RepositoryConfig) -> Result<Client> {
-    let mut client = config.pg_config()?.connect(NoTls)?;
+    let mut client = config.connector()?.connect(&config.pg_config()?)?;
     client.batch_execute(&session_setup_sql(config))?;
     Ok(client)
 }
@@ -123,7 +126,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> std::result::Result<PgConnection, postgres::Error> {
         let epoch = self.shared.epoch.load(Ordering::Acquire);
-        let mut client = self.pg.connect(NoTls)?;
+        let mut client = self.connector.connect(&self.pg)?;
         client.batch_execute(&self.session_setup)?;
         Ok(PgConnection {
             client,

@@ -1,5 +1,5 @@
 //! Model bytes in and out without holding them in memory: a reader is spooled to a temp file
-//! while it is hashed, then framed by hand into a binary COPY; a load streams the value out in
+//! while it is hashed, then framed by hand into a binary COPY straight into `ml_models`; a load streams the value out in
 //! slices inside one snapshot, hashing as it writes.
 
 use std::fs::File;
@@ -33,12 +33,6 @@ const UPSERT_TAIL: &str = "ON CONFLICT (model_name, version) DO UPDATE SET
         created_at = now(), load_count = 0, last_loaded_at = NULL
      WHERE NOT m.is_active";
 
-const CREATE_UPLOAD: &str =
-    "CREATE TEMP TABLE pg_model_repo_upload (model_data bytea) ON COMMIT DROP;
-     ALTER TABLE pg_model_repo_upload ALTER COLUMN model_data SET STORAGE EXTERNAL";
-
-const COPY_UPLOAD: &str = "COPY pg_model_repo_upload (model_data) FROM STDIN (FORMAT binary)";
-
 /// The binary COPY header: signature, flags, header extension length.
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
@@ -69,38 +63,76 @@ impl BlobSource<'_> {
                 )?
             }
             BlobSource::Spooled { file, len } => {
-                copy_into_upload_table(tx, file, *len)?;
+                if !copy_new_version(tx, request, file, *len)? {
+                    return Ok(None);
+                }
                 let sql = format!(
-                    "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum)
-                     SELECT $1, $2, u.model_data, $3, $4 FROM pg_model_repo_upload u
-                     {UPSERT_TAIL} RETURNING {INFO_COLUMNS}"
+                    "SELECT {INFO_COLUMNS} FROM ml_models m WHERE m.model_name = $1 AND m.version = $2"
                 );
-                tx.query_opt(
-                    sql.as_str(),
-                    &[
-                        &request.model_name,
-                        &request.version,
-                        request.metadata,
-                        &request.checksum,
-                    ],
-                )?
+                tx.query_opt(sql.as_str(), &[&request.model_name, &request.version])?
             }
         };
         row.map(|r| ModelInfo::from_row(&r)).transpose()
     }
 }
 
-/// Streams the spooled file into a one-row, one-column staging table by binary COPY, framed by
-/// hand so that the value never sits in memory whole.
-fn copy_into_upload_table(tx: &mut Transaction<'_>, file: &mut File, len: u64) -> Result<()> {
-    tx.batch_execute(CREATE_UPLOAD)?;
+/// Writes the version straight into `ml_models` by binary COPY, framed by hand so that the
+/// bytes stream from the spool file and never sit in memory whole. A soft-deleted row of the
+/// same version (locked by the caller's comparison) is replaced. Returns false when an active
+/// version with the same name was committed meanwhile (the caller then compares with it).
+fn copy_new_version(
+    tx: &mut Transaction<'_>,
+    request: &SaveRequest<'_>,
+    file: &mut File,
+    len: u64,
+) -> Result<bool> {
+    tx.execute(DELETE_INACTIVE, &[&request.model_name, &request.version])?;
+    tx.batch_execute("SAVEPOINT pg_model_repo_copy")?;
+    match copy_row(tx, request, file, len) {
+        Ok(()) => Ok(true),
+        Err(RepoError::Conflict(_)) => {
+            // 23505: a concurrent save of the same version won the race.
+            tx.batch_execute("ROLLBACK TO SAVEPOINT pg_model_repo_copy")?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+const DELETE_INACTIVE: &str =
+    "DELETE FROM ml_models WHERE model_name = $1 AND version = $2 AND NOT is_active";
+
+const COPY_MODEL: &str = "COPY ml_models (model_name, version, metadata, checksum, model_data) \
+     FROM STDIN (FORMAT binary)";
+
+fn copy_row(
+    tx: &mut Transaction<'_>,
+    request: &SaveRequest<'_>,
+    file: &mut File,
+    len: u64,
+) -> Result<()> {
     let field_len = i32::try_from(len)
         .map_err(|_| RepoError::invalid(format!("model of {len} bytes is too large for COPY")))?;
+    // JSONB's binary input is a version byte (1) followed by the JSON text.
+    let mut metadata = vec![1u8];
+    serde_json::to_writer(&mut metadata, request.metadata)
+        .map_err(|e| RepoError::Serialization(format!("metadata: {e}")))?;
+    let mut head = Vec::with_capacity(256 + metadata.len());
+    head.extend_from_slice(COPY_HEADER);
+    head.extend_from_slice(&5i16.to_be_bytes());
+    for field in [
+        request.model_name.as_bytes(),
+        request.version.as_bytes(),
+        &metadata,
+        request.checksum.as_bytes(),
+    ] {
+        head.extend_from_slice(&(field.len() as i32).to_be_bytes());
+        head.extend_from_slice(field);
+    }
+    head.extend_from_slice(&field_len.to_be_bytes());
     file.seek(SeekFrom::Start(0))?;
-    let mut writer = tx.copy_in(COPY_UPLOAD)?;
-    writer.write_all(COPY_HEADER)?;
-    writer.write_all(&1i16.to_be_bytes())?;
-    writer.write_all(&field_len.to_be_bytes())?;
+    let mut writer = tx.copy_in(COPY_MODEL)?;
+    writer.write_all(&head)?;
     let copied = std::io::copy(&mut file.take(len), &mut writer)?;
     if copied != len {
         return Err(RepoError::Io(std::io::Error::new(

@@ -242,40 +242,62 @@ impl ModelRepository {
         let deadline = Instant::now() + self.inner.pool.timeout();
         let mut checks = BTreeMap::new();
         checks.insert("pool".to_owned(), self.pool_check());
-        let checkout = Instant::now();
-        let mut conn = match self.inner.pool.get_within(budget) {
-            Ok(conn) => conn,
+        let (mut conn, database) = match self.probe_database(budget) {
+            Ok(found) => found,
             Err(e) => {
-                let mut report = unhealthy("database", format!("no connection: {e}"));
+                let mut report = unhealthy("database", e.to_string());
                 report.checks.extend(checks);
                 return report;
             }
         };
-        let database = probe(&mut conn, "SELECT 1", checkout);
-        let database_ok = database.ok;
         let latency = database.latency;
         checks.insert("database".to_owned(), database);
-        if database_ok {
-            checks.insert("tables".to_owned(), tables_check(&mut conn, deadline));
-            let slow = latency > self.inner.config.slow_query_threshold;
-            checks.insert(
-                "query_latency".to_owned(),
-                CheckResult {
-                    ok: !slow,
-                    detail: format!(
-                        "{latency:?} for checkout and a trivial query (threshold {:?})",
-                        self.inner.config.slow_query_threshold
-                    ),
-                    latency,
-                },
-            );
-        } else {
-            conn.poison();
-        }
+        checks.insert("tables".to_owned(), tables_check(&mut conn, deadline));
+        let slow = latency > self.inner.config.slow_query_threshold;
+        checks.insert(
+            "query_latency".to_owned(),
+            CheckResult {
+                ok: !slow,
+                detail: format!(
+                    "{latency:?} for checkout and a trivial query (threshold {:?})",
+                    self.inner.config.slow_query_threshold
+                ),
+                latency,
+            },
+        );
         HealthReport {
             status: overall_status(&checks),
             checks,
         }
+    }
+
+    /// A connection that answered `SELECT 1`, with the check's result. A pooled connection
+    /// that died under us (a server restart) is discarded and one fresh attempt is made within
+    /// the budget: a stale connection is not an unhealthy database.
+    fn probe_database(&self, budget: Duration) -> Result<(crate::pool::Conn, CheckResult)> {
+        let started = Instant::now();
+        let mut last_error = None;
+        for _ in 0..2 {
+            let left = budget.saturating_sub(started.elapsed());
+            let mut conn = self.inner.pool.get_within(left)?;
+            match conn.client().batch_execute("SELECT 1") {
+                Ok(()) => {
+                    let check = CheckResult {
+                        ok: true,
+                        detail: "reachable".to_owned(),
+                        latency: started.elapsed(),
+                    };
+                    return Ok((conn, check));
+                }
+                Err(e) => {
+                    let error = RepoError::from(e);
+                    self.inner.pool.note_failure(&mut conn, &error);
+                    conn.poison();
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.expect("the loop ran"))
     }
 
     fn pool_check(&self) -> CheckResult {
@@ -464,22 +486,6 @@ fn overall_status(checks: &BTreeMap<String, CheckResult>) -> HealthStatus {
         HealthStatus::Degraded
     } else {
         HealthStatus::Healthy
-    }
-}
-
-/// Runs one statement; latency counts from `since` (the checkout included).
-fn probe(conn: &mut PgConnection, sql: &str, since: Instant) -> CheckResult {
-    match conn.client().batch_execute(sql) {
-        Ok(()) => CheckResult {
-            ok: true,
-            detail: "reachable".to_owned(),
-            latency: since.elapsed(),
-        },
-        Err(e) => CheckResult {
-            ok: false,
-            detail: RepoError::from(e).to_string(),
-            latency: since.elapsed(),
-        },
     }
 }
 

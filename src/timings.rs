@@ -67,7 +67,8 @@ impl OpStats {
     }
 
     fn snapshot(&self, name: &str) -> QueryMetric {
-        let at = |q: f64| Duration::from_micros(self.micros.value_at_quantile(q));
+        // A histogram bucket's upper edge may lie above the exact maximum.
+        let at = |q: f64| Duration::from_micros(self.micros.value_at_quantile(q)).min(self.max);
         QueryMetric {
             query_type: name.to_owned(),
             count: self.count,

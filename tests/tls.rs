@@ -1,6 +1,7 @@
 //! TLS: with the `tls` feature, `sslmode=require` and a custom root certificate give verified
 //! TLS connections; without the feature, asking for TLS is an error, never plaintext.
 
+#[cfg(feature = "tls")]
 use pg_model_repo::throwaway::ThrowawayServer;
 use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
 

@@ -65,6 +65,7 @@ fn tour(repo: &ModelRepository) -> pg_model_repo::Result<String> {
     let aliases = aliases(repo)?;
     let streamed = streaming(repo)?;
     let metrics = training(repo)?;
+    let status = monitoring(repo)?;
     section("Timings");
     for m in repo.get_performance_metrics() {
         println!(
@@ -73,7 +74,8 @@ fn tour(repo: &ModelRepository) -> pg_model_repo::Result<String> {
         );
     }
     Ok(format!(
-        "quickstart ok: {models} model versions, {aliases} alias moves, {} MiB streamed, {metrics} metric records",
+        "quickstart ok: {models} model versions, {aliases} alias moves, {} MiB streamed, \
+         {metrics} metric records, health {status:?}",
         streamed >> 20
     ))
 }
@@ -212,6 +214,85 @@ fn training(repo: &ModelRepository) -> pg_model_repo::Result<usize> {
         println!("  {} {:?}", r.version, r.metrics);
     }
     Ok(history.len())
+}
+
+fn monitoring(repo: &ModelRepository) -> pg_model_repo::Result<pg_model_repo::HealthStatus> {
+    section("Maintenance");
+    let report = repo.optimize_database()?;
+    println!(
+        "optimize: purged {} expired cache rows in {:.2?}",
+        report.expired_cache_rows_purged, report.elapsed
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>12} {:>12} {:>10}",
+        "table", "dead before", "dead after", "bytes before", "bytes after", "vacuum"
+    );
+    for t in &report.tables {
+        println!(
+            "{:<22} {:>10} {:>10} {:>12} {:>12} {:>10.2?}",
+            t.table,
+            t.dead_tuples_before,
+            t.dead_tuples_after,
+            t.bytes_before,
+            t.bytes_after,
+            t.elapsed
+        );
+    }
+
+    section("Storage");
+    let models = repo.get_model_storage_stats()?;
+    println!(
+        "{:<10} {:>8} {:>7} {:>12} {:>8}",
+        "model", "versions", "active", "bytes", "latest"
+    );
+    for m in &models.models {
+        println!(
+            "{:<10} {:>8} {:>7} {:>12} {:>8}",
+            m.model_name,
+            m.versions,
+            m.active_versions,
+            m.total_bytes,
+            m.latest_version.as_deref().unwrap_or("-")
+        );
+    }
+    println!(
+        "{:<10} {:>8} {:>7} {:>12}   (table on disk: {} bytes)",
+        "total",
+        models.total_versions,
+        models.active_versions,
+        models.total_bytes,
+        models.table_bytes
+    );
+    let embeddings = repo.get_embeddings_stats()?;
+    println!(
+        "embeddings: {} vectors, {} bytes over {} entity types",
+        embeddings.total_embeddings,
+        embeddings.total_bytes,
+        embeddings.entity_types.len()
+    );
+    let server = repo.get_server_query_stats()?;
+    println!(
+        "server statement stats: {}",
+        if server.available {
+            "available"
+        } else {
+            &server.detail
+        }
+    );
+
+    section("Health");
+    let health = repo.health_check();
+    println!("status: {:?}", health.status);
+    for (name, check) in &health.checks {
+        println!(
+            "  {:<14} {:<5} {:>10.2?}  {}",
+            name,
+            if check.ok { "ok" } else { "FAIL" },
+            check.latency,
+            check.detail
+        );
+    }
+    Ok(health.status)
 }
 
 fn drop_schema(url: &str, schema: &str) {

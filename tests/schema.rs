@@ -338,3 +338,51 @@ fn from_env_reads_the_documented_variables() {
     let shown = format!("{config:?}");
     assert!(shown.contains("pool_size: 7"), "{shown}");
 }
+
+fn sessions_named(app: &str) -> i64 {
+    admin()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn closing_the_last_clone_closes_every_pooled_connection() {
+    let schema = unique_schema("close");
+    let app = format!("close_test_{}", std::process::id());
+    let url = if common::server_url().contains("://") {
+        format!("{}?application_name={app}", common::server_url())
+    } else {
+        format!("{} application_name={app}", common::server_url())
+    };
+    let repo = ModelRepository::open(
+        RepositoryConfig::new(url)
+            .schema(&schema)
+            .pool_size(3)
+            .reaper_interval(None),
+    )
+    .unwrap();
+    drop_schema_after(&schema, || {
+        let clone = repo.clone();
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| clone.get_model_versions("m").unwrap());
+            }
+        });
+        assert!(sessions_named(&app) >= 1);
+        clone.close();
+        assert!(sessions_named(&app) >= 1, "other clones keep the pool open");
+        repo.clone().close();
+        assert!(sessions_named(&app) >= 1);
+    });
+    repo.close();
+    // Terminated backends leave pg_stat_activity within moments of the client's goodbye.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while sessions_named(&app) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sessions_named(&app), 0);
+}

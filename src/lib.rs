@@ -30,11 +30,14 @@
 
 mod aliases;
 mod blob;
+mod cache;
 mod config;
 mod error;
+mod glob;
 mod migrate;
 mod models;
 mod pool;
+mod reaper;
 mod repository;
 mod retry;
 pub mod throwaway;
@@ -42,6 +45,7 @@ mod timings;
 mod training;
 mod validate;
 
+pub use cache::CacheStats;
 pub use config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
 pub use error::{RepoError, Result};
 pub use models::ModelInfo;

@@ -264,6 +264,23 @@ impl ModelRepository {
         })
     }
 
+    /// The server's plan (`EXPLAIN`, without running it) for the DELETE that
+    /// [`clear_cache`](Self::clear_cache) would run for `pattern`: shows whether a literal
+    /// prefix is served by the key index. Malformed patterns are `InvalidInput`.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// println!("{}", repo.explain_clear_cache("user:42:*")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn explain_clear_cache(&self, pattern: &str) -> Result<String> {
+        let filter = Glob::parse(pattern)?.to_sql_filter();
+        self.with_conn("explain_clear_cache", Retry::Idempotent, |conn| {
+            explain_matching(conn, &filter)
+        })
+    }
+
     /// Deletes every expired entry now (in bounded batches, like the reaper) and returns how
     /// many were removed.
     ///
@@ -453,37 +470,58 @@ fn non_negative(n: i64) -> u64 {
     n.max(0) as u64
 }
 
-/// Runs the one DELETE a glob translates to.
-fn delete_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<u64> {
-    let client = conn.client();
-    let deleted = match filter {
-        SqlFilter::Exact(key) => {
-            client.execute("DELETE FROM prediction_cache WHERE cache_key = $1", &[key])?
-        }
-        SqlFilter::Regex(re) => {
-            client.execute("DELETE FROM prediction_cache WHERE cache_key ~ $1", &[re])?
-        }
+/// The one DELETE a glob translates to, with its parameters (the pattern's parts are always
+/// bound, never spliced into the SQL).
+fn delete_statement(filter: &SqlFilter) -> (&'static str, Vec<&str>) {
+    match filter {
+        SqlFilter::Exact(key) => ("DELETE FROM prediction_cache WHERE cache_key = $1", vec![key]),
+        SqlFilter::Regex(re) => ("DELETE FROM prediction_cache WHERE cache_key ~ $1", vec![re]),
         SqlFilter::Range { lower, upper, regex } => match (upper, regex) {
-            (Some(upper), Some(re)) => client.execute(
+            (Some(upper), Some(re)) => (
                 "DELETE FROM prediction_cache
                  WHERE cache_key >= $1 AND cache_key < $2 AND cache_key ~ $3",
-                &[lower, upper, re],
-            )?,
-            (Some(upper), None) => client.execute(
+                vec![lower, upper, re],
+            ),
+            (Some(upper), None) => (
                 "DELETE FROM prediction_cache WHERE cache_key >= $1 AND cache_key < $2",
-                &[lower, upper],
-            )?,
-            (None, Some(re)) => client.execute(
+                vec![lower, upper],
+            ),
+            (None, Some(re)) => (
                 "DELETE FROM prediction_cache WHERE cache_key >= $1 AND cache_key ~ $2",
-                &[lower, re],
-            )?,
-            (None, None) => client.execute(
+                vec![lower, re],
+            ),
+            (None, None) => (
                 "DELETE FROM prediction_cache WHERE cache_key >= $1",
-                &[lower],
-            )?,
+                vec![lower],
+            ),
         },
-    };
-    Ok(deleted)
+    }
+}
+
+fn params<'a>(values: &'a [&'a str]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    values
+        .iter()
+        .map(|v| v as &(dyn postgres::types::ToSql + Sync))
+        .collect()
+}
+
+/// Runs the one DELETE a glob translates to.
+fn delete_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<u64> {
+    let (sql, values) = delete_statement(filter);
+    Ok(conn.client().execute(sql, &params(&values))?)
+}
+
+/// `EXPLAIN` of the DELETE a glob translates to (nothing is deleted).
+fn explain_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<String> {
+    let (sql, values) = delete_statement(filter);
+    let rows = conn
+        .client()
+        .query(&format!("EXPLAIN {sql}"), &params(&values))?;
+    let lines = rows
+        .iter()
+        .map(|row| row.try_get::<_, String>(0))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(lines.join("\n"))
 }
 
 /// Writes the buffered hits in one statement. On failure they go back into the buffer (so

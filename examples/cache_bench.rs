@@ -59,7 +59,9 @@ fn parse_args() -> Args {
         let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--seconds" => args.seconds = value().parse().expect("--seconds takes a number"),
-            "--reaper-rows" => args.reaper_rows = value().parse().expect("--reaper-rows takes a count"),
+            "--reaper-rows" => {
+                args.reaper_rows = value().parse().expect("--reaper-rows takes a count")
+            }
             "--rounds" => args.rounds = value().parse().expect("--rounds takes a count"),
             "--methods" => args.methods = value().split(',').map(str::to_owned).collect(),
             "--threads" => {
@@ -207,68 +209,97 @@ fn main() -> Result<()> {
         Arc::new((0..2 * MAX_THREADS).map(|_| AtomicU64::new(0)).collect());
     let mut jobs: Vec<Job<'_>> = Vec::new();
     for &threads in &args.threads {
-        assert!((1..=MAX_THREADS).contains(&threads), "--threads takes 1..={MAX_THREADS}");
+        assert!(
+            (1..=MAX_THREADS).contains(&threads),
+            "--threads takes 1..={MAX_THREADS}"
+        );
         let slot_base = if threads == 1 { 0 } else { MAX_THREADS };
         let (repo_ref, groups) = (&repo, next_group.clone());
         let makers: Vec<(&'static str, MakeOp<'_>)> = vec![
-            ("raw_select", Box::new(|t| {
-                let mut c = raw_client(&url);
-                let st = c.prepare(RAW_SELECT).unwrap();
-                Box::new(move |i| {
-                    let row = c.query_opt(&st, &[&hit_key(i, t)])?;
-                    assert!(row.is_some());
-                    Ok(())
-                })
-            })),
-            ("get_hit", Box::new(|t| {
-                let r = repo.clone();
-                Box::new(move |i| {
-                    let v: Option<Vec<f32>> = r.get_cached_predictions(&hit_key(i, t))?;
-                    assert!(v.is_some());
-                    Ok(())
-                })
-            })),
-            ("get_miss", Box::new(|t| {
-                let r = repo.clone();
-                Box::new(move |i| {
-                    let v: Option<Vec<f32>> = r.get_cached_predictions(&format!("miss:{t}:{i}"))?;
-                    assert!(v.is_none());
-                    Ok(())
-                })
-            })),
-            ("update_on_hit", Box::new(|t| {
-                let mut c = raw_client(&url);
-                let st = c.prepare(UPDATE_ON_HIT).unwrap();
-                Box::new(move |i| {
-                    let row = c.query_opt(&st, &[&hit_key(i, t)])?;
-                    assert!(row.is_some());
-                    Ok(())
-                })
-            })),
-            ("set", Box::new(|t| {
-                let r = repo.clone();
-                let v = value.clone();
-                Box::new(move |i| {
-                    let key = format!("set:{t}:{}", i % HIT_KEYS);
-                    r.cache_predictions(&key, &v, Duration::from_secs(3600))
-                })
-            })),
-            ("clear_prefix", Box::new(move |t| {
-                let r = repo_ref.clone();
-                let slot = slot_base + t;
-                let groups = groups.clone();
-                Box::new(move |_| {
-                    let g = groups[slot].fetch_add(1, Ordering::Relaxed);
-                    assert!(g < GROUPS_PER_SLOT, "clear_prefix ran out of groups");
-                    let n = r.clear_cache(&format!("clr:{slot}:{g}:*"))?;
-                    assert_eq!(n, CLEAR_GROUP_SIZE);
-                    Ok(())
-                })
-            })),
+            (
+                "raw_select",
+                Box::new(|t| {
+                    let mut c = raw_client(&url);
+                    let st = c.prepare(RAW_SELECT).unwrap();
+                    Box::new(move |i| {
+                        let row = c.query_opt(&st, &[&hit_key(i, t)])?;
+                        assert!(row.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "get_hit",
+                Box::new(|t| {
+                    let r = repo.clone();
+                    Box::new(move |i| {
+                        let v: Option<Vec<f32>> = r.get_cached_predictions(&hit_key(i, t))?;
+                        assert!(v.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "get_miss",
+                Box::new(|t| {
+                    let r = repo.clone();
+                    Box::new(move |i| {
+                        let v: Option<Vec<f32>> =
+                            r.get_cached_predictions(&format!("miss:{t}:{i}"))?;
+                        assert!(v.is_none());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "update_on_hit",
+                Box::new(|t| {
+                    let mut c = raw_client(&url);
+                    let st = c.prepare(UPDATE_ON_HIT).unwrap();
+                    Box::new(move |i| {
+                        let row = c.query_opt(&st, &[&hit_key(i, t)])?;
+                        assert!(row.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "set",
+                Box::new(|t| {
+                    let r = repo.clone();
+                    let v = value.clone();
+                    Box::new(move |i| {
+                        let key = format!("set:{t}:{}", i % HIT_KEYS);
+                        r.cache_predictions(&key, &v, Duration::from_secs(3600))
+                    })
+                }),
+            ),
+            (
+                "clear_prefix",
+                Box::new(move |t| {
+                    let r = repo_ref.clone();
+                    let slot = slot_base + t;
+                    let groups = groups.clone();
+                    Box::new(move |_| {
+                        let g = groups[slot].fetch_add(1, Ordering::Relaxed);
+                        assert!(g < GROUPS_PER_SLOT, "clear_prefix ran out of groups");
+                        let n = r.clear_cache(&format!("clr:{slot}:{g}:*"))?;
+                        assert_eq!(n, CLEAR_GROUP_SIZE);
+                        Ok(())
+                    })
+                }),
+            ),
         ];
         for (method, make) in makers {
             if wanted(method) {
-                jobs.push(Job { method, threads, make, ops: 0, elapsed: Duration::ZERO, hist: new_histogram() });
+                jobs.push(Job {
+                    method,
+                    threads,
+                    make,
+                    ops: 0,
+                    elapsed: Duration::ZERO,
+                    hist: new_histogram(),
+                });
             }
         }
     }
@@ -317,7 +348,11 @@ fn populate_clear_groups(admin: &mut postgres::Client) -> Result<()> {
          SELECT 'clr:' || s || ':' || g || ':' || j, '\\x00', now() + interval '1 hour'
          FROM generate_series(0, $1::int8 - 1) AS s, generate_series(0, $2::int8 - 1) AS g,
               generate_series(1, $3::int8) AS j",
-        &[&(2 * MAX_THREADS as i64), &(GROUPS_PER_SLOT as i64), &(CLEAR_GROUP_SIZE as i64)],
+        &[
+            &(2 * MAX_THREADS as i64),
+            &(GROUPS_PER_SLOT as i64),
+            &(CLEAR_GROUP_SIZE as i64),
+        ],
     )?;
     admin.batch_execute("VACUUM ANALYZE prediction_cache")?;
     Ok(())
@@ -340,13 +375,22 @@ fn print_rows(rows: &[Row], json: bool) {
     }
     let find = |m: &str, t: usize| rows.iter().find(|r| r.method == m && r.threads == t);
     if let (Some(h1), Some(r1)) = (find("get_hit", 1), find("raw_select", 1)) {
-        println!("\nget_hit / raw_select, 1 thread:     {:.2}x", h1.ops_per_s / r1.ops_per_s);
+        println!(
+            "\nget_hit / raw_select, 1 thread:     {:.2}x",
+            h1.ops_per_s / r1.ops_per_s
+        );
     }
     if let (Some(h2), Some(r2)) = (find("get_hit", 2), find("raw_select", 2)) {
-        println!("get_hit / raw_select, 2 threads:    {:.2}x", h2.ops_per_s / r2.ops_per_s);
+        println!(
+            "get_hit / raw_select, 2 threads:    {:.2}x",
+            h2.ops_per_s / r2.ops_per_s
+        );
     }
     if let (Some(h2), Some(u2)) = (find("get_hit", 2), find("update_on_hit", 2)) {
-        println!("get_hit / update_on_hit, 2 threads: {:.2}x", h2.ops_per_s / u2.ops_per_s);
+        println!(
+            "get_hit / update_on_hit, 2 threads: {:.2}x",
+            h2.ops_per_s / u2.ops_per_s
+        );
     }
 }
 
@@ -374,7 +418,12 @@ fn reap(url: &str, n: i64) -> Result<String> {
     let probes = Arc::new(AtomicU64::new(0));
     let blocked = Arc::new(AtomicU64::new(0));
     let probe = {
-        let (url, stop, probes, blocked) = (url.to_owned(), stop.clone(), probes.clone(), blocked.clone());
+        let (url, stop, probes, blocked) = (
+            url.to_owned(),
+            stop.clone(),
+            probes.clone(),
+            blocked.clone(),
+        );
         std::thread::spawn(move || {
             let mut c = raw_client(&url);
             while !stop.load(Ordering::Relaxed) {
@@ -403,7 +452,10 @@ fn reap(url: &str, n: i64) -> Result<String> {
     )?;
     let gone = loop {
         let left: i64 = admin
-            .query_one("SELECT count(*) FROM prediction_cache WHERE expires_at <= now()", &[])?
+            .query_one(
+                "SELECT count(*) FROM prediction_cache WHERE expires_at <= now()",
+                &[],
+            )?
             .get(0);
         if left == 0 {
             break started.elapsed();
@@ -417,7 +469,10 @@ fn reap(url: &str, n: i64) -> Result<String> {
     probe.join().unwrap();
     repo.close();
     let live: i64 = admin
-        .query_one("SELECT count(*) FROM prediction_cache WHERE cache_key LIKE 'live:%'", &[])?
+        .query_one(
+            "SELECT count(*) FROM prediction_cache WHERE cache_key LIKE 'live:%'",
+            &[],
+        )?
         .get(0);
     // The first tick fires one interval after open: the deleting started then.
     let deleting = gone.saturating_sub(interval).max(Duration::from_millis(1));

@@ -95,7 +95,13 @@ impl HitCounters {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Buffer::FlushSoon;
         }
-        pending.insert(key.to_owned(), PendingHits { count: 1, last: now });
+        pending.insert(
+            key.to_owned(),
+            PendingHits {
+                count: 1,
+                last: now,
+            },
+        );
         if pending.len() >= FLUSH_SOON_KEYS {
             Buffer::FlushSoon
         } else {
@@ -231,7 +237,10 @@ impl ModelRepository {
     /// let recs: Option<Vec<f32>> = repo.get_cached_predictions("user:42:recs")?;
     /// # Ok(()) }
     /// ```
-    pub fn get_cached_predictions<T: DeserializeOwned>(&self, cache_key: &str) -> Result<Option<T>> {
+    pub fn get_cached_predictions<T: DeserializeOwned>(
+        &self,
+        cache_key: &str,
+    ) -> Result<Option<T>> {
         self.timed("get_cached_predictions", || {
             validate_key(cache_key)?;
             let bytes = self.lookup(cache_key)?;
@@ -260,7 +269,9 @@ impl ModelRepository {
         self.timed("clear_cache", || {
             let filter = Glob::parse(pattern)?.to_sql_filter();
             // Deleting by a pattern again deletes nothing more: safe to repeat.
-            self.with_conn("clear_cache", Retry::Idempotent, |conn| delete_matching(conn, &filter))
+            self.with_conn("clear_cache", Retry::Idempotent, |conn| {
+                delete_matching(conn, &filter)
+            })
         })
     }
 
@@ -292,7 +303,7 @@ impl ModelRepository {
     /// ```
     pub fn purge_expired_cache(&self) -> Result<u64> {
         self.timed("purge_expired_cache", || {
-            purge_expired(&self.inner.pool, &|| false)
+            purge_expired(&self.inner.pool, Retry::Idempotent, &|| false)
         })
     }
 
@@ -324,7 +335,11 @@ impl ModelRepository {
                 expired_entries: total.saturating_sub(active),
                 hits,
                 misses,
-                hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
+                hit_rate: if lookups == 0 {
+                    0.0
+                } else {
+                    hits as f64 / lookups as f64
+                },
                 total_access_count: non_negative(row.try_get(2)?),
                 total_bytes: non_negative(row.try_get(3)?),
             })
@@ -387,7 +402,9 @@ impl ModelRepository {
         }
         let value = f()?;
         let bytes = encode(&value)?;
-        self.timed("cache_predictions", || self.store(cache_key, &bytes, ttl_us))?;
+        self.timed("cache_predictions", || {
+            self.store(cache_key, &bytes, ttl_us)
+        })?;
         Ok(value)
     }
 
@@ -474,9 +491,19 @@ fn non_negative(n: i64) -> u64 {
 /// bound, never spliced into the SQL).
 fn delete_statement(filter: &SqlFilter) -> (&'static str, Vec<&str>) {
     match filter {
-        SqlFilter::Exact(key) => ("DELETE FROM prediction_cache WHERE cache_key = $1", vec![key]),
-        SqlFilter::Regex(re) => ("DELETE FROM prediction_cache WHERE cache_key ~ $1", vec![re]),
-        SqlFilter::Range { lower, upper, regex } => match (upper, regex) {
+        SqlFilter::Exact(key) => (
+            "DELETE FROM prediction_cache WHERE cache_key = $1",
+            vec![key],
+        ),
+        SqlFilter::Regex(re) => (
+            "DELETE FROM prediction_cache WHERE cache_key ~ $1",
+            vec![re],
+        ),
+        SqlFilter::Range {
+            lower,
+            upper,
+            regex,
+        } => match (upper, regex) {
             (Some(upper), Some(re)) => (
                 "DELETE FROM prediction_cache
                  WHERE cache_key >= $1 AND cache_key < $2 AND cache_key ~ $3",
@@ -544,7 +571,9 @@ pub(crate) fn flush_hits(pool: &Pool, counters: &HitCounters) -> Result<()> {
     // Not retried inside: a repeat after an unknown commit would count the hits twice.
     let result = with_pool_conn(pool, "flush_cache_hits", Retry::Never, |conn| {
         let statement = conn.prepare_cached(FLUSH_HITS)?;
-        Ok(conn.client().execute(&statement, &[&keys, &counts, &ages])?)
+        Ok(conn
+            .client()
+            .execute(&statement, &[&keys, &counts, &ages])?)
     });
     match result {
         Ok(updated) => {
@@ -563,10 +592,11 @@ pub(crate) fn flush_hits(pool: &Pool, counters: &HitCounters) -> Result<()> {
 
 /// Deletes expired rows in batches of [`PURGE_BATCH`] until a batch comes back short (none
 /// left, or the rest is locked by another reaper), or `stop()` says so between batches.
-pub(crate) fn purge_expired(pool: &Pool, stop: &dyn Fn() -> bool) -> Result<u64> {
+/// Each batch is retried per `retry` (deleting expired rows again is harmless).
+pub(crate) fn purge_expired(pool: &Pool, retry: Retry, stop: &dyn Fn() -> bool) -> Result<u64> {
     let mut total = 0;
     loop {
-        let deleted = with_pool_conn(pool, "purge_expired_cache", Retry::Idempotent, |conn| {
+        let deleted = with_pool_conn(pool, "purge_expired_cache", retry, |conn| {
             let statement = conn.prepare_cached(DELETE_EXPIRED_BATCH)?;
             Ok(conn.client().execute(&statement, &[&PURGE_BATCH])?)
         })?;
@@ -592,7 +622,10 @@ mod tests {
             c.record_hit(&format!("more{i}"));
         }
         assert_eq!(c.pending_keys(), MAX_BUFFERED_KEYS);
-        assert_eq!(c.hits.load(Ordering::Relaxed), (FLUSH_SOON_KEYS + 2 * MAX_BUFFERED_KEYS) as u64);
+        assert_eq!(
+            c.hits.load(Ordering::Relaxed),
+            (FLUSH_SOON_KEYS + 2 * MAX_BUFFERED_KEYS) as u64
+        );
         // Repeated hits on a buffered key add up without growing the buffer.
         c.record_hit("k0");
         let drained = c.drain();

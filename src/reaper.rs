@@ -11,6 +11,7 @@ use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TryRecvError};
 use crate::cache::{flush_hits, purge_expired, HitCounters};
 use crate::error::{RepoError, Result};
 use crate::pool::Pool;
+use crate::retry::Retry;
 
 /// The handle the repository keeps: dropping the shutdown sender is the stop signal.
 #[derive(Debug)]
@@ -35,7 +36,7 @@ impl Reaper {
         let thread = std::thread::Builder::new()
             .name("pg-model-repo-reaper".to_owned())
             .spawn(move || task.run(interval, wake_rx))
-            .map_err(|e| RepoError::Io(e))?;
+            .map_err(RepoError::Io)?;
         Ok(Reaper {
             shutdown: Some(shutdown),
             wake,
@@ -101,7 +102,9 @@ impl Task {
     fn tick(&self) {
         self.flush();
         let started = Instant::now();
-        match purge_expired(&self.pool, &|| self.stopping()) {
+        // No retry loop inside a tick: the next tick is the retry, and a stop request is not
+        // kept waiting by backoff sleeps while the database is away.
+        match purge_expired(&self.pool, Retry::Never, &|| self.stopping()) {
             Ok(0) => {}
             Ok(n) => log::debug!(
                 "pg-model-repo: reaper deleted {n} expired cache rows in {:?}",

@@ -8,7 +8,7 @@ use crate::cache::{flush_hits, HitCounters};
 use crate::config::RepositoryConfig;
 use crate::error::Result;
 use crate::migrate;
-use crate::pool::{Pool, PoolState, PgConnection};
+use crate::pool::{PgConnection, Pool, PoolState};
 use crate::reaper::Reaper;
 use crate::retry::{self, Policy, Retry};
 use crate::timings::{QueryMetric, Timings};
@@ -184,7 +184,9 @@ impl ModelRepository {
     pub(crate) fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let started = Instant::now();
         let result = f();
-        self.inner.timings.record(op, started.elapsed(), result.is_ok());
+        self.inner
+            .timings
+            .record(op, started.elapsed(), result.is_ok());
         result
     }
 

@@ -85,26 +85,44 @@ fn values_of_several_types_round_trip() {
         note: None,
     };
     repo.cache_predictions("struct", &scored, HOUR).unwrap();
-    repo.cache_predictions("vec", &vec![1.5f64, 2.5], HOUR).unwrap();
+    repo.cache_predictions("vec", &vec![1.5f64, 2.5], HOUR)
+        .unwrap();
     repo.cache_predictions("str", "plain text é", HOUR).unwrap();
-    repo.cache_predictions("slice", &[1u8, 2, 3][..], HOUR).unwrap();
+    repo.cache_predictions("slice", &[1u8, 2, 3][..], HOUR)
+        .unwrap();
     let map: HashMap<String, Vec<i64>> = [("x".to_string(), vec![-1, i64::MAX])].into();
     repo.cache_predictions("map", &map, HOUR).unwrap();
-    repo.cache_predictions("tuple", &(7u32, "seven", true), HOUR).unwrap();
+    repo.cache_predictions("tuple", &(7u32, "seven", true), HOUR)
+        .unwrap();
 
-    assert_eq!(repo.get_cached_predictions::<Scored>("struct").unwrap(), Some(scored));
-    assert_eq!(repo.get_cached_predictions::<Vec<f64>>("vec").unwrap(), Some(vec![1.5, 2.5]));
     assert_eq!(
-        repo.get_cached_predictions::<String>("str").unwrap().as_deref(),
+        repo.get_cached_predictions::<Scored>("struct").unwrap(),
+        Some(scored)
+    );
+    assert_eq!(
+        repo.get_cached_predictions::<Vec<f64>>("vec").unwrap(),
+        Some(vec![1.5, 2.5])
+    );
+    assert_eq!(
+        repo.get_cached_predictions::<String>("str")
+            .unwrap()
+            .as_deref(),
         Some("plain text é")
     );
-    assert_eq!(repo.get_cached_predictions::<Vec<u8>>("slice").unwrap(), Some(vec![1, 2, 3]));
+    assert_eq!(
+        repo.get_cached_predictions::<Vec<u8>>("slice").unwrap(),
+        Some(vec![1, 2, 3])
+    );
     assert_eq!(repo.get_cached_predictions("map").unwrap(), Some(map));
     assert_eq!(
-        repo.get_cached_predictions::<(u32, String, bool)>("tuple").unwrap(),
+        repo.get_cached_predictions::<(u32, String, bool)>("tuple")
+            .unwrap(),
         Some((7, "seven".to_string(), true))
     );
-    assert_eq!(repo.get_cached_predictions::<Vec<f64>>("absent").unwrap(), None);
+    assert_eq!(
+        repo.get_cached_predictions::<Vec<f64>>("absent").unwrap(),
+        None
+    );
 }
 
 #[test]
@@ -112,15 +130,25 @@ fn writing_a_key_again_replaces_value_and_ttl() {
     let repo = TestRepo::new();
     repo.cache_predictions("k", &vec![1, 2], HOUR).unwrap();
     assert!(repo.cache_ttl("k").unwrap().unwrap() > Duration::from_secs(3500));
-    repo.cache_predictions("k", &vec![3], Duration::from_secs(10)).unwrap();
-    assert_eq!(repo.get_cached_predictions::<Vec<i32>>("k").unwrap(), Some(vec![3]));
+    repo.cache_predictions("k", &vec![3], Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        repo.get_cached_predictions::<Vec<i32>>("k").unwrap(),
+        Some(vec![3])
+    );
     let left = repo.cache_ttl("k").unwrap().unwrap();
-    assert!(left <= Duration::from_secs(10) && left > Duration::from_secs(5), "{left:?}");
+    assert!(
+        left <= Duration::from_secs(10) && left > Duration::from_secs(5),
+        "{left:?}"
+    );
     assert_eq!(common::count(&repo, "prediction_cache"), 1);
     // An expired entry is replaced too, and lives again.
     expire(&repo, "k");
     repo.cache_predictions("k", &vec![4], HOUR).unwrap();
-    assert_eq!(repo.get_cached_predictions::<Vec<i32>>("k").unwrap(), Some(vec![4]));
+    assert_eq!(
+        repo.get_cached_predictions::<Vec<i32>>("k").unwrap(),
+        Some(vec![4])
+    );
 }
 
 #[test]
@@ -130,18 +158,30 @@ fn ttl_must_be_positive_and_at_most_the_maximum() {
             .cache_default_ttl(Duration::from_secs(50))
     });
     assert_invalid(repo.cache_predictions("k", &1, Duration::ZERO));
-    assert_invalid(repo.cache_predictions("k", &1, Duration::from_secs(100) + Duration::from_nanos(1)));
+    assert_invalid(repo.cache_predictions(
+        "k",
+        &1,
+        Duration::from_secs(100) + Duration::from_nanos(1),
+    ));
     assert_invalid(repo.get_or_compute("k", Duration::from_secs(101), || Ok(1)));
     assert_eq!(common::count(&repo, "prediction_cache"), 0);
 
-    repo.cache_predictions("max", &1, Duration::from_secs(100)).unwrap();
+    repo.cache_predictions("max", &1, Duration::from_secs(100))
+        .unwrap();
     // A sub-microsecond TTL is still a valid (if short) entry.
-    repo.cache_predictions("tiny", &1, Duration::from_nanos(1)).unwrap();
+    repo.cache_predictions("tiny", &1, Duration::from_nanos(1))
+        .unwrap();
     repo.cache_predictions_default("default", &1).unwrap();
     let left = repo.cache_ttl("default").unwrap().unwrap();
-    assert!(left <= Duration::from_secs(50) && left > Duration::from_secs(40), "{left:?}");
+    assert!(
+        left <= Duration::from_secs(50) && left > Duration::from_secs(40),
+        "{left:?}"
+    );
     let left = repo.cache_ttl("max").unwrap().unwrap();
-    assert!(left <= Duration::from_secs(100) && left > Duration::from_secs(90), "{left:?}");
+    assert!(
+        left <= Duration::from_secs(100) && left > Duration::from_secs(90),
+        "{left:?}"
+    );
 }
 
 #[test]
@@ -149,7 +189,10 @@ fn keys_are_one_to_512_characters_without_nul() {
     let repo = TestRepo::new();
     let longest = "é".repeat(512);
     repo.cache_predictions(&longest, &1u8, HOUR).unwrap();
-    assert_eq!(repo.get_cached_predictions::<u8>(&longest).unwrap(), Some(1));
+    assert_eq!(
+        repo.get_cached_predictions::<u8>(&longest).unwrap(),
+        Some(1)
+    );
     assert_eq!(repo.clear_cache(&longest).unwrap(), 1);
 
     for bad in ["é".repeat(513), String::new(), "a\0b".into(), "  ".into()] {
@@ -173,8 +216,12 @@ fn expired_entries_are_never_returned() {
     // Not reaped (no reaper here), just never returned.
     assert_eq!(common::count(&repo, "prediction_cache"), 2);
 
-    repo.cache_predictions("short", &3, Duration::from_millis(300)).unwrap();
-    assert_eq!(repo.get_cached_predictions::<i32>("short").unwrap(), Some(3));
+    repo.cache_predictions("short", &3, Duration::from_millis(300))
+        .unwrap();
+    assert_eq!(
+        repo.get_cached_predictions::<i32>("short").unwrap(),
+        Some(3)
+    );
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(repo.get_cached_predictions::<i32>("short").unwrap(), None);
 }
@@ -183,9 +230,16 @@ fn expired_entries_are_never_returned() {
 fn expiry_is_computed_and_judged_by_the_database_clock() {
     let repo = TestRepo::new();
     let mut sql = repo.sql();
-    let before: std::time::SystemTime = sql.query_one("SELECT clock_timestamp()", &[]).unwrap().get(0);
-    repo.cache_predictions("k", &1, Duration::from_micros(90_000_123)).unwrap();
-    let after: std::time::SystemTime = sql.query_one("SELECT clock_timestamp()", &[]).unwrap().get(0);
+    let before: std::time::SystemTime = sql
+        .query_one("SELECT clock_timestamp()", &[])
+        .unwrap()
+        .get(0);
+    repo.cache_predictions("k", &1, Duration::from_micros(90_000_123))
+        .unwrap();
+    let after: std::time::SystemTime = sql
+        .query_one("SELECT clock_timestamp()", &[])
+        .unwrap()
+        .get(0);
     let row = sql
         .query_one(
             "SELECT cached_at, expires_at - cached_at = interval '90.000123 seconds'
@@ -224,12 +278,16 @@ fn decoding_as_the_wrong_type_is_a_serialization_error() {
     }
     let repo = TestRepo::new();
     repo.cache_predictions("text", "not numbers", HOUR).unwrap();
-    repo.cache_predictions("struct", &Scored {
-        model: "m".into(),
-        scores: vec![],
-        labels: BTreeMap::new(),
-        note: Some("n".into()),
-    }, HOUR)
+    repo.cache_predictions(
+        "struct",
+        &Scored {
+            model: "m".into(),
+            scores: vec![],
+            labels: BTreeMap::new(),
+            note: Some("n".into()),
+        },
+        HOUR,
+    )
     .unwrap();
     match repo.get_cached_predictions::<Vec<f32>>("text") {
         Err(RepoError::Serialization(msg)) => assert!(msg.contains("text"), "{msg}"),
@@ -286,8 +344,16 @@ fn clear_cache_follows_redis_glob_rules() {
         }
         let removed = repo.clear_cache(pattern).unwrap();
         let left = keys_left(&repo);
-        let gone: BTreeSet<&str> = keys.iter().copied().filter(|k| !left.contains(*k)).collect();
-        assert_eq!(gone, expected.iter().copied().collect(), "pattern {pattern:?}");
+        let gone: BTreeSet<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !left.contains(*k))
+            .collect();
+        assert_eq!(
+            gone,
+            expected.iter().copied().collect(),
+            "pattern {pattern:?}"
+        );
         assert_eq!(removed, expected.len() as u64, "pattern {pattern:?}");
     }
 
@@ -415,8 +481,29 @@ fn glob_translation_agrees_with_a_reference_matcher() {
     use proptest::test_runner::{Config, TestRunner};
 
     const ALPHABET: &[char] = &[
-        'a', 'b', 'c', 'z', '-', '%', '_', '.', '$', '(', '|', '^', ']', '[', '\\', '*', '?', 'é',
-        '😀', '\u{D7FF}', '\u{E000}', '\u{10FFFF}', '\n',
+        'a',
+        'b',
+        'c',
+        'z',
+        '-',
+        '%',
+        '_',
+        '.',
+        '$',
+        '(',
+        '|',
+        '^',
+        ']',
+        '[',
+        '\\',
+        '*',
+        '?',
+        'é',
+        '😀',
+        '\u{D7FF}',
+        '\u{E000}',
+        '\u{10FFFF}',
+        '\n',
     ];
     let key_char = prop::sample::select(ALPHABET);
     let key = prop::collection::vec(key_char.clone(), 1..6)
@@ -471,12 +558,19 @@ fn glob_translation_agrees_with_a_reference_matcher() {
                 }
                 (Some(expected), Ok(removed)) => {
                     matched.fetch_add(expected.len(), Ordering::Relaxed);
-                    let gone: BTreeSet<&String> = keys.iter().filter(|k| !left.contains(*k)).collect();
+                    let gone: BTreeSet<&String> =
+                        keys.iter().filter(|k| !left.contains(*k)).collect();
                     prop_assert_eq!(&gone, &expected, "pattern {:?}", pattern);
                     prop_assert_eq!(removed, expected.len() as u64);
                 }
                 (expected, result) => {
-                    prop_assert!(false, "pattern {:?}: reference {:?}, library {:?}", pattern, expected, result);
+                    prop_assert!(
+                        false,
+                        "pattern {:?}: reference {:?}, library {:?}",
+                        pattern,
+                        expected,
+                        result
+                    );
                 }
             }
             Ok(())
@@ -498,13 +592,21 @@ fn a_literal_prefix_clear_uses_the_key_index() {
          ANALYZE prediction_cache",
     )
     .unwrap();
-    for pattern in ["user123:*", "user123:item?23", "user12[3]:*", "user123:item1[0-9]*"] {
+    for pattern in [
+        "user123:*",
+        "user123:item?23",
+        "user12[3]:*",
+        "user123:item1[0-9]*",
+    ] {
         let plan = repo.explain_clear_cache(pattern).unwrap();
         assert!(plan.contains("prediction_cache_pkey"), "{pattern}: {plan}");
         assert!(!plan.contains("Seq Scan"), "{pattern}: {plan}");
     }
     // Without a literal prefix there is no range to use: the plan says so honestly.
-    assert!(repo.explain_clear_cache("*:item1").unwrap().contains("Seq Scan"));
+    assert!(repo
+        .explain_clear_cache("*:item1")
+        .unwrap()
+        .contains("Seq Scan"));
     let expected: i64 = sql
         .query_one(
             "SELECT count(*) FROM prediction_cache WHERE cache_key LIKE 'user123:%'",
@@ -533,25 +635,54 @@ fn purge_removes_expired_rows_only_in_batches() {
 fn statistics_count_entries_bytes_and_lookups() {
     let repo = TestRepo::new();
     let empty = repo.get_cache_statistics().unwrap();
-    assert_eq!((empty.total_entries, empty.hits, empty.misses, empty.hit_rate), (0, 0, 0, 0.0));
+    assert_eq!(
+        (
+            empty.total_entries,
+            empty.hits,
+            empty.misses,
+            empty.hit_rate
+        ),
+        (0, 0, 0, 0.0)
+    );
 
     let values = [("a", vec![1.0f32, 2.0]), ("b", vec![3.0]), ("c", vec![])];
     let mut bytes = 0;
     for (k, v) in &values {
-        repo.cache_predictions(*k, v, HOUR).unwrap();
+        repo.cache_predictions(k, v, HOUR).unwrap();
         let mut buf = Vec::new();
         ciborium::ser::into_writer(v, &mut buf).unwrap();
         bytes += buf.len() as u64;
     }
     expire(&repo, "c");
     let clone = repo.repo.clone();
-    assert!(repo.get_cached_predictions::<Vec<f32>>("a").unwrap().is_some());
-    assert!(clone.get_cached_predictions::<Vec<f32>>("a").unwrap().is_some());
-    assert!(clone.get_cached_predictions::<Vec<f32>>("b").unwrap().is_some());
-    assert!(repo.get_cached_predictions::<Vec<f32>>("b").unwrap().is_some());
-    assert!(repo.get_cached_predictions::<Vec<f32>>("c").unwrap().is_none());
-    assert!(clone.get_cached_predictions::<Vec<f32>>("zzz").unwrap().is_none());
-    assert!(repo.get_cached_predictions::<Vec<f32>>("zzz").unwrap().is_none());
+    assert!(repo
+        .get_cached_predictions::<Vec<f32>>("a")
+        .unwrap()
+        .is_some());
+    assert!(clone
+        .get_cached_predictions::<Vec<f32>>("a")
+        .unwrap()
+        .is_some());
+    assert!(clone
+        .get_cached_predictions::<Vec<f32>>("b")
+        .unwrap()
+        .is_some());
+    assert!(repo
+        .get_cached_predictions::<Vec<f32>>("b")
+        .unwrap()
+        .is_some());
+    assert!(repo
+        .get_cached_predictions::<Vec<f32>>("c")
+        .unwrap()
+        .is_none());
+    assert!(clone
+        .get_cached_predictions::<Vec<f32>>("zzz")
+        .unwrap()
+        .is_none());
+    assert!(repo
+        .get_cached_predictions::<Vec<f32>>("zzz")
+        .unwrap()
+        .is_none());
     // cache_ttl is neither a hit nor a miss.
     repo.cache_ttl("a").unwrap();
 
@@ -617,7 +748,10 @@ fn the_reaper_deletes_expired_rows_and_leaves_live_ones() {
     let repo = TestRepo::with_config(|c| c.reaper_interval(Some(Duration::from_millis(100))));
     repo.cache_predictions("live", &1, HOUR).unwrap();
     insert_expired(&mut repo.sql(), "old", 30_000);
-    assert!(eventually(Duration::from_secs(30), || common::count(&repo, "prediction_cache") == 1));
+    assert!(eventually(Duration::from_secs(30), || common::count(
+        &repo,
+        "prediction_cache"
+    ) == 1));
     assert_eq!(repo.get_cached_predictions::<i32>("live").unwrap(), Some(1));
 }
 
@@ -659,7 +793,10 @@ fn two_reapers_on_one_schema_cooperate() {
         insert_expired(&mut sql, &format!("w{wave}_"), 20_000);
         inserted += 20_000;
         assert!(
-            eventually(Duration::from_secs(30), || common::count(&first, "prediction_cache") == 1),
+            eventually(Duration::from_secs(30), || common::count(
+                &first,
+                "prediction_cache"
+            ) == 1),
             "expired rows left after wave {wave}"
         );
         let apps: BTreeSet<String> = sql
@@ -680,7 +817,10 @@ fn two_reapers_on_one_schema_cooperate() {
         .unwrap()
         .get(0);
     assert_eq!(deleted, inserted);
-    assert_eq!(first.get_cached_predictions::<i32>("live").unwrap(), Some(1));
+    assert_eq!(
+        first.get_cached_predictions::<i32>("live").unwrap(),
+        Some(1)
+    );
     second.close();
 }
 
@@ -693,10 +833,16 @@ fn the_reaper_survives_its_connections_being_killed() {
         .pool_size(1)
         .max_overflow(2)
         .reaper_interval(Some(Duration::from_millis(100)));
-    let repo = TestRepo { repo: ModelRepository::open(config).unwrap(), schema };
+    let repo = TestRepo {
+        repo: ModelRepository::open(config).unwrap(),
+        schema,
+    };
     let mut sql = repo.sql();
     insert_expired(&mut sql, "a", 1000);
-    assert!(eventually(Duration::from_secs(10), || common::count(&repo, "prediction_cache") == 0));
+    assert!(eventually(Duration::from_secs(10), || common::count(
+        &repo,
+        "prediction_cache"
+    ) == 0));
 
     // Kill every backend of this repository, the reaper's pooled connection included, a few
     // times over (between ticks and possibly during one).
@@ -711,11 +857,17 @@ fn the_reaper_survives_its_connections_being_killed() {
             .len();
         std::thread::sleep(Duration::from_millis(150));
     }
-    assert!(killed > 0, "no connection of the repository was found to kill");
+    assert!(
+        killed > 0,
+        "no connection of the repository was found to kill"
+    );
 
     insert_expired(&mut sql, "b", 1000);
     assert!(
-        eventually(Duration::from_secs(20), || common::count(&repo, "prediction_cache") == 0),
+        eventually(Duration::from_secs(20), || common::count(
+            &repo,
+            "prediction_cache"
+        ) == 0),
         "the reaper stopped reaping after its connection was killed"
     );
     // And the flush path recovered too.
@@ -740,7 +892,11 @@ fn close_stops_the_reaper_promptly_and_closes_connections() {
     let started = Instant::now();
     handle.close();
     // Within one interval (it is waiting for a tick 60 s away; it must not wait for it).
-    assert!(started.elapsed() < interval / 4, "close took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < interval / 4,
+        "close took {:?}",
+        started.elapsed()
+    );
     let mut admin = common::admin();
     assert!(
         eventually(Duration::from_secs(5), || {
@@ -775,12 +931,24 @@ fn get_or_compute_computes_once_and_then_serves_the_cache() {
         Ok(vec![0.5f32, 0.25])
     };
     let ttl = Duration::from_secs(120);
-    assert_eq!(repo.get_or_compute("k", ttl, compute).unwrap(), vec![0.5, 0.25]);
-    assert_eq!(repo.get_or_compute("k", ttl, compute).unwrap(), vec![0.5, 0.25]);
+    assert_eq!(
+        repo.get_or_compute("k", ttl, compute).unwrap(),
+        vec![0.5, 0.25]
+    );
+    assert_eq!(
+        repo.get_or_compute("k", ttl, compute).unwrap(),
+        vec![0.5, 0.25]
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!(repo.get_cached_predictions::<Vec<f32>>("k").unwrap(), Some(vec![0.5, 0.25]));
+    assert_eq!(
+        repo.get_cached_predictions::<Vec<f32>>("k").unwrap(),
+        Some(vec![0.5, 0.25])
+    );
     let left = repo.cache_ttl("k").unwrap().unwrap();
-    assert!(left <= ttl && left > ttl - Duration::from_secs(10), "{left:?}");
+    assert!(
+        left <= ttl && left > ttl - Duration::from_secs(10),
+        "{left:?}"
+    );
 
     // An error from f is returned and nothing is stored.
     let failed: pg_model_repo::Result<i32> =
@@ -790,22 +958,36 @@ fn get_or_compute_computes_once_and_then_serves_the_cache() {
 
     // Expired: computed again.
     expire(&repo, "k");
-    assert_eq!(repo.get_or_compute("k", ttl, compute).unwrap(), vec![0.5, 0.25]);
+    assert_eq!(
+        repo.get_or_compute("k", ttl, compute).unwrap(),
+        vec![0.5, 0.25]
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 
     // A cached value of another type is recomputed and replaced.
-    let s: String = repo.get_or_compute("k", ttl, || Ok("now a string".to_string())).unwrap();
+    let s: String = repo
+        .get_or_compute("k", ttl, || Ok("now a string".to_string()))
+        .unwrap();
     assert_eq!(s, "now a string");
-    assert_eq!(repo.get_cached_predictions::<String>("k").unwrap().as_deref(), Some("now a string"));
+    assert_eq!(
+        repo.get_cached_predictions::<String>("k")
+            .unwrap()
+            .as_deref(),
+        Some("now a string")
+    );
 }
 
 #[test]
 fn cache_ttl_tells_the_time_left() {
     let repo = TestRepo::new();
     assert_eq!(repo.cache_ttl("none").unwrap(), None);
-    repo.cache_predictions("k", &1, Duration::from_secs(100)).unwrap();
+    repo.cache_predictions("k", &1, Duration::from_secs(100))
+        .unwrap();
     let left = repo.cache_ttl("k").unwrap().unwrap();
-    assert!(left <= Duration::from_secs(100) && left > Duration::from_secs(90), "{left:?}");
+    assert!(
+        left <= Duration::from_secs(100) && left > Duration::from_secs(90),
+        "{left:?}"
+    );
     repo.clear_cache("k").unwrap();
     assert_eq!(repo.cache_ttl("k").unwrap(), None);
 }

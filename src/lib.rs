@@ -30,12 +30,15 @@
 
 mod aliases;
 mod blob;
+mod cache;
 mod config;
 mod error;
+mod glob;
 mod migrate;
 mod models;
 mod monitor;
 mod pool;
+mod reaper;
 mod repository;
 mod retry;
 pub mod throwaway;
@@ -44,6 +47,7 @@ mod tls;
 mod training;
 mod validate;
 
+pub use cache::CacheStats;
 pub use config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
 pub use error::{RepoError, Result};
 pub use models::ModelInfo;

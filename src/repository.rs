@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cache::{flush_hits, HitCounters};
 use crate::config::RepositoryConfig;
 use crate::error::Result;
 use crate::migrate;
 use crate::pool::{PgConnection, Pool, PoolState};
+use crate::reaper::Reaper;
 use crate::retry::{self, Policy, Retry};
 use crate::timings::{QueryMetric, Timings};
 
@@ -39,6 +41,24 @@ pub(crate) struct Inner {
     pub(crate) config: RepositoryConfig,
     pub(crate) pool: Pool,
     pub(crate) timings: Timings,
+    /// Cache hits and misses counted in memory, shared with the reaper.
+    pub(crate) hits: Arc<HitCounters>,
+    /// The background thread, unless `reaper_interval(None)`.
+    pub(crate) reaper: Option<Reaper>,
+}
+
+impl Drop for Inner {
+    /// The last clone is gone: stop and join the reaper, then write the buffered hit counts;
+    /// the pool (and every connection in it) is dropped after this returns.
+    fn drop(&mut self) {
+        if let Some(mut reaper) = self.reaper.take() {
+            reaper.stop();
+        }
+        if let Err(e) = flush_hits(&self.pool, &self.hits) {
+            log::warn!("pg-model-repo: flushing cache hit counts at close failed: {e}");
+        }
+        log::debug!("pg-model-repo: closed schema {}", self.config.schema);
+    }
 }
 
 impl std::fmt::Debug for ModelRepository {
@@ -81,11 +101,18 @@ impl ModelRepository {
             config.redacted_target()
         );
         let timings = Timings::new(config.enable_metrics, config.slow_query_threshold);
+        let hits = Arc::new(HitCounters::default());
+        let reaper = match config.reaper_interval {
+            Some(every) => Some(Reaper::start(pool.clone(), hits.clone(), every)?),
+            None => None,
+        };
         Ok(ModelRepository {
             inner: Arc::new(Inner {
                 config,
                 pool,
                 timings,
+                hits,
+                reaper,
             }),
         })
     }
@@ -169,15 +196,26 @@ impl ModelRepository {
         &self,
         op: &'static str,
         retry: Retry,
-        mut f: impl FnMut(&mut PgConnection) -> Result<T>,
+        f: impl FnMut(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        retry::run(op, retry, Policy::default(), || {
-            let mut conn = self.inner.pool.get()?;
-            let result = f(&mut conn);
-            if let Err(e) = &result {
-                self.inner.pool.note_failure(&mut conn, e);
-            }
-            result
-        })
+        with_pool_conn(&self.inner.pool, op, retry, f)
     }
+}
+
+/// [`ModelRepository::with_conn`] for code that holds a pool but not the repository (the
+/// reaper thread).
+pub(crate) fn with_pool_conn<T>(
+    pool: &Pool,
+    op: &'static str,
+    retry: Retry,
+    mut f: impl FnMut(&mut PgConnection) -> Result<T>,
+) -> Result<T> {
+    retry::run(op, retry, Policy::default(), || {
+        let mut conn = pool.get()?;
+        let result = f(&mut conn);
+        if let Err(e) = &result {
+            pool.note_failure(&mut conn, e);
+        }
+        result
+    })
 }

@@ -1,0 +1,490 @@
+//! Prediction-cache benchmark: ops/s and p50/p99 latency of get (hit and miss), set and
+//! clear-by-prefix through the library, with 1 and 2 threads, next to what the same server
+//! does in the same run for a raw prepared primary-key SELECT loop (the ceiling for a hit) and
+//! for the seed's design, an `UPDATE … SET access_count = access_count + 1 … RETURNING` per
+//! hit. Then the reaper: how fast one deletes a large number of expired rows, while a probe
+//! checks it never holds a lock on a live row.
+//!
+//! ```text
+//! cargo run --release --example cache_bench -- [--seconds 2] [--rounds 4] [--reaper-rows 1000000]
+//!     [--methods get_hit,raw_select] [--threads 1,2] [--format json]
+//! ```
+//!
+//! Uses `DATABASE_URL` if set (the schema `cache_bench` is dropped and recreated), otherwise a
+//! throwaway server with default settings (fsync on, so a write per hit pays a WAL flush).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::{ModelRepository, RepositoryConfig, Result};
+
+const SCHEMA: &str = "cache_bench";
+const HIT_KEYS: u64 = 10_000;
+const MAX_THREADS: usize = 2;
+/// Enough groups that a few seconds of clear_prefix never run out (about 3-6 k ops/s here).
+const GROUPS_PER_SLOT: u64 = 30_000;
+const CLEAR_GROUP_SIZE: u64 = 5;
+const LIVE_DURING_REAP: i64 = 10_000;
+
+const RAW_SELECT: &str =
+    "SELECT predictions FROM prediction_cache WHERE cache_key = $1 AND expires_at > now()";
+const UPDATE_ON_HIT: &str = "UPDATE prediction_cache
+     SET access_count = access_count + 1, last_accessed = now()
+     WHERE cache_key = $1 AND expires_at > now() RETURNING predictions";
+
+struct Args {
+    seconds: f64,
+    rounds: u32,
+    /// Only these methods (all when empty).
+    methods: Vec<String>,
+    threads: Vec<usize>,
+    reaper_rows: i64,
+    json: bool,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        seconds: 2.0,
+        rounds: 4,
+        methods: Vec::new(),
+        threads: vec![1, 2],
+        reaper_rows: 1_000_000,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--seconds" => args.seconds = value().parse().expect("--seconds takes a number"),
+            "--reaper-rows" => {
+                args.reaper_rows = value().parse().expect("--reaper-rows takes a count")
+            }
+            "--rounds" => args.rounds = value().parse().expect("--rounds takes a count"),
+            "--methods" => args.methods = value().split(',').map(str::to_owned).collect(),
+            "--threads" => {
+                args.threads = value()
+                    .split(',')
+                    .map(|t| t.parse().expect("--threads takes counts"))
+                    .collect()
+            }
+            "--format" => args.json = value() == "json",
+            other => panic!("unknown argument {other:?}"),
+        }
+    }
+    args
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    method: &'static str,
+    threads: usize,
+    ops: u64,
+    seconds: f64,
+    ops_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+type Op = Box<dyn FnMut(u64) -> Result<()> + Send>;
+type MakeOp<'a> = Box<dyn Fn(usize) -> Op + Sync + 'a>;
+
+/// One method at one thread count, measured over several interleaved rounds.
+struct Job<'a> {
+    method: &'static str,
+    threads: usize,
+    make: MakeOp<'a>,
+    ops: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+const WARMUP_OPS: u64 = 50;
+
+impl Job<'_> {
+    /// Runs `threads` workers for `seconds`, each built by `make` on its own thread and warmed
+    /// up with a few untimed operations, and adds what they did to the totals.
+    fn round(&mut self, seconds: f64) {
+        let barrier = Barrier::new(self.threads);
+        let (method, make) = (self.method, &self.make);
+        let results: Vec<(u64, Duration, Histogram<u64>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..self.threads)
+                .map(|t| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        let mut op = make(t);
+                        for i in 0..WARMUP_OPS {
+                            op(u64::MAX - i).unwrap_or_else(|e| panic!("{method}: {e}"));
+                        }
+                        let mut hist = new_histogram();
+                        barrier.wait();
+                        let deadline = Duration::from_secs_f64(seconds);
+                        let started = Instant::now();
+                        let mut i = 0;
+                        while started.elapsed() < deadline {
+                            let t0 = Instant::now();
+                            op(i).unwrap_or_else(|e| panic!("{method}: {e}"));
+                            hist.saturating_record(t0.elapsed().as_micros().max(1) as u64);
+                            i += 1;
+                        }
+                        (i, started.elapsed(), hist)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut elapsed = Duration::ZERO;
+        for (n, e, h) in &results {
+            self.ops += n;
+            elapsed = elapsed.max(*e);
+            self.hist.add(h).unwrap();
+        }
+        self.elapsed += elapsed;
+    }
+
+    fn row(&self) -> Row {
+        let secs = self.elapsed.as_secs_f64();
+        Row {
+            method: self.method,
+            threads: self.threads,
+            ops: self.ops,
+            seconds: secs,
+            ops_per_s: self.ops as f64 / secs,
+            p50_us: self.hist.value_at_quantile(0.50) as f64,
+            p99_us: self.hist.value_at_quantile(0.99) as f64,
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()
+}
+
+fn raw_client(url: &str) -> postgres::Client {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).expect("raw connection");
+    client
+        .batch_execute(&format!("SET search_path TO {SCHEMA}"))
+        .unwrap();
+    client
+}
+
+fn hit_key(i: u64, t: usize) -> String {
+    format!("hit:{}", (i * 7919 + t as u64 * 4_999) % HIT_KEYS)
+}
+
+fn main() -> Result<()> {
+    let _ = env_logger::builder().is_test(false).try_init();
+    let args = parse_args();
+    let server;
+    let url = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => {
+            server = ThrowawayServer::start(&[])?;
+            server.url()
+        }
+    };
+    {
+        let mut admin = postgres::Client::connect(&url, postgres::NoTls)?;
+        admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))?;
+    }
+    let repo = ModelRepository::open(
+        RepositoryConfig::new(url.clone())
+            .schema(SCHEMA)
+            .pool_size(4)
+            .max_overflow(0)
+            .reaper_interval(Some(Duration::from_secs(1))),
+    )?;
+    let value: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
+    let mut admin = raw_client(&url);
+    setup(&mut admin, &repo, &value)?;
+
+    let wanted = |m: &str| args.methods.is_empty() || args.methods.iter().any(|w| w == m);
+    if wanted("clear_prefix") {
+        populate_clear_groups(&mut admin)?;
+    }
+    // Each clear_prefix operation clears the next unused group of its thread.
+    let next_group: Arc<Vec<AtomicU64>> =
+        Arc::new((0..2 * MAX_THREADS).map(|_| AtomicU64::new(0)).collect());
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    for &threads in &args.threads {
+        assert!(
+            (1..=MAX_THREADS).contains(&threads),
+            "--threads takes 1..={MAX_THREADS}"
+        );
+        let slot_base = if threads == 1 { 0 } else { MAX_THREADS };
+        let (repo_ref, groups) = (&repo, next_group.clone());
+        let makers: Vec<(&'static str, MakeOp<'_>)> = vec![
+            (
+                "raw_select",
+                Box::new(|t| {
+                    let mut c = raw_client(&url);
+                    let st = c.prepare(RAW_SELECT).unwrap();
+                    Box::new(move |i| {
+                        let row = c.query_opt(&st, &[&hit_key(i, t)])?;
+                        assert!(row.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "get_hit",
+                Box::new(|t| {
+                    let r = repo.clone();
+                    Box::new(move |i| {
+                        let v: Option<Vec<f32>> = r.get_cached_predictions(&hit_key(i, t))?;
+                        assert!(v.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "get_miss",
+                Box::new(|t| {
+                    let r = repo.clone();
+                    Box::new(move |i| {
+                        let v: Option<Vec<f32>> =
+                            r.get_cached_predictions(&format!("miss:{t}:{i}"))?;
+                        assert!(v.is_none());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "update_on_hit",
+                Box::new(|t| {
+                    let mut c = raw_client(&url);
+                    let st = c.prepare(UPDATE_ON_HIT).unwrap();
+                    Box::new(move |i| {
+                        let row = c.query_opt(&st, &[&hit_key(i, t)])?;
+                        assert!(row.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "set",
+                Box::new(|t| {
+                    let r = repo.clone();
+                    let v = value.clone();
+                    Box::new(move |i| {
+                        let key = format!("set:{t}:{}", i % HIT_KEYS);
+                        r.cache_predictions(&key, &v, Duration::from_secs(3600))
+                    })
+                }),
+            ),
+            (
+                "clear_prefix",
+                Box::new(move |t| {
+                    let r = repo_ref.clone();
+                    let slot = slot_base + t;
+                    let groups = groups.clone();
+                    Box::new(move |_| {
+                        let g = groups[slot].fetch_add(1, Ordering::Relaxed);
+                        assert!(g < GROUPS_PER_SLOT, "clear_prefix ran out of groups");
+                        let n = r.clear_cache(&format!("clr:{slot}:{g}:*"))?;
+                        assert_eq!(n, CLEAR_GROUP_SIZE);
+                        Ok(())
+                    })
+                }),
+            ),
+        ];
+        for (method, make) in makers {
+            if wanted(method) {
+                jobs.push(Job {
+                    method,
+                    threads,
+                    make,
+                    ops: 0,
+                    elapsed: Duration::ZERO,
+                    hist: new_histogram(),
+                });
+            }
+        }
+    }
+    // Interleaved rounds: on a shared machine, load from others drifts; every method sees
+    // the same drift instead of one method catching a quiet or a busy moment.
+    let slice = args.seconds / args.rounds as f64;
+    for _ in 0..args.rounds {
+        for job in &mut jobs {
+            job.round(slice);
+        }
+    }
+    let rows: Vec<Row> = jobs.iter().map(Job::row).collect();
+    drop(jobs);
+    repo.close();
+    print_rows(&rows, args.json);
+    if args.reaper_rows > 0 {
+        let line = reap(&url, args.reaper_rows)?;
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            println!("\n{line}");
+        }
+    }
+    Ok(())
+}
+
+fn setup(admin: &mut postgres::Client, repo: &ModelRepository, value: &Vec<f32>) -> Result<()> {
+    repo.cache_predictions("hit:0", value, Duration::from_secs(3600))?;
+    // The same bytes the library stored, copied to every hit key.
+    admin.execute(
+        "INSERT INTO prediction_cache (cache_key, predictions, expires_at)
+         SELECT 'hit:' || i, (SELECT predictions FROM prediction_cache WHERE cache_key = 'hit:0'),
+                now() + interval '1 hour'
+         FROM generate_series(1, $1::int8 - 1) AS i",
+        &[&(HIT_KEYS as i64)],
+    )?;
+    admin.batch_execute("VACUUM ANALYZE prediction_cache")?;
+    Ok(())
+}
+
+/// Groups `clr:{slot}:{g}:{j}`: GROUPS_PER_SLOT groups of CLEAR_GROUP_SIZE keys for each
+/// worker slot (one set per thread count).
+fn populate_clear_groups(admin: &mut postgres::Client) -> Result<()> {
+    admin.execute(
+        "INSERT INTO prediction_cache (cache_key, predictions, expires_at)
+         SELECT 'clr:' || s || ':' || g || ':' || j, '\\x00', now() + interval '1 hour'
+         FROM generate_series(0, $1::int8 - 1) AS s, generate_series(0, $2::int8 - 1) AS g,
+              generate_series(1, $3::int8) AS j",
+        &[
+            &(2 * MAX_THREADS as i64),
+            &(GROUPS_PER_SLOT as i64),
+            &(CLEAR_GROUP_SIZE as i64),
+        ],
+    )?;
+    admin.batch_execute("VACUUM ANALYZE prediction_cache")?;
+    Ok(())
+}
+
+fn print_rows(rows: &[Row], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows).unwrap());
+        return;
+    }
+    println!(
+        "{:<14} {:>7} {:>9} {:>8} {:>10} {:>9} {:>9}",
+        "method", "threads", "ops", "seconds", "ops/s", "p50 µs", "p99 µs"
+    );
+    for r in rows {
+        println!(
+            "{:<14} {:>7} {:>9} {:>8.2} {:>10.0} {:>9.0} {:>9.0}",
+            r.method, r.threads, r.ops, r.seconds, r.ops_per_s, r.p50_us, r.p99_us
+        );
+    }
+    let find = |m: &str, t: usize| rows.iter().find(|r| r.method == m && r.threads == t);
+    if let (Some(h1), Some(r1)) = (find("get_hit", 1), find("raw_select", 1)) {
+        println!(
+            "\nget_hit / raw_select, 1 thread:     {:.2}x",
+            h1.ops_per_s / r1.ops_per_s
+        );
+    }
+    if let (Some(h2), Some(r2)) = (find("get_hit", 2), find("raw_select", 2)) {
+        println!(
+            "get_hit / raw_select, 2 threads:    {:.2}x",
+            h2.ops_per_s / r2.ops_per_s
+        );
+    }
+    if let (Some(h2), Some(u2)) = (find("get_hit", 2), find("update_on_hit", 2)) {
+        println!(
+            "get_hit / update_on_hit, 2 threads: {:.2}x",
+            h2.ops_per_s / u2.ops_per_s
+        );
+    }
+}
+
+/// Loads `n` expired rows plus live ones, starts a repository with a 1 s reaper and measures
+/// how long until the expired rows are gone; meanwhile a probe tries to lock every live row
+/// with NOWAIT, which fails if the reaper holds a lock on any of them.
+fn reap(url: &str, n: i64) -> Result<String> {
+    let mut admin = raw_client(url);
+    admin.batch_execute("TRUNCATE prediction_cache")?;
+    admin.execute(
+        "INSERT INTO prediction_cache (cache_key, predictions, cached_at, expires_at)
+         SELECT 'old:' || i, '\\x00', now() - interval '2 hours', now() - interval '1 hour'
+         FROM generate_series(1, $1::int8) AS i",
+        &[&n],
+    )?;
+    admin.execute(
+        "INSERT INTO prediction_cache (cache_key, predictions, expires_at)
+         SELECT 'live:' || i, '\\x00', now() + interval '1 hour'
+         FROM generate_series(1, $1::int8) AS i",
+        &[&LIVE_DURING_REAP],
+    )?;
+    admin.batch_execute("VACUUM ANALYZE prediction_cache")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes = Arc::new(AtomicU64::new(0));
+    let blocked = Arc::new(AtomicU64::new(0));
+    let probe = {
+        let (url, stop, probes, blocked) = (
+            url.to_owned(),
+            stop.clone(),
+            probes.clone(),
+            blocked.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut c = raw_client(&url);
+            while !stop.load(Ordering::Relaxed) {
+                let mut tx = c.transaction().unwrap();
+                match tx.execute(
+                    "SELECT 1 FROM prediction_cache WHERE cache_key LIKE 'live:%'
+                     AND expires_at > now() FOR UPDATE NOWAIT",
+                    &[],
+                ) {
+                    Ok(_) => probes.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => blocked.fetch_add(1, Ordering::Relaxed),
+                };
+                let _ = tx.rollback();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    let interval = Duration::from_secs(1);
+    let started = Instant::now();
+    let repo = ModelRepository::open(
+        RepositoryConfig::new(url)
+            .schema(SCHEMA)
+            .pool_size(2)
+            .reaper_interval(Some(interval)),
+    )?;
+    let gone = loop {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM prediction_cache WHERE expires_at <= now()",
+                &[],
+            )?
+            .get(0);
+        if left == 0 {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            panic!("{left} expired rows still there after 10 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    stop.store(true, Ordering::Relaxed);
+    probe.join().unwrap();
+    repo.close();
+    let live: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM prediction_cache WHERE cache_key LIKE 'live:%'",
+            &[],
+        )?
+        .get(0);
+    // The first tick fires one interval after open: the deleting started then.
+    let deleting = gone.saturating_sub(interval).max(Duration::from_millis(1));
+    Ok(format!(
+        "reaper: {n} expired rows gone {:.2} s after open (reaper_interval {:?}: {:.1} ticks), \
+         {:.0} rows/s while deleting; {live} of {LIVE_DURING_REAP} live rows kept; \
+         live-row lock probes: {} succeeded, {} blocked",
+        gone.as_secs_f64(),
+        interval,
+        gone.as_secs_f64() / interval.as_secs_f64(),
+        n as f64 / deleting.as_secs_f64(),
+        probes.load(Ordering::Relaxed),
+        blocked.load(Ordering::Relaxed),
+    ))
+}

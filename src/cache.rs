@@ -1,0 +1,638 @@
+//! The prediction cache: CBOR values under string keys with a TTL judged by the database
+//! clock, glob clearing, and hit counts buffered in memory and flushed in one statement.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{RepoError, Result};
+use crate::glob::{Glob, SqlFilter};
+use crate::pool::{PgConnection, Pool};
+use crate::repository::{with_pool_conn, ModelRepository};
+use crate::retry::Retry;
+use crate::validate;
+
+/// The longest cache key, in characters (the column is `varchar(512)`).
+pub(crate) const CACHE_KEY_MAX: usize = 512;
+
+/// Rows one reaper (or purge) statement deletes at most: small enough that a batch holds its
+/// locks briefly and a shutdown waits for at most one batch.
+pub(crate) const PURGE_BATCH: i64 = 10_000;
+
+/// Distinct keys buffered before a flush is asked for early.
+const FLUSH_SOON_KEYS: usize = 10_000;
+
+/// Distinct keys buffered at most: past it, hits on new keys are counted in the statistics
+/// but not in `access_count` (memory stays bounded while the database is unreachable).
+const MAX_BUFFERED_KEYS: usize = 4 * FLUSH_SOON_KEYS;
+
+/// Figures about the prediction cache.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct CacheStats {
+    /// Rows in the table, expired or not.
+    pub total_entries: u64,
+    /// Rows not yet expired (database clock).
+    pub active_entries: u64,
+    /// Rows expired but not yet reaped.
+    pub expired_entries: u64,
+    /// Lookups that found a live entry, through this repository and its clones since `open`.
+    pub hits: u64,
+    /// Lookups that found nothing live, through this repository and its clones since `open`.
+    pub misses: u64,
+    /// `hits / (hits + misses)`, 0 before the first lookup.
+    pub hit_rate: f64,
+    /// Sum of `access_count` over the table (after flushing this repository's buffered hits).
+    pub total_access_count: u64,
+    /// Sum of the stored (serialized) value sizes, in bytes.
+    pub total_bytes: u64,
+}
+
+/// Hits and misses counted in memory, shared by every clone and by the reaper thread.
+#[derive(Debug, Default)]
+pub(crate) struct HitCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    /// Hits not yet written to the table: key -> (count, time of the last hit).
+    pending: Mutex<HashMap<String, PendingHits>>,
+    /// Hits on new keys not buffered because the buffer was full.
+    dropped: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PendingHits {
+    count: u64,
+    last: Instant,
+}
+
+/// What the caller of [`HitCounters::record_hit`] should do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Buffer {
+    /// Nothing.
+    Fine,
+    /// The buffer is getting large: flush it soon.
+    FlushSoon,
+}
+
+impl HitCounters {
+    pub(crate) fn record_miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_hit(&self, key: &str) -> Buffer {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut pending = self.lock();
+        if let Some(p) = pending.get_mut(key) {
+            p.count += 1;
+            p.last = now;
+            return Buffer::Fine;
+        }
+        if pending.len() >= MAX_BUFFERED_KEYS {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Buffer::FlushSoon;
+        }
+        pending.insert(
+            key.to_owned(),
+            PendingHits {
+                count: 1,
+                last: now,
+            },
+        );
+        if pending.len() >= FLUSH_SOON_KEYS {
+            Buffer::FlushSoon
+        } else {
+            Buffer::Fine
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingHits>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the buffered hits, sorted by key (a stable lock order for concurrent flushes).
+    fn drain(&self) -> Vec<(String, PendingHits)> {
+        let mut drained: Vec<_> = std::mem::take(&mut *self.lock()).into_iter().collect();
+        drained.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        drained
+    }
+
+    /// Puts back hits whose flush failed, so the next flush carries them.
+    fn restore(&self, hits: Vec<(String, PendingHits)>) {
+        let mut pending = self.lock();
+        for (key, h) in hits {
+            if let Some(p) = pending.get_mut(&key) {
+                p.count += h.count;
+                p.last = p.last.max(h.last);
+            } else if pending.len() < MAX_BUFFERED_KEYS {
+                pending.insert(key, h);
+            } else {
+                self.dropped.fetch_add(h.count, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Buffered hits not yet flushed (distinct keys).
+    #[cfg(test)]
+    pub(crate) fn pending_keys(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+const UPSERT: &str = "INSERT INTO prediction_cache
+         (cache_key, predictions, cached_at, expires_at, access_count, last_accessed)
+     VALUES ($1, $2, now(), now() + $3::int8 * interval '1 microsecond', 0, now())
+     ON CONFLICT (cache_key) DO UPDATE SET
+         predictions = EXCLUDED.predictions, cached_at = EXCLUDED.cached_at,
+         expires_at = EXCLUDED.expires_at, access_count = 0,
+         last_accessed = EXCLUDED.last_accessed";
+
+/// The hot path: one primary-key probe, no write.
+const SELECT_LIVE: &str =
+    "SELECT predictions FROM prediction_cache WHERE cache_key = $1 AND expires_at > now()";
+
+const SELECT_TTL: &str = "SELECT (EXTRACT(EPOCH FROM expires_at - now()) * 1000000)::int8
+     FROM prediction_cache WHERE cache_key = $1 AND expires_at > now()";
+
+const SELECT_STATS: &str = "SELECT count(*)::int8,
+         count(*) FILTER (WHERE expires_at > now())::int8,
+         coalesce(sum(access_count), 0)::int8,
+         coalesce(sum(octet_length(predictions)), 0)::int8
+     FROM prediction_cache";
+
+/// Adds buffered hits; `last_accessed` becomes the database's `now()` minus the time since the
+/// last hit, so no client clock is involved. Entries expired since are left alone (the reaper
+/// may hold them).
+const FLUSH_HITS: &str = "UPDATE prediction_cache AS c
+     SET access_count = c.access_count + u.hits,
+         last_accessed = GREATEST(c.last_accessed, now() - u.age_us * interval '1 microsecond')
+     FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(cache_key, hits, age_us)
+     WHERE c.cache_key = u.cache_key AND c.expires_at > now()";
+
+/// One bounded batch of expired rows, locked with SKIP LOCKED so that concurrent reapers
+/// split the work and rows a writer is renewing are left to it; `ctid = ANY(ARRAY(...))` is a
+/// TID scan of exactly the locked rows. Live rows are never read or locked.
+const DELETE_EXPIRED_BATCH: &str = "DELETE FROM prediction_cache WHERE ctid = ANY(ARRAY(
+         SELECT ctid FROM prediction_cache WHERE expires_at <= now()
+         LIMIT $1 FOR UPDATE SKIP LOCKED))";
+
+impl ModelRepository {
+    /// Stores `predictions` (serialized as CBOR) under `cache_key` for `ttl`, replacing any
+    /// entry under that key (value, TTL, and its access count).
+    ///
+    /// `ttl` must be greater than zero and at most `cache_max_ttl`; the key 1..=512 characters,
+    /// not blank, without NUL; otherwise `InvalidInput`. The expiry is computed by the
+    /// database clock.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// use std::time::Duration;
+    /// repo.cache_predictions("user:42:recs", &vec![0.9_f32, 0.4, 0.1], Duration::from_secs(600))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn cache_predictions<T: Serialize + ?Sized>(
+        &self,
+        cache_key: &str,
+        predictions: &T,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.timed("cache_predictions", || {
+            validate_key(cache_key)?;
+            let ttl_us = self.ttl_micros(ttl)?;
+            let bytes = encode(predictions)?;
+            self.store(cache_key, &bytes, ttl_us)
+        })
+    }
+
+    /// [`cache_predictions`](Self::cache_predictions) with the configured `cache_default_ttl`.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// repo.cache_predictions_default("user:42:recs", &["item7", "item3"])?;
+    /// # Ok(()) }
+    /// ```
+    pub fn cache_predictions_default<T: Serialize + ?Sized>(
+        &self,
+        cache_key: &str,
+        predictions: &T,
+    ) -> Result<()> {
+        self.cache_predictions(cache_key, predictions, self.inner.config.cache_default_ttl)
+    }
+
+    /// The value cached under `cache_key`, or `None` if there is none or it has expired (by
+    /// the database clock, whether or not the reaper has removed it yet).
+    ///
+    /// One primary-key read and no write: the hit is counted in memory and reaches
+    /// `access_count` / `last_accessed` at the next flush (reaper tick or `close`). A stored
+    /// value that does not decode as `T` is `RepoError::Serialization`.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let recs: Option<Vec<f32>> = repo.get_cached_predictions("user:42:recs")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn get_cached_predictions<T: DeserializeOwned>(
+        &self,
+        cache_key: &str,
+    ) -> Result<Option<T>> {
+        self.timed("get_cached_predictions", || {
+            validate_key(cache_key)?;
+            let bytes = self.lookup(cache_key)?;
+            bytes.map(|b| decode(cache_key, &b)).transpose()
+        })
+    }
+
+    /// Deletes every entry whose key matches the Redis-style glob `pattern`, in one statement,
+    /// and returns how many were removed (expired entries not yet reaped included).
+    ///
+    /// `*` matches any run of characters, `?` one character, `[abc]` / `[^abc]` / `[a-z]` one
+    /// character in (not in) the class (a reversed range `[z-a]` means `[a-z]`), and `\`
+    /// makes the next character literal; every other character, SQL's `%` and `_` included,
+    /// matches itself. Inside a class, `]` must be escaped and `-` is literal first or last.
+    /// A pattern that starts with literal characters is served by the key index. An empty
+    /// pattern, an unclosed `[`, `[]`, `[^]` or a trailing `\` is `InvalidInput`.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let removed = repo.clear_cache("user:42:*")?;
+    /// repo.clear_cache("*")?; // everything
+    /// # Ok(()) }
+    /// ```
+    pub fn clear_cache(&self, pattern: &str) -> Result<u64> {
+        self.timed("clear_cache", || {
+            let filter = Glob::parse(pattern)?.to_sql_filter();
+            // Deleting by a pattern again deletes nothing more: safe to repeat.
+            self.with_conn("clear_cache", Retry::Idempotent, |conn| {
+                delete_matching(conn, &filter)
+            })
+        })
+    }
+
+    /// The server's plan (`EXPLAIN`, without running it) for the DELETE that
+    /// [`clear_cache`](Self::clear_cache) would run for `pattern`: shows whether a literal
+    /// prefix is served by the key index. Malformed patterns are `InvalidInput`.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// println!("{}", repo.explain_clear_cache("user:42:*")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn explain_clear_cache(&self, pattern: &str) -> Result<String> {
+        let filter = Glob::parse(pattern)?.to_sql_filter();
+        self.with_conn("explain_clear_cache", Retry::Idempotent, |conn| {
+            explain_matching(conn, &filter)
+        })
+    }
+
+    /// Deletes every expired entry now (in bounded batches, like the reaper) and returns how
+    /// many were removed.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let purged = repo.purge_expired_cache()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn purge_expired_cache(&self) -> Result<u64> {
+        self.timed("purge_expired_cache", || {
+            purge_expired(&self.inner.pool, Retry::Idempotent, &|| false)
+        })
+    }
+
+    /// Counts from the table (entries, live and expired, access counts, bytes) and the
+    /// in-process hit and miss counters. This repository's buffered hits are flushed first,
+    /// so `total_access_count` includes them.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let s = repo.get_cache_statistics()?;
+    /// println!("{} live entries, hit rate {:.1}%", s.active_entries, 100.0 * s.hit_rate);
+    /// # Ok(()) }
+    /// ```
+    pub fn get_cache_statistics(&self) -> Result<CacheStats> {
+        self.timed("get_cache_statistics", || {
+            flush_hits(&self.inner.pool, &self.inner.hits)?;
+            let row = self.with_conn("get_cache_statistics", Retry::Idempotent, |conn| {
+                Ok(conn.client().query_one(SELECT_STATS, &[])?)
+            })?;
+            let total = non_negative(row.try_get(0)?);
+            let active = non_negative(row.try_get(1)?);
+            let hits = self.inner.hits.hits.load(Ordering::Relaxed);
+            let misses = self.inner.hits.misses.load(Ordering::Relaxed);
+            let lookups = hits + misses;
+            Ok(CacheStats {
+                total_entries: total,
+                active_entries: active,
+                expired_entries: total.saturating_sub(active),
+                hits,
+                misses,
+                hit_rate: if lookups == 0 {
+                    0.0
+                } else {
+                    hits as f64 / lookups as f64
+                },
+                total_access_count: non_negative(row.try_get(2)?),
+                total_bytes: non_negative(row.try_get(3)?),
+            })
+        })
+    }
+
+    /// The time `cache_key` has left to live (like Redis `TTL`, by the database clock), or
+    /// `None` if there is no live entry. Not counted as a hit or a miss.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// if let Some(left) = repo.cache_ttl("user:42:recs")? {
+    ///     println!("expires in {left:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn cache_ttl(&self, cache_key: &str) -> Result<Option<Duration>> {
+        self.timed("cache_ttl", || {
+            validate_key(cache_key)?;
+            let micros: Option<i64> = self.with_conn("cache_ttl", Retry::Idempotent, |conn| {
+                let statement = conn.prepare_cached(SELECT_TTL)?;
+                match conn.client().query_opt(&statement, &[&cache_key])? {
+                    Some(row) => Ok(Some(row.try_get(0)?)),
+                    None => Ok(None),
+                }
+            })?;
+            Ok(micros.map(|us| Duration::from_micros(us.max(0) as u64)))
+        })
+    }
+
+    /// The cached value under `cache_key`; on a miss, calls `f`, stores its value for `ttl`
+    /// and returns it. An error from `f` is returned and nothing is stored. A cached value
+    /// that no longer decodes as `T` (the type changed) counts as a miss and is replaced.
+    /// Concurrent misses on one key may each call `f`; the last write wins.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// use std::time::Duration;
+    /// let scores: Vec<f32> = repo.get_or_compute("user:42:scores", Duration::from_secs(300), || {
+    ///     Ok(vec![0.7, 0.2]) // the expensive model call
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    pub fn get_or_compute<T, F>(&self, cache_key: &str, ttl: Duration, f: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<T>,
+    {
+        validate_key(cache_key)?;
+        let ttl_us = self.ttl_micros(ttl)?;
+        match self.get_cached_predictions::<T>(cache_key) {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(RepoError::Serialization(e)) => {
+                log::debug!("pg-model-repo: cached value does not decode ({e}); recomputing");
+            }
+            Err(e) => return Err(e),
+        }
+        let value = f()?;
+        let bytes = encode(&value)?;
+        self.timed("cache_predictions", || {
+            self.store(cache_key, &bytes, ttl_us)
+        })?;
+        Ok(value)
+    }
+
+    /// The TTL in whole microseconds (rounded up, so a tiny TTL still lies in the future),
+    /// checked against (0, cache_max_ttl].
+    fn ttl_micros(&self, ttl: Duration) -> Result<i64> {
+        let max = self.inner.config.cache_max_ttl;
+        if ttl.is_zero() || ttl > max {
+            return Err(RepoError::invalid(format!(
+                "cache ttl {ttl:?} must be greater than zero and at most cache_max_ttl ({max:?})"
+            )));
+        }
+        let micros = ttl.as_nanos().div_ceil(1000);
+        i64::try_from(micros)
+            .map_err(|_| RepoError::invalid(format!("cache ttl {ttl:?} is too long")))
+    }
+
+    fn store(&self, cache_key: &str, bytes: &[u8], ttl_us: i64) -> Result<()> {
+        self.with_conn("cache_predictions", Retry::Idempotent, |conn| {
+            let statement = conn.prepare_cached(UPSERT)?;
+            conn.client()
+                .execute(&statement, &[&cache_key, &bytes, &ttl_us])?;
+            Ok(())
+        })
+    }
+
+    /// The live entry's bytes, counting the hit or miss.
+    fn lookup(&self, cache_key: &str) -> Result<Option<Vec<u8>>> {
+        let bytes: Option<Vec<u8>> =
+            self.with_conn("get_cached_predictions", Retry::Idempotent, |conn| {
+                let statement = conn.prepare_cached(SELECT_LIVE)?;
+                match conn.client().query_opt(&statement, &[&cache_key])? {
+                    Some(row) => Ok(Some(row.try_get(0)?)),
+                    None => Ok(None),
+                }
+            })?;
+        let counters = &self.inner.hits;
+        if bytes.is_none() {
+            counters.record_miss();
+        } else if counters.record_hit(cache_key) == Buffer::FlushSoon {
+            self.flush_soon();
+        }
+        Ok(bytes)
+    }
+
+    /// Asks the reaper to flush the hit buffer; without a reaper, flushes here.
+    fn flush_soon(&self) {
+        match &self.inner.reaper {
+            Some(reaper) => reaper.wake(),
+            None => {
+                if let Err(e) = flush_hits(&self.inner.pool, &self.inner.hits) {
+                    log::warn!("pg-model-repo: flushing cache hit counts failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Keys: 1..=512 characters, no NUL, not blank.
+fn validate_key(cache_key: &str) -> Result<()> {
+    validate::name("cache_key", cache_key, CACHE_KEY_MAX)
+}
+
+fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    ciborium::ser::into_writer(value, &mut bytes)
+        .map_err(|e| RepoError::Serialization(format!("cannot encode the value as CBOR: {e}")))?;
+    Ok(bytes)
+}
+
+fn decode<T: DeserializeOwned>(cache_key: &str, bytes: &[u8]) -> Result<T> {
+    ciborium::de::from_reader(bytes).map_err(|e| {
+        RepoError::Serialization(format!(
+            "the value cached under {cache_key:?} does not decode as the requested type: {e}"
+        ))
+    })
+}
+
+fn non_negative(n: i64) -> u64 {
+    n.max(0) as u64
+}
+
+/// The one DELETE a glob translates to, with its parameters (the pattern's parts are always
+/// bound, never spliced into the SQL).
+fn delete_statement(filter: &SqlFilter) -> (&'static str, Vec<&str>) {
+    match filter {
+        SqlFilter::Exact(key) => (
+            "DELETE FROM prediction_cache WHERE cache_key = $1",
+            vec![key],
+        ),
+        SqlFilter::Regex(re) => (
+            "DELETE FROM prediction_cache WHERE cache_key ~ $1",
+            vec![re],
+        ),
+        SqlFilter::Range {
+            lower,
+            upper,
+            regex,
+        } => match (upper, regex) {
+            (Some(upper), Some(re)) => (
+                "DELETE FROM prediction_cache
+                 WHERE cache_key >= $1 AND cache_key < $2 AND cache_key ~ $3",
+                vec![lower, upper, re],
+            ),
+            (Some(upper), None) => (
+                "DELETE FROM prediction_cache WHERE cache_key >= $1 AND cache_key < $2",
+                vec![lower, upper],
+            ),
+            (None, Some(re)) => (
+                "DELETE FROM prediction_cache WHERE cache_key >= $1 AND cache_key ~ $2",
+                vec![lower, re],
+            ),
+            (None, None) => (
+                "DELETE FROM prediction_cache WHERE cache_key >= $1",
+                vec![lower],
+            ),
+        },
+    }
+}
+
+fn params<'a>(values: &'a [&'a str]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    values
+        .iter()
+        .map(|v| v as &(dyn postgres::types::ToSql + Sync))
+        .collect()
+}
+
+/// Runs the one DELETE a glob translates to.
+fn delete_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<u64> {
+    let (sql, values) = delete_statement(filter);
+    Ok(conn.client().execute(sql, &params(&values))?)
+}
+
+/// `EXPLAIN` of the DELETE a glob translates to (nothing is deleted).
+fn explain_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<String> {
+    let (sql, values) = delete_statement(filter);
+    let rows = conn
+        .client()
+        .query(&format!("EXPLAIN {sql}"), &params(&values))?;
+    let lines = rows
+        .iter()
+        .map(|row| row.try_get::<_, String>(0))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(lines.join("\n"))
+}
+
+/// Writes the buffered hits in one statement. On failure they go back into the buffer (so
+/// the next flush carries them) and the error is returned.
+pub(crate) fn flush_hits(pool: &Pool, counters: &HitCounters) -> Result<()> {
+    let drained = counters.drain();
+    if drained.is_empty() {
+        return Ok(());
+    }
+    let now = Instant::now();
+    let keys: Vec<&str> = drained.iter().map(|(k, _)| k.as_str()).collect();
+    let counts: Vec<i64> = drained
+        .iter()
+        .map(|(_, h)| i64::try_from(h.count).unwrap_or(i64::MAX))
+        .collect();
+    let ages: Vec<i64> = drained
+        .iter()
+        .map(|(_, h)| i64::try_from(now.duration_since(h.last).as_micros()).unwrap_or(i64::MAX))
+        .collect();
+    // Not retried inside: a repeat after an unknown commit would count the hits twice.
+    let result = with_pool_conn(pool, "flush_cache_hits", Retry::Never, |conn| {
+        let statement = conn.prepare_cached(FLUSH_HITS)?;
+        Ok(conn
+            .client()
+            .execute(&statement, &[&keys, &counts, &ages])?)
+    });
+    match result {
+        Ok(updated) => {
+            log::debug!(
+                "pg-model-repo: flushed hit counts of {} keys ({updated} live rows)",
+                drained.len()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            counters.restore(drained);
+            Err(e)
+        }
+    }
+}
+
+/// Deletes expired rows in batches of [`PURGE_BATCH`] until a batch comes back short (none
+/// left, or the rest is locked by another reaper), or `stop()` says so between batches.
+/// Each batch is retried per `retry` (deleting expired rows again is harmless).
+pub(crate) fn purge_expired(pool: &Pool, retry: Retry, stop: &dyn Fn() -> bool) -> Result<u64> {
+    let mut total = 0;
+    loop {
+        let deleted = with_pool_conn(pool, "purge_expired_cache", retry, |conn| {
+            let statement = conn.prepare_cached(DELETE_EXPIRED_BATCH)?;
+            Ok(conn.client().execute(&statement, &[&PURGE_BATCH])?)
+        })?;
+        total += deleted;
+        if deleted < PURGE_BATCH as u64 || stop() {
+            return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_buffer_is_bounded_and_asks_for_a_flush() {
+        let c = HitCounters::default();
+        for i in 0..FLUSH_SOON_KEYS - 1 {
+            assert_eq!(c.record_hit(&format!("k{i}")), Buffer::Fine);
+        }
+        assert_eq!(c.record_hit("last"), Buffer::FlushSoon);
+        for i in 0..2 * MAX_BUFFERED_KEYS {
+            c.record_hit(&format!("more{i}"));
+        }
+        assert_eq!(c.pending_keys(), MAX_BUFFERED_KEYS);
+        assert_eq!(
+            c.hits.load(Ordering::Relaxed),
+            (FLUSH_SOON_KEYS + 2 * MAX_BUFFERED_KEYS) as u64
+        );
+        // Repeated hits on a buffered key add up without growing the buffer.
+        c.record_hit("k0");
+        let drained = c.drain();
+        assert_eq!(drained.len(), MAX_BUFFERED_KEYS);
+        assert_eq!(drained.iter().find(|(k, _)| k == "k0").unwrap().1.count, 2);
+        assert_eq!(c.pending_keys(), 0);
+        c.restore(drained);
+        assert_eq!(c.pending_keys(), MAX_BUFFERED_KEYS);
+    }
+}

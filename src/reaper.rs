@@ -1,0 +1,122 @@
+//! The background reaper: one named thread per repository that, every `reaper_interval`,
+//! flushes buffered cache hit counts and deletes expired cache rows; stopped and joined by the
+//! last clone's `close()` or drop.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TryRecvError};
+
+use crate::cache::{flush_hits, purge_expired, HitCounters};
+use crate::error::{RepoError, Result};
+use crate::pool::Pool;
+use crate::retry::Retry;
+
+/// The handle the repository keeps: dropping the shutdown sender is the stop signal.
+#[derive(Debug)]
+pub(crate) struct Reaper {
+    shutdown: Option<Sender<()>>,
+    wake: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reaper {
+    /// Starts the thread. It holds a pool clone and the hit counters, never the repository,
+    /// so it cannot keep the repository alive.
+    pub(crate) fn start(pool: Pool, hits: Arc<HitCounters>, interval: Duration) -> Result<Self> {
+        let (shutdown, shutdown_rx) = bounded::<()>(0);
+        // One pending wake-up is enough: it asks for a flush of whatever is buffered by then.
+        let (wake, wake_rx) = bounded::<()>(1);
+        let task = Task {
+            pool,
+            hits,
+            shutdown: shutdown_rx,
+        };
+        let thread = std::thread::Builder::new()
+            .name("pg-model-repo-reaper".to_owned())
+            .spawn(move || task.run(interval, wake_rx))
+            .map_err(RepoError::Io)?;
+        Ok(Reaper {
+            shutdown: Some(shutdown),
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for an early flush of the hit buffer (never blocks).
+    pub(crate) fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Stops the thread and waits for it: it is either waiting (and leaves at once) or in the
+    /// middle of a batch (and leaves after it).
+    pub(crate) fn stop(&mut self) {
+        drop(self.shutdown.take());
+        if let Some(thread) = self.thread.take() {
+            let started = Instant::now();
+            if thread.join().is_err() {
+                log::error!("pg-model-repo: the cache reaper thread panicked");
+            }
+            log::debug!("pg-model-repo: reaper stopped in {:?}", started.elapsed());
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What the thread owns.
+struct Task {
+    pool: Pool,
+    hits: Arc<HitCounters>,
+    shutdown: Receiver<()>,
+}
+
+impl Task {
+    fn run(self, interval: Duration, wake: Receiver<()>) {
+        log::debug!("pg-model-repo: reaper started, every {interval:?}");
+        let ticker = tick(interval);
+        loop {
+            select! {
+                recv(ticker) -> _ => self.tick(),
+                recv(wake) -> msg => match msg {
+                    Ok(()) => self.flush(),
+                    Err(_) => break,
+                },
+                // Nothing is ever sent: a disconnect (the sender dropped) is the signal.
+                recv(self.shutdown) -> _ => break,
+            }
+        }
+        log::debug!("pg-model-repo: reaper leaving");
+    }
+
+    fn stopping(&self) -> bool {
+        !matches!(self.shutdown.try_recv(), Err(TryRecvError::Empty))
+    }
+
+    /// One tick: hit counts first (so they land before their rows may expire), then expiry.
+    fn tick(&self) {
+        self.flush();
+        let started = Instant::now();
+        // No retry loop inside a tick: the next tick is the retry, and a stop request is not
+        // kept waiting by backoff sleeps while the database is away.
+        match purge_expired(&self.pool, Retry::Never, &|| self.stopping()) {
+            Ok(0) => {}
+            Ok(n) => log::debug!(
+                "pg-model-repo: reaper deleted {n} expired cache rows in {:?}",
+                started.elapsed()
+            ),
+            Err(e) => log::warn!("pg-model-repo: reaper failed to delete expired rows: {e}"),
+        }
+    }
+
+    fn flush(&self) {
+        if let Err(e) = flush_hits(&self.pool, &self.hits) {
+            log::warn!("pg-model-repo: reaper failed to flush cache hit counts: {e}");
+        }
+    }
+}

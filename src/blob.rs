@@ -228,7 +228,7 @@ impl ModelRepository {
             validate::model_name(model_name)?;
             let vref = VersionRef::parse(version)?;
             let mut written = 0u64;
-            self.with_conn("load_model_to_writer", Retry::Idempotent, |conn| {
+            let loaded = self.with_conn("load_model_to_writer", Retry::Idempotent, |conn| {
                 let mut tx = conn
                     .client()
                     .build_transaction()
@@ -245,7 +245,11 @@ impl ModelRepository {
                 tx.commit()?;
                 verify_checksum(&info, &hash)?;
                 Ok(Some(info))
-            })
+            })?;
+            if let Some(info) = &loaded {
+                self.record_model_load(&info.model_name, &info.version);
+            }
+            Ok(loaded)
         })
     }
 }

@@ -1,14 +1,13 @@
 //! The prediction cache: CBOR values under string keys with a TTL judged by the database
 //! clock, glob clearing, and hit counts buffered in memory and flushed in one statement.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::counters::{self, AccessBuffer, Buffer};
 use crate::error::{RepoError, Result};
 use crate::glob::{Glob, SqlFilter};
 use crate::pool::{PgConnection, Pool};
@@ -22,13 +21,6 @@ pub(crate) const CACHE_KEY_MAX: usize = 512;
 /// Rows one reaper (or purge) statement deletes at most: small enough that a batch holds its
 /// locks briefly and a shutdown waits for at most one batch.
 pub(crate) const PURGE_BATCH: i64 = 10_000;
-
-/// Distinct keys buffered before a flush is asked for early.
-const FLUSH_SOON_KEYS: usize = 10_000;
-
-/// Distinct keys buffered at most: past it, hits on new keys are counted in the statistics
-/// but not in `access_count` (memory stays bounded while the database is unreachable).
-const MAX_BUFFERED_KEYS: usize = 4 * FLUSH_SOON_KEYS;
 
 /// Figures about the prediction cache.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -56,25 +48,8 @@ pub struct CacheStats {
 pub(crate) struct HitCounters {
     hits: AtomicU64,
     misses: AtomicU64,
-    /// Hits not yet written to the table: key -> (count, time of the last hit).
-    pending: Mutex<HashMap<String, PendingHits>>,
-    /// Hits on new keys not buffered because the buffer was full.
-    dropped: AtomicU64,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct PendingHits {
-    count: u64,
-    last: Instant,
-}
-
-/// What the caller of [`HitCounters::record_hit`] should do next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Buffer {
-    /// Nothing.
-    Fine,
-    /// The buffer is getting large: flush it soon.
-    FlushSoon,
+    /// Hits not yet written to `access_count` / `last_accessed`.
+    pub(crate) pending: AccessBuffer,
 }
 
 impl HitCounters {
@@ -84,61 +59,7 @@ impl HitCounters {
 
     pub(crate) fn record_hit(&self, key: &str) -> Buffer {
         self.hits.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let mut pending = self.lock();
-        if let Some(p) = pending.get_mut(key) {
-            p.count += 1;
-            p.last = now;
-            return Buffer::Fine;
-        }
-        if pending.len() >= MAX_BUFFERED_KEYS {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return Buffer::FlushSoon;
-        }
-        pending.insert(
-            key.to_owned(),
-            PendingHits {
-                count: 1,
-                last: now,
-            },
-        );
-        if pending.len() >= FLUSH_SOON_KEYS {
-            Buffer::FlushSoon
-        } else {
-            Buffer::Fine
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingHits>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes the buffered hits, sorted by key (a stable lock order for concurrent flushes).
-    fn drain(&self) -> Vec<(String, PendingHits)> {
-        let mut drained: Vec<_> = std::mem::take(&mut *self.lock()).into_iter().collect();
-        drained.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        drained
-    }
-
-    /// Puts back hits whose flush failed, so the next flush carries them.
-    fn restore(&self, hits: Vec<(String, PendingHits)>) {
-        let mut pending = self.lock();
-        for (key, h) in hits {
-            if let Some(p) = pending.get_mut(&key) {
-                p.count += h.count;
-                p.last = p.last.max(h.last);
-            } else if pending.len() < MAX_BUFFERED_KEYS {
-                pending.insert(key, h);
-            } else {
-                self.dropped.fetch_add(h.count, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Buffered hits not yet flushed (distinct keys).
-    #[cfg(test)]
-    pub(crate) fn pending_keys(&self) -> usize {
-        self.lock().len()
+        self.pending.record(key)
     }
 }
 
@@ -445,21 +366,9 @@ impl ModelRepository {
         if bytes.is_none() {
             counters.record_miss();
         } else if counters.record_hit(cache_key) == Buffer::FlushSoon {
-            self.flush_soon();
+            self.flush_counters_soon();
         }
         Ok(bytes)
-    }
-
-    /// Asks the reaper to flush the hit buffer; without a reaper, flushes here.
-    fn flush_soon(&self) {
-        match &self.inner.reaper {
-            Some(reaper) => reaper.wake(),
-            None => {
-                if let Err(e) = flush_hits(&self.inner.pool, &self.inner.hits) {
-                    log::warn!("pg-model-repo: flushing cache hit counts failed: {e}");
-                }
-            }
-        }
     }
 }
 
@@ -551,43 +460,9 @@ fn explain_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<Strin
     Ok(lines.join("\n"))
 }
 
-/// Writes the buffered hits in one statement. On failure they go back into the buffer (so
-/// the next flush carries them) and the error is returned.
+/// Writes the buffered hits in one statement; on failure they stay buffered for the next try.
 pub(crate) fn flush_hits(pool: &Pool, counters: &HitCounters) -> Result<()> {
-    let drained = counters.drain();
-    if drained.is_empty() {
-        return Ok(());
-    }
-    let now = Instant::now();
-    let keys: Vec<&str> = drained.iter().map(|(k, _)| k.as_str()).collect();
-    let counts: Vec<i64> = drained
-        .iter()
-        .map(|(_, h)| i64::try_from(h.count).unwrap_or(i64::MAX))
-        .collect();
-    let ages: Vec<i64> = drained
-        .iter()
-        .map(|(_, h)| i64::try_from(now.duration_since(h.last).as_micros()).unwrap_or(i64::MAX))
-        .collect();
-    // Not retried inside: a repeat after an unknown commit would count the hits twice.
-    let result = with_pool_conn(pool, "flush_cache_hits", Retry::Never, |conn| {
-        let statement = conn.prepare_cached(FLUSH_HITS)?;
-        Ok(conn
-            .client()
-            .execute(&statement, &[&keys, &counts, &ages])?)
-    });
-    match result {
-        Ok(updated) => {
-            log::debug!(
-                "pg-model-repo: flushed hit counts of {} keys ({updated} live rows)",
-                drained.len()
-            );
-            Ok(())
-        }
-        Err(e) => {
-            counters.restore(drained);
-            Err(e)
-        }
-    }
+    counters::flush(pool, &counters.pending, "flush_cache_hits", FLUSH_HITS)
 }
 
 /// Deletes expired rows in batches of [`PURGE_BATCH`] until a batch comes back short (none
@@ -612,27 +487,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hit_buffer_is_bounded_and_asks_for_a_flush() {
+    fn hits_and_misses_are_counted_and_hits_buffered() {
         let c = HitCounters::default();
-        for i in 0..FLUSH_SOON_KEYS - 1 {
-            assert_eq!(c.record_hit(&format!("k{i}")), Buffer::Fine);
-        }
-        assert_eq!(c.record_hit("last"), Buffer::FlushSoon);
-        for i in 0..2 * MAX_BUFFERED_KEYS {
-            c.record_hit(&format!("more{i}"));
-        }
-        assert_eq!(c.pending_keys(), MAX_BUFFERED_KEYS);
-        assert_eq!(
-            c.hits.load(Ordering::Relaxed),
-            (FLUSH_SOON_KEYS + 2 * MAX_BUFFERED_KEYS) as u64
-        );
-        // Repeated hits on a buffered key add up without growing the buffer.
-        c.record_hit("k0");
-        let drained = c.drain();
-        assert_eq!(drained.len(), MAX_BUFFERED_KEYS);
-        assert_eq!(drained.iter().find(|(k, _)| k == "k0").unwrap().1.count, 2);
-        assert_eq!(c.pending_keys(), 0);
-        c.restore(drained);
-        assert_eq!(c.pending_keys(), MAX_BUFFERED_KEYS);
+        c.record_hit("a");
+        c.record_hit("a");
+        c.record_miss();
+        assert_eq!(c.hits.load(Ordering::Relaxed), 2);
+        assert_eq!(c.misses.load(Ordering::Relaxed), 1);
+        assert_eq!(c.pending.pending_keys(), 1);
     }
 }

@@ -32,6 +32,7 @@ mod aliases;
 mod blob;
 mod cache;
 mod config;
+mod counters;
 mod error;
 mod glob;
 mod migrate;

@@ -298,6 +298,7 @@ impl ModelRepository {
             return Ok(None);
         };
         verify_checksum(&info, &hex_sha256(&data))?;
+        self.record_model_load(&info.model_name, &info.version);
         Ok(Some((info, data)))
     }
 

@@ -313,7 +313,8 @@ impl ModelRepository {
         }
     }
 
-    /// Per model: versions, active versions, bytes, latest version, loads; and totals.
+    /// Per model: versions, active versions, bytes, latest version, loads (this repository's
+    /// buffered loads are written first); and totals.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
@@ -324,6 +325,9 @@ impl ModelRepository {
     /// ```
     pub fn get_model_storage_stats(&self) -> Result<ModelStorageStats> {
         self.timed("get_model_storage_stats", || {
+            // This repository's buffered loads count too.
+            let inner = &self.inner;
+            crate::repository::flush_access_counts(&inner.pool, &inner.hits, &inner.loads)?;
             self.with_conn("get_model_storage_stats", Retry::Idempotent, |conn| {
                 let client = conn.client();
                 let models = client

@@ -1,5 +1,5 @@
 //! The background reaper: one named thread per repository that, every `reaper_interval`,
-//! flushes buffered cache hit counts and deletes expired cache rows; stopped and joined by the
+//! flushes buffered access counts (cache hits, model loads) and deletes expired cache rows; stopped and joined by the
 //! last clone's `close()` or drop.
 
 use std::sync::Arc;
@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TryRecvError};
 
-use crate::cache::{flush_hits, purge_expired, HitCounters};
+use crate::cache::{purge_expired, HitCounters};
+use crate::counters::AccessBuffer;
 use crate::error::{RepoError, Result};
 use crate::pool::Pool;
+use crate::repository::flush_access_counts;
 use crate::retry::Retry;
 
 /// The handle the repository keeps: dropping the shutdown sender is the stop signal.
@@ -24,13 +26,19 @@ pub(crate) struct Reaper {
 impl Reaper {
     /// Starts the thread. It holds a pool clone and the hit counters, never the repository,
     /// so it cannot keep the repository alive.
-    pub(crate) fn start(pool: Pool, hits: Arc<HitCounters>, interval: Duration) -> Result<Self> {
+    pub(crate) fn start(
+        pool: Pool,
+        hits: Arc<HitCounters>,
+        loads: Arc<AccessBuffer>,
+        interval: Duration,
+    ) -> Result<Self> {
         let (shutdown, shutdown_rx) = bounded::<()>(0);
         // One pending wake-up is enough: it asks for a flush of whatever is buffered by then.
         let (wake, wake_rx) = bounded::<()>(1);
         let task = Task {
             pool,
             hits,
+            loads,
             shutdown: shutdown_rx,
         };
         let thread = std::thread::Builder::new()
@@ -73,6 +81,7 @@ impl Drop for Reaper {
 struct Task {
     pool: Pool,
     hits: Arc<HitCounters>,
+    loads: Arc<AccessBuffer>,
     shutdown: Receiver<()>,
 }
 
@@ -115,8 +124,8 @@ impl Task {
     }
 
     fn flush(&self) {
-        if let Err(e) = flush_hits(&self.pool, &self.hits) {
-            log::warn!("pg-model-repo: reaper failed to flush cache hit counts: {e}");
+        if let Err(e) = flush_access_counts(&self.pool, &self.hits, &self.loads) {
+            log::warn!("pg-model-repo: reaper failed to flush buffered access counts: {e}");
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::cache::{flush_hits, HitCounters};
 use crate::config::RepositoryConfig;
+use crate::counters::{AccessBuffer, Buffer};
 use crate::error::Result;
 use crate::migrate;
 use crate::pool::{PgConnection, Pool, PoolState};
@@ -43,6 +44,8 @@ pub(crate) struct Inner {
     pub(crate) timings: Timings,
     /// Cache hits and misses counted in memory, shared with the reaper.
     pub(crate) hits: Arc<HitCounters>,
+    /// Model loads counted in memory (key: JSON `[model_name, version]`), shared with the reaper.
+    pub(crate) loads: Arc<AccessBuffer>,
     /// The background thread, unless `reaper_interval(None)`.
     pub(crate) reaper: Option<Reaper>,
 }
@@ -54,8 +57,8 @@ impl Drop for Inner {
         if let Some(mut reaper) = self.reaper.take() {
             reaper.stop();
         }
-        if let Err(e) = flush_hits(&self.pool, &self.hits) {
-            log::warn!("pg-model-repo: flushing cache hit counts at close failed: {e}");
+        if let Err(e) = flush_access_counts(&self.pool, &self.hits, &self.loads) {
+            log::warn!("pg-model-repo: flushing buffered access counts at close failed: {e}");
         }
         log::debug!("pg-model-repo: closed schema {}", self.config.schema);
     }
@@ -102,8 +105,14 @@ impl ModelRepository {
         );
         let timings = Timings::new(config.enable_metrics, config.slow_query_threshold);
         let hits = Arc::new(HitCounters::default());
+        let loads = Arc::new(AccessBuffer::default());
         let reaper = match config.reaper_interval {
-            Some(every) => Some(Reaper::start(pool.clone(), hits.clone(), every)?),
+            Some(every) => Some(Reaper::start(
+                pool.clone(),
+                hits.clone(),
+                loads.clone(),
+                every,
+            )?),
             None => None,
         };
         Ok(ModelRepository {
@@ -112,6 +121,7 @@ impl ModelRepository {
                 pool,
                 timings,
                 hits,
+                loads,
                 reaper,
             }),
         })
@@ -200,6 +210,48 @@ impl ModelRepository {
     ) -> Result<T> {
         with_pool_conn(&self.inner.pool, op, retry, f)
     }
+}
+
+impl ModelRepository {
+    /// Counts one load of a model version (buffered; written by the reaper or at close).
+    pub(crate) fn record_model_load(&self, model_name: &str, version: &str) {
+        let key = serde_json::json!([model_name, version]).to_string();
+        if self.inner.loads.record(&key) == Buffer::FlushSoon {
+            self.flush_counters_soon();
+        }
+    }
+
+    /// Asks the reaper to flush the access buffers; without a reaper, flushes here.
+    pub(crate) fn flush_counters_soon(&self) {
+        match &self.inner.reaper {
+            Some(reaper) => reaper.wake(),
+            None => {
+                let inner = &self.inner;
+                if let Err(e) = flush_access_counts(&inner.pool, &inner.hits, &inner.loads) {
+                    log::warn!("pg-model-repo: flushing buffered access counts failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Adds buffered loads to `load_count` and moves `last_loaded_at` (database clock).
+const FLUSH_LOADS: &str = "UPDATE ml_models AS m
+     SET load_count = m.load_count + u.n,
+         last_loaded_at = GREATEST(m.last_loaded_at, now() - u.age_us * interval '1 microsecond')
+     FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(k, n, age_us)
+     WHERE m.model_name = (u.k::jsonb)->>0 AND m.version = (u.k::jsonb)->>1";
+
+/// Writes both access buffers (cache hits, model loads); both are attempted, the first error
+/// is returned.
+pub(crate) fn flush_access_counts(
+    pool: &Pool,
+    hits: &HitCounters,
+    loads: &AccessBuffer,
+) -> Result<()> {
+    let cache = flush_hits(pool, hits);
+    let models = crate::counters::flush(pool, loads, "flush_model_loads", FLUSH_LOADS);
+    cache.and(models)
 }
 
 /// [`ModelRepository::with_conn`] for code that holds a pool but not the repository (the

@@ -143,6 +143,58 @@ fn model_storage_stats_match_what_was_written() {
 }
 
 #[test]
+fn model_loads_are_counted_and_reach_the_table() {
+    let repo = TestRepo::new();
+    repo.save_model("a", "1", b"one", &json!({})).unwrap();
+    repo.save_model("a", "2", b"two", &json!({})).unwrap();
+    repo.save_model("b", "1", b"x", &json!({})).unwrap();
+    for _ in 0..3 {
+        repo.load_model("a", "1").unwrap().unwrap();
+    }
+    repo.load_model_with_info("a", "latest").unwrap().unwrap();
+    repo.load_model_to_writer("a", "2", &mut Vec::new())
+        .unwrap()
+        .unwrap();
+    assert!(repo.load_model("a", "missing").unwrap().is_none());
+    let stats = repo.get_model_storage_stats().unwrap();
+    let a = stats.models.iter().find(|m| m.model_name == "a").unwrap();
+    assert_eq!(a.load_count, 5);
+    assert!(a.last_loaded_at.is_some());
+    let b = stats.models.iter().find(|m| m.model_name == "b").unwrap();
+    assert_eq!((b.load_count, b.last_loaded_at), (0, None));
+    let per_version: Vec<(String, i64)> = repo
+        .sql()
+        .query(
+            "SELECT version, load_count FROM ml_models WHERE model_name = 'a' ORDER BY version",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(per_version, [("1".to_owned(), 3), ("2".to_owned(), 2)]);
+}
+
+#[test]
+fn close_flushes_buffered_model_loads() {
+    let schema = common::unique_schema("loads");
+    let repo = ModelRepository::open(common::config(&schema)).unwrap();
+    repo.save_model("m", "1", b"x", &json!({})).unwrap();
+    repo.load_model("m", "1").unwrap();
+    repo.load_model("m", "1").unwrap();
+    repo.close();
+    let count: i64 = common::admin()
+        .query_one(
+            &format!("SELECT load_count FROM \"{schema}\".ml_models"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    common::drop_schema(&schema);
+    assert_eq!(count, 2);
+}
+
+#[test]
 fn embedding_stats_match_what_was_written() {
     let repo = TestRepo::new();
     repo.sql()

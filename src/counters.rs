@@ -1,0 +1,175 @@
+//! Access counts buffered in memory and written in one statement: cache hits and model loads.
+//! Reads stay reads; the reaper tick and the last clone's close flush the buffers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::pool::Pool;
+use crate::repository::with_pool_conn;
+use crate::retry::Retry;
+
+/// Distinct keys buffered before a flush is asked for early.
+const FLUSH_SOON_KEYS: usize = 10_000;
+
+/// Distinct keys buffered at most: past it, accesses to new keys are not buffered (memory stays
+/// bounded while the database is unreachable).
+const MAX_BUFFERED_KEYS: usize = 4 * FLUSH_SOON_KEYS;
+
+/// Accesses of one key not yet written.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pending {
+    count: u64,
+    last: Instant,
+}
+
+/// What the caller of [`AccessBuffer::record`] should do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Buffer {
+    /// Nothing.
+    Fine,
+    /// The buffer is getting large: flush it soon.
+    FlushSoon,
+}
+
+/// Key -> (count, time of the last access), bounded.
+#[derive(Debug, Default)]
+pub(crate) struct AccessBuffer {
+    pending: Mutex<HashMap<String, Pending>>,
+    /// Accesses not buffered because the buffer was full.
+    dropped: AtomicU64,
+}
+
+impl AccessBuffer {
+    /// Counts one access of `key`.
+    pub(crate) fn record(&self, key: &str) -> Buffer {
+        let now = Instant::now();
+        let mut pending = self.lock();
+        if let Some(p) = pending.get_mut(key) {
+            p.count += 1;
+            p.last = now;
+            return Buffer::Fine;
+        }
+        if pending.len() >= MAX_BUFFERED_KEYS {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Buffer::FlushSoon;
+        }
+        pending.insert(
+            key.to_owned(),
+            Pending {
+                count: 1,
+                last: now,
+            },
+        );
+        if pending.len() >= FLUSH_SOON_KEYS {
+            Buffer::FlushSoon
+        } else {
+            Buffer::Fine
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the buffered counts, sorted by key (a stable lock order for concurrent flushes).
+    fn drain(&self) -> Vec<(String, Pending)> {
+        let mut drained: Vec<_> = std::mem::take(&mut *self.lock()).into_iter().collect();
+        drained.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        drained
+    }
+
+    /// Puts back counts whose flush failed, so the next flush carries them.
+    fn restore(&self, counts: Vec<(String, Pending)>) {
+        let mut pending = self.lock();
+        for (key, c) in counts {
+            if let Some(p) = pending.get_mut(&key) {
+                p.count += c.count;
+                p.last = p.last.max(c.last);
+            } else if pending.len() < MAX_BUFFERED_KEYS {
+                pending.insert(key, c);
+            } else {
+                self.dropped.fetch_add(c.count, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Buffered keys not yet flushed.
+    #[cfg(test)]
+    pub(crate) fn pending_keys(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Writes the buffered counts with `sql`, which takes `$1 text[]` (keys), `$2 int8[]`
+/// (counts) and `$3 int8[]` (microseconds since the last access, so the database clock stamps
+/// it). On failure the counts go back into the buffer.
+pub(crate) fn flush(
+    pool: &Pool,
+    buffer: &AccessBuffer,
+    op: &'static str,
+    sql: &'static str,
+) -> Result<()> {
+    let drained = buffer.drain();
+    if drained.is_empty() {
+        return Ok(());
+    }
+    let now = Instant::now();
+    let keys: Vec<&str> = drained.iter().map(|(k, _)| k.as_str()).collect();
+    let counts: Vec<i64> = drained
+        .iter()
+        .map(|(_, p)| i64::try_from(p.count).unwrap_or(i64::MAX))
+        .collect();
+    let ages: Vec<i64> = drained
+        .iter()
+        .map(|(_, p)| i64::try_from(now.duration_since(p.last).as_micros()).unwrap_or(i64::MAX))
+        .collect();
+    // Not retried inside: a repeat after an unknown commit would count twice.
+    let result = with_pool_conn(pool, op, Retry::Never, |conn| {
+        let statement = conn.prepare_cached(sql)?;
+        Ok(conn
+            .client()
+            .execute(&statement, &[&keys, &counts, &ages])?)
+    });
+    match result {
+        Ok(updated) => {
+            log::debug!(
+                "pg-model-repo: {op}: {} keys ({updated} rows)",
+                drained.len()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            buffer.restore(drained);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_is_bounded_and_asks_for_a_flush() {
+        let c = AccessBuffer::default();
+        for i in 0..FLUSH_SOON_KEYS - 1 {
+            assert_eq!(c.record(&format!("k{i}")), Buffer::Fine);
+        }
+        assert_eq!(c.record("last"), Buffer::FlushSoon);
+        for i in 0..2 * MAX_BUFFERED_KEYS {
+            c.record(&format!("more{i}"));
+        }
+        assert_eq!(c.pending_keys(), MAX_BUFFERED_KEYS);
+        // Repeated accesses of a buffered key add up without growing the buffer.
+        c.record("k0");
+        let drained = c.drain();
+        assert_eq!(drained.len(), MAX_BUFFERED_KEYS);
+        assert_eq!(drained.iter().find(|(k, _)| k == "k0").unwrap().1.count, 2);
+        assert_eq!(c.pending_keys(), 0);
+        c.restore(drained);
+        assert_eq!(c.pending_keys(), MAX_BUFFERED_KEYS);
+    }
+}

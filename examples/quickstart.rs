@@ -65,6 +65,7 @@ fn tour(repo: &ModelRepository) -> pg_model_repo::Result<String> {
     let aliases = aliases(repo)?;
     let streamed = streaming(repo)?;
     let metrics = training(repo)?;
+    let cleared = cache(repo)?;
     let status = monitoring(repo)?;
     section("Timings");
     for m in repo.get_performance_metrics() {
@@ -75,7 +76,7 @@ fn tour(repo: &ModelRepository) -> pg_model_repo::Result<String> {
     }
     Ok(format!(
         "quickstart ok: {models} model versions, {aliases} alias moves, {} MiB streamed, \
-         {metrics} metric records, health {status:?}",
+         {metrics} metric records, {cleared} cache entries cleared by glob, health {status:?}",
         streamed >> 20
     ))
 }
@@ -214,6 +215,40 @@ fn training(repo: &ModelRepository) -> pg_model_repo::Result<usize> {
         println!("  {} {:?}", r.version, r.metrics);
     }
     Ok(history.len())
+}
+
+fn cache(repo: &ModelRepository) -> pg_model_repo::Result<u64> {
+    section("Prediction cache");
+    let ttl = std::time::Duration::from_secs(600);
+    for user in ["user123", "user124", "user200"] {
+        repo.cache_predictions(&format!("{user}_recs"), &vec![0.9_f32, 0.5, 0.1], ttl)?;
+    }
+    repo.cache_predictions_default("model:ranker:warm", &json!({"ok": true}))?;
+    let hit: Option<Vec<f32>> = repo.get_cached_predictions("user123_recs")?;
+    println!("get user123_recs: {hit:?} (a hit, counted in memory)");
+    let miss: Option<Vec<f32>> = repo.get_cached_predictions("user999_recs")?;
+    println!("get user999_recs: {miss:?} (a miss)");
+    println!(
+        "time left on user123_recs: {:?}",
+        repo.cache_ttl("user123_recs")?.map(|d| d.as_secs())
+    );
+    repo.cache_predictions("short_lived", &1u8, std::time::Duration::from_millis(300))?;
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let expired: Option<u8> = repo.get_cached_predictions("short_lived")?;
+    println!("an entry with a 300 ms TTL, read 400 ms later: {expired:?} (expired by the database clock)");
+    let computed: Vec<u32> = repo.get_or_compute("user200_top", ttl, || Ok(vec![7, 3, 1]))?;
+    println!("get_or_compute user200_top: {computed:?}");
+    let cleared = repo.clear_cache("user12[34]_*")?;
+    println!("clear_cache(\"user12[34]_*\") removed {cleared} entries");
+    let purged = repo.purge_expired_cache()?;
+    println!("purge_expired_cache removed {purged}");
+    let stats = repo.get_cache_statistics()?;
+    println!(
+        "cache: {} entries ({} live), {} hits, {} misses, hit rate {:.2}, {} accesses recorded, {} bytes",
+        stats.total_entries, stats.active_entries, stats.hits, stats.misses, stats.hit_rate,
+        stats.total_access_count, stats.total_bytes
+    );
+    Ok(cleared)
 }
 
 fn monitoring(repo: &ModelRepository) -> pg_model_repo::Result<pg_model_repo::HealthStatus> {

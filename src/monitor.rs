@@ -206,8 +206,6 @@ const DEAD_TUPLES: &str = "SELECT coalesce(n_dead_tup, 0)::bigint,
      FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
      WHERE c.oid = to_regclass($1)";
 
-const PURGE_EXPIRED: &str = "DELETE FROM prediction_cache WHERE expires_at <= now()";
-
 impl ModelRepository {
     /// Checks the database ("database": a trivial query), every table ("tables"), the round
     /// trip time ("query_latency": Degraded above `slow_query_threshold`) and the pool
@@ -411,9 +409,8 @@ impl ModelRepository {
     pub fn optimize_database(&self) -> Result<OptimizeReport> {
         self.timed("optimize_database", || {
             let started = Instant::now();
-            let purged = self.with_conn("optimize_database", Retry::Idempotent, |conn| {
-                Ok(conn.client().execute(PURGE_EXPIRED, &[])?)
-            })?;
+            let purged =
+                crate::cache::purge_expired(&self.inner.pool, Retry::Idempotent, &|| false)?;
             let timeout_ms = self.inner.config.query_timeout.as_millis().max(1);
             let tables = self.with_conn("optimize_database", Retry::Idempotent, |conn| {
                 conn.client().batch_execute("SET statement_timeout = 0")?;

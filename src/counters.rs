@@ -8,8 +8,7 @@ use std::time::Instant;
 
 use crate::error::Result;
 use crate::pool::Pool;
-use crate::repository::with_pool_conn;
-use crate::retry::Retry;
+use std::time::Duration;
 
 /// Distinct keys buffered before a flush is asked for early.
 const FLUSH_SOON_KEYS: usize = 10_000;
@@ -17,6 +16,9 @@ const FLUSH_SOON_KEYS: usize = 10_000;
 /// Distinct keys buffered at most: past it, accesses to new keys are not buffered (memory stays
 /// bounded while the database is unreachable).
 const MAX_BUFFERED_KEYS: usize = 4 * FLUSH_SOON_KEYS;
+
+/// The longest a flush waits for a connection.
+const FLUSH_CHECKOUT: Duration = Duration::from_secs(2);
 
 /// Accesses of one key not yet written.
 #[derive(Clone, Copy, Debug)]
@@ -126,13 +128,21 @@ pub(crate) fn flush(
         .iter()
         .map(|(_, p)| i64::try_from(now.duration_since(p.last).as_micros()).unwrap_or(i64::MAX))
         .collect();
-    // Not retried inside: a repeat after an unknown commit would count twice.
-    let result = with_pool_conn(pool, op, Retry::Never, |conn| {
-        let statement = conn.prepare_cached(sql)?;
-        Ok(conn
-            .client()
-            .execute(&statement, &[&keys, &counts, &ages])?)
-    });
+    // Not retried inside (a repeat after an unknown commit would count twice), and the
+    // checkout is short: a close while the database is away must not wait out pool_timeout.
+    let result = pool
+        .get_within(pool.timeout().min(FLUSH_CHECKOUT))
+        .and_then(|mut conn| {
+            let written = conn.prepare_cached(sql).and_then(|statement| {
+                Ok(conn
+                    .client()
+                    .execute(&statement, &[&keys, &counts, &ages])?)
+            });
+            if let Err(e) = &written {
+                pool.note_failure(&mut conn, e);
+            }
+            written
+        });
     match result {
         Ok(updated) => {
             log::debug!(

@@ -320,3 +320,24 @@ fn connections_cut_mid_stream_leave_nothing_half_written() {
     assert_eq!(repo.get_model_versions("big").unwrap().len(), 1);
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn close_with_the_server_down_does_not_wait_out_pool_timeout() {
+    let mut server = own_server();
+    let repo = ModelRepository::open(
+        RepositoryConfig::new(server.url())
+            .schema("faults")
+            .pool_size(1)
+            .pool_timeout(Duration::from_secs(30))
+            .reaper_interval(Some(Duration::from_secs(3600))),
+    )
+    .unwrap();
+    repo.save_model("m", "1", b"x", &json!({})).unwrap();
+    repo.load_model("m", "1").unwrap();
+    repo.cache_predictions("k", &1u8, Duration::from_secs(60)).unwrap();
+    let _: Option<u8> = repo.get_cached_predictions("k").unwrap();
+    server.stop(StopMode::Immediate).unwrap();
+    let started = Instant::now();
+    repo.close();
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+}

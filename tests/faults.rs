@@ -334,10 +334,63 @@ fn close_with_the_server_down_does_not_wait_out_pool_timeout() {
     .unwrap();
     repo.save_model("m", "1", b"x", &json!({})).unwrap();
     repo.load_model("m", "1").unwrap();
-    repo.cache_predictions("k", &1u8, Duration::from_secs(60)).unwrap();
+    repo.cache_predictions("k", &1u8, Duration::from_secs(60))
+        .unwrap();
     let _: Option<u8> = repo.get_cached_predictions("k").unwrap();
     server.stop(StopMode::Immediate).unwrap();
     let started = Instant::now();
     repo.close();
-    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn the_reaper_keeps_working_across_a_server_restart() {
+    let mut server = own_server();
+    let repo = ModelRepository::open(
+        RepositoryConfig::new(server.url())
+            .schema("faults")
+            .pool_size(2)
+            .pool_timeout(Duration::from_secs(5))
+            .reaper_interval(Some(Duration::from_millis(200))),
+    )
+    .unwrap();
+    repo.cache_predictions("live", &1u8, Duration::from_secs(600))
+        .unwrap();
+    server.restart(StopMode::Immediate).unwrap();
+    // Let a few ticks fail or find stale connections while the server comes back.
+    std::thread::sleep(Duration::from_millis(600));
+    let mut admin = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "INSERT INTO faults.prediction_cache (cache_key, predictions, cached_at, expires_at)
+             SELECT 'old' || g, '\\x00', now() - interval '1 hour', now() - interval '1 minute'
+             FROM generate_series(1, 500) g",
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let left = || -> i64 {
+        admin_count(
+            &server.url(),
+            "SELECT count(*) FROM faults.prediction_cache WHERE cache_key LIKE 'old%'",
+        )
+    };
+    while left() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        left(),
+        0,
+        "the reaper deleted the expired rows after the restart"
+    );
+    let live: Option<u8> = repo.get_cached_predictions("live").unwrap();
+    assert_eq!(live, Some(1));
+}
+
+fn admin_count(url: &str, sql: &str) -> i64 {
+    let mut admin = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    admin.query_one(sql, &[]).unwrap().get(0)
 }

@@ -28,6 +28,7 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
 #[derive(Default)]
 struct Acknowledged {
     models: Vec<(String, String)>,
+    cache_keys: Vec<(String, u64)>,
     metrics: BTreeMap<(String, String), u64>,
 }
 
@@ -111,7 +112,7 @@ fn worker(
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let version = i.to_string();
-        let outcome = match i % 4 {
+        let outcome = match i % 6 {
             0 => repo
                 .save_model(&model, &version, version.as_bytes(), &json!({"i": i}))
                 .map(|_| {
@@ -132,6 +133,14 @@ fn worker(
                         .or_default() += 1;
                 }),
             2 => repo.load_model(&model, "latest").map(|_| ()),
+            3 => {
+                let key = format!("{model}:{i}");
+                repo.cache_predictions(&key, &i, Duration::from_secs(3600))
+                    .map(|_| acknowledged.lock().unwrap().cache_keys.push((key, i)))
+            }
+            4 => repo
+                .get_cached_predictions::<u64>(&format!("{model}:{}", i.saturating_sub(1)))
+                .map(|_| ()),
             _ => repo.get_model_versions(&model).map(|_| ()),
         };
         counters.operations.fetch_add(1, Ordering::Relaxed);
@@ -165,6 +174,12 @@ fn verify(repo: &ModelRepository, acknowledged: &Acknowledged) -> pg_model_repo:
             lost += 1;
         }
     }
+    for (key, value) in &acknowledged.cache_keys {
+        if repo.get_cached_predictions::<u64>(key)? != Some(*value) {
+            println!("lost cache entry {key}");
+            lost += 1;
+        }
+    }
     let mut stored: BTreeMap<(String, String), u64> = BTreeMap::new();
     let models: std::collections::BTreeSet<&String> =
         acknowledged.metrics.keys().map(|(m, _)| m).collect();
@@ -183,9 +198,10 @@ fn verify(repo: &ModelRepository, acknowledged: &Acknowledged) -> pg_model_repo:
         }
     }
     println!(
-        "verified {} model versions and {} metric records",
+        "verified {} model versions, {} metric records, {} cache entries",
         acknowledged.models.len(),
-        acknowledged.metrics.values().sum::<u64>()
+        acknowledged.metrics.values().sum::<u64>(),
+        acknowledged.cache_keys.len()
     );
     Ok(lost)
 }

@@ -122,6 +122,21 @@ CREATE TABLE IF NOT EXISTS embeddings (
     CONSTRAINT embeddings_bytes_match_dimension CHECK (octet_length(embeddings) = 4 * dimension)
 ) WITH (fillfactor = 90);
 
+-- ParallelCopy's landing area: several connections COPY into it at once, each row tagged with
+-- its load's id, then one transaction merges the load into embeddings and deletes its rows (a
+-- failed load deletes them too). UNLOGGED and without an index: rows live here for seconds and
+-- every index or WAL record would slow the COPY streams down.
+CREATE SEQUENCE IF NOT EXISTS embeddings_load_seq;
+
+CREATE UNLOGGED TABLE IF NOT EXISTS embeddings_staging (
+    load_id     bigint      NOT NULL,
+    entity_type text        NOT NULL,
+    entity_id   text        NOT NULL,
+    embeddings  bytea       NOT NULL,
+    dimension   integer     NOT NULL,
+    staged_at   timestamptz NOT NULL DEFAULT now()
+);
+
 -- Prediction cache -----------------------------------------------------------------------
 
 -- COLLATE "C": byte order, so a glob's literal prefix becomes a range scan on the key index.

@@ -31,6 +31,8 @@
 mod aliases;
 mod blob;
 mod config;
+mod copy;
+mod embeddings;
 mod error;
 mod migrate;
 mod models;
@@ -43,6 +45,7 @@ mod training;
 mod validate;
 
 pub use config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
+pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};
 pub use error::{RepoError, Result};
 pub use models::ModelInfo;
 pub use pool::PoolState;

@@ -1,0 +1,412 @@
+//! Batch loads of embeddings: binary COPY encoding (rayon, in chunks, through a bounded
+//! channel) and the four load paths, each an upsert in one transaction.
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+use postgres::Transaction;
+use rayon::prelude::*;
+
+use crate::embeddings::{check_registry, vector_bytes, CheckedBatch, LoadMethod, UPSERT_ONE};
+use crate::error::{RepoError, Result};
+use crate::pool::PgConnection;
+use crate::repository::ModelRepository;
+use crate::retry::Retry;
+use crate::Embedding;
+
+/// Encoded bytes per chunk: what one channel slot holds.
+const CHUNK_BYTES: usize = 4 << 20;
+/// Chunks waiting between the encoders and the writer.
+const CHANNEL_CHUNKS: usize = 4;
+/// Rows per statement of `MultiRowInsert`.
+const MULTI_ROW: usize = 1000;
+/// `Insert` reports progress every this many rows.
+const INSERT_PROGRESS_EVERY: usize = 1000;
+
+/// The crate's own rayon pool for CPU work (validation, encoding): never blocking I/O, never
+/// a pool checkout.
+pub(crate) fn cpu_pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("pg-model-repo-cpu-{i}"))
+            .build()
+            .expect("cannot start the pg-model-repo rayon pool")
+    })
+}
+
+/// The binary COPY header: signature, flags, header extension length.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+const COPY_TRAILER: &[u8] = &(-1i16).to_be_bytes();
+
+const COLUMNS: &str = "entity_type, entity_id, embeddings, dimension";
+
+/// Rows per encoded chunk, from the batch's widest vector.
+fn rows_per_chunk(records: &[Embedding]) -> usize {
+    let widest = records.iter().map(|e| e.vector.len()).max().unwrap_or(1);
+    (CHUNK_BYTES / (4 * widest + 64)).clamp(16, 65_536)
+}
+
+/// Binary COPY rows for `records`: (entity_type, entity_id, embeddings, dimension), with the
+/// load id in front when it is given.
+fn encode_chunk(records: &[Embedding], load_id: Option<i64>) -> Vec<u8> {
+    let size: usize = records
+        .iter()
+        .map(|e| 32 + e.entity_type.len() + e.entity_id.len() + 4 * e.vector.len())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for e in records {
+        match load_id {
+            Some(id) => {
+                out.extend_from_slice(&5i16.to_be_bytes());
+                out.extend_from_slice(&8i32.to_be_bytes());
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            None => out.extend_from_slice(&4i16.to_be_bytes()),
+        }
+        for text in [&e.entity_type, &e.entity_id] {
+            out.extend_from_slice(&(text.len() as i32).to_be_bytes());
+            out.extend_from_slice(text.as_bytes());
+        }
+        out.extend_from_slice(&((4 * e.vector.len()) as i32).to_be_bytes());
+        for v in &e.vector {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&4i32.to_be_bytes());
+        out.extend_from_slice(&(e.vector.len() as i32).to_be_bytes());
+    }
+    out
+}
+
+/// An I/O error from the COPY writer or reader, with the database error inside it (if any)
+/// brought back out, so its SQLSTATE still decides the variant and the retry.
+pub(crate) fn io_error(e: std::io::Error) -> RepoError {
+    if e.get_ref().is_some_and(|inner| inner.is::<postgres::Error>()) {
+        if let Some(inner) = e.into_inner() {
+            if let Ok(pg) = inner.downcast::<postgres::Error>() {
+                return RepoError::from(*pg);
+            }
+        }
+        return RepoError::Io(std::io::Error::other("COPY failed"));
+    }
+    RepoError::Io(e)
+}
+
+/// Streams `records` as a binary COPY into `writer`: a plain thread has the crate's rayon pool
+/// encode a few chunks at a time and hands them over a bounded channel, so at most a few
+/// chunks of encoded bytes exist at once. `progress(rows)` after each chunk is written.
+fn stream_rows(
+    writer: &mut dyn Write,
+    records: &[Embedding],
+    load_id: Option<i64>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let per_chunk = rows_per_chunk(records);
+    writer.write_all(COPY_HEADER).map_err(io_error)?;
+    if records.len() <= per_chunk {
+        writer
+            .write_all(&encode_chunk(records, load_id))
+            .map_err(io_error)?;
+        progress(records.len() as u64);
+    } else {
+        let (sender, receiver) = crossbeam_channel::bounded::<(usize, Vec<u8>)>(CHANNEL_CHUNKS);
+        std::thread::scope(|scope| -> Result<()> {
+            let encoder = std::thread::Builder::new()
+                .name("pg-model-repo-encode".into())
+                .spawn_scoped(scope, move || {
+                    let group = per_chunk * cpu_pool().current_num_threads().max(1);
+                    for rows in records.chunks(group) {
+                        let encoded: Vec<(usize, Vec<u8>)> = cpu_pool().install(|| {
+                            rows.par_chunks(per_chunk)
+                                .map(|c| (c.len(), encode_chunk(c, load_id)))
+                                .collect()
+                        });
+                        for chunk in encoded {
+                            // The writer hung up (it failed): stop encoding.
+                            if sender.send(chunk).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })?;
+            let mut written = 0u64;
+            let result = receiver.iter().try_for_each(|(rows, bytes)| {
+                writer.write_all(&bytes).map_err(io_error)?;
+                written += rows as u64;
+                progress(written);
+                Ok(())
+            });
+            // Hang up before joining, so a blocked encoder wakes up and ends.
+            drop(receiver);
+            if let Err(panic) = encoder.join() {
+                std::panic::resume_unwind(panic);
+            }
+            result
+        })?;
+    }
+    writer.write_all(COPY_TRAILER).map_err(io_error)
+}
+
+/// One COPY … FROM STDIN of `records` inside `tx`; dropping the writer on error aborts it.
+fn copy_in(
+    tx: &mut Transaction<'_>,
+    sql: &str,
+    records: &[Embedding],
+    load_id: Option<i64>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let mut writer = tx.copy_in(sql)?;
+    stream_rows(&mut writer, records, load_id, progress)?;
+    Ok(writer.finish()?)
+}
+
+/// Runs a load by `Insert`, `MultiRowInsert` or `Copy` on one connection, in one transaction.
+pub(crate) fn load_on(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    method: LoadMethod,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let mut tx = conn.client().transaction()?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+    check_registry(&mut tx, &batch.types)?;
+    match method {
+        LoadMethod::Insert => insert_rows(&mut tx, batch.records, progress)?,
+        LoadMethod::MultiRowInsert => insert_multi_row(&mut tx, batch.records, progress)?,
+        LoadMethod::Copy | LoadMethod::ParallelCopy => copy_merge(&mut tx, batch, progress)?,
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn insert_rows(
+    tx: &mut Transaction<'_>,
+    records: &[Embedding],
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let statement = tx.prepare(UPSERT_ONE)?;
+    for (i, e) in records.iter().enumerate() {
+        let bytes = vector_bytes(&e.vector);
+        let dimension = e.vector.len() as i32;
+        tx.execute(&statement, &[&e.entity_type, &e.entity_id, &bytes, &dimension])?;
+        if (i + 1) % INSERT_PROGRESS_EVERY == 0 || i + 1 == records.len() {
+            progress(i as u64 + 1);
+        }
+    }
+    Ok(())
+}
+
+const UPSERT_ARRAYS: &str = "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) \
+     SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bytea[], $4::int4[]) \
+     ON CONFLICT (entity_type, entity_id) DO UPDATE \
+     SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, updated_at = now()";
+
+fn insert_multi_row(
+    tx: &mut Transaction<'_>,
+    records: &[Embedding],
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let statement = tx.prepare(UPSERT_ARRAYS)?;
+    let mut done = 0u64;
+    for chunk in records.chunks(MULTI_ROW) {
+        let types: Vec<&str> = chunk.iter().map(|e| e.entity_type.as_str()).collect();
+        let ids: Vec<&str> = chunk.iter().map(|e| e.entity_id.as_str()).collect();
+        let vectors: Vec<Vec<u8>> = chunk.iter().map(|e| vector_bytes(&e.vector)).collect();
+        let dims: Vec<i32> = chunk.iter().map(|e| e.vector.len() as i32).collect();
+        tx.execute(&statement, &[&types, &ids, &vectors, &dims])?;
+        done += chunk.len() as u64;
+        progress(done);
+    }
+    Ok(())
+}
+
+const ANY_ROWS_OF_TYPES: &str =
+    "SELECT EXISTS (SELECT 1 FROM embeddings WHERE entity_type = ANY($1::text[]))";
+
+const CREATE_STAGE: &str = "CREATE TEMP TABLE pg_model_repo_embeddings_stage \
+     (entity_type text, entity_id text, embeddings bytea, dimension int4) ON COMMIT DROP";
+
+/// Upserts the staged rows. `updated_at = now()` moves it; `created_at` is left alone.
+const MERGE_STAGE: &str = "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) \
+     SELECT entity_type, entity_id, embeddings, dimension FROM pg_model_repo_embeddings_stage \
+     ON CONFLICT (entity_type, entity_id) DO UPDATE \
+     SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, updated_at = now()";
+
+/// `Copy`: when the batch's types have no rows yet, COPY straight into the table (a fresh
+/// load then costs what the server's own COPY costs); a key that appeared meanwhile rolls
+/// that back to a savepoint. Otherwise, and after such a rollback, COPY into a temporary
+/// staging table and merge with an upsert.
+fn copy_merge(
+    tx: &mut Transaction<'_>,
+    batch: &CheckedBatch<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let names: Vec<&str> = batch.types.iter().map(|t| t.entity_type).collect();
+    let occupied: bool = tx.query_one(ANY_ROWS_OF_TYPES, &[&names])?.try_get(0)?;
+    if !occupied {
+        let direct = format!("COPY embeddings ({COLUMNS}) FROM STDIN (FORMAT binary)");
+        let mut savepoint = tx.savepoint("pg_model_repo_direct_copy")?;
+        match copy_in(&mut savepoint, &direct, batch.records, None, progress) {
+            Ok(_) => return Ok(savepoint.commit()?),
+            Err(RepoError::Conflict(m)) => {
+                log::debug!("pg-model-repo: direct COPY met existing keys ({m}); merging instead");
+                savepoint.rollback()?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.batch_execute(CREATE_STAGE)?;
+    let sql = format!("COPY pg_model_repo_embeddings_stage ({COLUMNS}) FROM STDIN (FORMAT binary)");
+    copy_in(tx, &sql, batch.records, None, progress)?;
+    tx.execute(MERGE_STAGE, &[])?;
+    Ok(())
+}
+
+const NEXT_LOAD_ID: &str = "SELECT nextval('embeddings_load_seq')";
+const MERGE_STAGED: &str = "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) \
+     SELECT entity_type, entity_id, embeddings, dimension FROM embeddings_staging WHERE load_id = $1 \
+     ON CONFLICT (entity_type, entity_id) DO UPDATE \
+     SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, updated_at = now()";
+const CLEAR_STAGED: &str = "DELETE FROM embeddings_staging WHERE load_id = $1";
+
+/// `ParallelCopy`: several connections COPY parts of the batch into the shared UNLOGGED
+/// staging table under one load id, each stream on its own plain thread; then one
+/// transaction checks the registry, merges the load and deletes its staged rows. Any
+/// failure deletes the load's staged rows. Extra connections come from `try_get` only
+/// (waiting for a second connection while holding one can deadlock a small pool); with none
+/// free it runs with fewer streams.
+pub(crate) fn load_parallel(
+    repo: &ModelRepository,
+    batch: &CheckedBatch<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let pool = &repo.inner.pool;
+    let wanted = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(batch.records.len().div_ceil(1024))
+        .max(1);
+    repo.with_conn("load_embeddings", Retry::Idempotent, |conn| {
+        let load_id: i64 = conn.client().query_one(NEXT_LOAD_ID, &[])?.try_get(0)?;
+        let mut extra: Vec<_> = (1..wanted).map_while(|_| pool.try_get()).collect();
+        log::debug!(
+            "pg-model-repo: parallel load {load_id} of {} rows over {} streams",
+            batch.records.len(),
+            extra.len() + 1
+        );
+        let result = stage_parallel(repo, conn, &mut extra, batch.records, load_id, progress)
+            .and_then(|()| merge_staged(conn, batch, load_id));
+        drop(extra);
+        if let Err(e) = &result {
+            clear_staged(repo, conn, load_id, e);
+        }
+        result
+    })
+}
+
+/// COPYs the parts into staging, one committed transaction per stream.
+fn stage_parallel(
+    repo: &ModelRepository,
+    conn: &mut PgConnection,
+    extra: &mut [crate::pool::Conn],
+    records: &[Embedding],
+    load_id: i64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let streams = extra.len() + 1;
+    let part = records.len().div_ceil(streams);
+    let mut conns: Vec<&mut PgConnection> = vec![conn];
+    conns.extend(extra.iter_mut().map(|c| &mut **c));
+    let (sender, receiver) = crossbeam_channel::unbounded::<u64>();
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .zip(records.chunks(part))
+            .enumerate()
+            .map(|(i, (conn, rows))| {
+                let sender = sender.clone();
+                std::thread::Builder::new()
+                    .name(format!("pg-model-repo-copy-{i}"))
+                    .spawn_scoped(scope, move || {
+                        let mut last = 0;
+                        let result = stage_part(conn, rows, load_id, &mut |done| {
+                            let _ = sender.send(done - last);
+                            last = done;
+                        });
+                        if let Err(e) = &result {
+                            repo.inner.pool.note_failure(conn, e);
+                        }
+                        result
+                    })
+            })
+            .collect();
+        drop(sender);
+        let mut done = 0;
+        for rows in receiver.iter() {
+            done += rows;
+            progress(done);
+        }
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(handle) => handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(e) => Err(RepoError::Io(e)),
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+fn stage_part(
+    conn: &mut PgConnection,
+    rows: &[Embedding],
+    load_id: i64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let mut tx = conn.client().transaction()?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+    let sql = format!("COPY embeddings_staging (load_id, {COLUMNS}) FROM STDIN (FORMAT binary)");
+    copy_in(&mut tx, &sql, rows, Some(load_id), progress)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn merge_staged(conn: &mut PgConnection, batch: &CheckedBatch<'_>, load_id: i64) -> Result<()> {
+    let mut tx = conn.client().transaction()?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+    check_registry(&mut tx, &batch.types)?;
+    tx.execute(MERGE_STAGED, &[&load_id])?;
+    tx.execute(CLEAR_STAGED, &[&load_id])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Deletes a failed load's staged rows, on its own connection if that still works, else on a
+/// fresh one. A failure here is logged: the rows stay until someone deletes them (they are
+/// tagged with the load id and never merged).
+fn clear_staged(repo: &ModelRepository, conn: &mut PgConnection, load_id: i64, cause: &RepoError) {
+    let attempt = |conn: &mut PgConnection| -> Result<u64> {
+        let mut tx = conn.client().transaction()?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+        let n = tx.execute(CLEAR_STAGED, &[&load_id])?;
+        tx.commit()?;
+        Ok(n)
+    };
+    let cleared = if conn.is_broken() {
+        Err(RepoError::Pool("connection broken".into()))
+    } else {
+        attempt(conn)
+    }
+    .or_else(|_| {
+        let mut fresh = repo.inner.pool.get()?;
+        attempt(&mut fresh)
+    });
+    match cleared {
+        Ok(n) => log::debug!("pg-model-repo: load {load_id} failed ({cause}); cleared {n} staged rows"),
+        Err(e) => log::warn!(
+            "pg-model-repo: load {load_id} failed ({cause}) and its staged rows could not be \
+             cleared ({e}); delete them with: DELETE FROM embeddings_staging WHERE load_id = {load_id}"
+        ),
+    }
+}

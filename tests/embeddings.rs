@@ -462,6 +462,8 @@ fn concurrent_first_saves_of_a_new_type_agree_on_one_dimension() {
                     }
                 })
             })
+            .collect::<Vec<_>>()
+            .into_iter()
             .map(|h| h.join().unwrap())
             .collect();
         let winners: Vec<usize> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();

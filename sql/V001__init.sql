@@ -120,7 +120,7 @@ CREATE TABLE IF NOT EXISTS embeddings (
     updated_at  timestamptz  NOT NULL DEFAULT now(),
     CONSTRAINT embeddings_pkey PRIMARY KEY (entity_type, entity_id),
     CONSTRAINT embeddings_bytes_match_dimension CHECK (octet_length(embeddings) = 4 * dimension)
-) WITH (fillfactor = 90);
+) WITH (fillfactor = 50);
 
 -- ParallelCopy's landing area: several connections COPY into it at once, each row tagged with
 -- its load's id, then one transaction merges the load into embeddings and deletes its rows (a

@@ -295,8 +295,13 @@ pub(crate) fn load_parallel(
             batch.records.len(),
             extra.len() + 1
         );
+        let started = std::time::Instant::now();
         let result = stage_parallel(repo, conn, &mut extra, batch.records, load_id, progress)
-            .and_then(|()| merge_staged(conn, batch, load_id));
+            .and_then(|()| {
+                log::debug!("pg-model-repo: load {load_id} staged in {:?}", started.elapsed());
+                merge_staged(conn, batch, load_id)
+            });
+        log::debug!("pg-model-repo: load {load_id} done in {:?}", started.elapsed());
         drop(extra);
         if let Err(e) = &result {
             clear_staged(repo, conn, load_id, e);

@@ -358,9 +358,8 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         if wants("upsert_reload") {
             settle(&url);
             let pb = bar(args, "upsert_reload", rows);
-            let report = repo.load_embeddings_with_progress(&batch, LoadMethod::Copy, &mut |d, _| {
-                pb.set_position(d)
-            })?;
+            // What a user gets: batch_save_embeddings picks the path.
+            let report = repo.batch_save_embeddings(&batch)?;
             pb.finish_and_clear();
             results.push(measurement("upsert_reload", rows, args.dim, report.elapsed.as_secs_f64()));
             // The reads below should not pay for the reload's dead tuples.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use postgres::GenericClient;
 use rayon::prelude::*;
 
-use crate::copy::{self, cpu_pool};
+use crate::copy::{self, cpu_pool, Path};
 use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
 use crate::retry::Retry;
@@ -125,10 +125,12 @@ const MAX_DIMENSION: usize = ((1 << 30) - 1) / 4;
 /// Batches at least this long are validated on the crate's rayon pool.
 const PARALLEL_VALIDATION_MIN: usize = 4096;
 
-/// Below this many records `batch_save_embeddings` upserts by `MultiRowInsert`, from here on
-/// by `Copy` (measured with `cargo run --release --example load_bench -- --crossover`; see
-/// docs/embeddings.md).
-pub const BATCH_COPY_CROSSOVER: usize = 1000;
+/// Below this many records `batch_save_embeddings` upserts by `MultiRowInsert`. From here on
+/// it samples 64 of the batch's keys inside the transaction: when at least half are stored
+/// already (a reload) it still upserts from arrays, which skips the staging table; otherwise
+/// it loads by `Copy`. Measured with `cargo run --release --example load_bench --
+/// --crossover` (docs/embeddings.md).
+pub const BATCH_COPY_CROSSOVER: usize = 300;
 
 fn check_key(entity_type: &str, entity_id: &str) -> Result<()> {
     validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
@@ -578,8 +580,9 @@ impl ModelRepository {
         })
     }
 
-    /// Saves a batch by the fastest correct method for its size: multi-row upserts below
-    /// [`BATCH_COPY_CROSSOVER`] records, binary COPY from there on. All or nothing: any
+    /// Saves a batch by the fastest correct method for it: multi-row upserts below
+    /// [`BATCH_COPY_CROSSOVER`] records or when most of its keys exist already, binary COPY
+    /// otherwise. All or nothing: any
     /// invalid record (or a key twice in the batch) fails the call, naming the first
     /// offending record, and nothing is written.
     ///
@@ -595,12 +598,12 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn batch_save_embeddings(&self, batch: &[Embedding]) -> Result<BatchReport> {
-        let method = if batch.len() < BATCH_COPY_CROSSOVER {
-            LoadMethod::MultiRowInsert
+        let path = if batch.len() < BATCH_COPY_CROSSOVER {
+            Path::Method(LoadMethod::MultiRowInsert)
         } else {
-            LoadMethod::Copy
+            Path::Fastest
         };
-        self.load("batch_save_embeddings", batch, method, &mut |_, _| {})
+        self.load("batch_save_embeddings", batch, path, &mut |_, _| {})
     }
 
     /// Saves a batch by the given method (to compare methods; `batch_save_embeddings` picks
@@ -615,7 +618,7 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn load_embeddings(&self, batch: &[Embedding], method: LoadMethod) -> Result<BatchReport> {
-        self.load("load_embeddings", batch, method, &mut |_, _| {})
+        self.load("load_embeddings", batch, Path::Method(method), &mut |_, _| {})
     }
 
     /// [`load_embeddings`](Self::load_embeddings) that reports progress: `progress(rows_sent,
@@ -638,14 +641,14 @@ impl ModelRepository {
         method: LoadMethod,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<BatchReport> {
-        self.load("load_embeddings", batch, method, progress)
+        self.load("load_embeddings", batch, Path::Method(method), progress)
     }
 
     fn load(
         &self,
         op: &'static str,
         batch: &[Embedding],
-        method: LoadMethod,
+        path: Path,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<BatchReport> {
         let started = Instant::now();
@@ -654,14 +657,16 @@ impl ModelRepository {
             if !batch.is_empty() {
                 let total = batch.len() as u64;
                 let mut report = |done: u64| progress(done, total);
-                match method {
-                    LoadMethod::ParallelCopy => copy::load_parallel(self, &checked, &mut report)?,
+                match path {
+                    Path::Method(LoadMethod::ParallelCopy) => {
+                        copy::load_parallel(self, &checked, &mut report)?
+                    }
                     _ => self.with_conn(op, Retry::Idempotent, |conn| {
-                        copy::load_on(conn, &checked, method, &mut report)
+                        copy::load_on(conn, &checked, path, &mut report)
                     })?,
                 }
                 log::debug!(
-                    "pg-model-repo: {op} wrote {total} rows by {method} in {:?}",
+                    "pg-model-repo: {op} wrote {total} rows ({path:?}) in {:?}",
                     started.elapsed()
                 );
             }

@@ -84,7 +84,11 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match flag.as_str() {
-            "--rows" => out.rows = value("--rows")?.parse().map_err(|e| format!("--rows: {e}"))?,
+            "--rows" => {
+                out.rows = value("--rows")?
+                    .parse()
+                    .map_err(|e| format!("--rows: {e}"))?
+            }
             "--dim" => out.dim = value("--dim")?.parse().map_err(|e| format!("--dim: {e}"))?,
             "--methods" => {
                 let list = value("--methods")?;
@@ -241,7 +245,10 @@ fn server_copy_file(url: &str, path: &str) -> Result<Duration, Box<dyn Error>> {
     let mut c = postgres::Client::connect(url, postgres::NoTls)?;
     c.batch_execute(&format!("SET search_path TO {schema}"))?;
     let options: Option<Vec<String>> = c
-        .query_one("SELECT reloptions FROM pg_class WHERE oid = 'embeddings'::regclass", &[])?
+        .query_one(
+            "SELECT reloptions FROM pg_class WHERE oid = 'embeddings'::regclass",
+            &[],
+        )?
         .get(0);
     let with = options
         .filter(|o| !o.is_empty())
@@ -313,7 +320,12 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         let path = write_copy_file(&batch)?;
         let elapsed = server_copy_file(&url, &path);
         let _ = std::fs::remove_file(&path);
-        results.push(measurement("server_copy_file", rows, args.dim, elapsed?.as_secs_f64()));
+        results.push(measurement(
+            "server_copy_file",
+            rows,
+            args.dim,
+            elapsed?.as_secs_f64(),
+        ));
     }
 
     // The repository whose table later serves the reload and the reads.
@@ -327,10 +339,15 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         let input = current_rss();
         reset_peak_rss();
         let pb = bar(args, method.as_str(), rows);
-        let report =
-            repo.load_embeddings_with_progress(&batch, method, &mut |done, _| pb.set_position(done))?;
+        let report = repo
+            .load_embeddings_with_progress(&batch, method, &mut |done, _| pb.set_position(done))?;
         pb.finish_and_clear();
-        let mut m = measurement(method.as_str(), rows, args.dim, report.elapsed.as_secs_f64());
+        let mut m = measurement(
+            method.as_str(),
+            rows,
+            args.dim,
+            report.elapsed.as_secs_f64(),
+        );
         m.peak_rss_over_input_mib = match (peak_rss(), input) {
             (Some(peak), Some(input)) => Some(peak.saturating_sub(input) as f64 / 1048576.0),
             _ => None,
@@ -361,7 +378,12 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
             // What a user gets: batch_save_embeddings picks the path.
             let report = repo.batch_save_embeddings(&batch)?;
             pb.finish_and_clear();
-            results.push(measurement("upsert_reload", rows, args.dim, report.elapsed.as_secs_f64()));
+            results.push(measurement(
+                "upsert_reload",
+                rows,
+                args.dim,
+                report.elapsed.as_secs_f64(),
+            ));
             // The reads below should not pay for the reload's dead tuples.
             let schema = repo.config().schema_name().to_owned();
             let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
@@ -369,15 +391,26 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         }
         if wants("server_copy_out") {
             let (_, elapsed) = server_copy_out(&url, repo.config().schema_name())?;
-            results.push(measurement("server_copy_out", rows, args.dim, elapsed.as_secs_f64()));
+            results.push(measurement(
+                "server_copy_out",
+                rows,
+                args.dim,
+                elapsed.as_secs_f64(),
+            ));
         }
         if wants("read_stream") {
             let started = Instant::now();
             let mut checksum = 0f64;
-            let n = repo.for_each_embedding(ENTITY_TYPE, &mut |_, v| checksum += f64::from(v[0]))?;
+            let n =
+                repo.for_each_embedding(ENTITY_TYPE, &mut |_, v| checksum += f64::from(v[0]))?;
             let elapsed = started.elapsed();
             std::hint::black_box(checksum);
-            results.push(measurement("read_stream", n, args.dim, elapsed.as_secs_f64()));
+            results.push(measurement(
+                "read_stream",
+                n,
+                args.dim,
+                elapsed.as_secs_f64(),
+            ));
         }
         drop_schema(&url, repo)?;
     }
@@ -434,7 +467,8 @@ fn crossover(url: &str, args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>>
                 }
                 times.sort_by(f64::total_cmp);
                 let median = times[reps / 2];
-                let mut m = measurement(&format!("{phase}_{n}_{method}"), n as u64, args.dim, median);
+                let mut m =
+                    measurement(&format!("{phase}_{n}_{method}"), n as u64, args.dim, median);
                 m.ratio_to_ceiling = f64::NAN;
                 results.push(m);
             }
@@ -490,7 +524,10 @@ pub fn plot(results: &[Measurement], path: &str, title: &str) -> Result<(), Box<
             RGBColor(60, 110, 200)
         };
         let mut bar = Rectangle::new(
-            [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), m.rows_per_s)],
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), m.rows_per_s),
+            ],
             color.filled(),
         );
         bar.set_margin(0, 0, 8, 8);
@@ -516,7 +553,10 @@ pub fn main_with(args: Args) -> Result<(), Box<dyn Error>> {
         print_table(&results);
     }
     if let Some(path) = &args.plot {
-        let title = format!("{} x {} embeddings: rows/s (ratio to the server's COPY)", args.rows, args.dim);
+        let title = format!(
+            "{} x {} embeddings: rows/s (ratio to the server's COPY)",
+            args.rows, args.dim
+        );
         plot(&results, path, &title)?;
         eprintln!("plot written to {path}");
     }

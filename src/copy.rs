@@ -83,7 +83,9 @@ fn encode_chunk(records: &[Embedding], load_id: Option<i64>) -> Vec<u8> {
 /// An I/O error from the COPY writer or reader, with the database error inside it (if any)
 /// brought back out, so its SQLSTATE still decides the variant and the retry.
 pub(crate) fn io_error(e: std::io::Error) -> RepoError {
-    if e.get_ref().is_some_and(|inner| inner.is::<postgres::Error>()) {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<postgres::Error>())
+    {
         if let Some(inner) = e.into_inner() {
             if let Ok(pg) = inner.downcast::<postgres::Error>() {
                 return RepoError::from(*pg);
@@ -224,7 +226,10 @@ fn insert_rows(
     for (i, e) in records.iter().enumerate() {
         let bytes = vector_bytes(&e.vector);
         let dimension = e.vector.len() as i32;
-        tx.execute(&statement, &[&e.entity_type, &e.entity_id, &bytes, &dimension])?;
+        tx.execute(
+            &statement,
+            &[&e.entity_type, &e.entity_id, &bytes, &dimension],
+        )?;
         if (i + 1) % INSERT_PROGRESS_EVERY == 0 || i + 1 == records.len() {
             progress(i as u64 + 1);
         }
@@ -232,7 +237,8 @@ fn insert_rows(
     Ok(())
 }
 
-const UPSERT_ARRAYS: &str = "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) \
+const UPSERT_ARRAYS: &str =
+    "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) \
      SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bytea[], $4::int4[]) \
      ON CONFLICT (entity_type, entity_id) DO UPDATE \
      SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, updated_at = now()";
@@ -263,7 +269,8 @@ const CREATE_STAGE: &str = "CREATE TEMP TABLE pg_model_repo_embeddings_stage \
      (entity_type text, entity_id text, embeddings bytea, dimension int4) ON COMMIT DROP";
 
 /// Upserts the staged rows. `updated_at = now()` moves it; `created_at` is left alone.
-const MERGE_STAGE: &str = "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) \
+const MERGE_STAGE: &str =
+    "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) \
      SELECT entity_type, entity_id, embeddings, dimension FROM pg_model_repo_embeddings_stage \
      ON CONFLICT (entity_type, entity_id) DO UPDATE \
      SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, updated_at = now()";
@@ -332,10 +339,16 @@ pub(crate) fn load_parallel(
         let started = std::time::Instant::now();
         let result = stage_parallel(repo, conn, &mut extra, batch.records, load_id, progress)
             .and_then(|()| {
-                log::debug!("pg-model-repo: load {load_id} staged in {:?}", started.elapsed());
+                log::debug!(
+                    "pg-model-repo: load {load_id} staged in {:?}",
+                    started.elapsed()
+                );
                 merge_staged(conn, batch, load_id)
             });
-        log::debug!("pg-model-repo: load {load_id} done in {:?}", started.elapsed());
+        log::debug!(
+            "pg-model-repo: load {load_id} done in {:?}",
+            started.elapsed()
+        );
         drop(extra);
         if let Err(e) = &result {
             clear_staged(repo, conn, load_id, e);
@@ -389,7 +402,9 @@ fn stage_parallel(
         handles
             .into_iter()
             .map(|h| match h {
-                Ok(handle) => handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
                 Err(e) => Err(RepoError::Io(e)),
             })
             .collect()

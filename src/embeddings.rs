@@ -298,7 +298,10 @@ const REGISTER_TYPES: &str = "INSERT INTO embedding_types AS r (entity_type, dim
 /// Checks a batch's dimensions against the registry inside the write's transaction,
 /// registering the types seen for the first time. The registry row of a known type is only
 /// read (never locked), so concurrent writers of one type do not queue on it.
-pub(crate) fn check_registry<C: GenericClient>(client: &mut C, types: &[TypeDim<'_>]) -> Result<()> {
+pub(crate) fn check_registry<C: GenericClient>(
+    client: &mut C,
+    types: &[TypeDim<'_>],
+) -> Result<()> {
     let names: Vec<&str> = types.iter().map(|t| t.entity_type).collect();
     let mut registered: HashMap<String, i32> = HashMap::new();
     for row in client.query(REGISTERED_DIMENSIONS, &[&names])? {
@@ -410,7 +413,12 @@ impl ModelRepository {
     /// repo.save_embeddings("user", "u42", &[0.1, 0.2, 0.3])?;
     /// # Ok(()) }
     /// ```
-    pub fn save_embeddings(&self, entity_type: &str, entity_id: &str, vector: &[f32]) -> Result<()> {
+    pub fn save_embeddings(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        vector: &[f32],
+    ) -> Result<()> {
         self.timed("save_embeddings", || {
             check_key(entity_type, entity_id)?;
             check_vector(vector)?;
@@ -575,7 +583,8 @@ impl ModelRepository {
             });
             drop(reader);
             let rows = result.map_err(|e| interrupted_after(delivered, e))?;
-            tx.commit().map_err(|e| interrupted_after(delivered, e.into()))?;
+            tx.commit()
+                .map_err(|e| interrupted_after(delivered, e.into()))?;
             Ok(rows)
         })
     }
@@ -618,7 +627,12 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn load_embeddings(&self, batch: &[Embedding], method: LoadMethod) -> Result<BatchReport> {
-        self.load("load_embeddings", batch, Path::Method(method), &mut |_, _| {})
+        self.load(
+            "load_embeddings",
+            batch,
+            Path::Method(method),
+            &mut |_, _| {},
+        )
     }
 
     /// [`load_embeddings`](Self::load_embeddings) that reports progress: `progress(rows_sent,
@@ -732,8 +746,8 @@ fn read_field(reader: &mut dyn Read, buf: &mut Vec<u8>) -> Result<()> {
     let mut len = [0u8; 4];
     read_exact(reader, &mut len)?;
     let len = i32::from_be_bytes(len);
-    let len = usize::try_from(len)
-        .map_err(|_| RepoError::Corrupt("NULL in a NOT NULL column".into()))?;
+    let len =
+        usize::try_from(len).map_err(|_| RepoError::Corrupt("NULL in a NOT NULL column".into()))?;
     buf.resize(len, 0);
     read_exact(reader, buf)
 }

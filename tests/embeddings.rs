@@ -14,7 +14,9 @@ use pg_model_repo::{Embedding, LoadMethod, ModelRepository, RepoError, Repositor
 fn batch(entity_type: &str, n: usize, dim: usize, seed: f32) -> Vec<Embedding> {
     (0..n)
         .map(|i| {
-            let vector = (0..dim).map(|j| seed + i as f32 * 0.5 + j as f32 * 0.001).collect();
+            let vector = (0..dim)
+                .map(|j| seed + i as f32 * 0.5 + j as f32 * 0.001)
+                .collect();
             Embedding::new(entity_type, format!("id-{i:06}"), vector)
         })
         .collect()
@@ -49,7 +51,9 @@ fn assert_mismatch<T: std::fmt::Debug>(
             index: i,
             ..
         }) => assert_eq!((e, a, i), (expected, actual, index)),
-        other => panic!("expected DimensionMismatch({expected}, {actual}, {index:?}), got {other:?}"),
+        other => {
+            panic!("expected DimensionMismatch({expected}, {actual}, {index:?}), got {other:?}")
+        }
     }
 }
 
@@ -118,7 +122,10 @@ fn upsert_keeps_created_at_and_moves_updated_at() {
     let (created2, updated2) = timestamps(&repo, "user", "u1");
     assert_eq!(created2, created);
     assert!(updated2 > updated, "{updated2:?} <= {updated:?}");
-    assert_eq!(repo.get_embeddings("user", "u1").unwrap(), Some(vec![3.0, 4.0]));
+    assert_eq!(
+        repo.get_embeddings("user", "u1").unwrap(),
+        Some(vec![3.0, 4.0])
+    );
     assert_eq!(count(&repo, "embeddings"), 1);
 }
 
@@ -180,16 +187,23 @@ fn batch_save_works_below_and_above_the_crossover() {
 #[test]
 fn the_first_vector_fixes_the_dimension_of_its_type() {
     let repo = TestRepo::new();
-    repo.save_embeddings("user", "u1", &[1.0, 2.0, 3.0]).unwrap();
+    repo.save_embeddings("user", "u1", &[1.0, 2.0, 3.0])
+        .unwrap();
     assert_mismatch(repo.save_embeddings("user", "u2", &[1.0, 2.0]), 3, 2, None);
     // Even for an existing key, and nothing changes.
     assert_mismatch(repo.save_embeddings("user", "u1", &[1.0; 4]), 3, 4, None);
-    assert_eq!(repo.get_embeddings("user", "u1").unwrap(), Some(vec![1.0, 2.0, 3.0]));
+    assert_eq!(
+        repo.get_embeddings("user", "u1").unwrap(),
+        Some(vec![1.0, 2.0, 3.0])
+    );
     // Other types have their own dimension.
     repo.save_embeddings("item", "i1", &[1.0]).unwrap();
     let dim: i32 = repo
         .sql()
-        .query_one("SELECT dimension FROM embedding_types WHERE entity_type = 'user'", &[])
+        .query_one(
+            "SELECT dimension FROM embedding_types WHERE entity_type = 'user'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(dim, 3);
@@ -198,7 +212,8 @@ fn the_first_vector_fixes_the_dimension_of_its_type() {
 #[test]
 fn a_batch_against_the_registry_names_the_first_record_of_the_wrong_type() {
     let repo = TestRepo::new();
-    repo.save_embeddings("user", "u0", &[1.0, 2.0, 3.0]).unwrap();
+    repo.save_embeddings("user", "u0", &[1.0, 2.0, 3.0])
+        .unwrap();
     for method in LoadMethod::ALL {
         let mut b = batch("item", 4, 2, 0.0);
         b.extend(batch("user", 3, 4, 0.0));
@@ -274,7 +289,9 @@ fn every_bad_record_fails_its_batch_by_every_method_naming_its_index() {
         for method in LoadMethod::ALL {
             let result = repo.load_embeddings(&b, method);
             match &result {
-                Err(RepoError::InvalidInput(m)) => assert!(m.contains("record 4999:"), "{what}: {m}"),
+                Err(RepoError::InvalidInput(m)) => {
+                    assert!(m.contains("record 4999:"), "{what}: {m}")
+                }
                 other => panic!("{what} by {method}: {other:?}"),
             }
         }
@@ -332,7 +349,11 @@ fn a_record_the_server_refuses_leaves_nothing_behind_by_every_method() {
         b[rows - 1].entity_id = "poison".into();
         for method in LoadMethod::ALL {
             let err = repo.load_embeddings(&b, method).unwrap_err();
-            assert_eq!(err.code().map(|c| c.code()), Some("23514"), "{method}: {err}");
+            assert_eq!(
+                err.code().map(|c| c.code()),
+                Some("23514"),
+                "{method}: {err}"
+            );
             assert_eq!(count(&repo, "embeddings"), 10, "{method}");
             assert_eq!(staged_rows(&repo), 0, "{method}");
             // The old values are untouched.
@@ -387,7 +408,10 @@ impl Tagged {
 
     fn count(&self, table: &str) -> i64 {
         common::admin()
-            .query_one(&format!("SELECT count(*) FROM \"{}\".{table}", self.schema), &[])
+            .query_one(
+                &format!("SELECT count(*) FROM \"{}\".{table}", self.schema),
+                &[],
+            )
             .unwrap()
             .get(0)
     }
@@ -406,11 +430,13 @@ fn a_load_whose_backend_is_killed_every_time_midway_leaves_nothing() {
     let b = batch("user", 5000, 1024, 0.0);
     for method in LoadMethod::ALL {
         let kills = AtomicUsize::new(0);
-        let result = t.repo.load_embeddings_with_progress(&b, method, &mut |done, total| {
-            if done >= total / 2 && done < total {
-                kills.fetch_add(t.kill_backends() as usize, Ordering::Relaxed);
-            }
-        });
+        let result = t
+            .repo
+            .load_embeddings_with_progress(&b, method, &mut |done, total| {
+                if done >= total / 2 && done < total {
+                    kills.fetch_add(t.kill_backends() as usize, Ordering::Relaxed);
+                }
+            });
         assert!(result.is_err(), "{method} survived {kills:?} kills");
         assert!(kills.load(Ordering::Relaxed) > 0, "{method}");
         assert_eq!(t.count("embeddings"), 0, "{method}");
@@ -466,7 +492,10 @@ fn concurrent_first_saves_of_a_new_type_agree_on_one_dimension() {
             .into_iter()
             .map(|h| h.join().unwrap())
             .collect();
-        let winners: Vec<usize> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+        let winners: Vec<usize> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
         assert_eq!(winners.len(), 1, "round {round}: {results:?}");
         let loser = results.iter().find(|r| r.is_err()).unwrap();
         assert!(
@@ -475,13 +504,19 @@ fn concurrent_first_saves_of_a_new_type_agree_on_one_dimension() {
         );
         let registered: i32 = repo
             .sql()
-            .query_one("SELECT dimension FROM embedding_types WHERE entity_type = $1", &[&ty])
+            .query_one(
+                "SELECT dimension FROM embedding_types WHERE entity_type = $1",
+                &[&ty],
+            )
             .unwrap()
             .get(0);
         assert_eq!(registered as usize, winners[0]);
         let dims: Vec<i32> = repo
             .sql()
-            .query("SELECT DISTINCT dimension FROM embeddings WHERE entity_type = $1", &[&ty])
+            .query(
+                "SELECT DISTINCT dimension FROM embeddings WHERE entity_type = $1",
+                &[&ty],
+            )
             .unwrap()
             .iter()
             .map(|r| r.get(0))
@@ -524,7 +559,12 @@ fn a_new_type_with_rows_inserted_by_hand_takes_their_dimension() {
             &[&[0u8; 8].to_vec()],
         )
         .unwrap();
-    assert_mismatch(repo.save_embeddings("legacy", "y", &[1.0, 2.0, 3.0]), 2, 3, None);
+    assert_mismatch(
+        repo.save_embeddings("legacy", "y", &[1.0, 2.0, 3.0]),
+        2,
+        3,
+        None,
+    );
     assert_mismatch(
         repo.load_embeddings(&batch("legacy", 3, 3, 0.0), LoadMethod::Copy),
         2,
@@ -532,18 +572,29 @@ fn a_new_type_with_rows_inserted_by_hand_takes_their_dimension() {
         Some(0),
     );
     repo.save_embeddings("legacy", "y", &[1.0, 2.0]).unwrap();
-    assert_eq!(repo.get_embeddings("legacy", "x").unwrap(), Some(vec![0.0, 0.0]));
+    assert_eq!(
+        repo.get_embeddings("legacy", "x").unwrap(),
+        Some(vec![0.0, 0.0])
+    );
 }
 
 #[test]
 fn get_embeddings_many_answers_in_the_callers_order() {
     let repo = TestRepo::new();
-    repo.batch_save_embeddings(&batch("user", 5, 2, 0.0)).unwrap();
-    repo.save_embeddings("item", "id-000009", &[9.0, 9.0]).unwrap();
+    repo.batch_save_embeddings(&batch("user", 5, 2, 0.0))
+        .unwrap();
+    repo.save_embeddings("item", "id-000009", &[9.0, 9.0])
+        .unwrap();
     let got = repo
         .get_embeddings_many(
             "user",
-            &["id-000003", "missing", "id-000000", "id-000009", "id-000003"],
+            &[
+                "id-000003",
+                "missing",
+                "id-000000",
+                "id-000009",
+                "id-000003",
+            ],
         )
         .unwrap();
     assert_eq!(
@@ -564,11 +615,15 @@ fn streaming_reads_see_every_row_of_the_type_only() {
     let repo = TestRepo::new();
     let users = batch("user", 3000, 16, 0.0);
     repo.batch_save_embeddings(&users).unwrap();
-    repo.batch_save_embeddings(&batch("item", 7, 16, 0.0)).unwrap();
+    repo.batch_save_embeddings(&batch("item", 7, 16, 0.0))
+        .unwrap();
     let mut seen = std::collections::HashMap::new();
     let n = repo
         .for_each_embedding("user", &mut |id, v| {
-            assert!(seen.insert(id.to_owned(), v.to_vec()).is_none(), "{id} twice");
+            assert!(
+                seen.insert(id.to_owned(), v.to_vec()).is_none(),
+                "{id} twice"
+            );
         })
         .unwrap();
     assert_eq!(n, 3000);
@@ -580,7 +635,11 @@ fn streaming_reads_see_every_row_of_the_type_only() {
     assert_eq!(repo.get_all_embeddings("item").unwrap().len(), 7);
     assert!(repo.get_all_embeddings("nothing").unwrap().is_empty());
     let mut calls = 0;
-    assert_eq!(repo.for_each_embedding("nothing", &mut |_, _| calls += 1).unwrap(), 0);
+    assert_eq!(
+        repo.for_each_embedding("nothing", &mut |_, _| calls += 1)
+            .unwrap(),
+        0
+    );
     assert_eq!(calls, 0);
 }
 

@@ -305,113 +305,226 @@ fn copy_merge(
     Ok(())
 }
 
-const NEXT_LOAD_ID: &str = "SELECT nextval('embeddings_load_seq')";
+/// One load id per part of a parallel load.
+const NEXT_LOAD_IDS: &str = "SELECT nextval('embeddings_load_seq') FROM generate_series(1, $1)";
 const MERGE_STAGED: &str = "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) \
      SELECT entity_type, entity_id, embeddings, dimension FROM embeddings_staging WHERE load_id = $1 \
      ON CONFLICT (entity_type, entity_id) DO UPDATE \
      SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, updated_at = now()";
-const CLEAR_STAGED: &str = "DELETE FROM embeddings_staging WHERE load_id = $1";
+const CLEAR_STAGED: &str = "DELETE FROM embeddings_staging WHERE load_id = ANY($1)";
 
-/// `ParallelCopy`: several connections COPY parts of the batch into the shared UNLOGGED
-/// staging table under one load id, each stream on its own plain thread; then one
-/// transaction checks the registry, merges the load and deletes its staged rows. Any
-/// failure deletes the load's staged rows. Extra connections come from `try_get` only
-/// (waiting for a second connection while holding one can deadlock a small pool); with none
-/// free it runs with fewer streams.
+/// Rows per part of a parallel load: small enough that merging starts early, large enough
+/// that a part's statements cost little.
+const PART_ROWS_MIN: usize = 2048;
+
+/// What the COPY streams tell the merging thread.
+enum StreamEvent {
+    /// More rows reached the server.
+    Rows(u64),
+    /// A part's rows are committed in staging.
+    Staged(usize),
+    /// A stream failed; the load fails.
+    Failed(RepoError),
+}
+
+/// `ParallelCopy`: COPY streams, each on its own plain thread and connection, commit parts of
+/// the batch into the shared UNLOGGED staging table (one load id per part), while the
+/// caller's connection merges each committed part inside one transaction that also checks
+/// the registry and finally deletes the load's staged rows; so merging overlaps staging and
+/// nothing is visible in `embeddings` before that transaction commits. Any failure deletes
+/// the load's staged rows. Extra connections come from `try_get` only (waiting for a second
+/// connection while holding one can deadlock a small pool); with none free, the caller's
+/// connection stages the parts itself first.
 pub(crate) fn load_parallel(
     repo: &ModelRepository,
     batch: &CheckedBatch<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let pool = &repo.inner.pool;
-    let wanted = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(batch.records.len().div_ceil(1024))
-        .max(1);
+    let records = batch.records;
+    let streams = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let part_rows = records.len().div_ceil(streams * 4).max(PART_ROWS_MIN);
+    let parts: Vec<&[Embedding]> = records.chunks(part_rows).collect();
+    let wanted = streams.min(parts.len());
     repo.with_conn("load_embeddings", Retry::Idempotent, |conn| {
-        let load_id: i64 = conn.client().query_one(NEXT_LOAD_ID, &[])?.try_get(0)?;
-        let mut extra: Vec<_> = (1..wanted).map_while(|_| pool.try_get()).collect();
-        log::debug!(
-            "pg-model-repo: parallel load {load_id} of {} rows over {} streams",
-            batch.records.len(),
-            extra.len() + 1
-        );
+        let ids: Vec<i64> = conn
+            .client()
+            .query(NEXT_LOAD_IDS, &[&(parts.len() as i32)])?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut extra: Vec<_> = (0..wanted).map_while(|_| pool.try_get()).collect();
         let started = std::time::Instant::now();
-        let result = stage_parallel(repo, conn, &mut extra, batch.records, load_id, progress)
-            .and_then(|()| {
-                log::debug!(
-                    "pg-model-repo: load {load_id} staged in {:?}",
-                    started.elapsed()
-                );
-                merge_staged(conn, batch, load_id)
-            });
+        let result = if extra.is_empty() {
+            stage_then_merge(conn, batch, &parts, &ids, progress)
+        } else {
+            pipeline(repo, conn, &mut extra, batch, &parts, &ids, progress)
+        };
         log::debug!(
-            "pg-model-repo: load {load_id} done in {:?}",
+            "pg-model-repo: parallel load of {} rows in {} parts over {} streams: {:?}",
+            records.len(),
+            parts.len(),
+            extra.len().max(1),
             started.elapsed()
         );
         drop(extra);
         if let Err(e) = &result {
-            clear_staged(repo, conn, load_id, e);
+            clear_staged(repo, conn, &ids, e);
         }
         result
     })
 }
 
-/// COPYs the parts into staging, one committed transaction per stream.
-fn stage_parallel(
+/// No spare connection: stage every part on the caller's connection, then merge.
+fn stage_then_merge(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    parts: &[&[Embedding]],
+    ids: &[i64],
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let mut done = 0;
+    for (rows, id) in parts.iter().zip(ids) {
+        stage_part(conn, rows, *id, &mut |n| progress(done + n))?;
+        done += rows.len() as u64;
+    }
+    let mut tx = conn.client().transaction()?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+    check_registry(&mut tx, &batch.types)?;
+    let merge = tx.prepare(MERGE_STAGED)?;
+    for id in ids {
+        tx.execute(&merge, &[id])?;
+    }
+    tx.execute(CLEAR_STAGED, &[&ids])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Streams stage parts (taking the next part from a shared queue) while this thread merges
+/// each part as soon as it is committed.
+fn pipeline(
     repo: &ModelRepository,
     conn: &mut PgConnection,
     extra: &mut [crate::pool::Conn],
-    records: &[Embedding],
-    load_id: i64,
+    batch: &CheckedBatch<'_>,
+    parts: &[&[Embedding]],
+    ids: &[i64],
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let streams = extra.len() + 1;
-    let part = records.len().div_ceil(streams);
-    let mut conns: Vec<&mut PgConnection> = vec![conn];
-    conns.extend(extra.iter_mut().map(|c| &mut **c));
-    let (sender, receiver) = crossbeam_channel::unbounded::<u64>();
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = conns
-            .into_iter()
-            .zip(records.chunks(part))
-            .enumerate()
-            .map(|(i, (conn, rows))| {
-                let sender = sender.clone();
-                std::thread::Builder::new()
-                    .name(format!("pg-model-repo-copy-{i}"))
-                    .spawn_scoped(scope, move || {
-                        let mut last = 0;
-                        let result = stage_part(conn, rows, load_id, &mut |done| {
-                            let _ = sender.send(done - last);
-                            last = done;
-                        });
-                        if let Err(e) = &result {
-                            repo.inner.pool.note_failure(conn, e);
-                        }
-                        result
-                    })
-            })
-            .collect();
-        drop(sender);
-        let mut done = 0;
-        for rows in receiver.iter() {
-            done += rows;
-            progress(done);
+    let (queue, next_part) = crossbeam_channel::unbounded::<usize>();
+    for i in 0..parts.len() {
+        let _ = queue.send(i);
+    }
+    drop(queue);
+    let (events, received) = crossbeam_channel::unbounded::<StreamEvent>();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for (n, stream_conn) in extra.iter_mut().enumerate() {
+            let (next_part, stream_events, stop) = (next_part.clone(), events.clone(), &stop);
+            let spawned = std::thread::Builder::new()
+                .name(format!("pg-model-repo-copy-{n}"))
+                .spawn_scoped(scope, move || {
+                    run_stream(
+                        repo,
+                        stream_conn,
+                        parts,
+                        ids,
+                        &next_part,
+                        &stream_events,
+                        stop,
+                    )
+                });
+            if let Err(e) = spawned {
+                let _ = events.send(StreamEvent::Failed(RepoError::Io(e)));
+            }
         }
-        handles
-            .into_iter()
-            .map(|h| match h {
-                Ok(handle) => handle
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                Err(e) => Err(RepoError::Io(e)),
-            })
-            .collect()
-    });
-    results.into_iter().collect()
+        drop(events);
+        let result = merge_as_staged(conn, batch, parts.len(), ids, &received, progress);
+        // On failure, streams stop after their current part; either way they end before the
+        // scope does, so their parts are committed or gone when the staging is cleared.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    })
 }
 
+/// A COPY stream: stages parts from the queue until it is empty, stopped, or failing.
+fn run_stream(
+    repo: &ModelRepository,
+    conn: &mut PgConnection,
+    parts: &[&[Embedding]],
+    ids: &[i64],
+    next_part: &crossbeam_channel::Receiver<usize>,
+    events: &crossbeam_channel::Sender<StreamEvent>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    while let Ok(i) = next_part.try_recv() {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut last = 0;
+        let staged = stage_part(conn, parts[i], ids[i], &mut |done| {
+            let _ = events.send(StreamEvent::Rows(done - last));
+            last = done;
+        });
+        match staged {
+            Ok(()) => {
+                let _ = events.send(StreamEvent::Staged(i));
+            }
+            Err(e) => {
+                repo.inner.pool.note_failure(conn, &e);
+                let _ = events.send(StreamEvent::Failed(e));
+                return;
+            }
+        }
+    }
+}
+
+/// The load's one transaction: registry check, a merge per staged part as it arrives, then
+/// the staged rows go.
+fn merge_as_staged(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    parts: usize,
+    ids: &[i64],
+    events: &crossbeam_channel::Receiver<StreamEvent>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let mut tx = conn.client().transaction()?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+    check_registry(&mut tx, &batch.types)?;
+    let merge = tx.prepare(MERGE_STAGED)?;
+    let (mut merged, mut sent) = (0, 0u64);
+    while merged < parts {
+        match events.recv() {
+            Ok(StreamEvent::Rows(n)) => {
+                sent += n;
+                progress(sent);
+            }
+            Ok(StreamEvent::Staged(i)) => {
+                let started = std::time::Instant::now();
+                tx.execute(&merge, &[&ids[i]])?;
+                log::trace!("pg-model-repo: merged part {i} in {:?}", started.elapsed());
+                merged += 1;
+            }
+            Ok(StreamEvent::Failed(e)) => return Err(e),
+            Err(_) => {
+                return Err(RepoError::Io(std::io::Error::other(
+                    "every COPY stream ended before the load was staged",
+                )))
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    tx.execute(CLEAR_STAGED, &[&ids])?;
+    tx.commit()?;
+    log::trace!(
+        "pg-model-repo: cleared and committed in {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// COPYs one part into staging in its own committed transaction.
 fn stage_part(
     conn: &mut PgConnection,
     rows: &[Embedding],
@@ -421,29 +534,24 @@ fn stage_part(
     let mut tx = conn.client().transaction()?;
     tx.batch_execute("SET LOCAL statement_timeout = 0")?;
     let sql = format!("COPY embeddings_staging (load_id, {COLUMNS}) FROM STDIN (FORMAT binary)");
+    let started = std::time::Instant::now();
     copy_in(&mut tx, &sql, rows, Some(load_id), progress)?;
     tx.commit()?;
-    Ok(())
-}
-
-fn merge_staged(conn: &mut PgConnection, batch: &CheckedBatch<'_>, load_id: i64) -> Result<()> {
-    let mut tx = conn.client().transaction()?;
-    tx.batch_execute("SET LOCAL statement_timeout = 0")?;
-    check_registry(&mut tx, &batch.types)?;
-    tx.execute(MERGE_STAGED, &[&load_id])?;
-    tx.execute(CLEAR_STAGED, &[&load_id])?;
-    tx.commit()?;
+    log::trace!(
+        "pg-model-repo: staged load id {load_id} in {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
 /// Deletes a failed load's staged rows, on its own connection if that still works, else on a
 /// fresh one. A failure here is logged: the rows stay until someone deletes them (they are
-/// tagged with the load id and never merged).
-fn clear_staged(repo: &ModelRepository, conn: &mut PgConnection, load_id: i64, cause: &RepoError) {
+/// tagged with the load's ids and never merged).
+fn clear_staged(repo: &ModelRepository, conn: &mut PgConnection, ids: &[i64], cause: &RepoError) {
     let attempt = |conn: &mut PgConnection| -> Result<u64> {
         let mut tx = conn.client().transaction()?;
         tx.batch_execute("SET LOCAL statement_timeout = 0")?;
-        let n = tx.execute(CLEAR_STAGED, &[&load_id])?;
+        let n = tx.execute(CLEAR_STAGED, &[&ids])?;
         tx.commit()?;
         Ok(n)
     };
@@ -457,10 +565,10 @@ fn clear_staged(repo: &ModelRepository, conn: &mut PgConnection, load_id: i64, c
         attempt(&mut fresh)
     });
     match cleared {
-        Ok(n) => log::debug!("pg-model-repo: load {load_id} failed ({cause}); cleared {n} staged rows"),
+        Ok(n) => log::debug!("pg-model-repo: parallel load failed ({cause}); cleared {n} staged rows"),
         Err(e) => log::warn!(
-            "pg-model-repo: load {load_id} failed ({cause}) and its staged rows could not be \
-             cleared ({e}); delete them with: DELETE FROM embeddings_staging WHERE load_id = {load_id}"
+            "pg-model-repo: parallel load failed ({cause}) and its staged rows could not be \
+             cleared ({e}); delete them with: DELETE FROM embeddings_staging WHERE load_id IN {ids:?}"
         ),
     }
 }

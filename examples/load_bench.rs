@@ -374,10 +374,8 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         };
         if wants("upsert_reload") {
             settle(&url);
-            let pb = bar(args, "upsert_reload", rows);
-            // What a user gets: batch_save_embeddings picks the path.
+            // What a user gets: batch_save_embeddings picks the path (no progress callback).
             let report = repo.batch_save_embeddings(&batch)?;
-            pb.finish_and_clear();
             results.push(measurement(
                 "upsert_reload",
                 rows,

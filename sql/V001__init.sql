@@ -109,8 +109,11 @@ CREATE TABLE IF NOT EXISTS embedding_types (
     CONSTRAINT embedding_types_dimension_positive CHECK (dimension > 0)
 );
 
--- Vectors as little-endian f32 bytes. fillfactor 90 leaves room on each page so that a
--- re-load of existing keys can be a HOT update that skips the index.
+-- Vectors as little-endian f32 bytes. fillfactor 50 leaves room on each page for a second
+-- version of its rows, so that a re-load of existing keys is a HOT update that skips the index
+-- (at 384 dimensions a row is ~1.6 kB: fillfactor 90 left room for one row in four, and
+-- re-loads measured 1.3-1.5x slower; see docs/embeddings.md). Write-once workloads may prefer
+-- ALTER TABLE embeddings SET (fillfactor = 100).
 CREATE TABLE IF NOT EXISTS embeddings (
     entity_type varchar(50)  NOT NULL,
     entity_id   varchar(255) NOT NULL,
@@ -120,7 +123,24 @@ CREATE TABLE IF NOT EXISTS embeddings (
     updated_at  timestamptz  NOT NULL DEFAULT now(),
     CONSTRAINT embeddings_pkey PRIMARY KEY (entity_type, entity_id),
     CONSTRAINT embeddings_bytes_match_dimension CHECK (octet_length(embeddings) = 4 * dimension)
-) WITH (fillfactor = 90);
+) WITH (fillfactor = 50);
+
+-- ParallelCopy's landing area: several connections COPY parts of a load into it at once, each
+-- part committed under its own load id, while one transaction merges the parts into embeddings
+-- and finally deletes them (a failed load deletes them too). UNLOGGED: rows live here for
+-- seconds and WAL would only slow the COPY streams down.
+CREATE SEQUENCE IF NOT EXISTS embeddings_load_seq;
+
+CREATE UNLOGGED TABLE IF NOT EXISTS embeddings_staging (
+    load_id     bigint      NOT NULL,
+    entity_type text        NOT NULL,
+    entity_id   text        NOT NULL,
+    embeddings  bytea       NOT NULL,
+    dimension   integer     NOT NULL,
+    staged_at   timestamptz NOT NULL DEFAULT now()
+);
+-- Each part of a load has its own id, merged as soon as its stream commits it.
+CREATE INDEX IF NOT EXISTS embeddings_staging_load_id ON embeddings_staging (load_id);
 
 -- Prediction cache -----------------------------------------------------------------------
 

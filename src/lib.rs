@@ -32,7 +32,9 @@ mod aliases;
 mod blob;
 mod cache;
 mod config;
+mod copy;
 mod counters;
+mod embeddings;
 mod error;
 mod glob;
 mod migrate;
@@ -50,6 +52,7 @@ mod validate;
 
 pub use cache::CacheStats;
 pub use config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
+pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};
 pub use error::{RepoError, Result};
 pub use models::ModelInfo;
 pub use monitor::{

@@ -235,6 +235,12 @@ impl Pool {
         result.map_err(|e| RepoError::pool_timeout(format!("waited {timeout:?}: {e}")))
     }
 
+    /// An idle connection right now, or `None` without waiting: for extra connections taken
+    /// while one is already held (waiting there could deadlock a small pool).
+    pub(crate) fn try_get(&self) -> Option<Conn> {
+        self.inner.try_get()
+    }
+
     /// Records what a failed call means for its connection: a connection failure poisons the
     /// session and starts a new failure epoch, so its idle siblings are checked before reuse.
     pub(crate) fn note_failure(&self, conn: &mut PgConnection, error: &RepoError) {

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{RepoError, Result};
 use crate::migrate::to_hex;
 use crate::models::{verify_checksum, ModelInfo, SaveRequest, VersionRef, INFO_COLUMNS};
+use crate::pool::PoisonOnPanic;
 use crate::repository::ModelRepository;
 use crate::retry::Retry;
 use crate::validate;
@@ -229,6 +230,8 @@ impl ModelRepository {
             let vref = VersionRef::parse(version)?;
             let mut written = 0u64;
             let loaded = self.with_conn("load_model_to_writer", Retry::Idempotent, |conn| {
+                // The caller's writer runs mid-transaction: a panic in it poisons the session.
+                let mut conn = PoisonOnPanic(conn);
                 let mut tx = conn
                     .client()
                     .build_transaction()

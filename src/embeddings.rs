@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::copy::{self, cpu_pool, Path};
 use crate::error::{RepoError, Result};
+use crate::pool::PoisonOnPanic;
 use crate::repository::ModelRepository;
 use crate::retry::Retry;
 use crate::validate;
@@ -572,6 +573,8 @@ impl ModelRepository {
     fn stream_type(&self, entity_type: &str, f: &mut dyn FnMut(&str, &[f32])) -> Result<u64> {
         validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
         self.with_conn("for_each_embedding", Retry::Idempotent, |conn| {
+            // The caller's closure runs mid-COPY: a panic in it must not return this session.
+            let mut conn = PoisonOnPanic(conn);
             let mut tx = conn.client().build_transaction().read_only(true).start()?;
             tx.batch_execute("SET LOCAL statement_timeout = 0")?;
             tx.execute(SET_STREAM_TYPE, &[&entity_type])?;

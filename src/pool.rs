@@ -52,6 +52,32 @@ impl PgConnection {
     }
 }
 
+/// Holds a connection while caller code runs mid-query (a streaming callback, a writer): if
+/// that code panics, the connection is poisoned on the way out, so the pool never hands out a
+/// session left in the middle of a COPY or a transaction.
+pub(crate) struct PoisonOnPanic<'a>(pub(crate) &'a mut PgConnection);
+
+impl Drop for PoisonOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.poison();
+        }
+    }
+}
+
+impl std::ops::Deref for PoisonOnPanic<'_> {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.0
+    }
+}
+
+impl std::ops::DerefMut for PoisonOnPanic<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.0
+    }
+}
+
 impl std::fmt::Debug for PgConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgConnection")

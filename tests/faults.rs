@@ -394,3 +394,88 @@ fn admin_count(url: &str, sql: &str) -> i64 {
     let mut admin = postgres::Client::connect(url, postgres::NoTls).unwrap();
     admin.query_one(sql, &[]).unwrap().get(0)
 }
+
+#[test]
+fn a_panic_in_the_callers_closure_never_returns_a_session_mid_query() {
+    let server = own_server();
+    let app = "panic_test";
+    let repo = ModelRepository::open(
+        RepositoryConfig::new(format!("{} application_name={app}", server.url()))
+            .schema("faults")
+            .pool_size(1)
+            .max_overflow(0)
+            .reaper_interval(None),
+    )
+    .unwrap();
+    let backend = || -> Vec<i32> {
+        let mut admin = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+        admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let batch: Vec<pg_model_repo::Embedding> = (0..20_000)
+        .map(|i| pg_model_repo::Embedding::new("user", format!("u{i}"), vec![i as f32; 16]))
+        .collect();
+    repo.batch_save_embeddings(&batch).unwrap();
+    repo.save_model("m", "1", &vec![7u8; 9 << 20], &json!({}))
+        .unwrap();
+
+    let before = backend();
+    assert_eq!(before.len(), 1);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut seen = 0;
+        repo.for_each_embedding("user", &mut |_, _| {
+            seen += 1;
+            if seen == 10 {
+                panic!("caller bug");
+            }
+        })
+    }));
+    assert!(panicked.is_err());
+    // The only pooled session must not be the one left mid-COPY: it was discarded.
+    assert_eq!(
+        repo.get_embeddings("user", "u5").unwrap(),
+        Some(vec![5.0; 16])
+    );
+    let after = backend();
+    assert_eq!(after.len(), 1);
+    assert!(
+        !before.contains(&after[0]),
+        "the session that streamed was reused"
+    );
+    let mut rows = 0;
+    assert_eq!(
+        repo.for_each_embedding("user", &mut |_, _| rows += 1)
+            .unwrap(),
+        20_000
+    );
+    assert_eq!(rows, 20_000);
+
+    struct PanickingWriter;
+    impl Write for PanickingWriter {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            panic!("writer bug")
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        repo.load_model_to_writer("m", "1", &mut PanickingWriter)
+    }));
+    assert!(panicked.is_err());
+    let before_writer = after;
+    assert_eq!(repo.get_model_versions("m").unwrap().len(), 1);
+    assert_ne!(
+        backend(),
+        before_writer,
+        "the session the writer panicked in was reused"
+    );
+    assert_eq!(repo.load_model("m", "1").unwrap().unwrap().len(), 9 << 20);
+}

@@ -65,6 +65,7 @@ fn tour(repo: &ModelRepository) -> pg_model_repo::Result<String> {
     let aliases = aliases(repo)?;
     let streamed = streaming(repo)?;
     let metrics = training(repo)?;
+    let vectors = embeddings(repo)?;
     let cleared = cache(repo)?;
     let status = monitoring(repo)?;
     section("Timings");
@@ -76,7 +77,8 @@ fn tour(repo: &ModelRepository) -> pg_model_repo::Result<String> {
     }
     Ok(format!(
         "quickstart ok: {models} model versions, {aliases} alias moves, {} MiB streamed, \
-         {metrics} metric records, {cleared} cache entries cleared by glob, health {status:?}",
+         {metrics} metric records, {vectors} embeddings, {cleared} cache entries cleared by glob, \
+         health {status:?}",
         streamed >> 20
     ))
 }
@@ -215,6 +217,75 @@ fn training(repo: &ModelRepository) -> pg_model_repo::Result<usize> {
         println!("  {} {:?}", r.version, r.metrics);
     }
     Ok(history.len())
+}
+
+fn embeddings(repo: &ModelRepository) -> pg_model_repo::Result<u64> {
+    use pg_model_repo::{Embedding, LoadMethod};
+    section("Embeddings");
+    repo.save_embeddings("user", "user123", &[0.1, 0.2, 0.3, 0.4])?;
+    println!("user123: {:?}", repo.get_embeddings("user", "user123")?);
+    match repo.save_embeddings("user", "user124", &[0.1, 0.2]) {
+        Err(RepoError::DimensionMismatch {
+            expected, actual, ..
+        }) => {
+            println!(
+                "a 2-d vector for type \"user\" (4-d): dimension mismatch ({expected} vs {actual})"
+            )
+        }
+        other => println!("unexpected: {other:?}"),
+    }
+    let dim = 64;
+    let batch: Vec<Embedding> = (0..50_000)
+        .map(|i| {
+            Embedding::new(
+                "item",
+                format!("item{i}"),
+                (0..dim)
+                    .map(|d| ((i * 31 + d) % 97) as f32 / 97.0)
+                    .collect(),
+            )
+        })
+        .collect();
+    let bar = indicatif::ProgressBar::new(batch.len() as u64);
+    let report = repo.load_embeddings_with_progress(&batch, LoadMethod::Copy, &mut |done, _| {
+        bar.set_position(done)
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "binary COPY of {} vectors ({} KiB) in {:.2?}",
+        report.rows,
+        report.bytes >> 10,
+        report.elapsed
+    );
+    let small: Vec<Embedding> = batch[..2_000]
+        .iter()
+        .map(|e| Embedding::new("item", e.entity_id.clone(), vec![0.5; dim as usize]))
+        .collect();
+    for method in [LoadMethod::Insert, LoadMethod::MultiRowInsert] {
+        let r = repo.load_embeddings(&small, method)?;
+        println!(
+            "{method:?} upsert of {} vectors: {:.0} rows/s",
+            r.rows,
+            r.rows as f64 / r.elapsed.as_secs_f64()
+        );
+    }
+    let mut bad = small.clone();
+    bad[1_500].vector[3] = f32::NAN;
+    match repo.batch_save_embeddings(&bad) {
+        Err(e) => println!("a batch with a NaN in record 1500: {e} (nothing written)"),
+        Ok(_) => println!("unexpected: the bad batch was accepted"),
+    }
+    let many = repo.get_embeddings_many("item", &["item7", "nope", "item3"])?;
+    println!(
+        "get_embeddings_many(item7, nope, item3): {:?}",
+        many.iter().map(Option::is_some).collect::<Vec<_>>()
+    );
+    let mut sum = 0.0f64;
+    let streamed = repo.for_each_embedding("item", &mut |_, v| sum += f64::from(v[0]))?;
+    println!(
+        "streamed {streamed} item vectors in constant memory (sum of first components {sum:.1})"
+    );
+    Ok(streamed + 1)
 }
 
 fn cache(repo: &ModelRepository) -> pg_model_repo::Result<u64> {

@@ -16,4 +16,6 @@ SELECT create_distributed_table('model_alias_history', 'model_name', colocate_wi
 SELECT create_distributed_table('training_metrics', 'model_name', colocate_with => 'ml_models');
 
 SELECT create_distributed_table('embeddings', 'entity_id');
+-- embeddings_staging (ParallelCopy's UNLOGGED staging) stays a local table on the coordinator:
+-- its rows are merged into the distributed embeddings table by INSERT … SELECT.
 SELECT create_distributed_table('prediction_cache', 'cache_key');

@@ -29,6 +29,8 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
 struct Acknowledged {
     models: Vec<(String, String)>,
     cache_keys: Vec<(String, u64)>,
+    /// (entity type, first id number, batch size) of acknowledged embedding batches.
+    embedding_batches: Vec<(String, u64, u64)>,
     metrics: BTreeMap<(String, String), u64>,
 }
 
@@ -112,7 +114,7 @@ fn worker(
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let version = i.to_string();
-        let outcome = match i % 6 {
+        let outcome = match i % 7 {
             0 => repo
                 .save_model(&model, &version, version.as_bytes(), &json!({"i": i}))
                 .map(|_| {
@@ -141,6 +143,24 @@ fn worker(
             4 => repo
                 .get_cached_predictions::<u64>(&format!("{model}:{}", i.saturating_sub(1)))
                 .map(|_| ()),
+            5 => {
+                let batch: Vec<pg_model_repo::Embedding> = (0..50)
+                    .map(|j| {
+                        pg_model_repo::Embedding::new(
+                            model.clone(),
+                            format!("{}", i * 100 + j),
+                            vec![i as f32; 8],
+                        )
+                    })
+                    .collect();
+                repo.batch_save_embeddings(&batch).map(|_| {
+                    acknowledged.lock().unwrap().embedding_batches.push((
+                        model.clone(),
+                        i * 100,
+                        50,
+                    ))
+                })
+            }
             _ => repo.get_model_versions(&model).map(|_| ()),
         };
         counters.operations.fetch_add(1, Ordering::Relaxed);
@@ -180,6 +200,16 @@ fn verify(repo: &ModelRepository, acknowledged: &Acknowledged) -> pg_model_repo:
             lost += 1;
         }
     }
+    for (entity_type, first, n) in &acknowledged.embedding_batches {
+        let ids: Vec<String> = (*first..first + n).map(|j| j.to_string()).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let found = repo.get_embeddings_many(entity_type, &refs)?;
+        let missing = found.iter().filter(|v| v.is_none()).count();
+        if missing > 0 {
+            println!("lost {missing} embeddings of batch {entity_type}/{first}");
+            lost += 1;
+        }
+    }
     let mut stored: BTreeMap<(String, String), u64> = BTreeMap::new();
     let models: std::collections::BTreeSet<&String> =
         acknowledged.metrics.keys().map(|(m, _)| m).collect();
@@ -198,10 +228,11 @@ fn verify(repo: &ModelRepository, acknowledged: &Acknowledged) -> pg_model_repo:
         }
     }
     println!(
-        "verified {} model versions, {} metric records, {} cache entries",
+        "verified {} model versions, {} metric records, {} cache entries, {} embedding batches",
         acknowledged.models.len(),
         acknowledged.metrics.values().sum::<u64>(),
-        acknowledged.cache_keys.len()
+        acknowledged.cache_keys.len(),
+        acknowledged.embedding_batches.len()
     );
     Ok(lost)
 }

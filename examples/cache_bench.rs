@@ -18,7 +18,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::throwaway::database_url_or_start;
 use pg_model_repo::{ModelRepository, RepositoryConfig, Result};
 
 const SCHEMA: &str = "cache_bench";
@@ -177,14 +177,7 @@ fn hit_key(i: u64, t: usize) -> String {
 fn main() -> Result<()> {
     let _ = env_logger::builder().is_test(false).try_init();
     let args = parse_args();
-    let server;
-    let url = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => {
-            server = ThrowawayServer::start(&[])?;
-            server.url()
-        }
-    };
+    let (url, _server) = database_url_or_start(&[])?;
     {
         let mut admin = postgres::Client::connect(&url, postgres::NoTls)?;
         admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))?;

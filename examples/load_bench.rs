@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::throwaway::database_url_or_start;
 use pg_model_repo::{Embedding, LoadMethod, ModelRepository, RepositoryConfig};
 
 const ENTITY_TYPE: &str = "bench";
@@ -120,17 +120,6 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String
         return Err("--rows and --dim must be positive".into());
     }
     Ok(out)
-}
-
-/// The server: DATABASE_URL, or a throwaway one kept alive by the returned handle.
-fn server() -> Result<(String, Option<ThrowawayServer>), Box<dyn Error>> {
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        if !url.trim().is_empty() {
-            return Ok((url, None));
-        }
-    }
-    let server = ThrowawayServer::start(&[])?;
-    Ok((server.url(), Some(server)))
 }
 
 fn make_batch(rows: usize, dim: usize) -> Vec<Embedding> {
@@ -306,7 +295,7 @@ fn measurement(method: &str, rows: u64, dim: usize, seconds: f64) -> Measurement
 /// Runs the benchmark and returns its measurements (write methods relative to
 /// `server_copy_file`, reads relative to `server_copy_out`).
 pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
-    let (url, _server) = server()?;
+    let (url, _server) = database_url_or_start(&[])?;
     if args.crossover {
         return crossover(&url, args);
     }

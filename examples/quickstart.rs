@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::process::ExitCode;
 
-use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::throwaway::database_url_or_start;
 use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
 use serde_json::json;
 
@@ -27,26 +27,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where the database is: `DATABASE_URL`, or a server of our own kept alive while we run.
-fn database() -> pg_model_repo::Result<(String, Option<ThrowawayServer>)> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => Ok((url, None)),
-        _ => {
-            println!(
-                "DATABASE_URL is not set: starting a throwaway PostgreSQL from the local binaries"
-            );
-            let server = ThrowawayServer::start(&[])?;
-            Ok((server.url(), Some(server)))
-        }
-    }
-}
-
 fn section(title: &str) {
     println!("\n== {title} ==");
 }
 
 fn run() -> pg_model_repo::Result<String> {
-    let (url, _server) = database()?;
+    if std::env::var("DATABASE_URL").map_or(true, |u| u.trim().is_empty()) {
+        println!(
+            "DATABASE_URL is not set: starting a throwaway PostgreSQL from the local binaries"
+        );
+    }
+    let (url, _server) = database_url_or_start(&[])?;
     let schema = format!("quickstart_{}", std::process::id());
     let config = RepositoryConfig::new(url.clone())
         .schema(&schema)

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::throwaway::database_url_or_start;
 use pg_model_repo::{ModelRepository, RepositoryConfig};
 use serde_json::json;
 
@@ -46,13 +46,7 @@ fn main() -> pg_model_repo::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let seconds = arg(&args, "--seconds", 60);
     let threads = arg(&args, "--threads", 4) as usize;
-    let (url, _server) = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => (url, None),
-        _ => {
-            let server = ThrowawayServer::start(&[("max_connections", "200")])?;
-            (server.url(), Some(server))
-        }
-    };
+    let (url, _server) = database_url_or_start(&[("max_connections", "200")])?;
     let schema = format!("soak_{}", std::process::id());
     let repo = ModelRepository::open(
         RepositoryConfig::new(url.clone())

@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::time::Instant;
 
-use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::throwaway::database_url_or_start;
 use pg_model_repo::{ModelRepository, RepositoryConfig};
 use sha2::{Digest, Sha256};
 
@@ -68,13 +68,7 @@ fn main() -> pg_model_repo::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let (url, _server) = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => (url, None),
-        _ => {
-            let server = ThrowawayServer::start(&[])?;
-            (server.url(), Some(server))
-        }
-    };
+    let (url, _server) = database_url_or_start(&[])?;
     let schema = format!("stream_memory_{}", std::process::id());
     let repo = ModelRepository::open(
         RepositoryConfig::new(url.clone())

@@ -50,6 +50,28 @@ impl StopMode {
     }
 }
 
+/// `DATABASE_URL` when it is set and not blank; otherwise the URL of a throwaway server started
+/// with `settings`, whose handle must be kept alive while the URL is used.
+///
+/// ```no_run
+/// # fn main() -> pg_model_repo::Result<()> {
+/// let (url, _server) = pg_model_repo::throwaway::database_url_or_start(&[])?;
+/// let repo = pg_model_repo::ModelRepository::connect(&url)?;
+/// # Ok(()) }
+/// ```
+pub fn database_url_or_start(
+    settings: &[(&str, &str)],
+) -> Result<(String, Option<ThrowawayServer>)> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => Ok((url, None)),
+        _ => {
+            log::info!("pg-model-repo: DATABASE_URL is not set; starting a throwaway PostgreSQL");
+            let server = ThrowawayServer::start(settings)?;
+            Ok((server.url(), Some(server)))
+        }
+    }
+}
+
 impl ThrowawayServer {
     /// Initializes and starts a server with extra `postgresql.conf` settings (e.g.
     /// `("max_connections", "300")`). As root, the server runs as the `postgres` user.

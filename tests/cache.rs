@@ -72,7 +72,7 @@ fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 fn url_with_app_name(name: &str) -> String {
-    format!("{} application_name={name}", common::server_url())
+    common::with_application_name(&common::server_url(), name)
 }
 
 #[test]

@@ -378,13 +378,7 @@ impl Tagged {
     fn new() -> Self {
         let schema = common::unique_schema("k");
         let app = format!("kill_{schema}");
-        let url = common::server_url();
-        let url = if url.contains("://") {
-            let sep = if url.contains('?') { '&' } else { '?' };
-            format!("{url}{sep}application_name={app}")
-        } else {
-            format!("{url} application_name={app}")
-        };
+        let url = common::with_application_name(&common::server_url(), &app);
         let config = RepositoryConfig::new(url)
             .schema(&schema)
             .pool_size(2)

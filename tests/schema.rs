@@ -243,16 +243,7 @@ fn connections_carry_an_application_name() {
     assert!(application_names().contains(&"pg-model-repo".to_owned()));
 
     let own = format!("own_app_{}", std::process::id());
-    let sep = if common::server_url().contains("://") {
-        "?"
-    } else {
-        " "
-    };
-    let url = if sep == "?" {
-        format!("{}?application_name={own}", common::server_url())
-    } else {
-        format!("{} application_name={own}", common::server_url())
-    };
+    let url = common::with_application_name(&common::server_url(), &own);
     let schema = repo.schema.clone();
     let mine = ModelRepository::open(
         RepositoryConfig::new(url)
@@ -353,11 +344,7 @@ fn sessions_named(app: &str) -> i64 {
 fn closing_the_last_clone_closes_every_pooled_connection() {
     let schema = unique_schema("close");
     let app = format!("close_test_{}", std::process::id());
-    let url = if common::server_url().contains("://") {
-        format!("{}?application_name={app}", common::server_url())
-    } else {
-        format!("{} application_name={app}", common::server_url())
-    };
+    let url = common::with_application_name(&common::server_url(), &app);
     let repo = ModelRepository::open(
         RepositoryConfig::new(url)
             .schema(&schema)

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use pg_model_repo::throwaway::ThrowawayServer;
+use pg_model_repo::throwaway::{database_url_or_start, ThrowawayServer};
 use pg_model_repo::{ModelRepository, RepositoryConfig};
 
 /// Settings for the throwaway server: room for many parallel tests, no fsync (tests need no
@@ -26,14 +26,12 @@ pub fn server_url() -> String {
     static SERVER: OnceLock<ThrowawayServer> = OnceLock::new();
     URL.get_or_init(|| {
         let _ = env_logger::builder().is_test(true).try_init();
-        if let Ok(url) = std::env::var("DATABASE_URL") {
-            if !url.trim().is_empty() {
-                return url;
-            }
+        let (url, server) = database_url_or_start(TEST_SERVER_SETTINGS)
+            .unwrap_or_else(|e| panic!("no PostgreSQL for the tests: {e}"));
+        if let Some(server) = server {
+            let _ = SERVER.set(server);
         }
-        let server = ThrowawayServer::start(TEST_SERVER_SETTINGS)
-            .unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL: {e}"));
-        SERVER.get_or_init(|| server).url()
+        url
     })
     .clone()
 }
@@ -47,6 +45,16 @@ pub fn unique_schema(tag: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// `url` with its own application_name, for tests that find their sessions by it.
+pub fn with_application_name(url: &str, app: &str) -> String {
+    if url.contains("://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}application_name={app}")
+    } else {
+        format!("{url} application_name={app}")
+    }
 }
 
 /// A direct superuser-ish connection to the test server (not through the repository).

@@ -64,3 +64,8 @@ pub use repository::ModelRepository;
 pub use timings::QueryMetric;
 pub use training::TrainingMetricsRecord;
 pub use validate::MAX_METADATA_BYTES;
+
+/// The README's examples, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -186,8 +186,7 @@ fn main() -> Result<()> {
         RepositoryConfig::new(url.clone())
             .schema(SCHEMA)
             .pool_size(4)
-            .max_overflow(0)
-            .reaper_interval(Some(Duration::from_secs(1))),
+            .max_overflow(0),
     )?;
     let value: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
     let mut admin = raw_client(&url);

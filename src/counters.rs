@@ -10,8 +10,11 @@ use crate::error::Result;
 use crate::pool::Pool;
 use std::time::Duration;
 
-/// Distinct keys buffered before a flush is asked for early.
-const FLUSH_SOON_KEYS: usize = 10_000;
+/// Distinct keys buffered before a flush is asked for early. Large enough that a hot working
+/// set is counted in memory between reaper ticks (each early flush is an UPDATE of that many
+/// rows: with a small bound, a busy cache spends its time writing counts), small enough to stay
+/// a few MiB.
+const FLUSH_SOON_KEYS: usize = 50_000;
 
 /// Distinct keys buffered at most: past it, accesses to new keys are not buffered (memory stays
 /// bounded while the database is unreachable).

@@ -411,14 +411,12 @@ impl ModelRepository {
             let started = Instant::now();
             let purged =
                 crate::cache::purge_expired(&self.inner.pool, Retry::Idempotent, &|| false)?;
-            let timeout_ms = self.inner.config.query_timeout.as_millis().max(1);
+            let session_setup = crate::pool::session_setup_sql(&self.inner.config);
             let tables = self.with_conn("optimize_database", Retry::Idempotent, |conn| {
                 conn.client().batch_execute("SET statement_timeout = 0")?;
                 let result = vacuum_all(conn);
-                // Give the session back as the pool expects it.
-                let restore = conn
-                    .client()
-                    .batch_execute(&format!("SET statement_timeout = {timeout_ms}"));
+                // Give the session back as the pool set it up.
+                let restore = conn.client().batch_execute(&session_setup);
                 if restore.is_err() {
                     conn.poison();
                 }

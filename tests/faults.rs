@@ -23,15 +23,20 @@ fn own_server() -> ThrowawayServer {
 }
 
 fn open(url: &str, pool_size: u32) -> ModelRepository {
-    ModelRepository::open(
-        RepositoryConfig::new(url)
-            .schema("faults")
-            .pool_size(pool_size)
-            .max_overflow(2)
-            .pool_timeout(Duration::from_secs(10))
-            .reaper_interval(None),
-    )
-    .expect("open")
+    open_with(url, |c| c.pool_size(pool_size))
+}
+
+/// A repository in schema `faults` with a small pool and no reaper, adjusted by `adjust`.
+fn open_with(
+    url: &str,
+    adjust: impl FnOnce(RepositoryConfig) -> RepositoryConfig,
+) -> ModelRepository {
+    let config = RepositoryConfig::new(url)
+        .schema("faults")
+        .max_overflow(2)
+        .pool_timeout(Duration::from_secs(10))
+        .reaper_interval(None);
+    ModelRepository::open(adjust(config)).expect("open")
 }
 
 fn kill_repository_backends(url: &str) -> u64 {
@@ -144,15 +149,11 @@ fn an_immediate_restart_mid_workload_loses_nothing() {
 #[test]
 fn a_statement_past_query_timeout_is_a_timeout_and_the_connection_survives() {
     let server = own_server();
-    let repo = ModelRepository::open(
-        RepositoryConfig::new(server.url())
-            .schema("faults")
-            .pool_size(1)
+    let repo = open_with(&server.url(), |c| {
+        c.pool_size(1)
             .max_overflow(0)
             .query_timeout(Duration::from_millis(1))
-            .reaper_interval(None),
-    )
-    .unwrap();
+    });
     let mut admin = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
     admin
         .batch_execute(
@@ -324,14 +325,11 @@ fn connections_cut_mid_stream_leave_nothing_half_written() {
 #[test]
 fn close_with_the_server_down_does_not_wait_out_pool_timeout() {
     let mut server = own_server();
-    let repo = ModelRepository::open(
-        RepositoryConfig::new(server.url())
-            .schema("faults")
-            .pool_size(1)
+    let repo = open_with(&server.url(), |c| {
+        c.pool_size(1)
             .pool_timeout(Duration::from_secs(30))
-            .reaper_interval(Some(Duration::from_secs(3600))),
-    )
-    .unwrap();
+            .reaper_interval(Some(Duration::from_secs(3600)))
+    });
     repo.save_model("m", "1", b"x", &json!({})).unwrap();
     repo.load_model("m", "1").unwrap();
     repo.cache_predictions("k", &1u8, Duration::from_secs(60))
@@ -350,14 +348,11 @@ fn close_with_the_server_down_does_not_wait_out_pool_timeout() {
 #[test]
 fn the_reaper_keeps_working_across_a_server_restart() {
     let mut server = own_server();
-    let repo = ModelRepository::open(
-        RepositoryConfig::new(server.url())
-            .schema("faults")
-            .pool_size(2)
+    let repo = open_with(&server.url(), |c| {
+        c.pool_size(2)
             .pool_timeout(Duration::from_secs(5))
-            .reaper_interval(Some(Duration::from_millis(200))),
-    )
-    .unwrap();
+            .reaper_interval(Some(Duration::from_millis(200)))
+    });
     repo.cache_predictions("live", &1u8, Duration::from_secs(600))
         .unwrap();
     server.restart(StopMode::Immediate).unwrap();
@@ -399,14 +394,8 @@ fn admin_count(url: &str, sql: &str) -> i64 {
 fn a_panic_in_the_callers_closure_never_returns_a_session_mid_query() {
     let server = own_server();
     let app = "panic_test";
-    let repo = ModelRepository::open(
-        RepositoryConfig::new(format!("{} application_name={app}", server.url()))
-            .schema("faults")
-            .pool_size(1)
-            .max_overflow(0)
-            .reaper_interval(None),
-    )
-    .unwrap();
+    let url = common::with_application_name(&server.url(), app);
+    let repo = open_with(&url, |c| c.pool_size(1).max_overflow(0));
     let backend = || -> Vec<i32> {
         let mut admin = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
         admin

@@ -28,40 +28,29 @@
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
-mod aliases;
-mod blob;
 mod cache;
-mod config;
-mod copy;
-mod counters;
+mod db;
 mod embeddings;
-mod error;
-mod glob;
-mod migrate;
 mod models;
 mod monitor;
-mod pool;
-mod reaper;
 mod repository;
-mod retry;
+#[cfg(all(unix, feature = "throwaway"))]
 pub mod throwaway;
-mod timings;
-mod tls;
 mod training;
 mod validate;
 
 pub use cache::CacheStats;
-pub use config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
+pub use db::config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
+pub use db::error::{RepoError, Result};
+pub use db::pool::PoolState;
+pub use db::timings::QueryMetric;
 pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};
-pub use error::{RepoError, Result};
 pub use models::ModelInfo;
 pub use monitor::{
     CheckResult, EmbeddingsStats, EntityTypeStats, HealthReport, HealthStatus, ModelStats,
     ModelStorageStats, OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance,
 };
-pub use pool::PoolState;
 pub use repository::ModelRepository;
-pub use timings::QueryMetric;
 pub use training::TrainingMetricsRecord;
 pub use validate::MAX_METADATA_BYTES;
 

@@ -4,15 +4,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cache::{flush_hits, HitCounters};
-use crate::config::RepositoryConfig;
-use crate::counters::{AccessBuffer, Buffer};
-use crate::error::Result;
-use crate::migrate;
-use crate::pool::{PgConnection, Pool, PoolState};
-use crate::reaper::Reaper;
-use crate::retry::{self, Policy, Retry};
-use crate::timings::{QueryMetric, Timings};
+use crate::cache::{Reaper, FLUSH_HITS};
+use crate::db::config::RepositoryConfig;
+use crate::db::counters::{AccessCounts, Buffer, FlushStatements};
+use crate::db::error::Result;
+use crate::db::migrate;
+use crate::db::pool::{PgConnection, Pool, PoolState};
+use crate::db::retry::Retry;
+use crate::db::timings::{QueryMetric, Timings};
+use crate::models::FLUSH_LOADS;
 
 /// A repository of models, embeddings, training metrics and cached predictions in one
 /// PostgreSQL schema.
@@ -34,20 +34,19 @@ use crate::timings::{QueryMetric, Timings};
 /// ```
 #[derive(Clone)]
 pub struct ModelRepository {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
-/// What every clone shares. Dropped with the last clone.
-pub(crate) struct Inner {
-    pub(crate) config: RepositoryConfig,
-    pub(crate) pool: Pool,
-    pub(crate) timings: Timings,
-    /// Cache hits and misses counted in memory, shared with the reaper.
-    pub(crate) hits: Arc<HitCounters>,
-    /// Model loads counted in memory (key: JSON `[model_name, version]`), shared with the reaper.
-    pub(crate) loads: Arc<AccessBuffer>,
+/// What every clone shares. Dropped with the last clone. Its fields are this module's own:
+/// features reach them through the methods below.
+struct Inner {
+    config: RepositoryConfig,
+    pool: Pool,
+    timings: Timings,
+    /// Cache lookups and model loads counted in memory, shared with the reaper.
+    counts: Arc<AccessCounts>,
     /// The background thread, unless `reaper_interval(None)`.
-    pub(crate) reaper: Option<Reaper>,
+    reaper: Option<Reaper>,
 }
 
 impl Drop for Inner {
@@ -57,7 +56,7 @@ impl Drop for Inner {
         if let Some(mut reaper) = self.reaper.take() {
             reaper.stop();
         }
-        if let Err(e) = flush_access_counts(&self.pool, &self.hits, &self.loads) {
+        if let Err(e) = self.counts.flush(&self.pool) {
             log::warn!("pg-model-repo: flushing buffered access counts at close failed: {e}");
         }
         log::debug!("pg-model-repo: closed schema {}", self.config.schema);
@@ -104,15 +103,12 @@ impl ModelRepository {
             config.redacted_target()
         );
         let timings = Timings::new(config.enable_metrics, config.slow_query_threshold);
-        let hits = Arc::new(HitCounters::default());
-        let loads = Arc::new(AccessBuffer::default());
+        let counts = Arc::new(AccessCounts::new(FlushStatements {
+            cache_hits: FLUSH_HITS,
+            model_loads: FLUSH_LOADS,
+        }));
         let reaper = match config.reaper_interval {
-            Some(every) => Some(Reaper::start(
-                pool.clone(),
-                hits.clone(),
-                loads.clone(),
-                every,
-            )?),
+            Some(every) => Some(Reaper::start(pool.clone(), counts.clone(), every)?),
             None => None,
         };
         Ok(ModelRepository {
@@ -120,8 +116,7 @@ impl ModelRepository {
                 config,
                 pool,
                 timings,
-                hits,
-                loads,
+                counts,
                 reaper,
             }),
         })
@@ -190,44 +185,68 @@ impl ModelRepository {
         self.inner.timings.snapshot()
     }
 
-    /// Times a public operation (validation included) in the registry.
-    pub(crate) fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Runs a public operation: times it (validation included) in the registry under `op`,
+    /// and hands it a [`Call`] that runs its statements under the same name.
+    pub(crate) fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Call<'_>) -> Result<T>,
+    ) -> Result<T> {
         let started = Instant::now();
-        let result = f();
-        self.inner
-            .timings
-            .record(op, started.elapsed(), result.is_ok());
+        let call = Call {
+            op,
+            pool: &self.inner.pool,
+        };
+        let result = f(&call);
+        self.record_timing(op, started, result.is_ok());
         result
     }
 
-    /// Runs `f` on a pooled connection, repeating it on transient failures when `retry`
-    /// allows. A connection that failed is poisoned and never reused.
-    pub(crate) fn with_conn<T>(
-        &self,
-        op: &'static str,
-        retry: Retry,
-        f: impl FnMut(&mut PgConnection) -> Result<T>,
-    ) -> Result<T> {
-        with_pool_conn(&self.inner.pool, op, retry, f)
+    /// Records one finished operation in the timing registry.
+    pub(crate) fn record_timing(&self, op: &'static str, started: Instant, ok: bool) {
+        self.inner.timings.record(op, started.elapsed(), ok);
     }
-}
 
-impl ModelRepository {
+    /// The connection pool, for work that spans several connections.
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The repository's access counters (cache lookups, model loads).
+    pub(crate) fn counts(&self) -> &AccessCounts {
+        &self.inner.counts
+    }
+
     /// Counts one load of a model version (buffered; written by the reaper or at close).
     pub(crate) fn record_model_load(&self, model_name: &str, version: &str) {
-        let key = serde_json::json!([model_name, version]).to_string();
-        if self.inner.loads.record(&key) == Buffer::FlushSoon {
-            self.flush_counters_soon();
+        let buffered = self.inner.counts.record_load(model_name, version);
+        self.after_access(buffered);
+    }
+
+    /// Counts one cache lookup: a hit of `key`, or a miss.
+    pub(crate) fn record_lookup(&self, key: &str, hit: bool) {
+        if hit {
+            let buffered = self.inner.counts.record_hit(key);
+            self.after_access(buffered);
+        } else {
+            self.inner.counts.record_miss();
         }
     }
 
-    /// Asks the reaper to flush the access buffers; without a reaper, flushes here.
-    pub(crate) fn flush_counters_soon(&self) {
+    /// Writes the buffered access counts now (the statistics calls read them back).
+    pub(crate) fn flush_counts(&self) -> Result<()> {
+        self.inner.counts.flush(&self.inner.pool)
+    }
+
+    /// A large buffer asks for an early flush: the reaper does it, or this thread without one.
+    fn after_access(&self, buffered: Buffer) {
+        if buffered != Buffer::FlushSoon {
+            return;
+        }
         match &self.inner.reaper {
             Some(reaper) => reaper.wake(),
             None => {
-                let inner = &self.inner;
-                if let Err(e) = flush_access_counts(&inner.pool, &inner.hits, &inner.loads) {
+                if let Err(e) = self.flush_counts() {
                     log::warn!("pg-model-repo: flushing buffered access counts failed: {e}");
                 }
             }
@@ -235,39 +254,25 @@ impl ModelRepository {
     }
 }
 
-/// Adds buffered loads to `load_count` and moves `last_loaded_at` (database clock).
-const FLUSH_LOADS: &str = "UPDATE ml_models AS m
-     SET load_count = m.load_count + u.n,
-         last_loaded_at = GREATEST(m.last_loaded_at, now() - u.age_us * interval '1 microsecond')
-     FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(k, n, age_us)
-     WHERE m.model_name = (u.k::jsonb)->>0 AND m.version = (u.k::jsonb)->>1";
-
-/// Writes both access buffers (cache hits, model loads); both are attempted, the first error
-/// is returned.
-pub(crate) fn flush_access_counts(
-    pool: &Pool,
-    hits: &HitCounters,
-    loads: &AccessBuffer,
-) -> Result<()> {
-    let cache = flush_hits(pool, hits);
-    let models = crate::counters::flush(pool, loads, "flush_model_loads", FLUSH_LOADS);
-    cache.and(models)
+/// One public operation in progress: its name (for retries' logs) and the pool it runs on.
+#[derive(Debug)]
+pub(crate) struct Call<'a> {
+    op: &'static str,
+    pool: &'a Pool,
 }
 
-/// [`ModelRepository::with_conn`] for code that holds a pool but not the repository (the
-/// reaper thread).
-pub(crate) fn with_pool_conn<T>(
-    pool: &Pool,
-    op: &'static str,
-    retry: Retry,
-    mut f: impl FnMut(&mut PgConnection) -> Result<T>,
-) -> Result<T> {
-    retry::run(op, retry, Policy::default(), || {
-        let mut conn = pool.get()?;
-        let result = f(&mut conn);
-        if let Err(e) = &result {
-            pool.note_failure(&mut conn, e);
-        }
-        result
-    })
+impl Call<'_> {
+    /// Runs `f` on a pooled connection under this operation's name, retried per `retry`.
+    pub(crate) fn run<T>(
+        &self,
+        retry: Retry,
+        f: impl FnMut(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        self.pool.run(self.op, retry, f)
+    }
+
+    /// The pool, for work that spans several connections.
+    pub(crate) fn pool(&self) -> &Pool {
+        self.pool
+    }
 }

@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::error::{RepoError, Result};
+use crate::db::error::{RepoError, Result};
 
 /// What to tell a user whose machine has no PostgreSQL binaries.
 pub const INSTALL_HINT: &str = "no PostgreSQL server binaries (initdb, pg_ctl) were found. \

@@ -5,9 +5,9 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
-use crate::error::{RepoError, Result};
+use crate::db::error::{RepoError, Result};
+use crate::db::retry::Retry;
 use crate::repository::ModelRepository;
-use crate::retry::Retry;
 use crate::validate;
 
 /// One saved set of training metrics.
@@ -54,15 +54,15 @@ impl ModelRepository {
         version: &str,
         metrics: &BTreeMap<String, f64>,
     ) -> Result<()> {
-        self.timed("save_training_metrics", || {
+        self.timed("save_training_metrics", |call| {
             validate::model_name(model_name)?;
             validate::name("version", version, validate::VERSION_MAX)?;
             let document = metrics_document(metrics)?;
-            let seq: i64 = self.with_conn("save_training_metrics", Retry::Idempotent, |conn| {
+            let seq: i64 = call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(NEXT_SEQ)?;
                 Ok(conn.client().query_one(&statement, &[])?.try_get(0)?)
             })?;
-            self.with_conn("save_training_metrics", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(INSERT)?;
                 conn.client()
                     .execute(&statement, &[&model_name, &version, &document, &seq])?;
@@ -86,10 +86,10 @@ impl ModelRepository {
         model_name: &str,
         version: &str,
     ) -> Result<Option<BTreeMap<String, f64>>> {
-        self.timed("get_training_metrics", || {
+        self.timed("get_training_metrics", |call| {
             validate::model_name(model_name)?;
             validate::name("version", version, validate::VERSION_MAX)?;
-            self.with_conn("get_training_metrics", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_NEWEST)?;
                 conn.client()
                     .query_opt(&statement, &[&model_name, &version])?
@@ -113,9 +113,9 @@ impl ModelRepository {
         &self,
         model_name: &str,
     ) -> Result<Vec<TrainingMetricsRecord>> {
-        self.timed("get_training_metrics_history", || {
+        self.timed("get_training_metrics_history", |call| {
             validate::model_name(model_name)?;
-            self.with_conn("get_training_metrics_history", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_HISTORY)?;
                 conn.client()
                     .query(&statement, &[&model_name])?

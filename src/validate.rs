@@ -1,7 +1,7 @@
 //! Input rules shared by every area: identifiers, name lengths counted in characters (as
 //! PostgreSQL's varchar counts them), blank and NUL checks, metadata objects.
 
-use crate::error::{RepoError, Result};
+use crate::db::error::{RepoError, Result};
 
 /// The most serialized metadata a model may carry.
 pub const MAX_METADATA_BYTES: usize = 1 << 20;

@@ -1,18 +1,16 @@
-//! The prediction cache: CBOR values under string keys with a TTL judged by the database
-//! clock, glob clearing, and hit counts buffered in memory and flushed in one statement.
+//! Cache entries: CBOR values under string keys with a TTL judged by the database clock;
+//! reads, writes, glob deletes, purges of expired rows and the cache's statistics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::counters::{self, AccessBuffer, Buffer};
-use crate::error::{RepoError, Result};
-use crate::glob::{Glob, SqlFilter};
-use crate::pool::{PgConnection, Pool};
-use crate::repository::{with_pool_conn, ModelRepository};
-use crate::retry::Retry;
+use crate::cache::glob::{Glob, SqlFilter};
+use crate::db::error::{RepoError, Result};
+use crate::db::pool::{PgConnection, Pool};
+use crate::db::retry::Retry;
+use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
 /// The longest cache key, in characters (the column is `varchar(512)`).
@@ -43,26 +41,6 @@ pub struct CacheStats {
     pub total_bytes: u64,
 }
 
-/// Hits and misses counted in memory, shared by every clone and by the reaper thread.
-#[derive(Debug, Default)]
-pub(crate) struct HitCounters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    /// Hits not yet written to `access_count` / `last_accessed`.
-    pub(crate) pending: AccessBuffer,
-}
-
-impl HitCounters {
-    pub(crate) fn record_miss(&self) {
-        self.misses.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn record_hit(&self, key: &str) -> Buffer {
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        self.pending.record(key)
-    }
-}
-
 const UPSERT: &str = "INSERT INTO prediction_cache
          (cache_key, predictions, cached_at, expires_at, access_count, last_accessed)
      VALUES ($1, $2, now(), now() + $3::int8 * interval '1 microsecond', 0, now())
@@ -87,7 +65,7 @@ const SELECT_STATS: &str = "SELECT count(*)::int8,
 /// Adds buffered hits; `last_accessed` becomes the database's `now()` minus the time since the
 /// last hit, so no client clock is involved. Entries expired since are left alone (the reaper
 /// may hold them).
-const FLUSH_HITS: &str = "UPDATE prediction_cache AS c
+pub(crate) const FLUSH_HITS: &str = "UPDATE prediction_cache AS c
      SET access_count = c.access_count + u.hits,
          last_accessed = GREATEST(c.last_accessed, now() - u.age_us * interval '1 microsecond')
      FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(cache_key, hits, age_us)
@@ -121,11 +99,11 @@ impl ModelRepository {
         predictions: &T,
         ttl: Duration,
     ) -> Result<()> {
-        self.timed("cache_predictions", || {
+        self.timed("cache_predictions", |call| {
             validate_key(cache_key)?;
             let ttl_us = self.ttl_micros(ttl)?;
             let bytes = encode(predictions)?;
-            self.store(cache_key, &bytes, ttl_us)
+            store(call, cache_key, &bytes, ttl_us)
         })
     }
 
@@ -142,7 +120,7 @@ impl ModelRepository {
         cache_key: &str,
         predictions: &T,
     ) -> Result<()> {
-        self.cache_predictions(cache_key, predictions, self.inner.config.cache_default_ttl)
+        self.cache_predictions(cache_key, predictions, self.config().cache_default_ttl)
     }
 
     /// The value cached under `cache_key`, or `None` if there is none or it has expired (by
@@ -162,9 +140,9 @@ impl ModelRepository {
         &self,
         cache_key: &str,
     ) -> Result<Option<T>> {
-        self.timed("get_cached_predictions", || {
+        self.timed("get_cached_predictions", |call| {
             validate_key(cache_key)?;
-            let bytes = self.lookup(cache_key)?;
+            let bytes = self.lookup(call, cache_key)?;
             bytes.map(|b| decode(cache_key, &b)).transpose()
         })
     }
@@ -187,12 +165,10 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn clear_cache(&self, pattern: &str) -> Result<u64> {
-        self.timed("clear_cache", || {
+        self.timed("clear_cache", |call| {
             let filter = Glob::parse(pattern)?.to_sql_filter();
             // Deleting by a pattern again deletes nothing more: safe to repeat.
-            self.with_conn("clear_cache", Retry::Idempotent, |conn| {
-                delete_matching(conn, &filter)
-            })
+            call.run(Retry::Idempotent, |conn| delete_matching(conn, &filter))
         })
     }
 
@@ -208,9 +184,10 @@ impl ModelRepository {
     /// ```
     pub fn explain_clear_cache(&self, pattern: &str) -> Result<String> {
         let filter = Glob::parse(pattern)?.to_sql_filter();
-        self.with_conn("explain_clear_cache", Retry::Idempotent, |conn| {
-            explain_matching(conn, &filter)
-        })
+        self.pool()
+            .run("explain_clear_cache", Retry::Idempotent, |conn| {
+                explain_matching(conn, &filter)
+            })
     }
 
     /// Deletes every expired entry now (in bounded batches, like the reaper) and returns how
@@ -223,8 +200,8 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn purge_expired_cache(&self) -> Result<u64> {
-        self.timed("purge_expired_cache", || {
-            purge_expired(&self.inner.pool, Retry::Idempotent, &|| false)
+        self.timed("purge_expired_cache", |call| {
+            purge_expired(call.pool(), Retry::Idempotent, &|| false)
         })
     }
 
@@ -240,15 +217,14 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn get_cache_statistics(&self) -> Result<CacheStats> {
-        self.timed("get_cache_statistics", || {
-            flush_hits(&self.inner.pool, &self.inner.hits)?;
-            let row = self.with_conn("get_cache_statistics", Retry::Idempotent, |conn| {
+        self.timed("get_cache_statistics", |call| {
+            self.flush_counts()?;
+            let row = call.run(Retry::Idempotent, |conn| {
                 Ok(conn.client().query_one(SELECT_STATS, &[])?)
             })?;
             let total = non_negative(row.try_get(0)?);
             let active = non_negative(row.try_get(1)?);
-            let hits = self.inner.hits.hits.load(Ordering::Relaxed);
-            let misses = self.inner.hits.misses.load(Ordering::Relaxed);
+            let (hits, misses) = self.counts().lookups();
             let lookups = hits + misses;
             Ok(CacheStats {
                 total_entries: total,
@@ -279,9 +255,9 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn cache_ttl(&self, cache_key: &str) -> Result<Option<Duration>> {
-        self.timed("cache_ttl", || {
+        self.timed("cache_ttl", |call| {
             validate_key(cache_key)?;
-            let micros: Option<i64> = self.with_conn("cache_ttl", Retry::Idempotent, |conn| {
+            let micros: Option<i64> = call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_TTL)?;
                 match conn.client().query_opt(&statement, &[&cache_key])? {
                     Some(row) => Ok(Some(row.try_get(0)?)),
@@ -323,8 +299,8 @@ impl ModelRepository {
         }
         let value = f()?;
         let bytes = encode(&value)?;
-        self.timed("cache_predictions", || {
-            self.store(cache_key, &bytes, ttl_us)
+        self.timed("cache_predictions", |call| {
+            store(call, cache_key, &bytes, ttl_us)
         })?;
         Ok(value)
     }
@@ -332,7 +308,7 @@ impl ModelRepository {
     /// The TTL in whole microseconds (rounded up, so a tiny TTL still lies in the future),
     /// checked against (0, cache_max_ttl].
     fn ttl_micros(&self, ttl: Duration) -> Result<i64> {
-        let max = self.inner.config.cache_max_ttl;
+        let max = self.config().cache_max_ttl;
         if ttl.is_zero() || ttl > max {
             return Err(RepoError::invalid(format!(
                 "cache ttl {ttl:?} must be greater than zero and at most cache_max_ttl ({max:?})"
@@ -343,33 +319,27 @@ impl ModelRepository {
             .map_err(|_| RepoError::invalid(format!("cache ttl {ttl:?} is too long")))
     }
 
-    fn store(&self, cache_key: &str, bytes: &[u8], ttl_us: i64) -> Result<()> {
-        self.with_conn("cache_predictions", Retry::Idempotent, |conn| {
-            let statement = conn.prepare_cached(UPSERT)?;
-            conn.client()
-                .execute(&statement, &[&cache_key, &bytes, &ttl_us])?;
-            Ok(())
-        })
-    }
-
     /// The live entry's bytes, counting the hit or miss.
-    fn lookup(&self, cache_key: &str) -> Result<Option<Vec<u8>>> {
-        let bytes: Option<Vec<u8>> =
-            self.with_conn("get_cached_predictions", Retry::Idempotent, |conn| {
-                let statement = conn.prepare_cached(SELECT_LIVE)?;
-                match conn.client().query_opt(&statement, &[&cache_key])? {
-                    Some(row) => Ok(Some(row.try_get(0)?)),
-                    None => Ok(None),
-                }
-            })?;
-        let counters = &self.inner.hits;
-        if bytes.is_none() {
-            counters.record_miss();
-        } else if counters.record_hit(cache_key) == Buffer::FlushSoon {
-            self.flush_counters_soon();
-        }
+    fn lookup(&self, call: &Call<'_>, cache_key: &str) -> Result<Option<Vec<u8>>> {
+        let bytes: Option<Vec<u8>> = call.run(Retry::Idempotent, |conn| {
+            let statement = conn.prepare_cached(SELECT_LIVE)?;
+            match conn.client().query_opt(&statement, &[&cache_key])? {
+                Some(row) => Ok(Some(row.try_get(0)?)),
+                None => Ok(None),
+            }
+        })?;
+        self.record_lookup(cache_key, bytes.is_some());
         Ok(bytes)
     }
+}
+
+fn store(call: &Call<'_>, cache_key: &str, bytes: &[u8], ttl_us: i64) -> Result<()> {
+    call.run(Retry::Idempotent, |conn| {
+        let statement = conn.prepare_cached(UPSERT)?;
+        conn.client()
+            .execute(&statement, &[&cache_key, &bytes, &ttl_us])?;
+        Ok(())
+    })
 }
 
 /// Keys: 1..=512 characters, no NUL, not blank.
@@ -460,18 +430,13 @@ fn explain_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<Strin
     Ok(lines.join("\n"))
 }
 
-/// Writes the buffered hits in one statement; on failure they stay buffered for the next try.
-pub(crate) fn flush_hits(pool: &Pool, counters: &HitCounters) -> Result<()> {
-    counters::flush(pool, &counters.pending, "flush_cache_hits", FLUSH_HITS)
-}
-
 /// Deletes expired rows in batches of [`PURGE_BATCH`] until a batch comes back short (none
 /// left, or the rest is locked by another reaper), or `stop()` says so between batches.
 /// Each batch is retried per `retry` (deleting expired rows again is harmless).
 pub(crate) fn purge_expired(pool: &Pool, retry: Retry, stop: &dyn Fn() -> bool) -> Result<u64> {
     let mut total = 0;
     loop {
-        let deleted = with_pool_conn(pool, "purge_expired_cache", retry, |conn| {
+        let deleted = pool.run("purge_expired_cache", retry, |conn| {
             let statement = conn.prepare_cached(DELETE_EXPIRED_BATCH)?;
             Ok(conn.client().execute(&statement, &[&PURGE_BATCH])?)
         })?;
@@ -479,21 +444,5 @@ pub(crate) fn purge_expired(pool: &Pool, retry: Retry, stop: &dyn Fn() -> bool) 
         if deleted < PURGE_BATCH as u64 || stop() {
             return Ok(total);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hits_and_misses_are_counted_and_hits_buffered() {
-        let c = HitCounters::default();
-        c.record_hit("a");
-        c.record_hit("a");
-        c.record_miss();
-        assert_eq!(c.hits.load(Ordering::Relaxed), 2);
-        assert_eq!(c.misses.load(Ordering::Relaxed), 1);
-        assert_eq!(c.pending.pending_keys(), 1);
     }
 }

@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TryRecvError};
 
-use crate::cache::{purge_expired, HitCounters};
-use crate::counters::AccessBuffer;
-use crate::error::{RepoError, Result};
-use crate::pool::Pool;
-use crate::repository::flush_access_counts;
-use crate::retry::Retry;
+use crate::cache::purge_expired;
+use crate::db::counters::AccessCounts;
+use crate::db::error::{RepoError, Result};
+use crate::db::pool::Pool;
+use crate::db::retry::Retry;
 
 /// The handle the repository keeps: dropping the shutdown sender is the stop signal.
 #[derive(Debug)]
@@ -24,21 +23,15 @@ pub(crate) struct Reaper {
 }
 
 impl Reaper {
-    /// Starts the thread. It holds a pool clone and the hit counters, never the repository,
-    /// so it cannot keep the repository alive.
-    pub(crate) fn start(
-        pool: Pool,
-        hits: Arc<HitCounters>,
-        loads: Arc<AccessBuffer>,
-        interval: Duration,
-    ) -> Result<Self> {
+    /// Starts the thread. It holds a pool clone and the access counters, never the
+    /// repository, so it cannot keep the repository alive.
+    pub(crate) fn start(pool: Pool, counts: Arc<AccessCounts>, interval: Duration) -> Result<Self> {
         let (shutdown, shutdown_rx) = bounded::<()>(0);
         // One pending wake-up is enough: it asks for a flush of whatever is buffered by then.
         let (wake, wake_rx) = bounded::<()>(1);
         let task = Task {
             pool,
-            hits,
-            loads,
+            counts,
             shutdown: shutdown_rx,
         };
         let thread = std::thread::Builder::new()
@@ -80,8 +73,7 @@ impl Drop for Reaper {
 /// What the thread owns.
 struct Task {
     pool: Pool,
-    hits: Arc<HitCounters>,
-    loads: Arc<AccessBuffer>,
+    counts: Arc<AccessCounts>,
     shutdown: Receiver<()>,
 }
 
@@ -124,7 +116,7 @@ impl Task {
     }
 
     fn flush(&self) {
-        if let Err(e) = flush_access_counts(&self.pool, &self.hits, &self.loads) {
+        if let Err(e) = self.counts.flush(&self.pool) {
             log::warn!("pg-model-repo: reaper failed to flush buffered access counts: {e}");
         }
     }

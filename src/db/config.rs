@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::error::{RepoError, Result};
+use crate::db::error::{RepoError, Result};
 use crate::validate;
 
 /// The largest single BYTEA value that binary COPY really takes: 1 GiB - 1 MiB.
@@ -251,8 +251,8 @@ impl RepositoryConfig {
     }
 
     /// How sessions connect (plaintext or TLS), checked against the build's features.
-    pub(crate) fn connector(&self) -> Result<crate::tls::Connector> {
-        crate::tls::Connector::for_config(self, &self.pg_config()?)
+    pub(crate) fn connector(&self) -> Result<crate::db::tls::Connector> {
+        crate::db::tls::Connector::for_config(self, &self.pg_config()?)
     }
 
     /// The parsed connection settings, with our application_name unless the URL gives one.

@@ -1,6 +1,6 @@
 //! Model versions: save (idempotent re-save, conflict on different content, revival of a
 //! soft-deleted version), load with checksum verification, listings, metadata search, soft
-//! delete and cleanup. Streaming transfers live in `blob.rs`, aliases in `aliases.rs`.
+//! delete and cleanup; and the statement that writes buffered load counts.
 
 use std::time::SystemTime;
 
@@ -8,11 +8,12 @@ use postgres::types::ToSql;
 use postgres::{GenericClient, Row};
 use serde_json::Value;
 
-use crate::blob::BlobSource;
-use crate::error::{RepoError, Result};
-use crate::migrate::hex_sha256;
-use crate::repository::ModelRepository;
-use crate::retry::Retry;
+use crate::db::error::{RepoError, Result};
+use crate::db::hex_sha256;
+use crate::db::retry::Retry;
+use crate::models::aliases::drop_aliases_to;
+use crate::models::blob::BlobSource;
+use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
 /// One stored model version, without its bytes.
@@ -34,9 +35,25 @@ pub struct ModelInfo {
     pub is_active: bool,
 }
 
-/// The columns every `ModelInfo` is read from (table alias `m`).
-pub(crate) const INFO_COLUMNS: &str =
-    "m.model_name, m.version, m.size_bytes, m.checksum, m.metadata, m.created_at, m.is_active";
+/// The columns every `ModelInfo` is read from (table alias `m`), as a literal so that
+/// statement constants can be built from it with `concat!`.
+macro_rules! info_columns {
+    () => {
+        "m.model_name, m.version, m.size_bytes, m.checksum, m.metadata, m.created_at, m.is_active"
+    };
+}
+pub(crate) use info_columns;
+
+/// [`info_columns!`] as a constant, for statements built at run time.
+pub(crate) const INFO_COLUMNS: &str = info_columns!();
+
+/// Adds buffered loads to `load_count` and moves `last_loaded_at` (database clock); see
+/// `db::counters` for the parameters.
+pub(crate) const FLUSH_LOADS: &str = "UPDATE ml_models AS m
+     SET load_count = m.load_count + u.n,
+         last_loaded_at = GREATEST(m.last_loaded_at, now() - u.age_us * interval '1 microsecond')
+     FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(k, n, age_us)
+     WHERE m.model_name = (u.k::jsonb)->>0 AND m.version = (u.k::jsonb)->>1";
 
 impl ModelInfo {
     pub(crate) fn from_row(row: &Row) -> Result<Self> {
@@ -117,17 +134,24 @@ impl VersionRef {
     }
 }
 
-const SELECT_FOR_SAVE: &str = "SELECT m.model_name, m.version, m.size_bytes, m.checksum, \
-     m.metadata, m.created_at, m.is_active, m.metadata = $3 AS same_metadata \
-     FROM ml_models m WHERE m.model_name = $1 AND m.version = $2 FOR UPDATE";
+const SELECT_FOR_SAVE: &str = concat!(
+    "SELECT ",
+    info_columns!(),
+    ", m.metadata = $3 AS same_metadata \
+     FROM ml_models m WHERE m.model_name = $1 AND m.version = $2 FOR UPDATE"
+);
 
-const SELECT_VERSIONS: &str = "SELECT m.model_name, m.version, m.size_bytes, m.checksum, \
-     m.metadata, m.created_at, m.is_active FROM ml_models m \
-     WHERE m.model_name = $1 AND m.is_active ORDER BY m.save_seq DESC";
+const SELECT_VERSIONS: &str = concat!(
+    "SELECT ",
+    info_columns!(),
+    " FROM ml_models m WHERE m.model_name = $1 AND m.is_active ORDER BY m.save_seq DESC"
+);
 
-const SEARCH: &str = "SELECT m.model_name, m.version, m.size_bytes, m.checksum, m.metadata, \
-     m.created_at, m.is_active FROM ml_models m \
-     WHERE m.is_active AND m.metadata @> $1 ORDER BY m.save_seq DESC";
+const SEARCH: &str = concat!(
+    "SELECT ",
+    info_columns!(),
+    " FROM ml_models m WHERE m.is_active AND m.metadata @> $1 ORDER BY m.save_seq DESC"
+);
 
 const SOFT_DELETE: &str = "UPDATE ml_models SET is_active = false \
      WHERE model_name = $1 AND version = $2 AND is_active";
@@ -169,13 +193,13 @@ impl ModelRepository {
         data: &[u8],
         metadata: &Value,
     ) -> Result<ModelInfo> {
-        self.timed("save_model", || {
+        self.timed("save_model", |call| {
             let request = self.check_save(model_name, version, metadata, data.len() as u64)?;
             let request = SaveRequest {
                 checksum: hex_sha256(data),
                 ..request
             };
-            self.store_model(&request, &mut BlobSource::Slice(data))
+            store_model(call, &request, &mut BlobSource::Slice(data))
         })
     }
 
@@ -201,42 +225,13 @@ impl ModelRepository {
     }
 
     pub(crate) fn check_model_size(&self, size: u64) -> Result<()> {
-        let max = self.inner.config.max_model_size;
+        let max = self.config().max_model_size;
         if size > max {
             return Err(RepoError::invalid(format!(
                 "model is {size} bytes; max_model_size is {max}"
             )));
         }
         Ok(())
-    }
-
-    /// The transaction behind every save: compare with what is stored, else write the bytes.
-    pub(crate) fn store_model(
-        &self,
-        request: &SaveRequest<'_>,
-        source: &mut BlobSource<'_>,
-    ) -> Result<ModelInfo> {
-        self.with_conn("save_model", Retry::Idempotent, |conn| {
-            let mut tx = conn.client().transaction()?;
-            // An identical active version answers without sending the bytes again.
-            if let Some(info) = compare_with_stored(&mut tx, request)? {
-                tx.commit()?;
-                return Ok(info);
-            }
-            let written = source.insert(&mut tx, request)?;
-            let info = match written {
-                Some(info) => info,
-                // Someone saved the same version between our check and our insert.
-                None => compare_with_stored(&mut tx, request)?.ok_or_else(|| {
-                    RepoError::Conflict(format!(
-                        "{}/{} was saved concurrently",
-                        request.model_name, request.version
-                    ))
-                })?,
-            };
-            tx.commit()?;
-            Ok(info)
-        })
     }
 
     /// Loads the bytes of a version (`"latest"`, `"@alias"` or a literal one); `Ok(None)` when
@@ -252,8 +247,10 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn load_model(&self, model_name: &str, version: &str) -> Result<Option<Vec<u8>>> {
-        self.timed("load_model", || {
-            Ok(self.fetch_model(model_name, version)?.map(|(_, data)| data))
+        self.timed("load_model", |call| {
+            Ok(self
+                .fetch_model(call, model_name, version)?
+                .map(|(_, data)| data))
         })
     }
 
@@ -272,18 +269,23 @@ impl ModelRepository {
         model_name: &str,
         version: &str,
     ) -> Result<Option<(ModelInfo, Vec<u8>)>> {
-        self.timed("load_model_with_info", || {
-            self.fetch_model(model_name, version)
+        self.timed("load_model_with_info", |call| {
+            self.fetch_model(call, model_name, version)
         })
     }
 
-    fn fetch_model(&self, model_name: &str, version: &str) -> Result<Option<(ModelInfo, Vec<u8>)>> {
+    fn fetch_model(
+        &self,
+        call: &Call<'_>,
+        model_name: &str,
+        version: &str,
+    ) -> Result<Option<(ModelInfo, Vec<u8>)>> {
         validate::model_name(model_name)?;
         let vref = VersionRef::parse(version)?;
         let columns = format!("{INFO_COLUMNS}, m.model_data");
-        let found = self.with_conn("load_model", Retry::Idempotent, |conn| {
+        let found = call.run(Retry::Idempotent, |conn| {
             let mut tx = conn.client().transaction()?;
-            tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+            crate::db::pool::unbounded(&mut tx)?;
             let row = vref.select(&mut tx, model_name, &columns, "")?;
             tx.commit()?;
             row.map(|r| {
@@ -313,9 +315,9 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn get_model_versions(&self, model_name: &str) -> Result<Vec<ModelInfo>> {
-        self.timed("get_model_versions", || {
+        self.timed("get_model_versions", |call| {
             validate::model_name(model_name)?;
-            self.with_conn("get_model_versions", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_VERSIONS)?;
                 let rows = conn.client().query(&statement, &[&model_name])?;
                 rows.iter().map(ModelInfo::from_row).collect()
@@ -333,9 +335,9 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn search_models(&self, metadata_filter: &Value) -> Result<Vec<ModelInfo>> {
-        self.timed("search_models", || {
+        self.timed("search_models", |call| {
             validate::metadata(metadata_filter)?;
-            self.with_conn("search_models", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SEARCH)?;
                 let rows = conn.client().query(&statement, &[metadata_filter])?;
                 rows.iter().map(ModelInfo::from_row).collect()
@@ -353,17 +355,17 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn delete_model(&self, model_name: &str, version: &str) -> Result<bool> {
-        self.timed("delete_model", || {
+        self.timed("delete_model", |call| {
             validate::model_name(model_name)?;
             let vref = VersionRef::parse(version)?;
-            self.with_conn("delete_model", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
                 let Some(row) = vref.select(&mut tx, model_name, "m.version", "FOR UPDATE")? else {
                     return Ok(false);
                 };
                 let literal: String = row.try_get(0)?;
                 let deleted = tx.execute(SOFT_DELETE, &[&model_name, &literal])? > 0;
-                crate::aliases::drop_aliases_to(&mut tx, model_name, &[literal])?;
+                drop_aliases_to(&mut tx, model_name, &[literal])?;
                 tx.commit()?;
                 Ok(deleted)
             })
@@ -381,22 +383,51 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn cleanup_old_models(&self, model_name: &str, keep_versions: usize) -> Result<u64> {
-        self.timed("cleanup_old_models", || {
+        self.timed("cleanup_old_models", |call| {
             validate::model_name(model_name)?;
             let keep = i64::try_from(keep_versions).unwrap_or(i64::MAX);
-            self.with_conn("cleanup_old_models", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
                 let removed: Vec<String> = tx
                     .query(CLEANUP, &[&model_name, &keep])?
                     .iter()
                     .map(|r| r.try_get(0))
                     .collect::<std::result::Result<_, _>>()?;
-                crate::aliases::drop_aliases_to(&mut tx, model_name, &removed)?;
+                drop_aliases_to(&mut tx, model_name, &removed)?;
                 tx.commit()?;
                 Ok(removed.len() as u64)
             })
         })
     }
+}
+
+/// The transaction behind every save: compare with what is stored, else write the bytes.
+pub(crate) fn store_model(
+    call: &Call<'_>,
+    request: &SaveRequest<'_>,
+    source: &mut BlobSource<'_>,
+) -> Result<ModelInfo> {
+    call.run(Retry::Idempotent, |conn| {
+        let mut tx = conn.client().transaction()?;
+        // An identical active version answers without sending the bytes again.
+        if let Some(info) = compare_with_stored(&mut tx, request)? {
+            tx.commit()?;
+            return Ok(info);
+        }
+        let written = source.insert(&mut tx, request)?;
+        let info = match written {
+            Some(info) => info,
+            // Someone saved the same version between our check and our insert.
+            None => compare_with_stored(&mut tx, request)?.ok_or_else(|| {
+                RepoError::Conflict(format!(
+                    "{}/{} was saved concurrently",
+                    request.model_name, request.version
+                ))
+            })?,
+        };
+        tx.commit()?;
+        Ok(info)
+    })
 }
 
 /// The stored version as `ModelInfo` if it is active with the same content; `Conflict` if it is

@@ -6,10 +6,10 @@ use std::time::SystemTime;
 
 use postgres::Transaction;
 
-use crate::error::{RepoError, Result};
-use crate::models::VersionRef;
+use crate::db::error::{RepoError, Result};
+use crate::db::retry::Retry;
+use crate::models::versions::VersionRef;
 use crate::repository::ModelRepository;
-use crate::retry::Retry;
 use crate::validate;
 
 const UPSERT_ALIAS: &str =
@@ -63,11 +63,11 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn set_model_alias(&self, model_name: &str, alias: &str, version: &str) -> Result<()> {
-        self.timed("set_model_alias", || {
+        self.timed("set_model_alias", |call| {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
             let target = VersionRef::parse(version)?;
-            self.with_conn("set_model_alias", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
                 // FOR SHARE: a concurrent delete of the target waits for us, or we for it.
                 let literal: String = target
@@ -78,8 +78,11 @@ impl ModelRepository {
                         ))
                     })?
                     .try_get(0)?;
-                let current = tx.query_opt(CURRENT_FOR_UPDATE, &[&model_name, &alias])?;
-                if current.is_some_and(|row| row.get::<_, String>(0) == literal) {
+                let current: Option<String> = tx
+                    .query_opt(CURRENT_FOR_UPDATE, &[&model_name, &alias])?
+                    .map(|row| row.try_get(0))
+                    .transpose()?;
+                if current.as_deref() == Some(literal.as_str()) {
                     return Ok(());
                 }
                 tx.execute(UPSERT_ALIAS, &[&model_name, &alias, &literal])?;
@@ -100,10 +103,10 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn delete_model_alias(&self, model_name: &str, alias: &str) -> Result<bool> {
-        self.timed("delete_model_alias", || {
+        self.timed("delete_model_alias", |call| {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
-            self.with_conn("delete_model_alias", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
                 let existed = tx
                     .query_opt(DELETE_ALIAS, &[&model_name, &alias])?
@@ -126,9 +129,9 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn get_model_aliases(&self, model_name: &str) -> Result<BTreeMap<String, String>> {
-        self.timed("get_model_aliases", || {
+        self.timed("get_model_aliases", |call| {
             validate::model_name(model_name)?;
-            self.with_conn("get_model_aliases", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_ALIASES)?;
                 conn.client()
                     .query(&statement, &[&model_name])?
@@ -155,10 +158,10 @@ impl ModelRepository {
         model_name: &str,
         alias: &str,
     ) -> Result<Vec<(String, SystemTime)>> {
-        self.timed("get_alias_history", || {
+        self.timed("get_alias_history", |call| {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
-            self.with_conn("get_alias_history", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_HISTORY)?;
                 conn.client()
                     .query(&statement, &[&model_name, &alias])?
@@ -180,13 +183,13 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn rollback_model_alias(&self, model_name: &str, alias: &str) -> Result<String> {
-        self.timed("rollback_model_alias", || {
+        self.timed("rollback_model_alias", |call| {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
             // A rollback is not idempotent: a commit whose outcome is unknown is checked
             // against the history row it would have written, never blindly repeated.
             let mut pending: Option<(i64, String)> = None;
-            self.with_conn("rollback_model_alias", Retry::Idempotent, |conn| {
+            call.run(Retry::Idempotent, |conn| {
                 if let Some((event, target)) = &pending {
                     let done = conn
                         .client()
@@ -218,10 +221,13 @@ fn pop_to_active(tx: &mut Transaction<'_>, model_name: &str, alias: &str) -> Res
     }
     let stack = tx.query(STACK_DOWN, &[&model_name, &alias])?;
     // Skip the top (the current target), then the first active entry below is the new top.
-    let below = stack
-        .iter()
-        .skip(1)
-        .find(|row| row.get::<_, bool>("active"));
+    let mut below = None;
+    for row in stack.iter().skip(1) {
+        if row.try_get::<_, bool>("active")? {
+            below = Some(row);
+            break;
+        }
+    }
     let Some(row) = below else {
         return Err(RepoError::NotFound(format!(
             "alias {alias:?} of model {model_name:?} has no earlier active version to roll back to"

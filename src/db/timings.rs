@@ -38,7 +38,9 @@ struct OpStats {
     slow: u64,
     total: Duration,
     max: Duration,
-    micros: Histogram<u64>,
+    /// `None` only if the histogram could not be built (its bounds are constants that
+    /// hdrhistogram accepts): percentiles then fall back to the maximum.
+    micros: Option<Histogram<u64>>,
 }
 
 impl OpStats {
@@ -51,8 +53,7 @@ impl OpStats {
             max: Duration::ZERO,
             // 1 µs .. 1 hour at 3 significant digits: a fixed ~100 KiB per operation name,
             // whatever the traffic.
-            micros: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                .expect("static histogram bounds are valid"),
+            micros: Histogram::new_with_bounds(1, 3_600_000_000, 3).ok(),
         }
     }
 
@@ -63,12 +64,17 @@ impl OpStats {
         self.total += elapsed;
         self.max = self.max.max(elapsed);
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        self.micros.saturating_record(micros.max(1));
+        if let Some(histogram) = &mut self.micros {
+            histogram.saturating_record(micros.max(1));
+        }
     }
 
     fn snapshot(&self, name: &str) -> QueryMetric {
         // A histogram bucket's upper edge may lie above the exact maximum.
-        let at = |q: f64| Duration::from_micros(self.micros.value_at_quantile(q)).min(self.max);
+        let at = |q: f64| match &self.micros {
+            Some(h) => Duration::from_micros(h.value_at_quantile(q)).min(self.max),
+            None => self.max,
+        };
         QueryMetric {
             query_type: name.to_owned(),
             count: self.count,

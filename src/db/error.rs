@@ -1,6 +1,7 @@
 //! The crate's one error type, and the one place where a PostgreSQL SQLSTATE or an I/O failure
 //! becomes a [`RepoError`] variant and a retry decision.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use postgres::error::SqlState;
@@ -40,8 +41,6 @@ pub enum RepoError {
     Timeout(String),
     /// Any other database error, with its cause.
     Database(postgres::Error),
-    /// The connection pool itself failed (other than a checkout timeout).
-    Pool(String),
     /// Local I/O failed while streaming (a reader, a writer, a spool file).
     Io(std::io::Error),
 }
@@ -58,10 +57,15 @@ impl RepoError {
         }
     }
 
-    /// The SQLSTATE of a database error, if there is one.
+    /// The SQLSTATE of the database error behind this one, if there is one: for `Database`,
+    /// and for the server's errors mapped to `Conflict` (23505), `Timeout` (57014, 55P03)
+    /// and `InvalidInput` (class 22).
     pub fn code(&self) -> Option<&SqlState> {
         match self {
             RepoError::Database(e) => e.code(),
+            RepoError::Conflict(m) | RepoError::Timeout(m) | RepoError::InvalidInput(m) => {
+                sqlstate_in(m).map(interned)
+            }
             _ => None,
         }
     }
@@ -73,6 +77,55 @@ impl RepoError {
     pub(crate) fn pool_timeout(detail: impl fmt::Display) -> Self {
         RepoError::Timeout(format!("{POOL_TIMEOUT_PREFIX}: {detail}"))
     }
+}
+
+/// A stream that failed after it had handed part of its data to the caller: repeating it
+/// would hand that part over twice, so it is reported as interrupted (never retried), with
+/// the original error as its source.
+#[derive(Debug)]
+struct Interrupted {
+    what: &'static str,
+    delivered: u64,
+    unit: &'static str,
+    cause: RepoError,
+}
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} interrupted after {} {}: {}",
+            self.what, self.delivered, self.unit, self.cause
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+/// `error` as it is when nothing reached the caller yet (`delivered == 0`, so a retry is
+/// safe), else an `Io` error of kind `Interrupted` whose source is `error`.
+pub(crate) fn interrupted_after(
+    what: &'static str,
+    delivered: u64,
+    unit: &'static str,
+    error: RepoError,
+) -> RepoError {
+    if delivered == 0 {
+        return error;
+    }
+    RepoError::Io(std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        Interrupted {
+            what,
+            delivered,
+            unit,
+            cause: error,
+        },
+    ))
 }
 
 const POOL_TIMEOUT_PREFIX: &str = "no pooled connection within pool_timeout";
@@ -113,11 +166,10 @@ pub(crate) fn is_connection_failure(e: &postgres::Error) -> bool {
         }
         source = s.source();
     }
-    // tokio-postgres reports unexpected messages and EOF without a typed source.
-    let text = e.to_string();
-    text.contains("unexpected message")
-        || text.contains("connection")
-        || text.contains("end of file")
+    // tokio-postgres reports a protocol breakdown as "unexpected message from server" with no
+    // typed source; every other failure of the socket carries an io::Error (checked above)
+    // or is `is_closed()`.
+    e.to_string().starts_with("unexpected message from server")
 }
 
 impl fmt::Display for RepoError {
@@ -145,18 +197,50 @@ impl fmt::Display for RepoError {
             RepoError::Serialization(m) => write!(f, "serialization failed: {m}"),
             RepoError::Timeout(m) => write!(f, "timed out: {m}"),
             RepoError::Database(e) => write!(f, "database error: {}", describe_db_error(e)),
-            RepoError::Pool(m) => write!(f, "connection pool error: {m}"),
             RepoError::Io(e) => write!(f, "i/o error: {e}"),
         }
     }
 }
 
-/// The server's message with its SQLSTATE, or the client's description of a lost connection.
+/// The server's message with its SQLSTATE, or the client's description of a lost connection
+/// with its cause ("error connecting to server: Connection refused").
 fn describe_db_error(e: &postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        Some(db) => format!(
+            "{} {SQLSTATE_OPEN}{}{SQLSTATE_CLOSE}",
+            db.message(),
+            db.code().code()
+        ),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
+}
+
+/// How a message carries the SQLSTATE of the server error it came from.
+const SQLSTATE_OPEN: &str = "(SQLSTATE ";
+const SQLSTATE_CLOSE: &str = ")";
+
+/// The SQLSTATE at the end of a message built by [`describe_db_error`].
+fn sqlstate_in(message: &str) -> Option<&str> {
+    let rest = message.strip_suffix(SQLSTATE_CLOSE)?;
+    let start = rest.rfind(SQLSTATE_OPEN)? + SQLSTATE_OPEN.len();
+    let code = &rest[start..];
+    (code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(code)
+}
+
+/// One `&'static SqlState` per code seen: `SqlState` values are built at run time, and the
+/// codes that reach here are the few the server sends.
+fn interned(code: &str) -> &'static SqlState {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<HashMap<String, &'static SqlState>>> =
+        std::sync::OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    seen.entry(code.to_owned())
+        .or_insert_with(|| Box::leak(Box::new(SqlState::from_code(code))))
 }
 
 impl std::error::Error for RepoError {
@@ -203,6 +287,27 @@ mod tests {
         assert!(RepoError::pool_timeout("waited 1s").is_transient());
         assert!(!RepoError::Timeout("statement cancelled".into()).is_transient());
         assert!(!RepoError::invalid("x").is_transient());
+    }
+
+    #[test]
+    fn mapped_errors_keep_their_sqlstate() {
+        let conflict = RepoError::Conflict("duplicate key (SQLSTATE 23505)".into());
+        assert_eq!(conflict.code(), Some(&SqlState::UNIQUE_VIOLATION));
+        let timeout = RepoError::Timeout("statement cancelled: x (SQLSTATE 57014)".into());
+        assert_eq!(timeout.code(), Some(&SqlState::QUERY_CANCELED));
+        assert_eq!(RepoError::invalid("record 1 (of 2)").code(), None);
+        assert_eq!(RepoError::pool_timeout("waited 1s").code(), None);
+    }
+
+    #[test]
+    fn interrupted_streams_keep_the_original_error_as_source() {
+        use std::error::Error;
+        let e = interrupted_after("stream", 3, "rows", RepoError::Corrupt("bad".into()));
+        let inner = e.source().and_then(|io| io.source()).map(|c| c.to_string());
+        assert_eq!(inner.as_deref(), Some("corrupt data: bad"));
+        assert!(e.to_string().contains("interrupted after 3 rows"), "{e}");
+        let untouched = interrupted_after("stream", 0, "rows", RepoError::Corrupt("x".into()));
+        assert!(matches!(untouched, RepoError::Corrupt(_)));
     }
 
     #[test]

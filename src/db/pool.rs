@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use postgres::{Client, Statement};
+use postgres::{Client, Statement, Transaction};
 
-use crate::config::{describe_target, RepositoryConfig};
-use crate::error::{is_connection_failure, RepoError, Result};
-use crate::tls::Connector;
+use crate::db::config::{describe_target, RepositoryConfig};
+use crate::db::error::{is_connection_failure, RepoError, Result};
+use crate::db::retry::{self, Policy, Retry};
+use crate::db::tls::Connector;
 
 /// How long a stale connection may take to prove it is alive before it is discarded.
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -280,6 +281,24 @@ impl Pool {
         }
     }
 
+    /// Runs `f` on a pooled connection, repeating it on transient failures when `retry`
+    /// allows. A connection that failed is poisoned and never reused.
+    pub(crate) fn run<T>(
+        &self,
+        op: &str,
+        retry: Retry,
+        mut f: impl FnMut(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        retry::run(op, retry, Policy::default(), || {
+            let mut conn = self.get()?;
+            let result = f(&mut conn);
+            if let Err(e) = &result {
+                self.note_failure(&mut conn, e);
+            }
+            result
+        })
+    }
+
     /// The configured checkout timeout (pool_timeout).
     pub(crate) fn timeout(&self) -> Duration {
         self.inner.connection_timeout()
@@ -295,6 +314,24 @@ impl Pool {
             waiting: self.shared.waiting.load(Ordering::Acquire),
         }
     }
+}
+
+/// Lifts statement_timeout for the rest of the current transaction: streaming and bulk work
+/// (COPY, blob streams) may take longer than a single statement should, and a COPY also waits
+/// on the client. lock_timeout stays in force.
+const LIFT_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
+
+/// Lifts statement_timeout inside `tx` (see [`LIFT_STATEMENT_TIMEOUT`]).
+pub(crate) fn unbounded(tx: &mut Transaction<'_>) -> Result<()> {
+    tx.batch_execute(LIFT_STATEMENT_TIMEOUT)?;
+    Ok(())
+}
+
+/// Begins a read-write transaction without statement_timeout.
+pub(crate) fn begin_unbounded(client: &mut Client) -> Result<Transaction<'_>> {
+    let mut tx = client.transaction()?;
+    unbounded(&mut tx)?;
+    Ok(tx)
 }
 
 /// Quotes an identifier for SQL: `"name"`, with inner quotes doubled.

@@ -1,14 +1,15 @@
-//! Access counts buffered in memory and written in one statement: cache hits and model loads.
-//! Reads stay reads; the reaper tick and the last clone's close flush the buffers.
+//! Access counts buffered in memory and written in one statement each: cache hits (and the
+//! lookup totals) and model loads. Reads stay reads; the reaper tick, the statistics calls
+//! and the last clone's close flush the buffers. The flush statements live next to the
+//! tables they write (cache and models) and are handed in by the repository.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::error::Result;
-use crate::pool::Pool;
-use std::time::Duration;
+use crate::db::error::Result;
+use crate::db::pool::Pool;
 
 /// Distinct keys buffered before a flush is asked for early. Large enough that a hot working
 /// set is counted in memory between reaper ticks (each early flush is an UPDATE of that many
@@ -25,7 +26,7 @@ const FLUSH_CHECKOUT: Duration = Duration::from_secs(2);
 
 /// Accesses of one key not yet written.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Pending {
+struct Pending {
     count: u64,
     last: Instant,
 }
@@ -41,7 +42,7 @@ pub(crate) enum Buffer {
 
 /// Key -> (count, time of the last access), bounded.
 #[derive(Debug, Default)]
-pub(crate) struct AccessBuffer {
+struct AccessBuffer {
     pending: Mutex<HashMap<String, Pending>>,
     /// Accesses not buffered because the buffer was full.
     dropped: AtomicU64,
@@ -49,7 +50,7 @@ pub(crate) struct AccessBuffer {
 
 impl AccessBuffer {
     /// Counts one access of `key`.
-    pub(crate) fn record(&self, key: &str) -> Buffer {
+    fn record(&self, key: &str) -> Buffer {
         let now = Instant::now();
         let mut pending = self.lock();
         if let Some(p) = pending.get_mut(key) {
@@ -103,20 +104,96 @@ impl AccessBuffer {
 
     /// Buffered keys not yet flushed.
     #[cfg(test)]
-    pub(crate) fn pending_keys(&self) -> usize {
+    fn pending_keys(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// What is counted and how it is written: the one access-count type of the repository.
+#[derive(Debug)]
+pub(crate) struct AccessCounts {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    cache_hits: Counted,
+    model_loads: Counted,
+}
+
+/// One buffer with the statement that writes it.
+#[derive(Debug)]
+struct Counted {
+    op: &'static str,
+    sql: &'static str,
+    buffer: AccessBuffer,
+}
+
+/// Statements that write buffered counts: `$1 text[]` (keys), `$2 int8[]` (counts), `$3
+/// int8[]` (microseconds since the last access, so the database clock stamps it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FlushStatements {
+    /// Adds hits to the cache rows (keys are cache keys).
+    pub cache_hits: &'static str,
+    /// Adds loads to the model rows (keys are JSON `[model_name, version]`).
+    pub model_loads: &'static str,
+}
+
+impl AccessCounts {
+    pub(crate) fn new(statements: FlushStatements) -> Self {
+        let counted = |op, sql| Counted {
+            op,
+            sql,
+            buffer: AccessBuffer::default(),
+        };
+        AccessCounts {
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            cache_hits: counted("flush_cache_hits", statements.cache_hits),
+            model_loads: counted("flush_model_loads", statements.model_loads),
+        }
+    }
+
+    /// A cache lookup that found a live entry under `key`.
+    pub(crate) fn record_hit(&self, key: &str) -> Buffer {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.cache_hits.buffer.record(key)
+    }
+
+    /// A cache lookup that found nothing live.
+    pub(crate) fn record_miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A load of one model version.
+    pub(crate) fn record_load(&self, model_name: &str, version: &str) -> Buffer {
+        let key = serde_json::json!([model_name, version]).to_string();
+        self.model_loads.buffer.record(&key)
+    }
+
+    /// Cache (hits, misses) since the repository was opened.
+    pub(crate) fn lookups(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Writes both buffers; both are attempted, the first error is returned.
+    pub(crate) fn flush(&self, pool: &Pool) -> Result<()> {
+        let hits = self.cache_hits.flush(pool);
+        let loads = self.model_loads.flush(pool);
+        hits.and(loads)
+    }
+}
+
+impl Counted {
+    fn flush(&self, pool: &Pool) -> Result<()> {
+        flush(pool, &self.buffer, self.op, self.sql)
     }
 }
 
 /// Writes the buffered counts with `sql`, which takes `$1 text[]` (keys), `$2 int8[]`
 /// (counts) and `$3 int8[]` (microseconds since the last access, so the database clock stamps
 /// it). On failure the counts go back into the buffer.
-pub(crate) fn flush(
-    pool: &Pool,
-    buffer: &AccessBuffer,
-    op: &'static str,
-    sql: &'static str,
-) -> Result<()> {
+fn flush(pool: &Pool, buffer: &AccessBuffer, op: &'static str, sql: &'static str) -> Result<()> {
     let drained = buffer.drain();
     if drained.is_empty() {
         return Ok(());
@@ -164,6 +241,21 @@ pub(crate) fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hits_and_misses_are_counted_and_hits_buffered() {
+        let c = AccessCounts::new(FlushStatements {
+            cache_hits: "",
+            model_loads: "",
+        });
+        c.record_hit("a");
+        c.record_hit("a");
+        c.record_miss();
+        c.record_load("m", "1");
+        assert_eq!(c.lookups(), (2, 1));
+        assert_eq!(c.cache_hits.buffer.pending_keys(), 1);
+        assert_eq!(c.model_loads.buffer.pending_keys(), 1);
+    }
 
     #[test]
     fn the_buffer_is_bounded_and_asks_for_a_flush() {

@@ -9,12 +9,16 @@ use postgres::{IsolationLevel, Transaction};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::error::{RepoError, Result};
-use crate::migrate::to_hex;
-use crate::models::{verify_checksum, ModelInfo, SaveRequest, VersionRef, INFO_COLUMNS};
-use crate::pool::PoisonOnPanic;
+use crate::db::binary_copy;
+use crate::db::error::interrupted_after;
+use crate::db::error::{RepoError, Result};
+use crate::db::pool::PoisonOnPanic;
+use crate::db::retry::Retry;
+use crate::db::to_hex;
+use crate::models::versions::{
+    info_columns, store_model, verify_checksum, ModelInfo, SaveRequest, VersionRef, INFO_COLUMNS,
+};
 use crate::repository::ModelRepository;
-use crate::retry::Retry;
 use crate::validate;
 
 /// Size of one read or write step: what a streaming call holds at once.
@@ -28,14 +32,23 @@ pub(crate) enum BlobSource<'a> {
     Spooled { file: File, len: u64 },
 }
 
-const UPSERT_TAIL: &str = "ON CONFLICT (model_name, version) DO UPDATE SET
+/// A save of bytes in hand; a soft-deleted row of the same version is replaced.
+const INSERT_SLICE: &str = concat!(
+    "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (model_name, version) DO UPDATE SET
         model_data = EXCLUDED.model_data, metadata = EXCLUDED.metadata,
         checksum = EXCLUDED.checksum, is_active = true, save_seq = EXCLUDED.save_seq,
         created_at = now(), load_count = 0, last_loaded_at = NULL
-     WHERE NOT m.is_active";
+     WHERE NOT m.is_active RETURNING ",
+    info_columns!()
+);
 
-/// The binary COPY header: signature, flags, header extension length.
-const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+const SELECT_SAVED: &str = concat!(
+    "SELECT ",
+    info_columns!(),
+    " FROM ml_models m WHERE m.model_name = $1 AND m.version = $2"
+);
 
 impl BlobSource<'_> {
     /// Inserts (or revives a soft-deleted) version with these bytes; `None` if an active
@@ -45,32 +58,23 @@ impl BlobSource<'_> {
         tx: &mut Transaction<'_>,
         request: &SaveRequest<'_>,
     ) -> Result<Option<ModelInfo>> {
-        tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+        crate::db::pool::unbounded(tx)?;
         let row = match self {
-            BlobSource::Slice(data) => {
-                let sql = format!(
-                    "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum)
-                     VALUES ($1, $2, $3, $4, $5) {UPSERT_TAIL} RETURNING {INFO_COLUMNS}"
-                );
-                tx.query_opt(
-                    sql.as_str(),
-                    &[
-                        &request.model_name,
-                        &request.version,
-                        data,
-                        request.metadata,
-                        &request.checksum,
-                    ],
-                )?
-            }
+            BlobSource::Slice(data) => tx.query_opt(
+                INSERT_SLICE,
+                &[
+                    &request.model_name,
+                    &request.version,
+                    data,
+                    request.metadata,
+                    &request.checksum,
+                ],
+            )?,
             BlobSource::Spooled { file, len } => {
                 if !copy_new_version(tx, request, file, *len)? {
                     return Ok(None);
                 }
-                let sql = format!(
-                    "SELECT {INFO_COLUMNS} FROM ml_models m WHERE m.model_name = $1 AND m.version = $2"
-                );
-                tx.query_opt(sql.as_str(), &[&request.model_name, &request.version])?
+                tx.query_opt(SELECT_SAVED, &[&request.model_name, &request.version])?
             }
         };
         row.map(|r| ModelInfo::from_row(&r)).transpose()
@@ -119,18 +123,17 @@ fn copy_row(
     serde_json::to_writer(&mut metadata, request.metadata)
         .map_err(|e| RepoError::Serialization(format!("metadata: {e}")))?;
     let mut head = Vec::with_capacity(256 + metadata.len());
-    head.extend_from_slice(COPY_HEADER);
-    head.extend_from_slice(&5i16.to_be_bytes());
+    head.extend_from_slice(binary_copy::HEADER);
+    binary_copy::row(&mut head, 5);
     for field in [
         request.model_name.as_bytes(),
         request.version.as_bytes(),
         &metadata,
         request.checksum.as_bytes(),
     ] {
-        head.extend_from_slice(&(field.len() as i32).to_be_bytes());
-        head.extend_from_slice(field);
+        binary_copy::field(&mut head, field);
     }
-    head.extend_from_slice(&field_len.to_be_bytes());
+    binary_copy::field_len(&mut head, field_len);
     file.seek(SeekFrom::Start(0))?;
     let mut writer = tx.copy_in(COPY_MODEL)?;
     writer.write_all(&head)?;
@@ -141,7 +144,7 @@ fn copy_row(
             format!("spool file shrank: {copied} of {len} bytes"),
         )));
     }
-    writer.write_all(&(-1i16).to_be_bytes())?;
+    writer.write_all(&binary_copy::TRAILER)?;
     writer.finish()?;
     Ok(())
 }
@@ -195,15 +198,15 @@ impl ModelRepository {
         reader: &mut dyn Read,
         metadata: &Value,
     ) -> Result<ModelInfo> {
-        self.timed("save_model_from_reader", || {
+        self.timed("save_model_from_reader", |call| {
             let request = self.check_save(model_name, version, metadata, 0)?;
-            let (file, len, checksum) = spool(reader, self.inner.config.max_model_size)?;
+            let (file, len, checksum) = spool(reader, self.config().max_model_size)?;
             let request = SaveRequest {
                 size: len,
                 checksum,
                 ..request
             };
-            self.store_model(&request, &mut BlobSource::Spooled { file, len })
+            store_model(call, &request, &mut BlobSource::Spooled { file, len })
         })
     }
 
@@ -225,11 +228,11 @@ impl ModelRepository {
         version: &str,
         writer: &mut dyn Write,
     ) -> Result<Option<ModelInfo>> {
-        self.timed("load_model_to_writer", || {
+        self.timed("load_model_to_writer", |call| {
             validate::model_name(model_name)?;
             let vref = VersionRef::parse(version)?;
             let mut written = 0u64;
-            let loaded = self.with_conn("load_model_to_writer", Retry::Idempotent, |conn| {
+            let loaded = call.run(Retry::Idempotent, |conn| {
                 // The caller's writer runs mid-transaction: a panic in it poisons the session.
                 let mut conn = PoisonOnPanic(conn);
                 let mut tx = conn
@@ -238,13 +241,13 @@ impl ModelRepository {
                     .isolation_level(IsolationLevel::RepeatableRead)
                     .read_only(true)
                     .start()?;
-                tx.batch_execute("SET LOCAL statement_timeout = 0")?;
+                crate::db::pool::unbounded(&mut tx)?;
                 let Some(row) = vref.select(&mut tx, model_name, INFO_COLUMNS, "")? else {
                     return Ok(None);
                 };
                 let info = ModelInfo::from_row(&row)?;
                 let hash = stream_slices(&mut tx, &info, writer, &mut written)
-                    .map_err(|e| interrupted_after(written, e))?;
+                    .map_err(|e| interrupted_after("model stream", written, "bytes", e))?;
                 tx.commit()?;
                 verify_checksum(&info, &hash)?;
                 Ok(Some(info))
@@ -284,16 +287,4 @@ fn stream_slices(
     }
     writer.flush()?;
     Ok(to_hex(&hasher.finalize()))
-}
-
-/// Once bytes reached the caller's writer a repeat would duplicate them: the error is then
-/// reported as an interrupted stream, which is never retried.
-fn interrupted_after(written: u64, error: RepoError) -> RepoError {
-    if written == 0 {
-        return error;
-    }
-    RepoError::Io(std::io::Error::new(
-        std::io::ErrorKind::Interrupted,
-        format!("model stream interrupted after {written} bytes: {error}"),
-    ))
 }

@@ -5,8 +5,8 @@
 use postgres::config::SslMode;
 use postgres::{Client, NoTls};
 
-use crate::config::RepositoryConfig;
-use crate::error::{RepoError, Result};
+use crate::db::config::RepositoryConfig;
+use crate::db::error::{RepoError, Result};
 
 /// Opens sessions for one configuration.
 #[derive(Clone)]

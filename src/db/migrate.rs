@@ -4,9 +4,10 @@
 use postgres::Client;
 use sha2::{Digest, Sha256};
 
-use crate::config::RepositoryConfig;
-use crate::error::{RepoError, Result};
-use crate::pool::{connect, quote_ident};
+use crate::db::config::RepositoryConfig;
+use crate::db::error::{RepoError, Result};
+use crate::db::hex_sha256;
+use crate::db::pool::{connect, quote_ident};
 
 /// One numbered DDL file.
 struct Migration {
@@ -19,7 +20,7 @@ struct Migration {
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "V001__init.sql",
-    sql: include_str!("../sql/V001__init.sql"),
+    sql: include_str!("../../sql/V001__init.sql"),
 }];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS model_repo_migrations (
@@ -53,11 +54,9 @@ pub(crate) fn run(config: &RepositoryConfig) -> Result<()> {
 /// The advisory lock that serializes migrations of one schema (and its creation).
 fn lock_key(schema: &str) -> i64 {
     let digest = Sha256::digest(format!("pg-model-repo:migrate:{schema}"));
-    i64::from_be_bytes(
-        digest[..8]
-            .try_into()
-            .expect("a sha256 digest has 32 bytes"),
-    )
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
 }
 
 fn apply_pending(client: &mut Client, schema: &str) -> Result<()> {
@@ -70,7 +69,7 @@ fn apply_pending(client: &mut Client, schema: &str) -> Result<()> {
         let checksum = hex_sha256(migration.sql.as_bytes());
         let existing = applied
             .iter()
-            .find(|row| row.get::<_, i32>("version") == migration.version);
+            .find(|row| row.try_get::<_, i32>("version").ok() == Some(migration.version));
         match existing {
             Some(row) => check_unchanged(migration, &checksum, row.try_get("checksum")?)?,
             None => apply(client, migration, &checksum)?,
@@ -101,22 +100,6 @@ fn apply(client: &mut Client, migration: &Migration, checksum: &str) -> Result<(
     Ok(())
 }
 
-/// Lowercase hex SHA-256.
-pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
-    to_hex(&Sha256::digest(bytes))
-}
-
-/// Lowercase hex of any bytes.
-pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
 /// True when the schema holds every table this version of the crate needs (for
 /// `auto_migrate(false)`, which must not run DDL but should fail clearly on a missing schema).
 pub(crate) fn check_applied(client: &mut Client) -> Result<()> {
@@ -130,7 +113,10 @@ pub(crate) fn check_applied(client: &mut Client) -> Result<()> {
             ),
             _ => e.into(),
         })?;
-    let applied: Option<i32> = row.and_then(|r| r.get(0));
+    let applied: Option<i32> = match row {
+        Some(r) => r.try_get(0)?,
+        None => None,
+    };
     match applied {
         Some(v) if v >= latest => Ok(()),
         other => Err(RepoError::NotFound(format!(

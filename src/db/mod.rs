@@ -1,0 +1,31 @@
+//! The plumbing every feature stands on: configuration, the connection pool (with checkout,
+//! retry and failure handling), migrations, the error type, timings, TLS and the binary COPY
+//! wire format. Nothing here knows the repository handle or any feature module.
+
+pub(crate) mod binary_copy;
+pub(crate) mod config;
+pub(crate) mod counters;
+pub(crate) mod error;
+pub(crate) mod migrate;
+pub(crate) mod pool;
+pub(crate) mod retry;
+pub(crate) mod timings;
+pub(crate) mod tls;
+
+use sha2::{Digest, Sha256};
+
+/// Lowercase hex SHA-256.
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
+    to_hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of any bytes.
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

@@ -1,0 +1,170 @@
+//! Input rules for embeddings, checked before any I/O: keys, vectors, and whole batches
+//! (one dimension per type, no key twice), naming the first offending record.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+
+use crate::db::error::{RepoError, Result};
+use crate::embeddings::encode::on_cpu_pool;
+use crate::embeddings::types::Embedding;
+use crate::validate;
+
+/// Limits from API.md, "Conventions".
+pub(crate) const ENTITY_TYPE_MAX: usize = 50;
+pub(crate) const ENTITY_ID_MAX: usize = 255;
+
+/// The longest vector whose bytes fit one BYTEA value (1 GiB - 1).
+const MAX_DIMENSION: usize = ((1 << 30) - 1) / 4;
+
+/// Batches at least this long are validated on the crate's rayon pool.
+const PARALLEL_VALIDATION_MIN: usize = 4096;
+
+pub(crate) fn check_key(entity_type: &str, entity_id: &str) -> Result<()> {
+    validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
+    validate::name("entity_id", entity_id, ENTITY_ID_MAX)
+}
+
+pub(crate) fn check_vector(vector: &[f32]) -> Result<()> {
+    if vector.is_empty() {
+        return Err(RepoError::invalid("vector must not be empty"));
+    }
+    if vector.len() > MAX_DIMENSION {
+        return Err(RepoError::invalid(format!(
+            "vector has {} values; at most {MAX_DIMENSION} fit one value",
+            vector.len()
+        )));
+    }
+    if let Some(i) = vector.iter().position(|v| !v.is_finite()) {
+        return Err(RepoError::invalid(format!(
+            "vector value {i} is {} (NaN and infinities are not allowed)",
+            vector[i]
+        )));
+    }
+    Ok(())
+}
+
+/// Prefixes an error with the batch index it belongs to.
+pub(crate) fn at_index(index: usize, error: RepoError) -> RepoError {
+    match error {
+        RepoError::InvalidInput(m) => RepoError::InvalidInput(format!("record {index}: {m}")),
+        other => other,
+    }
+}
+
+/// One entity type of a checked batch: its dimension and the first record that has it.
+#[derive(Clone, Debug)]
+pub(crate) struct TypeDim<'a> {
+    pub entity_type: &'a str,
+    pub dimension: usize,
+    pub first_index: usize,
+}
+
+/// A batch that passed every client-side rule; its types sorted by name.
+#[derive(Debug)]
+pub(crate) struct CheckedBatch<'a> {
+    pub records: &'a [Embedding],
+    pub types: Vec<TypeDim<'a>>,
+    pub bytes: u64,
+}
+
+/// Checks a batch before any I/O; the error names the first offending record.
+pub(crate) fn check_batch(batch: &[Embedding]) -> Result<CheckedBatch<'_>> {
+    let check = |e: &Embedding| {
+        check_key(&e.entity_type, &e.entity_id).and_then(|()| check_vector(&e.vector))
+    };
+    let first_bad = if batch.len() >= PARALLEL_VALIDATION_MIN {
+        on_cpu_pool(|| {
+            batch
+                .par_iter()
+                .enumerate()
+                .find_map_first(|(i, e)| check(e).err().map(|err| (i, err)))
+        })
+    } else {
+        batch
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| check(e).err().map(|err| (i, err)))
+    };
+    // Cross-record rules only matter before the first record that is bad on its own.
+    let valid = first_bad.as_ref().map_or(batch.len(), |(i, _)| *i);
+    let (types, mixed) = dimensions_by_type(&batch[..valid]);
+    let valid = mixed.as_ref().map_or(valid, |e| e.0);
+    let duplicate = first_duplicate(&batch[..valid]);
+
+    if let Some(i) = duplicate {
+        let e = &batch[i];
+        return Err(RepoError::invalid(format!(
+            "record {i}: duplicate key ({:?}, {:?}) in one batch",
+            e.entity_type, e.entity_id
+        )));
+    }
+    if let Some((_, error)) = mixed {
+        return Err(error);
+    }
+    if let Some((i, error)) = first_bad {
+        return Err(at_index(i, error));
+    }
+    let bytes = batch.iter().map(|e| 4 * e.vector.len() as u64).sum();
+    Ok(CheckedBatch {
+        records: batch,
+        types,
+        bytes,
+    })
+}
+
+/// The dimension of each type (set by its first record), and the first record whose length
+/// differs from its type's.
+fn dimensions_by_type(records: &[Embedding]) -> (Vec<TypeDim<'_>>, Option<(usize, RepoError)>) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut types: Vec<TypeDim<'_>> = Vec::new();
+    for (i, e) in records.iter().enumerate() {
+        let slot = *seen.entry(e.entity_type.as_str()).or_insert_with(|| {
+            types.push(TypeDim {
+                entity_type: &e.entity_type,
+                dimension: e.vector.len(),
+                first_index: i,
+            });
+            types.len() - 1
+        });
+        let expected = types[slot].dimension;
+        if e.vector.len() != expected {
+            let error = RepoError::DimensionMismatch {
+                entity_type: e.entity_type.clone(),
+                expected,
+                actual: e.vector.len(),
+                index: Some(i),
+            };
+            types.sort_by(|a, b| a.entity_type.cmp(b.entity_type));
+            return (types, Some((i, error)));
+        }
+    }
+    types.sort_by(|a, b| a.entity_type.cmp(b.entity_type));
+    (types, None)
+}
+
+/// The index of the first record whose key appeared earlier in the batch. Sorts indices
+/// (4 bytes a record) rather than hashing keys, so a million-record batch costs 4 MB here.
+fn first_duplicate(records: &[Embedding]) -> Option<usize> {
+    if records.len() < 2 {
+        return None;
+    }
+    let mut order: Vec<u32> = (0..records.len() as u32).collect();
+    let key = |i: &u32| {
+        let e = &records[*i as usize];
+        (e.entity_type.as_str(), e.entity_id.as_str(), *i)
+    };
+    if records.len() >= PARALLEL_VALIDATION_MIN {
+        on_cpu_pool(|| order.par_sort_unstable_by(|a, b| key(a).cmp(&key(b))));
+    } else {
+        order.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    }
+    order
+        .windows(2)
+        .filter(|w| {
+            let (a, b) = (key(&w[0]), key(&w[1]));
+            a.0 == b.0 && a.1 == b.1
+        })
+        .map(|w| w[1] as usize)
+        .min()
+}

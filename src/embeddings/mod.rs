@@ -1,0 +1,31 @@
+//! Entity embeddings: the public types and how vectors are stored (`types`), input rules
+//! (`check`), the per-type dimension registry (`registry`), single saves, reads and streaming
+//! reads (`store`), and batch loads: the plan and the single-connection paths (`load`), the
+//! binary COPY rows (`encode`) and the multi-connection `ParallelCopy` (`parallel`). Uses the
+//! plumbing in `db` only.
+
+/// The insert prefix every embeddings write shares, as a literal for `concat!`.
+macro_rules! insert_embeddings {
+    () => {
+        "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) "
+    };
+}
+
+/// The upsert clause every embeddings write shares: `created_at` is kept, `updated_at` moves.
+macro_rules! on_key_update {
+    () => {
+        " ON CONFLICT (entity_type, entity_id) DO UPDATE \
+         SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, updated_at = now()"
+    };
+}
+
+mod check;
+mod encode;
+mod load;
+mod parallel;
+mod registry;
+mod store;
+mod types;
+
+pub use load::BATCH_COPY_CROSSOVER;
+pub use types::{BatchReport, Embedding, LoadMethod};

@@ -1,0 +1,269 @@
+//! `ParallelCopy`: several COPY streams stage parts of a batch on connections of their own
+//! while the caller's connection merges each staged part inside the load's one transaction.
+
+use crate::db::error::{RepoError, Result};
+use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
+use crate::db::retry::Retry;
+use crate::embeddings::check::CheckedBatch;
+use crate::embeddings::encode::{copy_in, cpu_threads, COLUMNS};
+use crate::embeddings::load::in_load_transaction;
+use crate::embeddings::types::Embedding;
+use crate::repository::Call;
+
+/// One load id per part of a parallel load.
+const NEXT_LOAD_IDS: &str = "SELECT nextval('embeddings_load_seq') FROM generate_series(1, $1)";
+const MERGE_STAGED: &str = concat!(
+    insert_embeddings!(),
+    "SELECT entity_type, entity_id, embeddings, dimension FROM embeddings_staging WHERE load_id = $1",
+    on_key_update!()
+);
+const CLEAR_STAGED: &str = "DELETE FROM embeddings_staging WHERE load_id = ANY($1)";
+
+/// Rows per part of a parallel load: small enough that merging starts early, large enough
+/// that a part's statements cost little.
+const PART_ROWS_MIN: usize = 2048;
+
+/// What the COPY streams tell the merging thread.
+enum StreamEvent {
+    /// More rows reached the server.
+    Rows(u64),
+    /// A part's rows are committed in staging.
+    Staged(usize),
+    /// A stream failed; the load fails.
+    Failed(RepoError),
+}
+
+/// `ParallelCopy`: COPY streams, each on its own plain thread and connection, commit parts of
+/// the batch into the shared UNLOGGED staging table (one load id per part), while the
+/// caller's connection merges each committed part inside one transaction that also checks
+/// the registry and finally deletes the load's staged rows; so merging overlaps staging and
+/// nothing is visible in `embeddings` before that transaction commits. Any failure deletes
+/// the load's staged rows. Extra connections come from `try_get` only (waiting for a second
+/// connection while holding one can deadlock a small pool); with none free, the caller's
+/// connection stages the parts itself first.
+pub(crate) fn load_parallel(
+    call: &Call<'_>,
+    batch: &CheckedBatch<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let pool = call.pool();
+    let records = batch.records;
+    let streams = cpu_threads();
+    let part_rows = records.len().div_ceil(streams * 4).max(PART_ROWS_MIN);
+    let parts: Vec<&[Embedding]> = records.chunks(part_rows).collect();
+    let wanted = streams.min(parts.len());
+    call.run(Retry::Idempotent, |conn| {
+        let ids: Vec<i64> = conn
+            .client()
+            .query(NEXT_LOAD_IDS, &[&(parts.len() as i32)])?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut extra: Vec<_> = (0..wanted).map_while(|_| pool.try_get()).collect();
+        let started = std::time::Instant::now();
+        let result = if extra.is_empty() {
+            stage_then_merge(conn, batch, &parts, &ids, progress)
+        } else {
+            pipeline(pool, conn, &mut extra, batch, &parts, &ids, progress)
+        };
+        log::debug!(
+            "pg-model-repo: parallel load of {} rows in {} parts over {} streams: {:?}",
+            records.len(),
+            parts.len(),
+            extra.len().max(1),
+            started.elapsed()
+        );
+        drop(extra);
+        if let Err(e) = &result {
+            clear_staged(pool, conn, &ids, e);
+        }
+        result
+    })
+}
+
+/// No spare connection: stage every part on the caller's connection, then merge.
+fn stage_then_merge(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    parts: &[&[Embedding]],
+    ids: &[i64],
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let mut done = 0;
+    for (rows, id) in parts.iter().zip(ids) {
+        stage_part(conn, rows, *id, &mut |n| progress(done + n))?;
+        done += rows.len() as u64;
+    }
+    in_load_transaction(conn, batch, |tx| {
+        let merge = tx.prepare(MERGE_STAGED)?;
+        for id in ids {
+            tx.execute(&merge, &[id])?;
+        }
+        tx.execute(CLEAR_STAGED, &[&ids])?;
+        Ok(())
+    })
+}
+
+/// Streams stage parts (taking the next part from a shared queue) while this thread merges
+/// each part as soon as it is committed.
+fn pipeline(
+    pool: &Pool,
+    conn: &mut PgConnection,
+    extra: &mut [Conn],
+    batch: &CheckedBatch<'_>,
+    parts: &[&[Embedding]],
+    ids: &[i64],
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let (queue, next_part) = crossbeam_channel::unbounded::<usize>();
+    for i in 0..parts.len() {
+        let _ = queue.send(i);
+    }
+    drop(queue);
+    let (events, received) = crossbeam_channel::unbounded::<StreamEvent>();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for (n, stream_conn) in extra.iter_mut().enumerate() {
+            let (next_part, stream_events, stop) = (next_part.clone(), events.clone(), &stop);
+            let spawned = std::thread::Builder::new()
+                .name(format!("pg-model-repo-copy-{n}"))
+                .spawn_scoped(scope, move || {
+                    run_stream(
+                        pool,
+                        stream_conn,
+                        parts,
+                        ids,
+                        &next_part,
+                        &stream_events,
+                        stop,
+                    )
+                });
+            if let Err(e) = spawned {
+                let _ = events.send(StreamEvent::Failed(RepoError::Io(e)));
+            }
+        }
+        drop(events);
+        let result = merge_as_staged(conn, batch, parts.len(), ids, &received, progress);
+        // On failure, streams stop after their current part; either way they end before the
+        // scope does, so their parts are committed or gone when the staging is cleared.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    })
+}
+
+/// A COPY stream: stages parts from the queue until it is empty, stopped, or failing.
+fn run_stream(
+    pool: &Pool,
+    conn: &mut PgConnection,
+    parts: &[&[Embedding]],
+    ids: &[i64],
+    next_part: &crossbeam_channel::Receiver<usize>,
+    events: &crossbeam_channel::Sender<StreamEvent>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    while let Ok(i) = next_part.try_recv() {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut last = 0;
+        let staged = stage_part(conn, parts[i], ids[i], &mut |done| {
+            let _ = events.send(StreamEvent::Rows(done - last));
+            last = done;
+        });
+        match staged {
+            Ok(()) => {
+                let _ = events.send(StreamEvent::Staged(i));
+            }
+            Err(e) => {
+                pool.note_failure(conn, &e);
+                let _ = events.send(StreamEvent::Failed(e));
+                return;
+            }
+        }
+    }
+}
+
+/// The load's one transaction: registry check, a merge per staged part as it arrives, then
+/// the staged rows go.
+fn merge_as_staged(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    parts: usize,
+    ids: &[i64],
+    events: &crossbeam_channel::Receiver<StreamEvent>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    in_load_transaction(conn, batch, |tx| {
+        let merge = tx.prepare(MERGE_STAGED)?;
+        let (mut merged, mut sent) = (0, 0u64);
+        while merged < parts {
+            match events.recv() {
+                Ok(StreamEvent::Rows(n)) => {
+                    sent += n;
+                    progress(sent);
+                }
+                Ok(StreamEvent::Staged(i)) => {
+                    let started = std::time::Instant::now();
+                    tx.execute(&merge, &[&ids[i]])?;
+                    log::trace!("pg-model-repo: merged part {i} in {:?}", started.elapsed());
+                    merged += 1;
+                }
+                Ok(StreamEvent::Failed(e)) => return Err(e),
+                Err(_) => {
+                    return Err(RepoError::Io(std::io::Error::other(
+                        "every COPY stream ended before the load was staged",
+                    )))
+                }
+            }
+        }
+        tx.execute(CLEAR_STAGED, &[&ids])?;
+        Ok(())
+    })
+}
+
+/// COPYs one part into staging in its own committed transaction.
+fn stage_part(
+    conn: &mut PgConnection,
+    rows: &[Embedding],
+    load_id: i64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let mut tx = begin_unbounded(conn.client())?;
+    let sql = format!("COPY embeddings_staging (load_id, {COLUMNS}) FROM STDIN (FORMAT binary)");
+    let started = std::time::Instant::now();
+    copy_in(&mut tx, &sql, rows, Some(load_id), progress)?;
+    tx.commit()?;
+    log::trace!(
+        "pg-model-repo: staged load id {load_id} in {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Deletes a failed load's staged rows, on its own connection if that still works, else on a
+/// fresh one. A failure here is logged: the rows stay until someone deletes them (they are
+/// tagged with the load's ids and never merged).
+fn clear_staged(pool: &Pool, conn: &mut PgConnection, ids: &[i64], cause: &RepoError) {
+    let attempt = |conn: &mut PgConnection| -> Result<u64> {
+        let mut tx = begin_unbounded(conn.client())?;
+        let n = tx.execute(CLEAR_STAGED, &[&ids])?;
+        tx.commit()?;
+        Ok(n)
+    };
+    let on_own = if conn.is_broken() {
+        None
+    } else {
+        attempt(conn).ok()
+    };
+    let cleared = match on_own {
+        Some(n) => Ok(n),
+        None => pool.get().and_then(|mut fresh| attempt(&mut fresh)),
+    };
+    match cleared {
+        Ok(n) => log::debug!("pg-model-repo: parallel load failed ({cause}); cleared {n} staged rows"),
+        Err(e) => log::warn!(
+            "pg-model-repo: parallel load failed ({cause}) and its staged rows could not be \
+             cleared ({e}); delete them with: DELETE FROM embeddings_staging WHERE load_id IN {ids:?}"
+        ),
+    }
+}

@@ -1,0 +1,255 @@
+//! Single saves and reads of embeddings, many-key reads in one round trip, and streaming
+//! reads of a whole type by binary COPY in constant memory.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use crate::db::binary_copy::RowReader;
+use crate::db::error::{interrupted_after, RepoError, Result};
+use crate::db::pool::PoisonOnPanic;
+use crate::db::retry::Retry;
+use crate::embeddings::check::{
+    at_index, check_key, check_vector, TypeDim, ENTITY_ID_MAX, ENTITY_TYPE_MAX,
+};
+use crate::embeddings::load::UPSERT_ONE;
+use crate::embeddings::registry::check_registry;
+use crate::embeddings::types::{decode, decode_into, vector_bytes};
+use crate::repository::{Call, ModelRepository};
+use crate::validate;
+
+/// The one-round-trip save of a vector whose type is registered: nothing is written (and the
+/// registered dimension comes back) when it is unregistered or has another dimension.
+const SAVE_IF_REGISTERED: &str = concat!(
+    "WITH reg AS ( \
+         SELECT dimension FROM embedding_types WHERE entity_type = $1::varchar), \
+     saved AS ( ",
+    insert_embeddings!(),
+    "SELECT $1::varchar, $2::varchar, $3::bytea, $4::int4 FROM reg WHERE reg.dimension = $4::int4",
+    on_key_update!(),
+    " RETURNING 1) \
+     SELECT (SELECT dimension FROM reg) AS registered, (SELECT count(*) FROM saved) AS saved"
+);
+
+const SELECT_ONE: &str =
+    "SELECT embeddings FROM embeddings WHERE entity_type = $1 AND entity_id = $2";
+
+const SELECT_MANY: &str = "SELECT e.embeddings \
+     FROM unnest($2::text[]) WITH ORDINALITY AS k(entity_id, ord) \
+     LEFT JOIN embeddings e ON e.entity_type = $1 AND e.entity_id = k.entity_id \
+     ORDER BY k.ord";
+
+/// The streaming read. COPY takes no parameters, so the type travels in a transaction-local
+/// setting instead of being spliced into the SQL.
+const SET_STREAM_TYPE: &str = "SELECT set_config('pg_model_repo.entity_type', $1, true)";
+const COPY_OUT_TYPE: &str = "COPY (SELECT entity_id, embeddings FROM embeddings \
+     WHERE entity_type = current_setting('pg_model_repo.entity_type')) TO STDOUT (FORMAT binary)";
+
+impl ModelRepository {
+    /// Saves one vector (an upsert on (entity_type, entity_id): `created_at` is kept,
+    /// `updated_at` moves). The first vector saved for a type fixes its dimension; a vector
+    /// of another length is [`RepoError::DimensionMismatch`]. Empty vectors, NaN or infinite
+    /// values, blank or over-long ids and NUL bytes are `InvalidInput`.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// repo.save_embeddings("user", "u42", &[0.1, 0.2, 0.3])?;
+    /// # Ok(()) }
+    /// ```
+    pub fn save_embeddings(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+        vector: &[f32],
+    ) -> Result<()> {
+        self.timed("save_embeddings", |call| {
+            check_key(entity_type, entity_id)?;
+            check_vector(vector)?;
+            let bytes = vector_bytes(vector);
+            let dimension = vector.len() as i32;
+            call.run(Retry::Idempotent, |conn| {
+                let statement = conn.prepare_cached(SAVE_IF_REGISTERED)?;
+                let row = conn
+                    .client()
+                    .query_one(&statement, &[&entity_type, &entity_id, &bytes, &dimension])?;
+                let registered: Option<i32> = row.try_get("registered")?;
+                match registered {
+                    Some(d) if d == dimension => Ok(()),
+                    Some(d) => Err(RepoError::DimensionMismatch {
+                        entity_type: entity_type.to_owned(),
+                        expected: d as usize,
+                        actual: vector.len(),
+                        index: None,
+                    }),
+                    None => {
+                        // First vector of a new type: register it and save in one transaction.
+                        let types = [TypeDim {
+                            entity_type,
+                            dimension: vector.len(),
+                            first_index: 0,
+                        }];
+                        let mut tx = conn.client().transaction()?;
+                        check_registry(&mut tx, &types).map_err(|e| match e {
+                            RepoError::DimensionMismatch {
+                                entity_type,
+                                expected,
+                                actual,
+                                ..
+                            } => RepoError::DimensionMismatch {
+                                entity_type,
+                                expected,
+                                actual,
+                                index: None,
+                            },
+                            other => other,
+                        })?;
+                        tx.execute(UPSERT_ONE, &[&entity_type, &entity_id, &bytes, &dimension])?;
+                        tx.commit()?;
+                        Ok(())
+                    }
+                }
+            })
+        })
+    }
+
+    /// The vector of one entity, or `None`.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// if let Some(v) = repo.get_embeddings("user", "u42")? {
+    ///     println!("{} dimensions", v.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn get_embeddings(&self, entity_type: &str, entity_id: &str) -> Result<Option<Vec<f32>>> {
+        self.timed("get_embeddings", |call| {
+            check_key(entity_type, entity_id)?;
+            call.run(Retry::Idempotent, |conn| {
+                let statement = conn.prepare_cached(SELECT_ONE)?;
+                let row = conn
+                    .client()
+                    .query_opt(&statement, &[&entity_type, &entity_id])?;
+                row.map(|r| decode(r.try_get::<_, &[u8]>(0)?)).transpose()
+            })
+        })
+    }
+
+    /// The vectors of many entities of one type in one round trip, in the caller's order
+    /// (`None` where an id has no vector; a repeated id is answered each time).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let found = repo.get_embeddings_many("user", &["u1", "u2", "nobody"])?;
+    /// assert_eq!(found.len(), 3);
+    /// # Ok(()) }
+    /// ```
+    pub fn get_embeddings_many(
+        &self,
+        entity_type: &str,
+        entity_ids: &[&str],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        self.timed("get_embeddings_many", |call| {
+            validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
+            for (i, id) in entity_ids.iter().enumerate() {
+                validate::name("entity_id", id, ENTITY_ID_MAX).map_err(|e| at_index(i, e))?;
+            }
+            if entity_ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            call.run(Retry::Idempotent, |conn| {
+                let statement = conn.prepare_cached(SELECT_MANY)?;
+                let rows = conn
+                    .client()
+                    .query(&statement, &[&entity_type, &entity_ids])?;
+                rows.iter()
+                    .map(|r| r.try_get::<_, Option<&[u8]>>(0)?.map(decode).transpose())
+                    .collect()
+            })
+        })
+    }
+
+    /// Every vector of a type, by entity id (built on
+    /// [`for_each_embedding`](Self::for_each_embedding); for large types prefer that).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let users = repo.get_all_embeddings("user")?;
+    /// println!("{} users", users.len());
+    /// # Ok(()) }
+    /// ```
+    pub fn get_all_embeddings(&self, entity_type: &str) -> Result<HashMap<String, Vec<f32>>> {
+        self.timed("get_all_embeddings", |call| {
+            let mut all = HashMap::new();
+            stream_type(call, entity_type, &mut |id, v| {
+                all.insert(id.to_owned(), v.to_vec());
+            })?;
+            Ok(all)
+        })
+    }
+
+    /// Calls `f` with every (entity_id, vector) of a type, streamed by binary `COPY … TO
+    /// STDOUT` in constant memory (one row at a time, without the query timeout); returns the
+    /// number of rows. Rows come in no particular order. A failure after the first row was
+    /// handed to `f` is not retried (`f` would see rows twice).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let mut norms = Vec::new();
+    /// let n = repo.for_each_embedding("user", &mut |id, v| {
+    ///     norms.push((id.to_owned(), v.iter().map(|x| x * x).sum::<f32>().sqrt()));
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    pub fn for_each_embedding(
+        &self,
+        entity_type: &str,
+        f: &mut dyn FnMut(&str, &[f32]),
+    ) -> Result<u64> {
+        self.timed("for_each_embedding", |call| {
+            stream_type(call, entity_type, f)
+        })
+    }
+}
+
+/// Streams every (entity_id, vector) of a type to `f` by binary COPY.
+fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32])) -> Result<u64> {
+    validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
+    call.run(Retry::Idempotent, |conn| {
+        // The caller's closure runs mid-COPY: a panic in it must not return this session.
+        let mut conn = PoisonOnPanic(conn);
+        let mut tx = conn.client().build_transaction().read_only(true).start()?;
+        crate::db::pool::unbounded(&mut tx)?;
+        tx.execute(SET_STREAM_TYPE, &[&entity_type])?;
+        let mut reader = tx.copy_out(COPY_OUT_TYPE)?;
+        let mut delivered = 0u64;
+        let result = read_rows(&mut reader, &mut |id, v| {
+            delivered += 1;
+            f(id, v)
+        });
+        drop(reader);
+        let interrupted = |e| interrupted_after("embedding stream", delivered, "rows", e);
+        let rows = result.map_err(interrupted)?;
+        tx.commit().map_err(|e| interrupted(e.into()))?;
+        Ok(rows)
+    })
+}
+
+/// Parses a binary COPY stream of (entity_id, vector bytes) rows, handing each to `f` with
+/// reused buffers; returns the row count.
+fn read_rows(reader: &mut dyn Read, f: &mut dyn FnMut(&str, &[f32])) -> Result<u64> {
+    let mut rows = RowReader::new(reader, 2)?;
+    let mut vector = Vec::new();
+    let mut count = 0u64;
+    while let Some(fields) = rows.next_row()? {
+        let id = std::str::from_utf8(&fields[0])
+            .map_err(|e| RepoError::Corrupt(format!("entity_id is not UTF-8: {e}")))?;
+        decode_into(&fields[1], &mut vector)?;
+        f(id, &vector);
+        count += 1;
+    }
+    Ok(count)
+}

@@ -1,0 +1,138 @@
+//! The public embedding types, and the bytes a vector is stored as (little-endian f32).
+
+use std::time::Duration;
+
+use crate::db::error::{RepoError, Result};
+
+/// One entity's vector, as a batch load takes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedding {
+    /// The kind of entity ("user", "item"): 1..=50 characters. All vectors of one type share
+    /// one dimension.
+    pub entity_type: String,
+    /// The entity's id within its type: 1..=255 characters.
+    pub entity_id: String,
+    /// The vector: non-empty, every value finite.
+    pub vector: Vec<f32>,
+}
+
+impl Embedding {
+    /// A record for [`ModelRepository::batch_save_embeddings`] and
+    /// [`ModelRepository::load_embeddings`].
+    ///
+    /// ```
+    /// let e = pg_model_repo::Embedding::new("user", "u1", vec![0.1, 0.2]);
+    /// assert_eq!(e.vector.len(), 2);
+    /// ```
+    pub fn new(
+        entity_type: impl Into<String>,
+        entity_id: impl Into<String>,
+        vector: Vec<f32>,
+    ) -> Self {
+        Embedding {
+            entity_type: entity_type.into(),
+            entity_id: entity_id.into(),
+            vector,
+        }
+    }
+}
+
+/// How a batch reaches the table. Every method upserts on (entity_type, entity_id) and is
+/// atomic: a batch is written whole, in one transaction, or not at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoadMethod {
+    /// One prepared single-row upsert per record (the slow baseline).
+    Insert,
+    /// Upserts of about 1000 rows per statement, from arrays (`unnest`).
+    MultiRowInsert,
+    /// Binary COPY over one connection, encoded in parallel, then merged with an upsert.
+    Copy,
+    /// Binary COPY over several connections into a staging table, then one merging
+    /// transaction.
+    ParallelCopy,
+}
+
+impl LoadMethod {
+    /// Every method, slowest first.
+    pub const ALL: [LoadMethod; 4] = [
+        LoadMethod::Insert,
+        LoadMethod::MultiRowInsert,
+        LoadMethod::Copy,
+        LoadMethod::ParallelCopy,
+    ];
+
+    /// The method's snake_case name: `insert`, `multi_row_insert`, `copy`, `parallel_copy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadMethod::Insert => "insert",
+            LoadMethod::MultiRowInsert => "multi_row_insert",
+            LoadMethod::Copy => "copy",
+            LoadMethod::ParallelCopy => "parallel_copy",
+        }
+    }
+}
+
+impl std::fmt::Display for LoadMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LoadMethod {
+    type Err = RepoError;
+
+    /// Parses the names [`LoadMethod::as_str`] gives.
+    fn from_str(s: &str) -> Result<Self> {
+        LoadMethod::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                RepoError::invalid(format!(
+                    "unknown load method {s:?} (insert, multi_row_insert, copy, parallel_copy)"
+                ))
+            })
+    }
+}
+
+/// What a batch load wrote.
+#[derive(Clone, Debug)]
+pub struct BatchReport {
+    /// Records written (inserted or updated).
+    pub rows: u64,
+    /// Vector bytes written: 4 x dimension per row.
+    pub bytes: u64,
+    /// Wall time of the call, validation included.
+    pub elapsed: Duration,
+}
+
+/// A vector as the little-endian f32 bytes it is stored as.
+pub(crate) fn vector_bytes(vector: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(vector.len() * 4);
+    for v in vector {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes stored bytes into `out` (cleared first).
+pub(crate) fn decode_into(bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
+    if bytes.len() % 4 != 0 {
+        return Err(RepoError::Corrupt(format!(
+            "a stored vector has {} bytes, not a multiple of 4",
+            bytes.len()
+        )));
+    }
+    out.clear();
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
+    Ok(())
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    decode_into(bytes, &mut out)?;
+    Ok(out)
+}

@@ -1,0 +1,165 @@
+//! Maintenance: expired cache rows purged, VACUUM (ANALYZE) of every table with dead tuples
+//! and sizes before and after; and the server's statement statistics (pg_stat_statements).
+
+use std::time::{Duration, Instant};
+
+use postgres::Client;
+
+use crate::cache::purge_expired;
+use crate::db::error::{RepoError, Result};
+use crate::db::pool::{quote_ident, session_setup_sql, PgConnection};
+use crate::db::retry::Retry;
+use crate::monitor::stats::as_u64;
+use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance, TABLES};
+use crate::repository::ModelRepository;
+
+const DEAD_TUPLES: &str = "SELECT coalesce(n_dead_tup, 0)::bigint,
+        pg_total_relation_size(c.oid)::bigint
+     FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+     WHERE c.oid = to_regclass($1)";
+
+impl ModelRepository {
+    /// Purges expired cache rows, then runs `VACUUM (ANALYZE)` on every table (outside any
+    /// transaction, without the statement timeout), reporting dead tuples and sizes before and
+    /// after, and the time each took.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let report = repo.optimize_database()?;
+    /// for t in &report.tables {
+    ///     println!("{}: {} -> {} dead tuples in {:?}", t.table, t.dead_tuples_before, t.dead_tuples_after, t.elapsed);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn optimize_database(&self) -> Result<OptimizeReport> {
+        self.timed("optimize_database", |call| {
+            let started = Instant::now();
+            let purged = purge_expired(call.pool(), Retry::Idempotent, &|| false)?;
+            let session_setup = session_setup_sql(self.config());
+            let tables = call.run(Retry::Idempotent, |conn| {
+                conn.client().batch_execute("SET statement_timeout = 0")?;
+                let result = vacuum_all(conn);
+                // Give the session back as the pool set it up.
+                let restore = conn.client().batch_execute(&session_setup);
+                if restore.is_err() {
+                    conn.poison();
+                }
+                result
+            })?;
+            Ok(OptimizeReport {
+                tables,
+                expired_cache_rows_purged: purged,
+                elapsed: started.elapsed(),
+            })
+        })
+    }
+
+    /// The statements touching this repository's tables from `pg_stat_statements`, slowest
+    /// first. Where the extension is not installed (or not preloaded) the result says so in
+    /// `detail` with `available == false` instead of failing.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let stats = repo.get_server_query_stats()?;
+    /// if !stats.available {
+    ///     println!("{}", stats.detail);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn get_server_query_stats(&self) -> Result<ServerQueryStats> {
+        self.timed("get_server_query_stats", |call| {
+            call.run(Retry::Idempotent, |conn| server_statements(conn.client()))
+        })
+    }
+}
+
+fn vacuum_all(conn: &mut PgConnection) -> Result<Vec<TableMaintenance>> {
+    let client = conn.client();
+    let mut report = Vec::with_capacity(TABLES.len());
+    for table in TABLES {
+        let (dead_before, bytes_before) = dead_tuples(client, table)?;
+        let started = Instant::now();
+        client.batch_execute(&format!("VACUUM (ANALYZE) {table}"))?;
+        let elapsed = started.elapsed();
+        let (dead_after, bytes_after) = dead_tuples(client, table)?;
+        report.push(TableMaintenance {
+            table: (*table).to_owned(),
+            action: "VACUUM (ANALYZE)".to_owned(),
+            dead_tuples_before: dead_before,
+            dead_tuples_after: dead_after,
+            bytes_before,
+            bytes_after,
+            elapsed,
+        });
+    }
+    Ok(report)
+}
+
+fn dead_tuples(client: &mut Client, table: &str) -> Result<(u64, u64)> {
+    let row = client.query_one(DEAD_TUPLES, &[&table])?;
+    Ok((as_u64(row.try_get(0)?), as_u64(row.try_get(1)?)))
+}
+
+fn server_statements(client: &mut Client) -> Result<ServerQueryStats> {
+    let schema: Option<String> = client
+        .query_opt(
+            "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+             WHERE e.extname = 'pg_stat_statements'",
+            &[],
+        )?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    let Some(schema) = schema else {
+        return Ok(unavailable(
+            "pg_stat_statements is not installed: add it to shared_preload_libraries and run \
+             CREATE EXTENSION pg_stat_statements",
+        ));
+    };
+    let sql = format!(
+        "SELECT query, calls, rows, total_exec_time, mean_exec_time
+         FROM {}.pg_stat_statements
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND query ~* $1
+         ORDER BY total_exec_time DESC LIMIT 25",
+        quote_ident(&schema)
+    );
+    let tables = format!("\\m({})\\M", TABLES.join("|"));
+    let rows = match client.query(sql.as_str(), &[&tables]) {
+        Ok(rows) => rows,
+        // Installed but not preloaded (55000), or not readable by this role.
+        Err(e) if e.code().is_some() => {
+            return Ok(unavailable(&format!(
+                "pg_stat_statements is installed but cannot be read: {}",
+                RepoError::from(e)
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let statements = rows
+        .iter()
+        .map(|r| {
+            Ok(StatementStats {
+                query: r.try_get(0)?,
+                calls: as_u64(r.try_get(1)?),
+                rows: as_u64(r.try_get(2)?),
+                total_time: Duration::from_secs_f64(r.try_get::<_, f64>(3)?.max(0.0) / 1000.0),
+                mean_time: Duration::from_secs_f64(r.try_get::<_, f64>(4)?.max(0.0) / 1000.0),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ServerQueryStats {
+        available: true,
+        detail: format!("from {schema}.pg_stat_statements"),
+        statements,
+    })
+}
+
+fn unavailable(detail: &str) -> ServerQueryStats {
+    ServerQueryStats {
+        available: false,
+        detail: detail.to_owned(),
+        statements: Vec::new(),
+    }
+}

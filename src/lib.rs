@@ -1,13 +1,26 @@
-//! pg-model-repo keeps a machine-learning system's state in PostgreSQL: versioned model blobs
-//! with metadata, checksums, aliases and streaming transfers; training metrics with history.
+//! pg-model-repo keeps a machine-learning system's state in PostgreSQL, synchronously and
+//! thread-safely: one [`ModelRepository`] (cheap to clone) serves every thread of a batch job
+//! from one connection pool. Five areas, each a set of methods on the repository:
 //!
-//! Synchronous and thread-safe: one [`ModelRepository`] (cheap to clone) serves every thread
-//! of a batch job from one connection pool.
+//! - **Models**: versioned blobs with metadata, SHA-256 checksums, soft delete, cleanup of old
+//!   versions, aliases with a rollback stack and history, and streaming save/load in constant
+//!   memory ([`ModelRepository::save_model`], [`ModelRepository::load_model_to_writer`], …).
+//! - **Embeddings**: vectors per (entity type, id) with one dimension per type, batch loads by
+//!   INSERT, multi-row INSERT, binary COPY or parallel COPY ([`LoadMethod`]), streaming reads
+//!   ([`ModelRepository::batch_save_embeddings`], [`ModelRepository::for_each_embedding`], …).
+//! - **Prediction cache**: CBOR values with a TTL judged by the database clock, Redis-style glob
+//!   clearing, buffered hit counts and a background reaper
+//!   ([`ModelRepository::get_or_compute`], [`ModelRepository::clear_cache`], …).
+//! - **Training metrics**: named values per model version, with history
+//!   ([`ModelRepository::save_training_metrics`]).
+//! - **Monitoring**: health checks, per-operation timings, storage statistics, VACUUM ANALYZE
+//!   ([`ModelRepository::health_check`], [`ModelRepository::get_performance_metrics`], …).
 //!
 //! ```no_run
 //! # fn main() -> pg_model_repo::Result<()> {
 //! use pg_model_repo::*;
 //! use serde_json::json;
+//! use std::time::Duration;
 //!
 //! let repo = ModelRepository::open(RepositoryConfig::new("postgres://app@localhost/ml").schema("ml"))?;
 //! repo.save_model("ranker", "1.0", b"weights v1", &json!({"auc": 0.91}))?;
@@ -15,16 +28,45 @@
 //! repo.set_model_alias("ranker", "champion", "2.0")?;
 //! assert_eq!(repo.load_model("ranker", "@champion")?.as_deref(), Some(&b"weights v2"[..]));
 //! repo.save_training_metrics("ranker", "2.0", &[("auc".to_string(), 0.93)].into())?;
+//! repo.save_embeddings("user", "u42", &[0.1, 0.2, 0.3])?;
+//! repo.cache_predictions("user:u42:recs", &vec!["item7", "item3"], Duration::from_secs(600))?;
+//! println!("{:?}", repo.health_check().status);
 //! repo.close();
 //! # Ok(()) }
 //! ```
 //!
 //! Every call validates its input before any I/O (bad input is [`RepoError::InvalidInput`]
 //! and writes nothing), retries transient connection failures with bounded backoff where the
-//! operation is safe to repeat, and reports its timing to [`ModelRepository::get_performance_metrics`].
+//! operation is safe to repeat, and reports its timing to
+//! [`ModelRepository::get_performance_metrics`].
 //!
 //! The `postgres` client runs its own small runtime: calling this crate from inside a tokio
 //! runtime's worker thread panics there. From async code, use `spawn_blocking`.
+//!
+//! # Module map
+//!
+//! Arrows point down: the handle composes the features, the features use the plumbing, and
+//! the plumbing never names the handle.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `repository` | the [`ModelRepository`] handle: open/close, drop order, the call wrapper (timing, operation name) |
+//! | `models/` | versions and checksums, blob streaming, aliases (stack and history) |
+//! | `embeddings/` | types and validation, the dimension registry, single and streaming reads, load plans, COPY rows, `ParallelCopy` |
+//! | `cache/` | entries (CBOR, TTL), Redis globs, the reaper thread |
+//! | `training` | training metrics |
+//! | `monitor/` | health, storage statistics, maintenance |
+//! | `db/` | plumbing: config, pool (checkout with retry), retry, migrations, errors, timings, access counters, TLS, the binary COPY format |
+//! | `validate` | input rules shared by every area (names, lengths, metadata) |
+//! | `throwaway` | throwaway PostgreSQL servers for tests and examples (feature `throwaway`, unix) |
+//!
+//! # Output types
+//!
+//! One rule: every type a call returns derives `Debug` and `serde::Serialize`; the types whose
+//! fields API.md lists ([`ModelInfo`], [`CacheStats`], [`QueryMetric`], [`HealthReport`], …)
+//! are plain structs users may build and match, and the ones this crate shapes (statistics and
+//! reports such as [`ModelStorageStats`] or [`PoolState`]) are `#[non_exhaustive]`, so fields
+//! can be added.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 

@@ -11,8 +11,12 @@ use crate::db::error::Result;
 use crate::db::migrate;
 use crate::db::pool::{PgConnection, Pool, PoolState};
 use crate::db::retry::Retry;
+use crate::db::sweep::Leftover;
 use crate::db::timings::{QueryMetric, Timings};
 use crate::models::FLUSH_LOADS;
+
+/// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.
+pub(crate) const LEFTOVERS: &[Leftover] = &[crate::embeddings::STAGED_ROWS];
 
 /// A repository of models, embeddings, training metrics and cached predictions in one
 /// PostgreSQL schema.
@@ -108,7 +112,12 @@ impl ModelRepository {
             model_loads: FLUSH_LOADS,
         }));
         let reaper = match config.reaper_interval {
-            Some(every) => Some(Reaper::start(pool.clone(), counts.clone(), every)?),
+            Some(every) => Some(Reaper::start(
+                pool.clone(),
+                counts.clone(),
+                LEFTOVERS,
+                every,
+            )?),
             None => None,
         };
         Ok(ModelRepository {

@@ -13,6 +13,7 @@ use crate::db::counters::AccessCounts;
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
+use crate::db::sweep::{sweep, Leftover, LEFTOVER_AGE};
 
 /// The handle the repository keeps: dropping the shutdown sender is the stop signal.
 #[derive(Debug)]
@@ -25,13 +26,19 @@ pub(crate) struct Reaper {
 impl Reaper {
     /// Starts the thread. It holds a pool clone and the access counters, never the
     /// repository, so it cannot keep the repository alive.
-    pub(crate) fn start(pool: Pool, counts: Arc<AccessCounts>, interval: Duration) -> Result<Self> {
+    pub(crate) fn start(
+        pool: Pool,
+        counts: Arc<AccessCounts>,
+        leftovers: &'static [Leftover],
+        interval: Duration,
+    ) -> Result<Self> {
         let (shutdown, shutdown_rx) = bounded::<()>(0);
         // One pending wake-up is enough: it asks for a flush of whatever is buffered by then.
         let (wake, wake_rx) = bounded::<()>(1);
         let task = Task {
             pool,
             counts,
+            leftovers,
             shutdown: shutdown_rx,
         };
         let thread = std::thread::Builder::new()
@@ -74,6 +81,7 @@ impl Drop for Reaper {
 struct Task {
     pool: Pool,
     counts: Arc<AccessCounts>,
+    leftovers: &'static [Leftover],
     shutdown: Receiver<()>,
 }
 
@@ -112,6 +120,10 @@ impl Task {
                 started.elapsed()
             ),
             Err(e) => log::warn!("pg-model-repo: reaper failed to delete expired rows: {e}"),
+        }
+        if !self.stopping() {
+            // Errors are logged inside; the next tick tries again.
+            let _ = sweep(&self.pool, self.leftovers, LEFTOVER_AGE, Retry::Never);
         }
     }
 

@@ -28,4 +28,5 @@ mod store;
 mod types;
 
 pub use load::BATCH_COPY_CROSSOVER;
+pub(crate) use parallel::STAGED_ROWS;
 pub use types::{BatchReport, Embedding, LoadMethod};

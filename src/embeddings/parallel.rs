@@ -4,14 +4,32 @@
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
 use crate::db::retry::Retry;
+use crate::db::sweep::Leftover;
 use crate::embeddings::check::CheckedBatch;
 use crate::embeddings::encode::{copy_in, cpu_threads, COLUMNS};
 use crate::embeddings::load::in_load_transaction;
 use crate::embeddings::types::Embedding;
 use crate::repository::Call;
 
-/// One load id per part of a parallel load.
-const NEXT_LOAD_IDS: &str = "SELECT nextval('embeddings_load_seq') FROM generate_series(1, $1)";
+/// One load id per part of a parallel load, each locked (a session advisory lock) by the
+/// loading connection until the load ends: the leftover sweep skips a live load's rows however
+/// long it runs, and a dead session's locks are gone with it.
+const NEXT_LOAD_IDS: &str = "SELECT id, pg_advisory_lock(1886221873, (id % 2147483647)::int4) \
+     FROM (SELECT nextval('embeddings_load_seq') AS id FROM generate_series(1, $1)) ids";
+const UNLOCK_LOAD_IDS: &str =
+    "SELECT count(pg_advisory_unlock(1886221873, (id % 2147483647)::int4)) \
+     FROM unnest($1::int8[]) AS ids(id)";
+
+/// Staged rows of a `ParallelCopy` whose process died before it merged or cleared them: old
+/// enough, and their load id not locked by a live load.
+pub(crate) const STAGED_ROWS: Leftover = Leftover {
+    what: "staged embedding rows of dead ParallelCopy loads",
+    sql: "WITH gone AS (DELETE FROM embeddings_staging \
+              WHERE staged_at < now() - $1 * interval '1 second' \
+                AND pg_try_advisory_xact_lock(1886221873, (load_id % 2147483647)::int4) \
+              RETURNING 1) \
+          SELECT count(*) FROM gone",
+};
 const MERGE_STAGED: &str = concat!(
     insert_embeddings!(),
     "SELECT entity_type, entity_id, embeddings, dimension FROM embeddings_staging WHERE load_id = $1",
@@ -77,8 +95,21 @@ pub(crate) fn load_parallel(
         if let Err(e) = &result {
             clear_staged(pool, conn, &ids, e);
         }
+        unlock_load_ids(conn, &ids);
         result
     })
+}
+
+/// Releases the load ids' locks; a connection that cannot is not reused (its session, and so
+/// its locks, end when it is dropped).
+fn unlock_load_ids(conn: &mut PgConnection, ids: &[i64]) {
+    if conn.is_broken() {
+        return;
+    }
+    if let Err(e) = conn.client().query_one(UNLOCK_LOAD_IDS, &[&ids]) {
+        log::debug!("pg-model-repo: releasing load id locks failed ({e}); dropping the session");
+        conn.poison();
+    }
 }
 
 /// No spare connection: stage every part on the caller's connection, then merge.

@@ -95,7 +95,7 @@ impl std::str::FromStr for LoadMethod {
 }
 
 /// What a batch load wrote.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct BatchReport {
     /// Records written (inserted or updated).
     pub rows: u64,

@@ -9,9 +9,10 @@ use crate::cache::purge_expired;
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{quote_ident, session_setup_sql, PgConnection};
 use crate::db::retry::Retry;
+use crate::db::sweep::{sweep, LEFTOVER_AGE};
 use crate::monitor::stats::as_u64;
 use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance, TABLES};
-use crate::repository::ModelRepository;
+use crate::repository::{ModelRepository, LEFTOVERS};
 
 const DEAD_TUPLES: &str = "SELECT coalesce(n_dead_tup, 0)::bigint,
         pg_total_relation_size(c.oid)::bigint
@@ -36,6 +37,7 @@ impl ModelRepository {
         self.timed("optimize_database", |call| {
             let started = Instant::now();
             let purged = purge_expired(call.pool(), Retry::Idempotent, &|| false)?;
+            let leftovers = sweep(call.pool(), LEFTOVERS, LEFTOVER_AGE, Retry::Idempotent)?;
             let session_setup = session_setup_sql(self.config());
             let tables = call.run(Retry::Idempotent, |conn| {
                 conn.client().batch_execute("SET statement_timeout = 0")?;
@@ -50,6 +52,7 @@ impl ModelRepository {
             Ok(OptimizeReport {
                 tables,
                 expired_cache_rows_purged: purged,
+                leftovers_removed: leftovers,
                 elapsed: started.elapsed(),
             })
         })

@@ -153,6 +153,8 @@ pub struct OptimizeReport {
     pub tables: Vec<TableMaintenance>,
     /// Expired cache rows deleted before vacuuming.
     pub expired_cache_rows_purged: u64,
+    /// Leftovers of loads and saves that died midway (older than an hour) removed.
+    pub leftovers_removed: u64,
     /// Time the whole run took.
     pub elapsed: Duration,
 }

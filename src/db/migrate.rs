@@ -16,12 +16,20 @@ struct Migration {
     sql: &'static str,
 }
 
-/// Every migration, in order. New files go at the end with the next number.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "V001__init.sql",
-    sql: include_str!("../../sql/V001__init.sql"),
-}];
+/// Every migration, in increasing order of version. New files go at the end with a higher
+/// number; numbers may have gaps (each is applied and checked by its own number).
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "V001__init.sql",
+        sql: include_str!("../../sql/V001__init.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "V005__model_chunks.sql",
+        sql: include_str!("../../sql/V005__model_chunks.sql"),
+    },
+];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS model_repo_migrations (
     version    integer     PRIMARY KEY,
@@ -103,9 +111,8 @@ fn apply(client: &mut Client, migration: &Migration, checksum: &str) -> Result<(
 /// True when the schema holds every table this version of the crate needs (for
 /// `auto_migrate(false)`, which must not run DDL but should fail clearly on a missing schema).
 pub(crate) fn check_applied(client: &mut Client) -> Result<()> {
-    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
-    let row = client
-        .query_opt("SELECT max(version) FROM model_repo_migrations", &[])
+    let rows = client
+        .query("SELECT version FROM model_repo_migrations", &[])
         .map_err(|e| match e.code().map(|c| c.code()) {
             Some("42P01") => RepoError::NotFound(
                 "the schema has no pg-model-repo tables; run ModelRepository::migrate as its owner"
@@ -113,15 +120,33 @@ pub(crate) fn check_applied(client: &mut Client) -> Result<()> {
             ),
             _ => e.into(),
         })?;
-    let applied: Option<i32> = match row {
-        Some(r) => r.try_get(0)?,
-        None => None,
-    };
-    match applied {
-        Some(v) if v >= latest => Ok(()),
-        other => Err(RepoError::NotFound(format!(
-            "the schema is at migration {} but this library needs {latest}; run ModelRepository::migrate",
-            other.unwrap_or(0)
+    let applied = rows
+        .iter()
+        .map(|r| r.try_get::<_, i32>(0))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    // By number, not by the highest one: numbering may have gaps.
+    match MIGRATIONS.iter().find(|m| !applied.contains(&m.version)) {
+        None => Ok(()),
+        Some(missing) => Err(RepoError::NotFound(format!(
+            "the schema lacks migration {} that this library needs; run ModelRepository::migrate",
+            missing.name
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_listed_in_increasing_version_order() {
+        assert!(MIGRATIONS.windows(2).all(|w| w[0].version < w[1].version));
+        for m in MIGRATIONS {
+            assert!(
+                m.name.starts_with(&format!("V{:03}__", m.version)),
+                "{}",
+                m.name
+            );
+        }
     }
 }

@@ -8,8 +8,21 @@ use std::time::Duration;
 use crate::db::error::{RepoError, Result};
 use crate::validate;
 
-/// The largest single BYTEA value that binary COPY really takes: 1 GiB - 1 MiB.
+/// The largest single BYTEA value that binary COPY really takes: 1 GiB - 1 MiB. Models
+/// stored inline were limited to it; larger ones are stored in chunks.
 pub const MAX_BYTEA_MODEL_SIZE: u64 = (1 << 30) - (1 << 20);
+
+/// The default of [`RepositoryConfig::max_model_size`]: 64 GiB.
+pub const DEFAULT_MAX_MODEL_SIZE: u64 = 64 << 30;
+
+/// The default of [`RepositoryConfig::model_chunk_size`]: 4 MiB.
+pub const DEFAULT_MODEL_CHUNK_SIZE: u32 = 4 << 20;
+
+/// The bounds of [`RepositoryConfig::model_chunk_size`]: 64 KiB ..= 256 MiB.
+pub const MODEL_CHUNK_SIZE_RANGE: std::ops::RangeInclusive<u32> = (64 << 10)..=(256 << 20);
+
+/// The default of [`RepositoryConfig::model_streams`].
+pub const DEFAULT_MODEL_STREAMS: u32 = 2;
 
 /// The application_name given to every connection whose URL does not name one.
 pub const DEFAULT_APPLICATION_NAME: &str = "pg-model-repo";
@@ -45,6 +58,8 @@ pub struct RepositoryConfig {
     pub(crate) slow_query_threshold: Duration,
     pub(crate) auto_migrate: bool,
     pub(crate) max_model_size: u64,
+    pub(crate) model_chunk_size: u32,
+    pub(crate) model_streams: u32,
     pub(crate) tls_root_certificate: Option<std::path::PathBuf>,
 }
 
@@ -67,7 +82,9 @@ impl RepositoryConfig {
             reaper_interval: Some(Duration::from_secs(60)),
             slow_query_threshold: Duration::from_secs(1),
             auto_migrate: true,
-            max_model_size: MAX_BYTEA_MODEL_SIZE,
+            max_model_size: DEFAULT_MAX_MODEL_SIZE,
+            model_chunk_size: DEFAULT_MODEL_CHUNK_SIZE,
+            model_streams: DEFAULT_MODEL_STREAMS,
             tls_root_certificate: None,
         }
     }
@@ -194,10 +211,28 @@ impl RepositoryConfig {
         self
     }
 
-    /// The largest model accepted, in bytes. Defaults to 1 GiB - 1 MiB, the most one BYTEA
-    /// value takes through COPY (also the upper bound `open` accepts).
+    /// The largest model accepted, in bytes; a larger one is `InvalidInput` and nothing of it
+    /// is stored. Defaults to 64 GiB ([`DEFAULT_MAX_MODEL_SIZE`]).
     pub fn max_model_size(mut self, bytes: u64) -> Self {
         self.max_model_size = bytes;
+        self
+    }
+
+    /// Models up to this many bytes are stored inline in `ml_models.model_data`; larger ones in
+    /// chunks of this size in `ml_model_chunks`, written and read over several connections.
+    /// It also bounds memory: a streaming save or load holds a few chunks at a time (about
+    /// `model_streams + 1`). Stored models keep the chunk size they were saved with. Must be
+    /// within [`MODEL_CHUNK_SIZE_RANGE`]. Defaults to 4 MiB ([`DEFAULT_MODEL_CHUNK_SIZE`]).
+    pub fn model_chunk_size(mut self, bytes: u32) -> Self {
+        self.model_chunk_size = bytes;
+        self
+    }
+
+    /// How many connections one save or load of a chunked model uses at once (1..=16). The
+    /// extra ones are taken only if idle in the pool, never waited for, so a busy pool gives
+    /// fewer. Defaults to 2 ([`DEFAULT_MODEL_STREAMS`]).
+    pub fn model_streams(mut self, n: u32) -> Self {
+        self.model_streams = n;
         self
     }
 
@@ -242,10 +277,21 @@ impl RepositoryConfig {
                 "reaper_interval must be greater than zero",
             ));
         }
-        if self.max_model_size == 0 || self.max_model_size > MAX_BYTEA_MODEL_SIZE {
+        if self.max_model_size == 0 || self.max_model_size > i64::MAX as u64 {
             return Err(RepoError::invalid(format!(
-                "max_model_size must be within 1..={MAX_BYTEA_MODEL_SIZE} bytes"
+                "max_model_size must be within 1..={} bytes",
+                i64::MAX
             )));
+        }
+        if !MODEL_CHUNK_SIZE_RANGE.contains(&self.model_chunk_size) {
+            return Err(RepoError::invalid(format!(
+                "model_chunk_size must be within {}..={} bytes",
+                MODEL_CHUNK_SIZE_RANGE.start(),
+                MODEL_CHUNK_SIZE_RANGE.end()
+            )));
+        }
+        if !(1..=16).contains(&self.model_streams) {
+            return Err(RepoError::invalid("model_streams must be within 1..=16"));
         }
         self.connector().map(|_| ())
     }
@@ -326,6 +372,8 @@ impl fmt::Debug for RepositoryConfig {
             .field("slow_query_threshold", &self.slow_query_threshold)
             .field("auto_migrate", &self.auto_migrate)
             .field("max_model_size", &self.max_model_size)
+            .field("model_chunk_size", &self.model_chunk_size)
+            .field("model_streams", &self.model_streams)
             .field("tls_root_certificate", &self.tls_root_certificate)
             .finish()
     }
@@ -461,10 +509,17 @@ mod tests {
             .cache_max_ttl(Duration::from_secs(5))
             .validate()
             .is_err());
+        assert!(base().max_model_size(0).validate().is_err());
         assert!(base()
             .max_model_size(MAX_BYTEA_MODEL_SIZE + 1)
             .validate()
-            .is_err());
+            .is_ok());
+        assert_eq!(base().max_model_size, 64 << 30);
+        assert!(base().model_chunk_size(1 << 10).validate().is_err());
+        assert!(base().model_chunk_size(512 << 20).validate().is_err());
+        assert!(base().model_chunk_size(64 << 10).validate().is_ok());
+        assert!(base().model_streams(0).validate().is_err());
+        assert!(base().model_streams(17).validate().is_err());
         let tls = RepositoryConfig::new("postgres://u@h/db?sslmode=require").validate();
         assert_eq!(tls.is_err(), !cfg!(feature = "tls"));
     }

@@ -16,7 +16,8 @@ use crate::db::timings::{QueryMetric, Timings};
 use crate::models::FLUSH_LOADS;
 
 /// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.
-pub(crate) const LEFTOVERS: &[Leftover] = &[crate::embeddings::STAGED_ROWS];
+pub(crate) const LEFTOVERS: &[Leftover] =
+    &[crate::embeddings::STAGED_ROWS, crate::models::STAGED_CHUNKS];
 
 /// A repository of models, embeddings, training metrics and cached predictions in one
 /// PostgreSQL schema.

@@ -5,14 +5,16 @@
 use std::time::SystemTime;
 
 use postgres::types::ToSql;
-use postgres::{GenericClient, Row};
+use postgres::{GenericClient, IsolationLevel, Row};
 use serde_json::Value;
 
 use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
 use crate::db::retry::Retry;
 use crate::models::aliases::drop_aliases_to;
-use crate::models::blob::BlobSource;
+use crate::models::chunked::{
+    delete_sets, layout_columns, save_chunked, stream_chunks, ChunkSource, ChunkedSave, Layout,
+};
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
@@ -44,8 +46,28 @@ macro_rules! info_columns {
 }
 pub(crate) use info_columns;
 
-/// [`info_columns!`] as a constant, for statements built at run time.
-pub(crate) const INFO_COLUMNS: &str = info_columns!();
+/// The info and the layout of a version (how its bytes are stored), for statements built at
+/// run time.
+pub(crate) const STORED_COLUMNS: &str = concat!(info_columns!(), ", ", layout_columns!());
+
+/// A save of bytes in hand, stored inline; a soft-deleted row of the same version is replaced
+/// (its chunks, if it had any, are deleted first).
+const INSERT_INLINE: &str = concat!(
+    "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (model_name, version) DO UPDATE SET
+        model_data = EXCLUDED.model_data, metadata = EXCLUDED.metadata,
+        checksum = EXCLUDED.checksum, is_active = true, save_seq = EXCLUDED.save_seq,
+        created_at = now(), load_count = 0, last_loaded_at = NULL,
+        chunk_size = 0, chunk_count = 0, chunk_set = NULL
+     WHERE NOT m.is_active RETURNING ",
+    info_columns!()
+);
+
+/// The chunks of a soft-deleted version about to be replaced.
+const DELETE_REPLACED_CHUNKS: &str = "DELETE FROM ml_model_chunks c USING ml_models m
+     WHERE m.model_name = $1 AND m.version = $2 AND NOT m.is_active
+       AND c.model_name = m.model_name AND c.version = m.version AND c.chunk_set = m.chunk_set";
 
 /// Adds buffered loads to `load_count` and moves `last_loaded_at` (database clock); see
 /// `db::counters` for the parameters.
@@ -160,7 +182,7 @@ const CLEANUP: &str = "WITH keep AS (
         SELECT version FROM ml_models WHERE model_name = $1 AND is_active
         ORDER BY save_seq DESC LIMIT $2)
      DELETE FROM ml_models WHERE model_name = $1 AND version NOT IN (SELECT version FROM keep)
-     RETURNING version";
+     RETURNING version, chunk_set";
 
 /// What the caller asked to store, checked and hashed before any I/O.
 pub(crate) struct SaveRequest<'a> {
@@ -177,7 +199,9 @@ impl ModelRepository {
     /// Saving an active version again with the same bytes and metadata returns the stored
     /// info (a retried save is harmless); with different ones it is `RepoError::Conflict`.
     /// A soft-deleted version is replaced and becomes the newest. `"latest"` and `"@…"` are
-    /// not valid versions to save. Larger than `max_model_size`: `InvalidInput`.
+    /// not valid versions to save. Larger than `max_model_size`: `InvalidInput`. A model
+    /// larger than `model_chunk_size` is stored in chunks, written over several connections
+    /// and published at once.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
@@ -199,8 +223,20 @@ impl ModelRepository {
                 checksum: hex_sha256(data),
                 ..request
             };
-            store_model(call, &request, &mut BlobSource::Slice(data))
+            if data.len() as u64 <= u64::from(self.config().model_chunk_size) {
+                return store_model(call, &request, data);
+            }
+            save_chunked(call, &self.chunked_save(&request), ChunkSource::Slice(data))
         })
+    }
+
+    /// How a chunked save of `request` runs with this repository's settings.
+    pub(crate) fn chunked_save<'a>(&self, request: &'a SaveRequest<'a>) -> ChunkedSave<'a> {
+        ChunkedSave {
+            request,
+            chunk_size: self.config().model_chunk_size,
+            streams: self.config().model_streams as usize,
+        }
     }
 
     /// Validates a save before any I/O; the checksum is filled in by the caller.
@@ -282,24 +318,56 @@ impl ModelRepository {
     ) -> Result<Option<(ModelInfo, Vec<u8>)>> {
         validate::model_name(model_name)?;
         let vref = VersionRef::parse(version)?;
-        let columns = format!("{INFO_COLUMNS}, m.model_data");
+        let columns = format!("{STORED_COLUMNS}, m.model_data");
+        let streams = self.config().model_streams as usize;
         let found = call.run(Retry::Idempotent, |conn| {
-            let mut tx = conn.client().transaction()?;
+            // One snapshot for the row and, for a chunked version, every chunk stream.
+            let mut tx = conn
+                .client()
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
             crate::db::pool::unbounded(&mut tx)?;
-            let row = vref.select(&mut tx, model_name, &columns, "")?;
+            let Some(row) = vref.select(&mut tx, model_name, &columns, "")? else {
+                return Ok(None);
+            };
+            let info = ModelInfo::from_row(&row)?;
+            let (data, hash) = match Layout::from_row(&row)? {
+                Layout::Inline => {
+                    let data: Vec<u8> = row.try_get("model_data")?;
+                    let hash = hex_sha256(&data);
+                    (data, hash)
+                }
+                Layout::Chunked(chunks) => {
+                    drop(row);
+                    let mut data = Vec::new();
+                    data.try_reserve_exact(info.size_bytes as usize)
+                        .map_err(|e| {
+                            RepoError::Io(std::io::Error::new(
+                                std::io::ErrorKind::OutOfMemory,
+                                format!("no memory for a model of {} bytes: {e}", info.size_bytes),
+                            ))
+                        })?;
+                    let hash = stream_chunks(
+                        call.pool(),
+                        &mut tx,
+                        &info,
+                        chunks,
+                        streams,
+                        &mut data,
+                        &mut 0,
+                    )?;
+                    (data, hash)
+                }
+            };
             tx.commit()?;
-            row.map(|r| {
-                Ok((
-                    ModelInfo::from_row(&r)?,
-                    r.try_get::<_, Vec<u8>>("model_data")?,
-                ))
-            })
-            .transpose()
+            Ok(Some((info, data, hash)))
         })?;
-        let Some((info, data)) = found else {
+        let Some((info, data, hash)) = found else {
             return Ok(None);
         };
-        verify_checksum(&info, &hex_sha256(&data))?;
+        verify_checksum(&info, &hash)?;
         self.record_model_load(&info.model_name, &info.version);
         Ok(Some((info, data)))
     }
@@ -388,12 +456,19 @@ impl ModelRepository {
             let keep = i64::try_from(keep_versions).unwrap_or(i64::MAX);
             call.run(Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
-                let removed: Vec<String> = tx
-                    .query(CLEANUP, &[&model_name, &keep])?
-                    .iter()
-                    .map(|r| r.try_get(0))
-                    .collect::<std::result::Result<_, _>>()?;
+                let rows = tx.query(CLEANUP, &[&model_name, &keep])?;
+                let mut removed = Vec::with_capacity(rows.len());
+                let mut chunk_sets = Vec::new();
+                for row in &rows {
+                    let version: String = row.try_get("version")?;
+                    if let Some(set) = row.try_get::<_, Option<i64>>("chunk_set")? {
+                        chunk_sets.push((version.clone(), set));
+                    }
+                    removed.push(version);
+                }
                 drop_aliases_to(&mut tx, model_name, &removed)?;
+                // The chunks go with their versions, in the same transaction.
+                delete_sets(&mut tx, model_name, &chunk_sets)?;
                 tx.commit()?;
                 Ok(removed.len() as u64)
             })
@@ -401,11 +476,12 @@ impl ModelRepository {
     }
 }
 
-/// The transaction behind every save: compare with what is stored, else write the bytes.
+/// The transaction behind every inline save (a model up to one chunk): compare with what is
+/// stored, else write the bytes.
 pub(crate) fn store_model(
     call: &Call<'_>,
     request: &SaveRequest<'_>,
-    source: &mut BlobSource<'_>,
+    data: &[u8],
 ) -> Result<ModelInfo> {
     call.run(Retry::Idempotent, |conn| {
         let mut tx = conn.client().transaction()?;
@@ -414,7 +490,24 @@ pub(crate) fn store_model(
             tx.commit()?;
             return Ok(info);
         }
-        let written = source.insert(&mut tx, request)?;
+        crate::db::pool::unbounded(&mut tx)?;
+        tx.execute(
+            DELETE_REPLACED_CHUNKS,
+            &[&request.model_name, &request.version],
+        )?;
+        let written = tx
+            .query_opt(
+                INSERT_INLINE,
+                &[
+                    &request.model_name,
+                    &request.version,
+                    &data,
+                    request.metadata,
+                    &request.checksum,
+                ],
+            )?
+            .map(|r| ModelInfo::from_row(&r))
+            .transpose()?;
         let info = match written {
             Some(info) => info,
             // Someone saved the same version between our check and our insert.
@@ -432,7 +525,7 @@ pub(crate) fn store_model(
 
 /// The stored version as `ModelInfo` if it is active with the same content; `Conflict` if it is
 /// active with other content; `None` if absent or soft-deleted (then it may be written).
-fn compare_with_stored<C: GenericClient>(
+pub(crate) fn compare_with_stored<C: GenericClient>(
     client: &mut C,
     request: &SaveRequest<'_>,
 ) -> Result<Option<ModelInfo>> {

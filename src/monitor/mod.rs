@@ -17,6 +17,7 @@ use crate::repository::ModelRepository;
 /// Every table the repository owns, in the order maintenance visits them.
 pub(crate) const TABLES: &[&str] = &[
     "ml_models",
+    "ml_model_chunks",
     "model_aliases",
     "model_alias_stack",
     "model_alias_history",

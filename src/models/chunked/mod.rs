@@ -1,0 +1,154 @@
+//! Models larger than one chunk: their bytes live in `ml_model_chunks`, one row per chunk with
+//! its own sha256, staged under a chunk set id by several connections at once and published
+//! by one short transaction (`save`), and read back over several connections sharing one
+//! snapshot, in order, through a bounded reorder window (`load`). Uses the plumbing in `db`.
+
+mod load;
+mod save;
+
+use postgres::{Row, Transaction};
+
+use crate::db::error::{RepoError, Result};
+use crate::db::sweep::Leftover;
+
+pub(crate) use load::stream_chunks;
+pub(crate) use save::{save_chunked, ChunkReader, ChunkSource, ChunkedSave};
+
+/// The advisory lock key of a chunk set (`$set` is its id): class "mchk" (0x6d63686b), and the
+/// id modulo 2^31. A save holds a session lock on it while it lives, so the sweep never takes
+/// a live save's staged chunks.
+macro_rules! set_lock_key {
+    ($set:literal) => {
+        concat!("1835231339, (", $set, " % 2147483647)::int4")
+    };
+}
+pub(crate) use set_lock_key;
+
+/// The columns [`Layout::from_row`] reads (table alias `m`), as a literal for `concat!`.
+macro_rules! layout_columns {
+    () => {
+        "m.chunk_size, m.chunk_count, m.chunk_set"
+    };
+}
+pub(crate) use layout_columns;
+
+/// How a stored version keeps its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// In `ml_models.model_data`.
+    Inline,
+    /// In `ml_model_chunks`.
+    Chunked(Chunks),
+}
+
+/// Where a chunked version's bytes are: `count` chunks of `size` bytes (the last one may be
+/// shorter) under chunk set `set`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Chunks {
+    pub set: i64,
+    pub size: u32,
+    pub count: u32,
+}
+
+impl Layout {
+    /// Reads the [`layout_columns!`] of a row.
+    pub(crate) fn from_row(row: &Row) -> Result<Self> {
+        let count: i32 = row.try_get("chunk_count")?;
+        if count == 0 {
+            return Ok(Layout::Inline);
+        }
+        let set: Option<i64> = row.try_get("chunk_set")?;
+        let size: i32 = row.try_get("chunk_size")?;
+        match (set, u32::try_from(size), u32::try_from(count)) {
+            (Some(set), Ok(size), Ok(count)) if size > 0 => {
+                Ok(Layout::Chunked(Chunks { set, size, count }))
+            }
+            _ => Err(RepoError::Corrupt(format!(
+                "chunking facts make no sense: {count} chunks of {size} bytes in set {set:?}"
+            ))),
+        }
+    }
+}
+
+impl Chunks {
+    /// The layout of a model of `total` bytes cut into chunks of `size` (`total > 0`).
+    pub(crate) fn for_model(set: i64, size: u32, total: u64) -> Result<Self> {
+        let count = u32::try_from(total.div_ceil(u64::from(size)))
+            .ok()
+            .filter(|&n| i32::try_from(n).is_ok())
+            .ok_or_else(|| {
+                RepoError::invalid(format!(
+                    "a model of {total} bytes needs more than 2^31 chunks of {size} bytes"
+                ))
+            })?;
+        Ok(Chunks { set, size, count })
+    }
+
+    /// The byte range chunk `no` covers in a model of `total` bytes.
+    pub(crate) fn range(&self, no: u32, total: u64) -> std::ops::Range<u64> {
+        let start = u64::from(no) * u64::from(self.size);
+        start.min(total)..(start + u64::from(self.size)).min(total)
+    }
+}
+
+/// Staged chunks of saves that died before they published or removed them: old enough, not
+/// part of any stored version, and their set not locked by a live save.
+pub(crate) const STAGED_CHUNKS: Leftover = Leftover {
+    what: "staged model chunks of dead saves",
+    sql: concat!(
+        "WITH gone AS (DELETE FROM ml_model_chunks c \
+            WHERE c.staged_at < now() - $1 * interval '1 second' \
+              AND NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.model_name = c.model_name \
+                  AND m.version = c.version AND m.chunk_set = c.chunk_set) \
+              AND pg_try_advisory_xact_lock(",
+        set_lock_key!("c.chunk_set"),
+        ") RETURNING 1) \
+         SELECT count(*) FROM gone"
+    ),
+};
+
+const DELETE_SET: &str =
+    "DELETE FROM ml_model_chunks WHERE model_name = $1 AND version = $2 AND chunk_set = $3";
+
+/// Removing a big model's chunks is bulk work: no statement_timeout for it.
+const LIFT_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
+
+/// Deletes the chunks of the versions `(version, chunk set)` of `model_name` inside the
+/// caller's transaction (cleanup, a replaced soft-deleted version); returns the rows removed.
+pub(crate) fn delete_sets(
+    tx: &mut Transaction<'_>,
+    model_name: &str,
+    sets: &[(String, i64)],
+) -> Result<u64> {
+    if sets.is_empty() {
+        return Ok(0);
+    }
+    tx.batch_execute(LIFT_TIMEOUT)?;
+    let statement = tx.prepare(DELETE_SET)?;
+    let mut removed = 0;
+    for (version, set) in sets {
+        removed += tx.execute(&statement, &[&model_name, version, set])?;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_ranges_cover_the_model_once() {
+        let chunks = Chunks::for_model(7, 10, 25).unwrap();
+        assert_eq!(chunks.count, 3);
+        let ranges: Vec<_> = (0..chunks.count).map(|n| chunks.range(n, 25)).collect();
+        assert_eq!(ranges, [0..10, 10..20, 20..25]);
+        assert_eq!(Chunks::for_model(7, 10, 30).unwrap().count, 3);
+        assert!(Chunks::for_model(7, 1, 1 << 40).is_err());
+    }
+
+    #[test]
+    fn the_lock_class_spells_mchk() {
+        assert_eq!(set_lock_key!("x"), "1835231339, (x % 2147483647)::int4");
+        assert_eq!(1835231339i32.to_be_bytes(), *b"mchk");
+    }
+}

@@ -1,0 +1,561 @@
+//! Saving a chunked model: the caller's thread cuts the bytes into chunks (reading ahead into
+//! at most `streams + 1` buffers when they come from a reader) and hashes the whole model;
+//! stream threads, each on its own connection, COPY chunks into `ml_model_chunks` under the
+//! save's chunk set, each chunk committed on its own; one short transaction then publishes
+//! the set by writing the `ml_models` row, so a reader never sees a partial model.
+
+use std::io::{Read, Write};
+
+use crossbeam_channel::{Receiver, Sender};
+use postgres::Client;
+use sha2::{Digest, Sha256};
+
+use crate::db::binary_copy::{self, io_error};
+use crate::db::error::{RepoError, Result};
+use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
+use crate::db::retry::Retry;
+use crate::db::to_hex;
+use crate::models::chunked::{delete_sets, set_lock_key, Chunks};
+use crate::models::versions::{compare_with_stored, info_columns, ModelInfo, SaveRequest};
+use crate::repository::Call;
+
+/// A new chunk set id, locked (session advisory lock) by this connection while the save lives.
+const OPEN_SET: &str = concat!(
+    "SELECT id, pg_advisory_lock(",
+    set_lock_key!("id"),
+    ") FROM (SELECT nextval('ml_model_chunk_sets') AS id) s"
+);
+const CLOSE_SET: &str = concat!("SELECT pg_advisory_unlock(", set_lock_key!("$1"), ")");
+
+const COPY_CHUNK: &str = "COPY ml_model_chunks \
+     (model_name, version, chunk_set, chunk_no, checksum, data) FROM STDIN (FORMAT binary)";
+
+/// Moves the staged chunks' `staged_at` (so a sweep that started before this transaction
+/// skips them once it commits) and counts them and their bytes, to publish only a whole set.
+const TOUCH_SET: &str = "WITH t AS (UPDATE ml_model_chunks SET staged_at = now() \
+        WHERE model_name = $1 AND version = $2 AND chunk_set = $3 \
+        RETURNING octet_length(data) AS n) \
+     SELECT count(*)::int8, coalesce(sum(n), 0)::int8 FROM t";
+
+const DELETE_INACTIVE: &str = "DELETE FROM ml_models \
+     WHERE model_name = $1 AND version = $2 AND NOT is_active RETURNING chunk_set";
+
+const INSERT_CHUNKED: &str = concat!(
+    "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum, \
+        size_bytes, chunk_size, chunk_count, chunk_set)
+     VALUES ($1, $2, ''::bytea, $3, $4, $5, $6, $7, $8)
+     ON CONFLICT (model_name, version) DO NOTHING RETURNING ",
+    info_columns!()
+);
+
+/// A save's own staged chunks, unless a stored version names their set (a publish whose
+/// commit reply was lost must keep them).
+const CLEAR_SET: &str = "DELETE FROM ml_model_chunks c \
+     WHERE c.model_name = $1 AND c.version = $2 AND c.chunk_set = $3 \
+       AND NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.model_name = c.model_name \
+           AND m.version = c.version AND m.chunk_set = c.chunk_set)";
+
+/// Bytes handed to the COPY writer at once: the writer copies each write into its buffer, so
+/// writing a whole chunk at once would briefly hold it twice.
+const WRITE_PIECE: usize = 64 << 10;
+
+/// Where a chunked save's bytes come from.
+pub(crate) enum ChunkSource<'a> {
+    /// The caller's bytes, in memory; their checksum is in the request.
+    Slice(&'a [u8]),
+    /// A reader, with the chunks already read from it (to tell it is larger than one chunk).
+    Reader(ChunkReader<'a>, Vec<Vec<u8>>),
+}
+
+/// Reads a model chunk by chunk, hashing and counting it, refusing more than `max` bytes.
+pub(crate) struct ChunkReader<'a> {
+    reader: &'a mut dyn Read,
+    chunk_size: usize,
+    max: u64,
+    len: u64,
+    hasher: Sha256,
+}
+
+impl<'a> ChunkReader<'a> {
+    pub(crate) fn new(reader: &'a mut dyn Read, chunk_size: u32, max: u64) -> Self {
+        ChunkReader {
+            reader,
+            chunk_size: chunk_size as usize,
+            max,
+            len: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Fills `buf` with the next chunk (shorter only at the end; empty at the end). More than
+    /// `max` bytes in all is `InvalidInput`.
+    pub(crate) fn fill(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        buf.resize(self.chunk_size, 0);
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    filled += n;
+                    self.len += n as u64;
+                    if self.len > self.max {
+                        return Err(RepoError::invalid(format!(
+                            "model is larger than max_model_size ({} bytes)",
+                            self.max
+                        )));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(filled);
+        self.hasher.update(&buf[..]);
+        Ok(())
+    }
+
+    /// Bytes read so far and their sha256 (hex).
+    pub(crate) fn finish(self) -> (u64, String) {
+        (self.len, to_hex(&self.hasher.finalize()))
+    }
+}
+
+/// The save's parameters that stay fixed across attempts.
+pub(crate) struct ChunkedSave<'a> {
+    pub request: &'a SaveRequest<'a>,
+    pub chunk_size: u32,
+    pub streams: usize,
+}
+
+/// Saves a model larger than one chunk: stages its chunks over up to `streams` connections,
+/// then publishes them in one short transaction. A slice is re-sent whole on a transient
+/// failure; a reader cannot be re-read, so only the publish step is repeated (it recognizes
+/// its own earlier commit). Any failure removes the staged chunks (or leaves them to the
+/// sweep when no connection is left to do it): nothing of a failed save is ever visible.
+pub(crate) fn save_chunked(
+    call: &Call<'_>,
+    save: &ChunkedSave<'_>,
+    source: ChunkSource<'_>,
+) -> Result<ModelInfo> {
+    let retry = match source {
+        ChunkSource::Slice(_) => Retry::Idempotent,
+        ChunkSource::Reader(..) => Retry::Never,
+    };
+    let mut source = Some(source);
+    let attempt = call.run(retry, |conn| {
+        let source = match &mut source {
+            Some(ChunkSource::Slice(data)) => ChunkSource::Slice(*data),
+            other => other.take().ok_or_else(|| {
+                RepoError::Io(std::io::Error::other("the model's reader was already read"))
+            })?,
+        };
+        stage_and_publish(call.pool(), conn, save, source)
+    })?;
+    match attempt {
+        Attempt::Done(info) => Ok(info),
+        Attempt::PublishFailed(staged, first) => {
+            log::warn!(
+                "pg-model-repo: publishing {}/{} failed ({first}); trying again",
+                save.request.model_name,
+                save.request.version
+            );
+            let published = call.run(Retry::Idempotent, |conn| {
+                let published = publish(conn.client(), save.request, &staged)?;
+                clear_unpublished(call.pool(), conn, save.request, staged.chunks.set);
+                Ok(published)
+            });
+            if published.is_err() {
+                if let Some(mut conn) = call.pool().try_get() {
+                    clear_unpublished(call.pool(), &mut conn, save.request, staged.chunks.set);
+                }
+            }
+            published
+        }
+    }
+}
+
+/// What one attempt of a chunked save achieved.
+enum Attempt {
+    Done(ModelInfo),
+    /// Every chunk is staged, but the publish failed in a way another try may cure.
+    PublishFailed(Staged, RepoError),
+}
+
+/// A staged chunk set: what the publish writes in `ml_models`.
+struct Staged {
+    size: u64,
+    checksum: String,
+    chunks: Chunks,
+}
+
+fn stage_and_publish(
+    pool: &Pool,
+    conn: &mut PgConnection,
+    save: &ChunkedSave<'_>,
+    source: ChunkSource<'_>,
+) -> Result<Attempt> {
+    if let ChunkSource::Slice(_) = source {
+        // The checksum is known: an identical or conflicting version answers before any write.
+        let mut tx = conn.client().transaction()?;
+        let stored = compare_with_stored(&mut tx, save.request)?;
+        tx.commit()?;
+        if let Some(info) = stored {
+            return Ok(Attempt::Done(info));
+        }
+    }
+    let set: i64 = conn.client().query_one(OPEN_SET, &[])?.try_get(0)?;
+    let staged = stage(pool, conn, save, set, source);
+    let outcome = match staged {
+        Err(e) => Err(e),
+        Ok(staged) => match publish(conn.client(), save.request, &staged) {
+            Ok(info) => Ok(Attempt::Done(info)),
+            Err(e) if e.is_transient() => Ok(Attempt::PublishFailed(staged, e)),
+            Err(e) => Err(e),
+        },
+    };
+    if !matches!(outcome, Ok(Attempt::PublishFailed(..))) {
+        clear_unpublished(pool, conn, save.request, set);
+    }
+    close_set(conn, set);
+    outcome
+}
+
+/// Releases the set's lock; a connection that cannot is not reused (its session, and the
+/// lock, end when it is dropped).
+fn close_set(conn: &mut PgConnection, set: i64) {
+    if conn.is_broken() {
+        return;
+    }
+    if let Err(e) = conn.client().query_one(CLOSE_SET, &[&set]) {
+        log::debug!("pg-model-repo: releasing chunk set {set} failed ({e}); dropping the session");
+        conn.poison();
+    }
+}
+
+/// Deletes the set's staged chunks unless a stored version names them: on `conn` if it still
+/// works, else on an idle pooled connection. Failing that, the sweep removes them later.
+fn clear_unpublished(pool: &Pool, conn: &mut PgConnection, request: &SaveRequest<'_>, set: i64) {
+    let clear = |conn: &mut PgConnection| -> Result<u64> {
+        let mut tx = begin_unbounded(conn.client())?;
+        let n = tx.execute(CLEAR_SET, &[&request.model_name, &request.version, &set])?;
+        tx.commit()?;
+        Ok(n)
+    };
+    let cleared = if conn.is_broken() {
+        match pool.try_get() {
+            Some(mut fresh) => clear(&mut fresh),
+            None => Err(RepoError::pool_timeout("no idle connection to clear with")),
+        }
+    } else {
+        clear(conn)
+    };
+    match cleared {
+        Ok(0) => {}
+        Ok(n) => log::debug!("pg-model-repo: cleared {n} staged chunks of set {set}"),
+        Err(e) => log::warn!(
+            "pg-model-repo: the staged chunks of set {set} ({}/{}) could not be cleared ({e}); \
+             the leftover sweep will remove them",
+            request.model_name,
+            request.version
+        ),
+    }
+}
+
+/// One chunk for a stream to write.
+struct Job<'a> {
+    no: u32,
+    bytes: Payload<'a>,
+}
+
+enum Payload<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Payload<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Borrowed(b) => b,
+            Payload::Owned(v) => v,
+        }
+    }
+}
+
+/// What a stream reports after each chunk: the buffer back (if it was owned), or the failure
+/// that ends this stream (and the save).
+enum Event {
+    Written(Option<Vec<u8>>),
+    Failed(RepoError),
+}
+
+/// Stages every chunk of `source` under `set`, over `conn` and idle pooled connections.
+fn stage(
+    pool: &Pool,
+    conn: &mut PgConnection,
+    save: &ChunkedSave<'_>,
+    set: i64,
+    source: ChunkSource<'_>,
+) -> Result<Staged> {
+    let wanted = match &source {
+        ChunkSource::Slice(data) => {
+            let count = data.len().div_ceil(save.chunk_size as usize);
+            save.streams.clamp(1, count.max(1))
+        }
+        ChunkSource::Reader(..) => save.streams.max(1),
+    };
+    let mut extra: Vec<Conn> = (1..wanted).map_while(|_| pool.try_get()).collect();
+    let target = Target {
+        request: save.request,
+        set,
+    };
+    let (jobs_in, jobs) = crossbeam_channel::bounded::<Job<'_>>(0);
+    let (events, events_out) = crossbeam_channel::unbounded::<Event>();
+    let streams = extra.len() + 1;
+    let mut conns: Vec<&mut PgConnection> = vec![conn];
+    conns.extend(extra.iter_mut().map(|c| &mut **c));
+    std::thread::scope(|scope| {
+        for (n, conn) in conns.into_iter().enumerate() {
+            let (stream_jobs, stream_events, target) = (jobs.clone(), events.clone(), &target);
+            let spawned = std::thread::Builder::new()
+                .name(format!("pg-model-repo-chunk-out-{n}"))
+                .spawn_scoped(scope, move || {
+                    target.serve(pool, conn, &stream_jobs, &stream_events)
+                });
+            if let Err(e) = spawned {
+                let _ = events.send(Event::Failed(RepoError::Io(e)));
+            }
+        }
+        drop((jobs, events));
+        let produced = produce(save, source, streams, &jobs_in, &events_out);
+        // Streams end after their current chunk; wait for them and keep the first failure.
+        drop(jobs_in);
+        let mut failure = None;
+        for event in events_out.iter() {
+            if let Event::Failed(e) = event {
+                failure.get_or_insert(e);
+            }
+        }
+        match (produced, failure) {
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+            (Ok((size, checksum)), None) => Ok(Staged {
+                size,
+                checksum,
+                chunks: Chunks::for_model(set, save.chunk_size, size)?,
+            }),
+        }
+    })
+}
+
+/// Cuts the source into jobs on the caller's thread; returns the model's size and sha256.
+fn produce<'a>(
+    save: &ChunkedSave<'_>,
+    source: ChunkSource<'a>,
+    streams: usize,
+    jobs: &Sender<Job<'a>>,
+    events: &Receiver<Event>,
+) -> Result<(u64, String)> {
+    let send = |job: Job<'a>| -> Result<()> {
+        // A failed stream stops the save before more is sent.
+        while let Ok(event) = events.try_recv() {
+            if let Event::Failed(e) = event {
+                return Err(e);
+            }
+        }
+        jobs.send(job).map_err(|_| streams_gone())
+    };
+    match source {
+        ChunkSource::Slice(data) => {
+            for (no, piece) in data.chunks(save.chunk_size as usize).enumerate() {
+                send(Job {
+                    no: no as u32,
+                    bytes: Payload::Borrowed(piece),
+                })?;
+            }
+            Ok((data.len() as u64, save.request.checksum.clone()))
+        }
+        ChunkSource::Reader(mut reader, read) => {
+            // Buffers in all: one per stream, and the one being filled.
+            let buffers = streams + 1;
+            let mut allocated = read.len();
+            let mut no = 0u32;
+            for buf in read {
+                send(Job {
+                    no,
+                    bytes: Payload::Owned(buf),
+                })?;
+                no += 1;
+            }
+            let mut free: Vec<Vec<u8>> = Vec::new();
+            loop {
+                let mut buf = match free.pop() {
+                    Some(buf) => buf,
+                    None if allocated < buffers => {
+                        allocated += 1;
+                        Vec::new()
+                    }
+                    None => match events.recv() {
+                        Ok(Event::Written(Some(buf))) => buf,
+                        Ok(Event::Written(None)) => continue,
+                        Ok(Event::Failed(e)) => return Err(e),
+                        Err(_) => return Err(streams_gone()),
+                    },
+                };
+                reader.fill(&mut buf)?;
+                if buf.is_empty() {
+                    break;
+                }
+                // Collect buffers already given back before sending (send drains events).
+                while let Ok(event) = events.try_recv() {
+                    match event {
+                        Event::Written(Some(back)) => free.push(back),
+                        Event::Written(None) => {}
+                        Event::Failed(e) => return Err(e),
+                    }
+                }
+                send(Job {
+                    no,
+                    bytes: Payload::Owned(buf),
+                })?;
+                no = no
+                    .checked_add(1)
+                    .ok_or_else(|| RepoError::invalid("a model needs more than 2^32 chunks"))?;
+            }
+            Ok(reader.finish())
+        }
+    }
+}
+
+fn streams_gone() -> RepoError {
+    RepoError::Io(std::io::Error::other(
+        "every chunk stream ended before the model was staged",
+    ))
+}
+
+/// Where chunks go: one version's chunk set.
+struct Target<'a> {
+    request: &'a SaveRequest<'a>,
+    set: i64,
+}
+
+impl Target<'_> {
+    /// Writes the chunks it is sent until the queue closes or a write fails.
+    fn serve(
+        &self,
+        pool: &Pool,
+        conn: &mut PgConnection,
+        jobs: &Receiver<Job<'_>>,
+        events: &Sender<Event>,
+    ) {
+        for job in jobs {
+            match self.write(conn, job.no, job.bytes.bytes()) {
+                Ok(()) => {
+                    let back = match job.bytes {
+                        Payload::Owned(buf) => Some(buf),
+                        Payload::Borrowed(_) => None,
+                    };
+                    if events.send(Event::Written(back)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    pool.note_failure(conn, &e);
+                    let _ = events.send(Event::Failed(e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// COPYs one chunk, with its own sha256, and commits it.
+    fn write(&self, conn: &mut PgConnection, no: u32, data: &[u8]) -> Result<()> {
+        let checksum = to_hex(&Sha256::digest(data));
+        let len = i32::try_from(data.len())
+            .map_err(|_| RepoError::invalid("a chunk is larger than 2 GiB"))?;
+        let mut head = Vec::with_capacity(256);
+        head.extend_from_slice(binary_copy::HEADER);
+        binary_copy::row(&mut head, 6);
+        binary_copy::field(&mut head, self.request.model_name.as_bytes());
+        binary_copy::field(&mut head, self.request.version.as_bytes());
+        binary_copy::int8(&mut head, self.set);
+        binary_copy::int4(&mut head, no as i32);
+        binary_copy::field(&mut head, checksum.as_bytes());
+        binary_copy::field_len(&mut head, len);
+        let mut tx = begin_unbounded(conn.client())?;
+        let mut writer = tx.copy_in(COPY_CHUNK)?;
+        writer.write_all(&head).map_err(io_error)?;
+        for piece in data.chunks(WRITE_PIECE) {
+            writer.write_all(piece).map_err(io_error)?;
+        }
+        writer.write_all(&binary_copy::TRAILER).map_err(io_error)?;
+        writer.finish()?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// The publish transaction: an identical active version answers (and the staged set goes);
+/// else the whole staged set is checked, a soft-deleted version of the same name is replaced
+/// (with its chunks), and the row naming the set is written.
+fn publish(client: &mut Client, request: &SaveRequest<'_>, staged: &Staged) -> Result<ModelInfo> {
+    let request = SaveRequest {
+        model_name: request.model_name,
+        version: request.version,
+        metadata: request.metadata,
+        size: staged.size,
+        checksum: staged.checksum.clone(),
+    };
+    let mut tx = client.transaction()?;
+    if let Some(info) = compare_with_stored(&mut tx, &request)? {
+        tx.commit()?;
+        return Ok(info);
+    }
+    let chunks = staged.chunks;
+    let row = tx.query_one(
+        TOUCH_SET,
+        &[&request.model_name, &request.version, &chunks.set],
+    )?;
+    let (count, bytes): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    if count != i64::from(chunks.count) || bytes as u64 != staged.size {
+        return Err(RepoError::Io(std::io::Error::other(format!(
+            "{} of {} staged chunks ({bytes} of {} bytes) are left; nothing was stored",
+            count, chunks.count, staged.size
+        ))));
+    }
+    let replaced: Vec<(String, i64)> = tx
+        .query(DELETE_INACTIVE, &[&request.model_name, &request.version])?
+        .iter()
+        .map(|r| r.try_get::<_, Option<i64>>(0))
+        .collect::<std::result::Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .map(|set| (request.version.to_owned(), set))
+        .collect();
+    delete_sets(&mut tx, request.model_name, &replaced)?;
+    let size = i64::try_from(staged.size)
+        .map_err(|_| RepoError::invalid("a model larger than 2^63 bytes"))?;
+    let row = tx.query_opt(
+        INSERT_CHUNKED,
+        &[
+            &request.model_name,
+            &request.version,
+            request.metadata,
+            &request.checksum,
+            &size,
+            &(chunks.size as i32),
+            &(chunks.count as i32),
+            &chunks.set,
+        ],
+    )?;
+    let info = match row {
+        Some(row) => ModelInfo::from_row(&row)?,
+        // Saved concurrently between the comparison and the insert.
+        None => compare_with_stored(&mut tx, &request)?.ok_or_else(|| {
+            RepoError::Conflict(format!(
+                "{}/{} was saved concurrently",
+                request.model_name, request.version
+            ))
+        })?,
+    };
+    tx.commit()?;
+    Ok(info)
+}

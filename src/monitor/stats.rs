@@ -62,7 +62,9 @@ impl ModelRepository {
                     total_versions: models.iter().map(|m| m.versions).sum(),
                     active_versions: models.iter().map(|m| m.active_versions).sum(),
                     total_bytes: models.iter().map(|m| m.total_bytes).sum(),
-                    table_bytes: table_size(client, "ml_models")?,
+                    // Chunked models' bytes live in their own table.
+                    table_bytes: table_size(client, "ml_models")?
+                        + table_size(client, "ml_model_chunks")?,
                     models,
                 })
             })

@@ -10,6 +10,7 @@ mod aliases;
 mod cache;
 mod embeddings;
 mod faults;
+mod large_models;
 mod models;
 mod monitor;
 mod schema;

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::db::binary_copy::{self, io_error};
 use crate::db::error::{RepoError, Result};
-use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
+use crate::db::pool::{begin_unbounded, Conn, PgConnection, PoisonOnPanic, Pool};
 use crate::db::retry::Retry;
 use crate::db::to_hex;
 use crate::models::chunked::{delete_sets, set_lock_key, Chunks};
@@ -149,7 +149,9 @@ pub(crate) fn save_chunked(
                 RepoError::Io(std::io::Error::other("the model's reader was already read"))
             })?,
         };
-        stage_and_publish(call.pool(), conn, save, source)
+        // The caller's reader runs while this session holds the set's lock: should it panic,
+        // the session is dropped (and the lock with it), never pooled again.
+        stage_and_publish(call.pool(), &mut PoisonOnPanic(conn), save, source)
     })?;
     match attempt {
         Attempt::Done(info) => Ok(info),
@@ -354,19 +356,15 @@ fn produce<'a>(
     jobs: &Sender<Job<'a>>,
     events: &Receiver<Event>,
 ) -> Result<(u64, String)> {
-    let send = |job: Job<'a>| -> Result<()> {
-        // A failed stream stops the save before more is sent.
-        while let Ok(event) = events.try_recv() {
-            if let Event::Failed(e) = event {
-                return Err(e);
-            }
-        }
-        jobs.send(job).map_err(|_| streams_gone())
+    let mut out = Streams {
+        jobs,
+        events,
+        free: Vec::new(),
     };
     match source {
         ChunkSource::Slice(data) => {
             for (no, piece) in data.chunks(save.chunk_size as usize).enumerate() {
-                send(Job {
+                out.send(Job {
                     no: no as u32,
                     bytes: Payload::Borrowed(piece),
                 })?;
@@ -379,40 +377,30 @@ fn produce<'a>(
             let mut allocated = read.len();
             let mut no = 0u32;
             for buf in read {
-                send(Job {
+                out.send(Job {
                     no,
                     bytes: Payload::Owned(buf),
                 })?;
                 no += 1;
             }
-            let mut free: Vec<Vec<u8>> = Vec::new();
             loop {
-                let mut buf = match free.pop() {
+                out.poll()?;
+                let mut buf = match out.free.pop() {
                     Some(buf) => buf,
                     None if allocated < buffers => {
                         allocated += 1;
                         Vec::new()
                     }
-                    None => match events.recv() {
-                        Ok(Event::Written(Some(buf))) => buf,
-                        Ok(Event::Written(None)) => continue,
-                        Ok(Event::Failed(e)) => return Err(e),
-                        Err(_) => return Err(streams_gone()),
-                    },
+                    None => {
+                        out.wait()?;
+                        continue;
+                    }
                 };
                 reader.fill(&mut buf)?;
                 if buf.is_empty() {
                     break;
                 }
-                // Collect buffers already given back before sending (send drains events).
-                while let Ok(event) = events.try_recv() {
-                    match event {
-                        Event::Written(Some(back)) => free.push(back),
-                        Event::Written(None) => {}
-                        Event::Failed(e) => return Err(e),
-                    }
-                }
-                send(Job {
+                out.send(Job {
                     no,
                     bytes: Payload::Owned(buf),
                 })?;
@@ -422,6 +410,52 @@ fn produce<'a>(
             }
             Ok(reader.finish())
         }
+    }
+}
+
+/// The producer's side of the streams: jobs out, reports in (buffers back, failures).
+struct Streams<'j, 'a> {
+    jobs: &'j Sender<Job<'a>>,
+    events: &'j Receiver<Event>,
+    /// Buffers the streams gave back.
+    free: Vec<Vec<u8>>,
+}
+
+impl<'a> Streams<'_, 'a> {
+    /// Takes in what the streams reported so far; a failure stops the save.
+    fn poll(&mut self) -> Result<()> {
+        while let Ok(event) = self.events.try_recv() {
+            self.take(event)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the next report.
+    fn wait(&mut self) -> Result<()> {
+        match self.events.recv() {
+            Ok(event) => self.take(event),
+            Err(_) => Err(streams_gone()),
+        }
+    }
+
+    fn take(&mut self, event: Event) -> Result<()> {
+        match event {
+            Event::Written(Some(buf)) => self.free.push(buf),
+            Event::Written(None) => {}
+            Event::Failed(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Hands a chunk to the next free stream. When every stream is gone, the failure that
+    /// ended them is the error.
+    fn send(&mut self, job: Job<'a>) -> Result<()> {
+        self.poll()?;
+        if self.jobs.send(job).is_err() {
+            self.poll()?;
+            return Err(streams_gone());
+        }
+        Ok(())
     }
 }
 

@@ -58,10 +58,13 @@ CREATE TABLE IF NOT EXISTS ml_model_chunks (
     -- sha256 of data, lowercase hex: each chunk is checked on its own as it is read.
     checksum   text         NOT NULL,
     data       bytea        NOT NULL,
-    -- When the chunk was staged, moved again when its save publishes it.
-    staged_at  timestamptz  NOT NULL DEFAULT now(),
+    -- When the chunk was staged; NULL once its save published it.
+    staged_at  timestamptz  DEFAULT now(),
     CONSTRAINT ml_model_chunks_pkey PRIMARY KEY (model_name, version, chunk_set, chunk_no),
     CONSTRAINT ml_model_chunks_no_not_negative CHECK (chunk_no >= 0)
 );
 -- Model bytes rarely compress: no compression attempts, and slices stay cheap.
 ALTER TABLE ml_model_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+-- The sweep's scan: only chunks not yet published (one small entry per chunk staged).
+CREATE INDEX IF NOT EXISTS ml_model_chunks_unpublished
+    ON ml_model_chunks (staged_at) WHERE staged_at IS NOT NULL;

@@ -4,7 +4,8 @@
 //!
 //! - **Models**: versioned blobs with metadata, SHA-256 checksums, soft delete, cleanup of old
 //!   versions, aliases with a rollback stack and history, and streaming save/load in constant
-//!   memory ([`ModelRepository::save_model`], [`ModelRepository::load_model_to_writer`], …).
+//!   memory for models of any size ([`ModelRepository::save_model`],
+//!   [`ModelRepository::load_model_to_writer`], …).
 //! - **Embeddings**: vectors per (entity type, id) with one dimension per type, batch loads by
 //!   INSERT, multi-row INSERT, binary COPY or parallel COPY ([`LoadMethod`]), streaming reads
 //!   ([`ModelRepository::batch_save_embeddings`], [`ModelRepository::for_each_embedding`], …).
@@ -51,7 +52,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `repository` | the [`ModelRepository`] handle: open/close, drop order, the call wrapper (timing, operation name) |
-//! | `models/` | versions and checksums, blob streaming, aliases (stack and history) |
+//! | `models/` | versions and checksums, blob streaming, chunked storage of large models over parallel streams, aliases (stack and history) |
 //! | `embeddings/` | types and validation, the dimension registry, single and streaming reads, load plans, COPY rows, `ParallelCopy` |
 //! | `cache/` | entries (CBOR, TTL), Redis globs, the reaper thread |
 //! | `training` | training metrics |

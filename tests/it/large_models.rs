@@ -209,6 +209,18 @@ fn chunked_models_work_with_every_model_method() {
     assert_eq!(info.size_bytes, data.len() as u64);
     assert_eq!(info.checksum, sha256_hex(&data));
     assert_eq!(chunk_rows(&repo, "m", "1"), 41);
+    let unpublished: i64 = repo
+        .sql()
+        .query_one(
+            "SELECT count(*) FROM ml_model_chunks WHERE staged_at IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        unpublished, 0,
+        "published chunks are out of the sweep's index"
+    );
 
     assert!(repo.load_model("m", "1").unwrap().unwrap() == data);
     assert!(repo.load_model("m", "latest").unwrap().unwrap() == data);

@@ -245,7 +245,7 @@ fn optimize_vacuums_every_table_and_purges_expired_cache_rows() {
     std::thread::sleep(Duration::from_millis(300));
     let report = repo.optimize_database().unwrap();
     assert_eq!(report.expired_cache_rows_purged, 30);
-    assert_eq!(report.tables.len(), 8);
+    assert_eq!(report.tables.len(), 9);
     let metrics = report
         .tables
         .iter()

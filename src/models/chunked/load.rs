@@ -1,7 +1,7 @@
 //! Reading a chunked model: stream threads, each on its own connection inside the snapshot the
-//! caller's transaction exported, fetch chunks and check each against its own sha256; the
-//! caller's thread writes them in order through a reorder window of `streams + 1` chunks
-//! and hashes the whole model as it goes.
+//! caller's transaction exported, fetch chunks, check each against its own sha256 and copy it
+//! into a recycled buffer; the caller's thread writes them in order through a reorder window
+//! of `streams + 1` chunks and hashes the whole model as it goes.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,9 +22,8 @@ const SELECT_CHUNK: &str = "SELECT data, checksum FROM ml_model_chunks \
 
 const EXPORT_SNAPSHOT: &str = "SELECT pg_export_snapshot()";
 
-/// What a stream hands back: a checked chunk (its row holds the bytes), or the failure that
-/// ends the load.
-type Fetched = (u32, Result<Row>);
+/// What a stream hands back: a checked chunk, or the failure that ends the load.
+type Fetched = (u32, Result<Vec<u8>>);
 
 /// Writes the chunks of `info` to `writer` in order and returns the whole model's sha256
 /// (hex). `tx` is the REPEATABLE READ transaction that read the version's row: every stream
@@ -48,9 +47,15 @@ pub(crate) fn stream_chunks(
         None
     };
     let mut extra: Vec<Conn> = (1..wanted).map_while(|_| pool.try_get()).collect();
-    let fetch = Fetch { info, chunks };
     let (work, jobs) = crossbeam_channel::unbounded::<u32>();
     let (results, fetched) = crossbeam_channel::unbounded::<Fetched>();
+    // Written chunks' buffers, for the streams to fill again.
+    let (free, buffers) = crossbeam_channel::unbounded::<Vec<u8>>();
+    let fetch = Fetch {
+        info,
+        chunks,
+        buffers,
+    };
     let stop = AtomicBool::new(false);
     // Chunks handed out and not yet written: one per stream, and one more ready to go.
     let window = extra.len() + 2;
@@ -81,7 +86,7 @@ pub(crate) fn stream_chunks(
                 .spawn_scoped(scope, move || fetch.serve(tx, &jobs, &results, stop))?
         };
         drop((jobs, results));
-        let outcome = write_in_order(&fetch, &work, &fetched, window, writer, written);
+        let outcome = write_in_order(&fetch, &work, &fetched, &free, window, writer, written);
         // Whatever happened, the streams stop after their current chunk.
         stop.store(true, Ordering::Relaxed);
         drop(work);
@@ -116,6 +121,8 @@ fn join_snapshot<'c>(conn: &'c mut Conn, snapshot: &str) -> Result<Transaction<'
 struct Fetch<'a> {
     info: &'a ModelInfo,
     chunks: Chunks,
+    /// Buffers given back by the writer.
+    buffers: Receiver<Vec<u8>>,
 }
 
 impl Fetch<'_> {
@@ -150,12 +157,24 @@ impl Fetch<'_> {
                     ],
                 )
                 .map_err(RepoError::from)
-                .and_then(|row| self.check(no, row));
+                .and_then(|row| self.check(no, row))
+                .and_then(|row| self.copy_out(&row));
             let failed = fetched.is_err();
             if results.send((no, fetched)).is_err() || failed {
                 return;
             }
         }
+    }
+
+    /// The chunk's bytes in a buffer of their own size. The row's bytes share an allocation
+    /// with the connection's read buffer, about twice the chunk's size: holding rows while
+    /// they wait for their turn would double the memory a load takes.
+    fn copy_out(&self, row: &Row) -> Result<Vec<u8>> {
+        let data: &[u8] = row.try_get("data")?;
+        let mut buf = self.buffers.try_recv().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(data);
+        Ok(buf)
     }
 
     /// The chunk's row if it is there, of the right length, and matches its own checksum.
@@ -194,13 +213,14 @@ fn write_in_order(
     fetch: &Fetch<'_>,
     work: &Sender<u32>,
     fetched: &Receiver<Fetched>,
+    free: &Sender<Vec<u8>>,
     window: usize,
     writer: &mut dyn Write,
     written: &mut u64,
 ) -> Result<String> {
     let count = fetch.chunks.count;
     let mut hasher = Sha256::new();
-    let mut waiting: BTreeMap<u32, Row> = BTreeMap::new();
+    let mut waiting: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
     let mut next_job = 0u32;
     let mut next_write = 0u32;
     let hand_out = |next_job: &mut u32, next_write: u32| {
@@ -213,8 +233,8 @@ fn write_in_order(
     };
     hand_out(&mut next_job, next_write);
     while next_write < count {
-        let row = match waiting.remove(&next_write) {
-            Some(row) => row,
+        let data = match waiting.remove(&next_write) {
+            Some(data) => data,
             None => {
                 let (no, result) = fetched.recv().map_err(|_| {
                     RepoError::Io(std::io::Error::other(
@@ -225,10 +245,10 @@ fn write_in_order(
                 continue;
             }
         };
-        let data: &[u8] = row.try_get("data")?;
-        hasher.update(data);
-        writer.write_all(data)?;
+        hasher.update(&data);
+        writer.write_all(&data)?;
         *written += data.len() as u64;
+        let _ = free.send(data);
         next_write += 1;
         hand_out(&mut next_job, next_write);
     }

@@ -30,9 +30,10 @@ const CLOSE_SET: &str = concat!("SELECT pg_advisory_unlock(", set_lock_key!("$1"
 const COPY_CHUNK: &str = "COPY ml_model_chunks \
      (model_name, version, chunk_set, chunk_no, checksum, data) FROM STDIN (FORMAT binary)";
 
-/// Moves the staged chunks' `staged_at` (so a sweep that started before this transaction
-/// skips them once it commits) and counts them and their bytes, to publish only a whole set.
-const TOUCH_SET: &str = "WITH t AS (UPDATE ml_model_chunks SET staged_at = now() \
+/// Marks the staged chunks published (`staged_at` NULL: a sweep that started before this
+/// transaction and waits on these rows skips them once it commits) and counts them and their
+/// bytes, to publish only a whole set.
+const TOUCH_SET: &str = "WITH t AS (UPDATE ml_model_chunks SET staged_at = NULL \
         WHERE model_name = $1 AND version = $2 AND chunk_set = $3 \
         RETURNING octet_length(data) AS n) \
      SELECT count(*)::int8, coalesce(sum(n), 0)::int8 FROM t";
@@ -88,28 +89,22 @@ impl<'a> ChunkReader<'a> {
     }
 
     /// Fills `buf` with the next chunk (shorter only at the end; empty at the end). More than
-    /// `max` bytes in all is `InvalidInput`.
+    /// `max` bytes in all is `InvalidInput`. Only the bytes read are touched: a small model
+    /// costs little more than its size.
     pub(crate) fn fill(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        buf.resize(self.chunk_size, 0);
-        let mut filled = 0;
-        while filled < buf.len() {
-            match self.reader.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => {
-                    filled += n;
-                    self.len += n as u64;
-                    if self.len > self.max {
-                        return Err(RepoError::invalid(format!(
-                            "model is larger than max_model_size ({} bytes)",
-                            self.max
-                        )));
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        buf.clear();
+        buf.reserve_exact(self.chunk_size);
+        // One byte past the limit is enough to know it was passed.
+        let allowed = (self.max - self.len).saturating_add(1);
+        let limit = (self.chunk_size as u64).min(allowed);
+        let n = (&mut *self.reader).take(limit).read_to_end(buf)?;
+        self.len += n as u64;
+        if self.len > self.max {
+            return Err(RepoError::invalid(format!(
+                "model is larger than max_model_size ({} bytes)",
+                self.max
+            )));
         }
-        buf.truncate(filled);
         self.hasher.update(&buf[..]);
         Ok(())
     }
@@ -404,9 +399,12 @@ fn produce<'a>(
                     no,
                     bytes: Payload::Owned(buf),
                 })?;
-                no = no
-                    .checked_add(1)
-                    .ok_or_else(|| RepoError::invalid("a model needs more than 2^32 chunks"))?;
+                no += 1;
+                if no > i32::MAX as u32 {
+                    return Err(RepoError::invalid(
+                        "a model needs more than 2^31 chunks: raise model_chunk_size",
+                    ));
+                }
             }
             Ok(reader.finish())
         }

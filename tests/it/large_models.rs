@@ -234,10 +234,13 @@ fn chunked_models_work_with_every_model_method() {
     assert!(out == data);
     repo.set_model_alias("m", "champion", "1").unwrap();
     assert!(repo.load_model("m", "@champion").unwrap().unwrap() == data);
-    assert_eq!(repo.get_model_versions("m").unwrap(), [info.clone()]);
+    assert_eq!(
+        repo.get_model_versions("m").unwrap(),
+        std::slice::from_ref(&info)
+    );
     assert_eq!(
         repo.search_models(&json!({"stage": "prod"})).unwrap(),
-        [info.clone()]
+        std::slice::from_ref(&info)
     );
 
     // A retried save answers with the stored info and stages nothing new; other bytes conflict.
@@ -751,7 +754,7 @@ fn the_sweep_spares_a_live_saves_chunks_and_published_ones() {
         });
         paused.recv().unwrap();
         let started = Instant::now();
-        while chunk_rows(&repo, "m", "live") < 4 {
+        while chunk_rows(repo, "m", "live") < 4 {
             assert!(started.elapsed() < Duration::from_secs(10));
             std::thread::sleep(Duration::from_millis(5));
         }

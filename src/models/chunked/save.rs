@@ -139,7 +139,7 @@ pub(crate) fn save_chunked(
     let mut source = Some(source);
     let attempt = call.run(retry, |conn| {
         let source = match &mut source {
-            Some(ChunkSource::Slice(data)) => ChunkSource::Slice(*data),
+            Some(ChunkSource::Slice(data)) => ChunkSource::Slice(data),
             other => other.take().ok_or_else(|| {
                 RepoError::Io(std::io::Error::other("the model's reader was already read"))
             })?,

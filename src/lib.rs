@@ -84,6 +84,7 @@ mod validate;
 pub use cache::CacheStats;
 pub use db::config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
 pub use db::error::{RepoError, Result};
+pub use db::migrate::MigrationReport;
 pub use db::pool::PoolState;
 pub use db::timings::QueryMetric;
 pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};

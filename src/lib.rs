@@ -86,6 +86,7 @@ pub use db::config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL
 pub use db::error::{RepoError, Result};
 pub use db::migrate::MigrationReport;
 pub use db::pool::PoolState;
+pub use db::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
 pub use db::timings::QueryMetric;
 pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};
 pub use models::ModelInfo;

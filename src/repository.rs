@@ -161,15 +161,19 @@ impl ModelRepository {
         migrate::run(config).map(|_| ())
     }
 
-    /// [`migrate`](Self::migrate), returning what it did: the files applied (none when the
-    /// schema was up to date; then no DDL was run).
+    /// [`migrate`](Self::migrate), returning what it did: the files applied and, when the
+    /// schema held the seed's Python tables, what taking them over did (rows kept, vectors
+    /// converted from float64, vectors moved to `embeddings_quarantine` with the first keys).
+    /// Nothing pending: an empty report, and no DDL was run.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
     /// use pg_model_repo::{ModelRepository, RepositoryConfig};
     /// let config = RepositoryConfig::new("postgres://owner@localhost/ml").schema("ml");
     /// let report = ModelRepository::migrate_with_report(&config)?;
-    /// println!("applied {:?}", report.applied);
+    /// if let Some(takeover) = &report.seed_takeover {
+    ///     println!("{} vectors quarantined", takeover.embeddings_quarantined);
+    /// }
     /// # Ok(()) }
     /// ```
     pub fn migrate_with_report(config: &RepositoryConfig) -> Result<MigrationReport> {

@@ -1,6 +1,6 @@
 //! Embedded, numbered migrations from `sql/`: every pending one applied under a per-schema
 //! advisory lock, in one transaction with its history row; an edited, already-applied file is
-//! refused.
+//! refused. A schema the seed's Python code built is taken over first (`seed_takeover`).
 //!
 //! Each file ends with a record section that writes its own history row, so that the files
 //! run by hand with `psql` leave a schema the library recognises. A file's checksum covers
@@ -18,6 +18,7 @@ use crate::db::config::RepositoryConfig;
 use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
 use crate::db::pool::{connect, quote_ident};
+use crate::db::seed_takeover::{self, SeedTakeoverReport};
 
 /// One numbered DDL file.
 struct Migration {
@@ -72,6 +73,8 @@ const INSERT_APPLIED: &str = "INSERT INTO model_repo_migrations (version, name, 
 pub struct MigrationReport {
     /// The files applied by this run, in order (empty when the schema was up to date).
     pub applied: Vec<String>,
+    /// What taking over a schema built by the seed's Python code did, when this run did it.
+    pub seed_takeover: Option<SeedTakeoverReport>,
 }
 
 /// Creates the schema if absent and applies every pending migration in one transaction (a
@@ -170,9 +173,18 @@ fn apply_pending(client: &mut Client, schema: &str) -> Result<MigrationReport> {
     ))?;
     let pending = pending(&mut tx)?;
     let mut report = MigrationReport::default();
+    let mut takeover = match pending.first() {
+        Some(first) if first.version == 1 => seed_takeover::begin(&mut tx)?,
+        _ => None,
+    };
     for migration in pending {
         apply(&mut tx, migration)?;
         report.applied.push(migration.name.to_owned());
+        if migration.version == 1 {
+            if let Some(takeover) = takeover.take() {
+                report.seed_takeover = Some(takeover.finish(&mut tx)?);
+            }
+        }
     }
     tx.commit()?;
     Ok(report)
@@ -210,8 +222,29 @@ fn needs_owner(error: RepoError, schema: &str) -> RepoError {
 }
 
 fn log_report(schema: &str, report: &MigrationReport) {
-    if !report.applied.is_empty() {
-        log::debug!("pg-model-repo: schema {schema} migrated: {}", report.applied.join(", "));
+    if let Some(takeover) = &report.seed_takeover {
+        log::info!(
+            "pg-model-repo: took over the seed's tables in schema {schema}: {} models, {} \
+             embeddings ({} converted from float64), {} cache entries, {} training metric records",
+            takeover.models,
+            takeover.embeddings,
+            takeover.embeddings_converted_from_f64,
+            takeover.cache_entries,
+            takeover.training_metrics
+        );
+        if takeover.embeddings_quarantined > 0 {
+            log::warn!(
+                "pg-model-repo: {} embeddings of schema {schema} were not valid vectors and moved \
+                 to embeddings_quarantine; the first: {}",
+                takeover.embeddings_quarantined,
+                takeover
+                    .quarantined_first
+                    .iter()
+                    .map(|q| format!("{}/{} ({})", q.entity_type, q.entity_id, q.reason))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
 }
 
@@ -254,6 +287,13 @@ fn describe_missing(
     let exists: bool = client.query_one(SCHEMA_EXISTS, &[&schema])?.try_get(0)?;
     if !exists {
         return Ok(format!("schema {schema} does not exist: {run_migrate}"));
+    }
+    if seed_takeover::is_seed_schema(client)? {
+        return Ok(format!(
+            "schema {schema} holds the tables of the seed's Python repository (uuid id keys, no \
+             save sequence): run ModelRepository::migrate as the schema's owner to take them \
+             over (see the README, \"Coming from the Python repository\")"
+        ));
     }
     let tables: Vec<String> = client
         .query(TABLES_PRESENT, &[&schema])?

@@ -44,7 +44,8 @@ const MIGRATIONS: &[Migration] = &[
 
 /// Checksums that earlier releases recorded, when a checksum hashed a file's whole text.
 /// Databases migrated then hold exactly the statements of today's file (only comments and the
-/// record section were added since), so these still count as unchanged.
+/// record section were added since: that text's statements hash to today's checksum), so these
+/// still count as unchanged.
 const EARLIER_CHECKSUMS: &[(i32, &str)] = &[(
     1,
     "4d2ae7a045b6ef507878b1cb7212013c6854f904d41642ecf1536d06dcc0e087",

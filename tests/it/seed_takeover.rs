@@ -124,8 +124,18 @@ fn big_model() -> Vec<u8> {
     bytes
 }
 
-const MODEL_ROWS: &[(&str, &str, u32, &str, Option<&str>, Option<bool>)] = &[
-    // (model_name, version, id, metadata, created_at, is_active); bytes from model_bytes()
+/// (model_name, version, id, metadata, created_at, is_active); the bytes come from
+/// `model_bytes()`.
+type SeedModel = (
+    &'static str,
+    &'static str,
+    u32,
+    &'static str,
+    Option<&'static str>,
+    Option<bool>,
+);
+
+const MODEL_ROWS: &[SeedModel] = &[
     (
         "recommendation_model",
         "1.0",

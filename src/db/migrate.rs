@@ -17,11 +17,18 @@ struct Migration {
 }
 
 /// Every migration, in order. New files go at the end with the next number.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "V001__init.sql",
-    sql: include_str!("../../sql/V001__init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "V001__init.sql",
+        sql: include_str!("../../sql/V001__init.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "V004__embeddings_per_type.sql",
+        sql: include_str!("../../sql/V004__embeddings_per_type.sql"),
+    },
+];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS model_repo_migrations (
     version    integer     PRIMARY KEY,

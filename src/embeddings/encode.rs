@@ -165,7 +165,9 @@ pub(crate) fn copy_in_iter(
         chunk_bytes += 64 + 4 * record.vector.len();
         chunk.push(record);
         if chunk_bytes >= ITER_CHUNK_BYTES {
-            writer.write_all(&encode_chunk(&chunk, None)).map_err(io_error)?;
+            writer
+                .write_all(&encode_chunk(&chunk, None))
+                .map_err(io_error)?;
             sent += chunk.len() as u64;
             progress(sent);
             chunk.clear();
@@ -173,7 +175,9 @@ pub(crate) fn copy_in_iter(
         }
     }
     if !chunk.is_empty() {
-        writer.write_all(&encode_chunk(&chunk, None)).map_err(io_error)?;
+        writer
+            .write_all(&encode_chunk(&chunk, None))
+            .map_err(io_error)?;
         sent += chunk.len() as u64;
         progress(sent);
     }

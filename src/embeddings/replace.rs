@@ -54,7 +54,11 @@ impl ModelRepository {
     /// let report = repo.replace_embeddings("item", &fresh)?;
     /// # Ok(()) }
     /// ```
-    pub fn replace_embeddings(&self, entity_type: &str, batch: &[Embedding]) -> Result<BatchReport> {
+    pub fn replace_embeddings(
+        &self,
+        entity_type: &str,
+        batch: &[Embedding],
+    ) -> Result<BatchReport> {
         self.replace_embeddings_with_progress(entity_type, batch, &mut |_, _| {})
     }
 
@@ -265,9 +269,8 @@ fn copy_rows(
         Rows::Slice(records) => copy_in(tx, &sql, records, None, progress),
         Rows::Iter { first, rest } => {
             let mut all = std::iter::once(first).chain(rest);
-            let mut check = |i: usize, e: &Embedding| {
-                check_replacement_record(entity_type, dimension, i, e)
-            };
+            let mut check =
+                |i: usize, e: &Embedding| check_replacement_record(entity_type, dimension, i, e);
             copy_in_iter(tx, &sql, &mut all, &mut check, progress)
         }
     }

@@ -17,7 +17,8 @@ use crate::repository::{ModelRepository, LEFTOVERS};
 /// Summed over the table's partitions, if it has any (`embeddings`: one per entity type).
 const DEAD_TUPLES: &str = "SELECT coalesce(sum(s.n_dead_tup), 0)::bigint,
         coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint
-     FROM pg_partition_tree(to_regclass($1)) t
+     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1))
+           UNION SELECT to_regclass($1)) t
      LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid";
 
 impl ModelRepository {

@@ -25,7 +25,8 @@ const EMBEDDING_STATS: &str = "SELECT e.entity_type, count(*) AS n,
 
 /// With indexes and TOAST, summed over the table's partitions if it has any.
 const TABLE_SIZE: &str = "SELECT sum(pg_total_relation_size(relid))::bigint \
-     FROM pg_partition_tree(to_regclass($1))";
+     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1)) \
+           UNION SELECT to_regclass($1)) t";
 
 impl ModelRepository {
     /// Per model: versions, active versions, bytes, latest version, loads (this repository's

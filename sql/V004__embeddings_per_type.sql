@@ -63,6 +63,11 @@ CREATE TABLE embeddings (
     CONSTRAINT embeddings_bytes_match_dimension CHECK (octet_length(embeddings) = 4 * dimension)
 ) PARTITION BY LIST (entity_type);
 
+-- Rows another client writes for a type the library has not registered land here (a row with
+-- the seed's columns is valid in every table); the type's first save through the library
+-- adopts them into its own storage, taking their dimension.
+CREATE TABLE embeddings_default PARTITION OF embeddings DEFAULT;
+
 -- A new, empty, unattached storage table for a registered type, with the type's constraints
 -- and no index (a load builds it after the rows are in). Internal: not for the app role.
 CREATE OR REPLACE FUNCTION embedding_storage_new(p_type text, p_dim integer) RETURNS text
@@ -82,10 +87,30 @@ END
 $$;
 
 -- Builds a storage table's key index (if it has none) and makes it the type's partition.
--- The caller holds the locks it needs. Internal.
-CREATE OR REPLACE FUNCTION embedding_storage_attach(p_type text, p_name text) RETURNS void
+-- Rows of the type in the default partition (written by other clients before the type was
+-- registered) are adopted when p_adopt (those of another length are quarantined), else
+-- deleted (a full refresh replaces them). The caller holds the locks it needs. Internal.
+CREATE OR REPLACE FUNCTION embedding_storage_attach(p_type text, p_name text, p_adopt boolean)
+RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_dim integer;
 BEGIN
+    SELECT dimension INTO STRICT v_dim FROM embedding_types WHERE entity_type = p_type;
+    IF p_adopt THEN
+        EXECUTE format('WITH moved AS (DELETE FROM embeddings_default
+                            WHERE entity_type = %L AND dimension = %s
+                              AND octet_length(embeddings) = %s RETURNING *)
+                        INSERT INTO %I SELECT * FROM moved', p_type, v_dim, 4 * v_dim, p_name);
+        WITH misfits AS (DELETE FROM embeddings_default WHERE entity_type = p_type RETURNING *)
+        INSERT INTO embeddings_quarantine
+            (entity_type, entity_id, embeddings, dimension, created_at, updated_at, reason)
+        SELECT entity_type, entity_id, embeddings, dimension, created_at, updated_at,
+               format('dimension %s, but the type is registered with %s', dimension, v_dim)
+        FROM misfits;
+    ELSE
+        DELETE FROM embeddings_default WHERE entity_type = p_type;
+    END IF;
     EXECUTE format('CREATE UNIQUE INDEX IF NOT EXISTS %I ON %I (entity_type, entity_id)',
                    p_name || '_key', p_name);
     EXECUTE format('ALTER TABLE embeddings ATTACH PARTITION %I FOR VALUES IN (%L)', p_name, p_type);
@@ -130,12 +155,15 @@ LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     v_storage text;
 BEGIN
-    INSERT INTO embedding_types AS r (entity_type, dimension) VALUES (p_type, p_dim)
+    -- A type other clients already wrote rows of takes their (most common) dimension.
+    INSERT INTO embedding_types AS r (entity_type, dimension)
+    VALUES (p_type, coalesce((SELECT mode() WITHIN GROUP (ORDER BY d.dimension)
+                              FROM embeddings_default d WHERE d.entity_type = p_type), p_dim))
     ON CONFLICT (entity_type) DO UPDATE SET dimension = r.dimension
     RETURNING r.dimension, r.storage INTO registered, v_storage;
     created := v_storage IS NULL;
     IF created THEN
-        PERFORM embedding_storage_attach(p_type, embedding_storage_new(p_type, registered));
+        PERFORM embedding_storage_attach(p_type, embedding_storage_new(p_type, registered), true);
     END IF;
 END
 $$;
@@ -201,12 +229,12 @@ BEGIN
         EXECUTE format('DROP TABLE %I', v_old);
     END IF;
     UPDATE embedding_types SET dimension = p_dim WHERE entity_type = p_type;
-    PERFORM embedding_storage_attach(p_type, p_name);
+    PERFORM embedding_storage_attach(p_type, p_name, false);
 END
 $$;
 
 -- Drops a type's vectors, storage and registered dimension; returns the rows removed (0 for
--- an unknown type).
+-- an unknown type without rows).
 CREATE OR REPLACE FUNCTION embedding_type_drop(p_type text) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
@@ -215,7 +243,10 @@ DECLARE
 BEGIN
     SELECT storage INTO v_storage FROM embedding_types WHERE entity_type = p_type FOR UPDATE;
     IF NOT FOUND THEN
-        RETURN 0;
+        -- Not registered: only other clients' rows, in the default partition, if any.
+        DELETE FROM embeddings_default WHERE entity_type = p_type;
+        GET DIAGNOSTICS v_rows = ROW_COUNT;
+        RETURN v_rows;
     END IF;
     PERFORM embedding_lock_all();
     IF v_storage IS NOT NULL AND to_regclass(quote_ident(v_storage)) IS NOT NULL THEN
@@ -234,7 +265,7 @@ DECLARE
     f text;
 BEGIN
     FOREACH f IN ARRAY ARRAY[
-        'embedding_storage_new(text, integer)', 'embedding_storage_attach(text, text)',
+        'embedding_storage_new(text, integer)', 'embedding_storage_attach(text, text, boolean)',
         'embedding_lock_all()', 'embedding_type_ensure(text, integer)', 'embedding_type_forget(text)',
         'embedding_replace_begin(text, integer)', 'embedding_replace_commit(text, text, integer)',
         'embedding_type_drop(text)']
@@ -244,7 +275,7 @@ BEGIN
     END LOOP;
     -- The internal ones are not for other roles.
     EXECUTE format('REVOKE ALL ON FUNCTION %I.embedding_storage_new(text, integer),
-                    %I.embedding_storage_attach(text, text), %I.embedding_lock_all() FROM PUBLIC',
+                    %I.embedding_storage_attach(text, text, boolean), %I.embedding_lock_all() FROM PUBLIC',
                    current_schema(), current_schema(), current_schema());
 END
 $$;
@@ -275,7 +306,7 @@ BEGIN
                         SELECT entity_type, entity_id, embeddings, dimension, created_at, updated_at
                         FROM embeddings_v001 WHERE entity_type = %L AND dimension = %s',
                        v_name, t.entity_type, t.dimension);
-        PERFORM embedding_storage_attach(t.entity_type, v_name);
+        PERFORM embedding_storage_attach(t.entity_type, v_name, false);
     END LOOP;
 END
 $$;

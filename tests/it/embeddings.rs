@@ -555,11 +555,6 @@ fn rows_inserted_by_hand_must_fit_a_registered_type() {
         .execute(insert, &[&"user", &"x", &vec![0u8; 8], &3i32])
         .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("23514"), "{err}");
-    // A type nobody registered has no storage to land in.
-    let err = sql
-        .execute(insert, &[&"legacy", &"x", &vec![0u8; 8], &2i32])
-        .unwrap_err();
-    assert_eq!(err.code().map(|c| c.code()), Some("23514"), "{err}");
     // A fitting row from another client reads back through the library.
     let bytes: Vec<u8> = [4.0f32, 5.0, 6.0]
         .iter()
@@ -572,6 +567,35 @@ fn rows_inserted_by_hand_must_fit_a_registered_type() {
         Some(vec![4.0, 5.0, 6.0])
     );
     assert_eq!(count(&repo, "embeddings"), 2);
+}
+
+#[test]
+fn a_new_type_with_rows_inserted_by_hand_takes_their_dimension() {
+    let repo = TestRepo::new();
+    repo.sql()
+        .execute(
+            "INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension) \
+             VALUES ('legacy', 'x', $1, 2)",
+            &[&[0u8; 8].to_vec()],
+        )
+        .unwrap();
+    assert_mismatch(
+        repo.save_embeddings("legacy", "y", &[1.0, 2.0, 3.0]),
+        2,
+        3,
+        None,
+    );
+    assert_mismatch(
+        repo.load_embeddings(&batch("legacy", 3, 3, 0.0), LoadMethod::Copy),
+        2,
+        3,
+        Some(0),
+    );
+    repo.save_embeddings("legacy", "y", &[1.0, 2.0]).unwrap();
+    assert_eq!(
+        repo.get_embeddings("legacy", "x").unwrap(),
+        Some(vec![0.0, 0.0])
+    );
 }
 
 #[test]

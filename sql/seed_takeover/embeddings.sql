@@ -16,18 +16,17 @@ ALTER TABLE embeddings
     ALTER COLUMN updated_at SET NOT NULL,
     SET (fillfactor = 50);
 
--- Rows that are not valid vectors, kept here with the reason instead of in embeddings.
-CREATE TABLE embeddings_quarantine (
+-- Rows that are not valid vectors, kept here with the reason instead of in embeddings: the
+-- table V004__embeddings_per_type.sql creates (and uses for its own misfits), as it defines it.
+CREATE TABLE IF NOT EXISTS embeddings_quarantine (
     entity_type    varchar(50)  NOT NULL,
     entity_id      varchar(255) NOT NULL,
-    embeddings     bytea        NOT NULL,
-    dimension      integer      NOT NULL,
+    embeddings     bytea,
+    dimension      integer,
     created_at     timestamptz,
     updated_at     timestamptz,
-    seed_id        uuid,
     reason         text         NOT NULL,
-    quarantined_at timestamptz  NOT NULL DEFAULT now(),
-    CONSTRAINT embeddings_quarantine_pkey PRIMARY KEY (entity_type, entity_id)
+    quarantined_at timestamptz  NOT NULL DEFAULT now()
 );
 
 -- A type's dimension: the most common one among its vectors of a usable size (4 x dimension
@@ -60,9 +59,9 @@ WITH type_dimension AS (
      WHERE v.reason IS NOT NULL
        AND e.entity_type = v.entity_type AND e.entity_id = v.entity_id
     RETURNING e.entity_type, e.entity_id, e.embeddings, e.dimension, e.created_at,
-              e.updated_at, e.id, v.reason
+              e.updated_at, v.reason
 )
 INSERT INTO embeddings_quarantine
-       (entity_type, entity_id, embeddings, dimension, created_at, updated_at, seed_id, reason)
-SELECT entity_type, entity_id, embeddings, dimension, created_at, updated_at, id, reason
+       (entity_type, entity_id, embeddings, dimension, created_at, updated_at, reason)
+SELECT entity_type, entity_id, embeddings, dimension, created_at, updated_at, reason
   FROM moved;

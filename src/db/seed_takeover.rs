@@ -368,10 +368,10 @@ const QUARANTINE_VECTORS: &str = "WITH moved AS (
           USING unnest($1::text[], $2::text[], $3::text[]) AS q(entity_type, entity_id, reason)
           WHERE e.entity_type = q.entity_type AND e.entity_id = q.entity_id
          RETURNING e.entity_type, e.entity_id, e.embeddings, e.dimension, e.created_at,
-                   e.updated_at, e.id, q.reason)
+                   e.updated_at, q.reason)
      INSERT INTO embeddings_quarantine
-            (entity_type, entity_id, embeddings, dimension, created_at, updated_at, seed_id, reason)
-     SELECT entity_type, entity_id, embeddings, dimension, created_at, updated_at, id, reason
+            (entity_type, entity_id, embeddings, dimension, created_at, updated_at, reason)
+     SELECT entity_type, entity_id, embeddings, dimension, created_at, updated_at, reason
        FROM moved";
 
 /// What becomes of one stored vector (its size is 4 x or 8 x its dimension by now).

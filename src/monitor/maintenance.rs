@@ -14,10 +14,12 @@ use crate::monitor::stats::as_u64;
 use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance, TABLES};
 use crate::repository::{ModelRepository, LEFTOVERS};
 
-const DEAD_TUPLES: &str = "SELECT coalesce(n_dead_tup, 0)::bigint,
-        pg_total_relation_size(c.oid)::bigint
-     FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
-     WHERE c.oid = to_regclass($1)";
+/// Summed over the table's partitions, if it has any (`embeddings`: one per entity type).
+const DEAD_TUPLES: &str = "SELECT coalesce(sum(s.n_dead_tup), 0)::bigint,
+        coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint
+     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1))
+           UNION SELECT to_regclass($1)) t
+     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid";
 
 impl ModelRepository {
     /// Purges expired cache rows, then runs `VACUUM (ANALYZE)` on every table (outside any

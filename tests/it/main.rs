@@ -8,6 +8,7 @@ mod logging;
 
 mod aliases;
 mod cache;
+mod embedding_storage;
 mod embeddings;
 mod faults;
 mod interop;

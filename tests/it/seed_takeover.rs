@@ -475,7 +475,11 @@ fn migrate_takes_over_a_database_the_seed_built_keeping_every_row() {
     let report = ModelRepository::migrate_with_report(&config).unwrap();
     assert_eq!(
         report.applied,
-        ["V001__init.sql", "V002__resave_recomputes_checksum.sql"]
+        [
+            "V001__init.sql",
+            "V002__resave_recomputes_checksum.sql",
+            "V004__embeddings_per_type.sql"
+        ]
     );
     let takeover: &SeedTakeoverReport = report.seed_takeover.as_ref().unwrap();
     assert_eq!(takeover.models, MODEL_ROWS.len() as u64);
@@ -584,14 +588,14 @@ fn check_embeddings(sql: &mut Client, rows: &[EmbeddingRow]) {
     for (i, r) in rows.iter().enumerate() {
         let kept = sql
             .query_opt(
-                "SELECT id::text, embeddings, dimension, created_at, updated_at FROM embeddings
-                 WHERE entity_type = $1 AND entity_id = $2",
+                "SELECT entity_id::text, embeddings, dimension, created_at, updated_at
+                 FROM embeddings WHERE entity_type = $1 AND entity_id = $2",
                 &[&r.entity_type, &r.entity_id],
             )
             .unwrap();
         let quarantined = sql
             .query_opt(
-                "SELECT seed_id::text, embeddings, dimension, created_at, updated_at, reason
+                "SELECT entity_id::text, embeddings, dimension, created_at, updated_at, reason
                  FROM embeddings_quarantine WHERE entity_type = $1 AND entity_id = $2",
                 &[&r.entity_type, &r.entity_id],
             )
@@ -624,12 +628,7 @@ fn check_embeddings(sql: &mut Client, rows: &[EmbeddingRow]) {
                 row
             }
         };
-        assert_eq!(
-            row.get::<_, String>(0),
-            uuid(100 + i as u32),
-            "{}",
-            r.entity_id
-        );
+        assert_eq!(row.get::<_, String>(0), r.entity_id);
         assert_eq!(row.get::<_, i32>(2), r.dimension, "{}", r.entity_id);
         assert_eq!(row.get::<_, SystemTime>(3), created, "{}", r.entity_id);
         assert_eq!(row.get::<_, SystemTime>(4), updated, "{}", r.entity_id);

@@ -5,15 +5,14 @@
 //! ```text
 //! cargo run --release --example load_bench -- [--rows 100000] [--dim 384]
 //!     [--methods insert,multi_row_insert,copy,parallel_copy,upsert_reload,server_copy_file,read_stream,server_copy_out]
-//!     [--format table|json] [--plot FILE.svg] [--crossover] [--fillfactor 10..=100]
+//!     [--format table|json] [--plot FILE.svg] [--crossover]
 //! ```
 //!
 //! Uses `DATABASE_URL` when set (the server-side COPY then needs a local server and the
 //! pg_read_server_files privilege), else a throwaway server from the local binaries.
 //! `--crossover [--sizes 1,10,100]` times batches of those sizes by each method (of
 //! `--methods`), fresh and as a reload, the median of 5 runs each, to place
-//! `BATCH_COPY_CROSSOVER`. `--fillfactor N` sets the embeddings table's fillfactor (and the
-//! ceiling's) before anything is loaded, to compare it with the schema's own.
+//! `BATCH_COPY_CROSSOVER`.
 
 use std::error::Error;
 use std::io::{Read, Write};
@@ -37,8 +36,6 @@ pub struct Args {
     pub crossover: bool,
     pub sizes: Vec<usize>,
     pub progress: bool,
-    /// The embeddings table's fillfactor for this run (`None`: the schema's own).
-    pub fillfactor: Option<u32>,
 }
 
 /// Every measurement, in the order they run.
@@ -64,7 +61,6 @@ impl Default for Args {
             crossover: false,
             sizes: vec![1, 10, 100, 300, 1000, 3000, 10_000],
             progress: true,
-            fillfactor: None,
         }
     }
 }
@@ -115,15 +111,6 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String
                     .collect::<Result<_, _>>()?
             }
             "--no-progress" => out.progress = false,
-            "--fillfactor" => {
-                let ff: u32 = value("--fillfactor")?
-                    .parse()
-                    .map_err(|e| format!("--fillfactor: {e}"))?;
-                if !(10..=100).contains(&ff) {
-                    return Err("--fillfactor must be within 10..=100".into());
-                }
-                out.fillfactor = Some(ff);
-            }
             // Passed by `cargo bench`.
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}")),
@@ -145,8 +132,8 @@ fn make_batch(rows: usize, dim: usize) -> Vec<Embedding> {
         .collect()
 }
 
-/// A fresh schema for one measurement, with the run's fillfactor if it sets one.
-fn open(url: &str, tag: &str, fillfactor: Option<u32>) -> Result<ModelRepository, Box<dyn Error>> {
+/// A fresh schema for one measurement.
+fn open(url: &str, tag: &str) -> Result<ModelRepository, Box<dyn Error>> {
     let schema = format!("bench_{tag}_{}", std::process::id());
     let mut admin = postgres::Client::connect(url, postgres::NoTls)?;
     admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
@@ -155,13 +142,7 @@ fn open(url: &str, tag: &str, fillfactor: Option<u32>) -> Result<ModelRepository
         .pool_size(4)
         .max_overflow(4)
         .reaper_interval(None);
-    let repo = ModelRepository::open(config)?;
-    if let Some(ff) = fillfactor {
-        admin.batch_execute(&format!(
-            "ALTER TABLE {schema}.embeddings SET (fillfactor = {ff})"
-        ))?;
-    }
-    Ok(repo)
+    Ok(ModelRepository::open(config)?)
 }
 
 fn drop_schema(url: &str, repo: ModelRepository) -> Result<(), Box<dyn Error>> {
@@ -247,12 +228,8 @@ fn write_copy_file(batch: &[Embedding]) -> Result<String, Box<dyn Error>> {
 
 /// The ceiling: the server's own COPY from the file into an empty table shaped like
 /// `embeddings` (same columns, defaults, constraints, index and storage parameters).
-fn server_copy_file(
-    url: &str,
-    path: &str,
-    fillfactor: Option<u32>,
-) -> Result<Duration, Box<dyn Error>> {
-    let repo = open(url, "ceiling", fillfactor)?;
+fn server_copy_file(url: &str, path: &str) -> Result<Duration, Box<dyn Error>> {
+    let repo = open(url, "ceiling")?;
     let schema = repo.config().schema_name().to_owned();
     let mut c = postgres::Client::connect(url, postgres::NoTls)?;
     c.batch_execute(&format!("SET search_path TO {schema}"))?;
@@ -330,7 +307,7 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
 
     if wants("server_copy_file") {
         let path = write_copy_file(&batch)?;
-        let elapsed = server_copy_file(&url, &path, args.fillfactor);
+        let elapsed = server_copy_file(&url, &path);
         let _ = std::fs::remove_file(&path);
         results.push(measurement(
             "server_copy_file",
@@ -346,7 +323,7 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         if !wants(method.as_str()) {
             continue;
         }
-        let repo = open(&url, method.as_str(), args.fillfactor)?;
+        let repo = open(&url, method.as_str())?;
         settle(&url);
         let input = current_rss();
         reset_peak_rss();
@@ -379,7 +356,7 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         let repo = match kept.take() {
             Some(repo) => repo,
             None => {
-                let repo = open(&url, "reads", args.fillfactor)?;
+                let repo = open(&url, "reads")?;
                 repo.load_embeddings(&batch, LoadMethod::Copy)?;
                 repo
             }
@@ -452,7 +429,7 @@ fn set_ratios(results: &mut [Measurement]) {
 /// Small batches by each method, fresh (a new type) and as a reload (same keys): the median
 /// of a few runs each, to place `BATCH_COPY_CROSSOVER`.
 fn crossover(url: &str, args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
-    let repo = open(url, "crossover", args.fillfactor)?;
+    let repo = open(url, "crossover")?;
     let mut results = Vec::new();
     let wants = |m: LoadMethod| args.methods.iter().any(|x| x == m.as_str());
     let reps = 5;

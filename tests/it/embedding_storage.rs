@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use pg_model_repo::{Embedding, ModelRepository, RepoError, RepositoryConfig};
 
-use crate::common::{self, assert_invalid, count, sha256_hex, terminate_sessions, TestRepo};
+use crate::common::{self, assert_invalid, count, terminate_sessions, TestRepo};
 
 fn set(entity_type: &str, prefix: &str, n: usize, dim: usize, value: f32) -> Vec<Embedding> {
     (0..n)
@@ -292,15 +292,19 @@ fn v001_schema(schema: &str) {
                  checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
         ))
         .unwrap();
+    // The file records itself; version 0.1 recorded the sha256 of its whole text.
     admin.batch_execute(V001).unwrap();
     admin
         .execute(
-            "INSERT INTO model_repo_migrations (version, name, checksum)
-             VALUES (1, 'V001__init.sql', $1)",
-            &[&sha256_hex(V001.as_bytes())],
+            "UPDATE model_repo_migrations SET checksum = $1 WHERE version = 1",
+            &[&V001_AS_RELEASED_CHECKSUM],
         )
         .unwrap();
 }
+
+/// What version 0.1 recorded for V001 (the sha256 of the file as it was then).
+const V001_AS_RELEASED_CHECKSUM: &str =
+    "4d2ae7a045b6ef507878b1cb7212013c6854f904d41642ecf1536d06dcc0e087";
 
 #[test]
 fn a_v001_schema_moves_its_vectors_into_per_type_storage_without_losing_a_row() {

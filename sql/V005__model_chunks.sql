@@ -3,8 +3,7 @@
 -- A model up to one chunk (the repository's model_chunk_size, 4 MiB by default) stays inline in
 -- ml_models.model_data as before. A larger one is stored in ml_model_chunks, one row per chunk,
 -- and its ml_models row keeps an empty model_data with the model's size, sha256 and chunking
--- facts. Run by hand after V001 (idempotent, like every file here):
---   psql -d mydb -c 'SET search_path TO ml' -f sql/V005__model_chunks.sql
+-- facts. Runs by hand after the files before it, as README.md "Schema and migrations" shows.
 
 -- size_bytes was GENERATED from octet_length(model_data); chunked rows carry their size
 -- themselves. DROP EXPRESSION turns it into a plain column in place: no table rewrite, every
@@ -68,3 +67,14 @@ ALTER TABLE ml_model_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 -- The sweep's scan: only chunks not yet published (one small entry per chunk staged).
 CREATE INDEX IF NOT EXISTS ml_model_chunks_unpublished
     ON ml_model_chunks (staged_at) WHERE staged_at IS NOT NULL;
+
+-- pg-model-repo: record this migration (its checksum covers the statements above, not comments)
+CREATE TABLE IF NOT EXISTS model_repo_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO model_repo_migrations (version, name, checksum)
+    VALUES (5, 'V005__model_chunks.sql', '9ae2cf6025cd15bb76505c64698aa2f4cdd9ae98cc8758e139cf3b5ebaa2049a')
+    ON CONFLICT (version) DO NOTHING;

@@ -88,7 +88,9 @@ pub use db::config::{
     DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE, MODEL_CHUNK_SIZE_RANGE,
 };
 pub use db::error::{RepoError, Result};
+pub use db::migrate::MigrationReport;
 pub use db::pool::PoolState;
+pub use db::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
 pub use db::timings::QueryMetric;
 pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};
 pub use models::ModelInfo;

@@ -12,7 +12,7 @@ use crate::db::retry::Retry;
 use crate::embeddings::check::{check_batch, CheckedBatch};
 use crate::embeddings::encode::{copy_in, COLUMNS};
 use crate::embeddings::parallel::load_parallel;
-use crate::embeddings::registry::check_registry;
+use crate::embeddings::registry::{check_registry, ensure_types};
 use crate::embeddings::types::{vector_bytes, BatchReport, Embedding, LoadMethod};
 use crate::repository::ModelRepository;
 
@@ -64,9 +64,23 @@ fn choose(
     })
 }
 
-/// Runs `write` inside a load's one transaction: without statement_timeout, the batch's
-/// dimensions checked against the registry first, committed at the end.
+/// Runs `write` inside a load's one transaction: new types registered first (each in a short
+/// transaction of its own), then, without statement_timeout, the batch's dimensions checked
+/// against the registry, `write`, and the commit.
 pub(crate) fn in_load_transaction<T>(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    let created = ensure_types(conn.client(), &batch.types)?;
+    let written = write_checked(conn, batch, write);
+    if written.is_err() && !conn.is_broken() {
+        created.forget(conn.client());
+    }
+    written
+}
+
+fn write_checked<T>(
     conn: &mut PgConnection,
     batch: &CheckedBatch<'_>,
     write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,

@@ -780,19 +780,26 @@ fn the_sweep_spares_a_live_saves_chunks_and_published_ones() {
 fn the_migration_keeps_models_saved_before_it_readable() {
     let schema = unique_schema("premig");
     let mut sql = admin();
-    // The layout before V005: V001 applied and recorded, as an older library left it.
-    let v001 = include_str!("../../sql/V001__init.sql");
+    // The layout before V005: every earlier file, as psql (or an older library) applied them.
     sql.batch_execute(&format!(
-        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\"; {v001}
-         CREATE TABLE model_repo_migrations (version integer PRIMARY KEY, name text NOT NULL,
-             checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
+        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
     ))
     .unwrap();
-    sql.execute(
-        "INSERT INTO model_repo_migrations (version, name, checksum) VALUES (1, 'V001__init.sql', $1)",
-        &[&sha256_hex(v001.as_bytes())],
-    )
-    .unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");
+    let mut earlier: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with('V') && name.as_str() < "V005"
+        })
+        .collect();
+    earlier.sort();
+    assert!(!earlier.is_empty());
+    for file in &earlier {
+        sql.batch_execute(&std::fs::read_to_string(file).unwrap())
+            .unwrap();
+    }
     let big = Generated::bytes(16, 5 << 20);
     sql.execute(
         "INSERT INTO ml_models (model_name, version, model_data, metadata) VALUES ('m', 'big', $1, '{\"a\": 1}')",

@@ -8,12 +8,15 @@ mod logging;
 
 mod aliases;
 mod cache;
+mod embedding_storage;
 mod embeddings;
 mod faults;
+mod interop;
 mod large_models;
 mod models;
 mod monitor;
 mod schema;
 mod security;
+mod seed_takeover;
 mod tls;
 mod training;

@@ -507,6 +507,14 @@ fn concurrent_readers_never_see_a_partial_model() {
                 }
             });
         }
+        // Should a save below fail, the readers stop too (else the scope waits for them).
+        struct StopReaders<'a>(&'a AtomicBool);
+        impl Drop for StopReaders<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopReaders(&done);
         // Saves, and cleanups that remove versions while they are being read.
         for seed in 1..=8u64 {
             let data = Generated::bytes(seed, len);
@@ -515,7 +523,6 @@ fn concurrent_readers_never_see_a_partial_model() {
             std::thread::sleep(Duration::from_millis(50));
             repo.cleanup_old_models("m", 1).unwrap();
         }
-        done.store(true, Ordering::Relaxed);
     });
     assert!(loads.load(Ordering::Relaxed) > 0);
     assert_eq!(chunk_rows(&repo, "m", "8"), 31);

@@ -1,8 +1,8 @@
 //! Saving a chunked model: the caller's thread cuts the bytes into chunks (reading ahead into
 //! at most `streams + 1` buffers when they come from a reader) and hashes the whole model;
 //! stream threads, each on its own connection, COPY chunks into `ml_model_chunks` under the
-//! save's chunk set, each chunk committed on its own; one short transaction then publishes
-//! the set by writing the `ml_models` row, so a reader never sees a partial model.
+//! save's chunk set, committed batch by batch; one short transaction then publishes the set
+//! by writing the `ml_models` row, so a reader never sees a partial model.
 
 use std::io::{Read, Write};
 
@@ -27,8 +27,14 @@ const OPEN_SET: &str = concat!(
 );
 const CLOSE_SET: &str = concat!("SELECT pg_advisory_unlock(", set_lock_key!("$1"), ")");
 
+/// The checksum comes after the bytes: it is computed as they are sent.
 const COPY_CHUNK: &str = "COPY ml_model_chunks \
-     (model_name, version, chunk_set, chunk_no, checksum, data) FROM STDIN (FORMAT binary)";
+     (model_name, version, chunk_set, chunk_no, data, checksum) FROM STDIN (FORMAT binary)";
+
+/// A staged chunk's commit need not wait for its WAL to reach disk: the publish's commit
+/// flushes the WAL up to itself, every staged chunk of the save included (and a crash before
+/// the publish loses only a save that had not happened).
+const STAGE_WITHOUT_FLUSH: &str = "SET LOCAL synchronous_commit = off";
 
 /// Marks the staged chunks published (`staged_at` NULL: a sweep that started before this
 /// transaction and waits on these rows skips them once it commits) and counts them and their
@@ -55,6 +61,11 @@ const CLEAR_SET: &str = "DELETE FROM ml_model_chunks c \
      WHERE c.model_name = $1 AND c.version = $2 AND c.chunk_set = $3 \
        AND NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.model_name = c.model_name \
            AND m.version = c.version AND m.chunk_set = c.chunk_set)";
+
+/// The most chunks a stream sends in one transaction and one COPY (64 MiB at the default
+/// chunk size): enough for the connection to carry the next chunk while the server stores the
+/// last, few enough that no transaction lasts long.
+const BATCH_CHUNKS: usize = 16;
 
 /// Bytes handed to the COPY writer at once: the writer copies each write into its buffer, so
 /// writing a whole chunk at once would briefly hold it twice.
@@ -470,7 +481,7 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// Writes the chunks it is sent until the queue closes or a write fails.
+    /// Writes the chunks it is sent, batch by batch, until the queue closes or a write fails.
     fn serve(
         &self,
         pool: &Pool,
@@ -478,17 +489,10 @@ impl Target<'_> {
         jobs: &Receiver<Job<'_>>,
         events: &Sender<Event>,
     ) {
-        for job in jobs {
-            match self.write(conn, job.no, job.bytes.bytes()) {
-                Ok(()) => {
-                    let back = match job.bytes {
-                        Payload::Owned(buf) => Some(buf),
-                        Payload::Borrowed(_) => None,
-                    };
-                    if events.send(Event::Written(back)).is_err() {
-                        return;
-                    }
-                }
+        while let Ok(first) = jobs.recv() {
+            match self.write_batch(conn, first, jobs, events) {
+                Ok(true) => {}
+                Ok(false) => return,
                 Err(e) => {
                     pool.note_failure(conn, &e);
                     let _ = events.send(Event::Failed(e));
@@ -498,30 +502,69 @@ impl Target<'_> {
         }
     }
 
-    /// COPYs one chunk, with its own sha256, and commits it.
-    fn write(&self, conn: &mut PgConnection, no: u32, data: &[u8]) -> Result<()> {
-        let checksum = to_hex(&Sha256::digest(data));
+    /// One transaction and one COPY for up to [`BATCH_CHUNKS`] chunks, as long as the next one
+    /// is ready at once (a slow source commits chunk by chunk, and no transaction waits on
+    /// it): the next chunk flows into the connection while the server stores the last one.
+    /// Each buffer goes back as soon as its bytes are sent. Returns whether the queue may hold
+    /// more.
+    fn write_batch(
+        &self,
+        conn: &mut PgConnection,
+        first: Job<'_>,
+        jobs: &Receiver<Job<'_>>,
+        events: &Sender<Event>,
+    ) -> Result<bool> {
+        let mut tx = begin_unbounded(conn.client())?;
+        tx.batch_execute(STAGE_WITHOUT_FLUSH)?;
+        let mut writer = tx.copy_in(COPY_CHUNK)?;
+        writer.write_all(binary_copy::HEADER).map_err(io_error)?;
+        let (mut job, mut sent, mut more) = (first, 0, true);
+        loop {
+            self.write_row(&mut writer, job.no, job.bytes.bytes())?;
+            sent += 1;
+            let back = match job.bytes {
+                Payload::Owned(buf) => Some(buf),
+                Payload::Borrowed(_) => None,
+            };
+            let _ = events.send(Event::Written(back));
+            if sent == BATCH_CHUNKS {
+                break;
+            }
+            match jobs.try_recv() {
+                Ok(next) => job = next,
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    more = false;
+                    break;
+                }
+            }
+        }
+        writer.write_all(&binary_copy::TRAILER).map_err(io_error)?;
+        writer.finish()?;
+        tx.commit()?;
+        Ok(more)
+    }
+
+    /// One chunk's row, hashing its bytes as they are sent, with its sha256 after them.
+    fn write_row(&self, writer: &mut dyn Write, no: u32, data: &[u8]) -> Result<()> {
         let len = i32::try_from(data.len())
             .map_err(|_| RepoError::invalid("a chunk is larger than 2 GiB"))?;
-        let mut head = Vec::with_capacity(256);
-        head.extend_from_slice(binary_copy::HEADER);
+        let mut head = Vec::with_capacity(128);
         binary_copy::row(&mut head, 6);
         binary_copy::field(&mut head, self.request.model_name.as_bytes());
         binary_copy::field(&mut head, self.request.version.as_bytes());
         binary_copy::int8(&mut head, self.set);
         binary_copy::int4(&mut head, no as i32);
-        binary_copy::field(&mut head, checksum.as_bytes());
         binary_copy::field_len(&mut head, len);
-        let mut tx = begin_unbounded(conn.client())?;
-        let mut writer = tx.copy_in(COPY_CHUNK)?;
         writer.write_all(&head).map_err(io_error)?;
+        let mut hasher = Sha256::new();
         for piece in data.chunks(WRITE_PIECE) {
+            hasher.update(piece);
             writer.write_all(piece).map_err(io_error)?;
         }
-        writer.write_all(&binary_copy::TRAILER).map_err(io_error)?;
-        writer.finish()?;
-        tx.commit()?;
-        Ok(())
+        let mut tail = Vec::with_capacity(72);
+        binary_copy::field(&mut tail, to_hex(&hasher.finalize()).as_bytes());
+        writer.write_all(&tail).map_err(io_error)
     }
 }
 

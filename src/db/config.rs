@@ -45,8 +45,24 @@ pub struct RepositoryConfig {
     pub(crate) slow_query_threshold: Duration,
     pub(crate) auto_migrate: bool,
     pub(crate) max_model_size: u64,
+    pub(crate) stream_idle_timeout: Duration,
     pub(crate) tls_root_certificate: Option<std::path::PathBuf>,
 }
+
+/// The most connections one pool may open (pool_size + max_overflow): far above what one
+/// PostgreSQL serves well, low enough that the pool's bookkeeping stays small.
+pub const MAX_POOL_CONNECTIONS: u32 = 10_000;
+
+/// The longest query_timeout: PostgreSQL's statement_timeout and lock_timeout are int4
+/// milliseconds (about 24.8 days).
+pub const MAX_QUERY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// The longest pool_timeout, reaper_interval, slow_query_threshold and stream_idle_timeout:
+/// one day. Longer waits are a mistake, and they must stay far from `Instant`'s overflow.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The longest cache TTL (cache_max_ttl and cache_default_ttl): 100 years.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 impl RepositoryConfig {
     /// A configuration for `database_url` (`postgres://…` URL or `host=… user=…` key/value
@@ -68,6 +84,7 @@ impl RepositoryConfig {
             slow_query_threshold: Duration::from_secs(1),
             auto_migrate: true,
             max_model_size: MAX_BYTEA_MODEL_SIZE,
+            stream_idle_timeout: Duration::from_secs(600),
             tls_root_certificate: None,
         }
     }
@@ -117,7 +134,7 @@ impl RepositoryConfig {
             config.enable_metrics = parse_bool("ENABLE_METRICS", &v)?;
         }
         if let Some(v) = var("MODEL_REPO_SCHEMA") {
-            validate::identifier("MODEL_REPO_SCHEMA", &v)?;
+            validate::schema_name("MODEL_REPO_SCHEMA", &v)?;
             config.schema = v;
         }
         Ok(config)
@@ -201,6 +218,17 @@ impl RepositoryConfig {
         self
     }
 
+    /// How long streaming and bulk work (COPY, blob streams, merges of a load, VACUUM, DDL)
+    /// may wait on a server that sends nothing: past it the connection is cut and discarded
+    /// and the call fails with `RepoError::Timeout`. This is the bound of such calls when the
+    /// server or the network hangs; raise it if a single server-side step of your bulk work
+    /// (a merge of a very large load, a VACUUM of a huge table) runs longer without output.
+    /// Defaults to 600 s.
+    pub fn stream_idle_timeout(mut self, d: Duration) -> Self {
+        self.stream_idle_timeout = d;
+        self
+    }
+
     /// A PEM file with the root certificate(s) that sign the server's certificate; connections
     /// then use TLS and verify the server against it (needs the `tls` feature). Without it,
     /// `sslmode=require` verifies against the system's roots. Defaults to none.
@@ -214,37 +242,44 @@ impl RepositoryConfig {
         &self.schema
     }
 
-    /// Checks every value; called by `open` and `migrate` before any connection is made.
+    /// Checks every value against its range; called by `open` and `migrate` before any
+    /// connection is made. The error names the setting and its range.
     pub(crate) fn validate(&self) -> Result<()> {
-        validate::identifier("schema", &self.schema)?;
-        if self.pool_size == 0 {
-            return Err(RepoError::invalid("pool_size must be at least 1"));
+        validate::schema_name("schema", &self.schema)?;
+        check_count("pool_size", self.pool_size, 1, MAX_POOL_CONNECTIONS)?;
+        check_count("max_overflow", self.max_overflow, 0, MAX_POOL_CONNECTIONS)?;
+        if self.pool_size + self.max_overflow > MAX_POOL_CONNECTIONS {
+            return Err(RepoError::invalid(format!(
+                "pool_size + max_overflow is {}; it must be at most {MAX_POOL_CONNECTIONS}",
+                u64::from(self.pool_size) + u64::from(self.max_overflow)
+            )));
         }
-        for (name, d) in [
-            ("pool_timeout", self.pool_timeout),
-            ("query_timeout", self.query_timeout),
-            ("cache_default_ttl", self.cache_default_ttl),
-            ("cache_max_ttl", self.cache_max_ttl),
-        ] {
-            if d.is_zero() {
-                return Err(RepoError::invalid(format!(
-                    "{name} must be greater than zero"
-                )));
-            }
+        let ms = Duration::from_millis(1);
+        check_duration("pool_timeout", self.pool_timeout, ms, MAX_WAIT)?;
+        check_duration("query_timeout", self.query_timeout, ms, MAX_QUERY_TIMEOUT)?;
+        check_duration("stream_idle_timeout", self.stream_idle_timeout, ms, MAX_WAIT)?;
+        let us = Duration::from_micros(1);
+        check_duration("cache_max_ttl", self.cache_max_ttl, us, MAX_CACHE_TTL)?;
+        check_duration("cache_default_ttl", self.cache_default_ttl, us, self.cache_max_ttl)
+            .map_err(|_| {
+                RepoError::invalid(format!(
+                    "cache_default_ttl is {:?}; it must be within 1µs..=cache_max_ttl ({:?})",
+                    self.cache_default_ttl, self.cache_max_ttl
+                ))
+            })?;
+        if let Some(every) = self.reaper_interval {
+            check_duration("reaper_interval", every, ms, MAX_WAIT)?;
         }
-        if self.cache_default_ttl > self.cache_max_ttl {
-            return Err(RepoError::invalid(
-                "cache_default_ttl must not exceed cache_max_ttl",
-            ));
-        }
-        if self.reaper_interval.is_some_and(|d| d.is_zero()) {
-            return Err(RepoError::invalid(
-                "reaper_interval must be greater than zero",
-            ));
-        }
+        check_duration(
+            "slow_query_threshold",
+            self.slow_query_threshold,
+            Duration::ZERO,
+            MAX_WAIT,
+        )?;
         if self.max_model_size == 0 || self.max_model_size > MAX_BYTEA_MODEL_SIZE {
             return Err(RepoError::invalid(format!(
-                "max_model_size must be within 1..={MAX_BYTEA_MODEL_SIZE} bytes"
+                "max_model_size is {}; it must be within 1..={MAX_BYTEA_MODEL_SIZE} bytes",
+                self.max_model_size
             )));
         }
         self.connector().map(|_| ())
@@ -326,6 +361,7 @@ impl fmt::Debug for RepositoryConfig {
             .field("slow_query_threshold", &self.slow_query_threshold)
             .field("auto_migrate", &self.auto_migrate)
             .field("max_model_size", &self.max_model_size)
+            .field("stream_idle_timeout", &self.stream_idle_timeout)
             .field("tls_root_certificate", &self.tls_root_certificate)
             .finish()
     }
@@ -342,6 +378,26 @@ fn strip_driver_suffix(url: String) -> String {
         }
     }
     url
+}
+
+/// `InvalidInput` unless `min <= n <= max`.
+fn check_count(name: &str, n: u32, min: u32, max: u32) -> Result<()> {
+    if (min..=max).contains(&n) {
+        return Ok(());
+    }
+    Err(RepoError::invalid(format!(
+        "{name} is {n}; it must be within {min}..={max}"
+    )))
+}
+
+/// `InvalidInput` unless `min <= d <= max`.
+fn check_duration(name: &str, d: Duration, min: Duration, max: Duration) -> Result<()> {
+    if (min..=max).contains(&d) {
+        return Ok(());
+    }
+    Err(RepoError::invalid(format!(
+        "{name} is {d:?}; it must be within {min:?}..={max:?}"
+    )))
 }
 
 fn parse_var<T: FromStr>(name: &str, value: &str) -> Result<T> {

@@ -256,8 +256,11 @@ impl std::error::Error for RepoError {
 impl From<postgres::Error> for RepoError {
     /// The one SQLSTATE mapping: 23505 -> Conflict, 57014 and 55P03 -> Timeout, class 22 ->
     /// InvalidInput, everything else stays a `Database` error (transient or not, see
-    /// [`RepoError::is_transient`]).
+    /// [`RepoError::is_transient`]). A connection the hung-server watchdog cut is a Timeout.
     fn from(e: postgres::Error) -> Self {
+        if let Some(expired) = crate::db::deadline::expired_in(&e) {
+            return RepoError::Timeout(expired.to_string());
+        }
         let Some(code) = e.code().map(|c| c.code().to_owned()) else {
             return RepoError::Database(e);
         };

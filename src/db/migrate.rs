@@ -4,7 +4,10 @@
 use postgres::Client;
 use sha2::{Digest, Sha256};
 
+use std::time::Duration;
+
 use crate::db::config::RepositoryConfig;
+use crate::db::deadline::STATEMENT_GRACE;
 use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
 use crate::db::pool::{connect, quote_ident};
@@ -39,16 +42,50 @@ const INSERT_APPLIED: &str =
 /// nothing left to do.
 pub(crate) fn run(config: &RepositoryConfig) -> Result<()> {
     config.validate()?;
-    let mut client = connect(config)?;
+    let mut conn = connect(config)?;
+    // Waiting for another process's migration is bounded by pool_timeout (server-side, and
+    // by the watchdog should the server hang), never by query_timeout: a migration may well
+    // take longer than one statement should.
+    let wait = config.pool_timeout;
+    conn.watch().set_bound(
+        config
+            .stream_idle_timeout
+            .max(wait.saturating_add(STATEMENT_GRACE)),
+    );
+    let client = conn.client();
     // DDL may take long on a big table; only lock waits stay bounded.
     client.batch_execute("SET statement_timeout = 0")?;
     let key = lock_key(&config.schema);
-    client.execute("SELECT pg_advisory_lock($1)", &[&key])?;
-    let outcome = apply_pending(&mut client, &config.schema);
-    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&key]);
+    client.batch_execute(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))?;
+    client
+        .execute(LOCK, &[&key])
+        .map_err(|e| waited_for_migration(e.into(), &config.schema, wait))?;
+    // The DDL's own lock waits (on tables applications use) stay bounded by query_timeout.
+    let outcome = client
+        .batch_execute(&format!(
+            "SET lock_timeout = {}",
+            config.query_timeout.as_millis().max(1)
+        ))
+        .map_err(RepoError::from)
+        .and_then(|()| apply_pending(client, &config.schema));
+    let unlock = client.execute(UNLOCK, &[&key]);
     outcome?;
     unlock?;
     Ok(())
+}
+
+const LOCK: &str = "SELECT pg_advisory_lock($1)";
+const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+
+/// A lock wait past pool_timeout, said as what it is.
+fn waited_for_migration(error: RepoError, schema: &str, wait: Duration) -> RepoError {
+    match error {
+        RepoError::Timeout(m) => RepoError::Timeout(format!(
+            "waited pool_timeout ({wait:?}) for another process's migration of schema \
+             {schema:?}: {m}"
+        )),
+        other => other,
+    }
 }
 
 /// The advisory lock that serializes migrations of one schema (and its creation).

@@ -5,6 +5,7 @@
 pub(crate) mod binary_copy;
 pub(crate) mod config;
 pub(crate) mod counters;
+pub(crate) mod deadline;
 pub(crate) mod error;
 pub(crate) mod migrate;
 pub(crate) mod pool;

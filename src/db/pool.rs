@@ -1,21 +1,53 @@
 //! The connection pool: r2d2 over our own connection manager, which sets each session up
 //! (search_path, timeouts, application_name), caches prepared statements, and never hands a
-//! broken connection out again.
+//! broken connection out again. Every connection is watched (`db::deadline`) while it is
+//! checked out or logging in, so a hung server costs a caller its bound, never a hang.
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::{Client, Statement, Transaction};
 
 use crate::db::config::{describe_target, RepositoryConfig};
+use crate::db::deadline::{Watch, WatchGroup, STATEMENT_GRACE};
 use crate::db::error::{is_connection_failure, RepoError, Result};
 use crate::db::retry::{self, Policy, Retry};
 use crate::db::tls::Connector;
 
-/// How long a stale connection may take to prove it is alive before it is discarded.
+/// How long a stale connection may take to prove it is alive before it is discarded (less
+/// when the checkout's own time runs out first).
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A waiting checkout looks at the pool's closing flag this often.
+const CHECKOUT_SLICE: Duration = Duration::from_millis(100);
+
+/// How long a caller may wait on a silent server, by kind of work (see `db::deadline`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bounds {
+    /// Ordinary statements: query_timeout plus a grace, so the server's own timeout answers
+    /// first when the server is alive.
+    pub statement: Duration,
+    /// Streaming and bulk work, which runs without statement_timeout: stream_idle_timeout.
+    pub stream: Duration,
+    /// Logging in (the TCP connect has connect_timeout of its own).
+    pub login: Duration,
+}
+
+impl Bounds {
+    pub(crate) fn for_config(config: &RepositoryConfig, pg: &postgres::Config) -> Self {
+        Bounds {
+            statement: config.query_timeout.saturating_add(STATEMENT_GRACE),
+            stream: config.stream_idle_timeout,
+            login: pg
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(config.pool_timeout),
+        }
+    }
+}
 
 /// One pooled session.
 pub(crate) struct PgConnection {
@@ -24,12 +56,64 @@ pub(crate) struct PgConnection {
     /// The failure epoch this connection was last known good in (see [`PoolShared`]).
     epoch: u64,
     statements: HashMap<&'static str, Statement>,
+    /// What the hung-server watchdog knows of this session.
+    watch: Watch,
+    bounds: Bounds,
+}
+
+impl Drop for PgConnection {
+    /// Closing a session sends a farewell; it must not block on a hung server.
+    fn drop(&mut self) {
+        self.watch.closing(self.is_broken());
+    }
 }
 
 impl PgConnection {
+    /// Opens one watched session with our settings: its login is bounded by `bounds.login`.
+    fn open(
+        connector: &Connector,
+        pg: &postgres::Config,
+        session_setup: &str,
+        bounds: Bounds,
+        group: Option<&WatchGroup>,
+    ) -> Result<Self> {
+        let watch = Watch::new();
+        if let Some(group) = group {
+            group.add(&watch);
+        }
+        watch.arm(bounds.login);
+        let client = connector.connect(pg, &watch)?;
+        let mut conn = PgConnection {
+            client,
+            poisoned: false,
+            epoch: 0,
+            statements: HashMap::new(),
+            watch,
+            bounds,
+        };
+        conn.client.batch_execute(session_setup)?;
+        conn.watch.disarm();
+        Ok(conn)
+    }
+
     /// The underlying client, for statements that need no cache.
     pub(crate) fn client(&mut self) -> &mut Client {
         &mut self.client
+    }
+
+    /// The client, for streaming and bulk work that may keep the server silent for longer
+    /// than a statement (COPY, blob streams, merges, VACUUM, DDL): until this connection goes
+    /// back to the pool, the watchdog waits `stream_idle_timeout` on it instead of
+    /// query_timeout plus the grace. Lift statement_timeout with [`unbounded`] or
+    /// [`begin_unbounded`].
+    pub(crate) fn unbounded_client(&mut self) -> &mut Client {
+        self.watch.set_bound(self.bounds.stream);
+        &mut self.client
+    }
+
+    /// This session's watch: to bound it by a deadline of the caller's.
+    pub(crate) fn watch(&self) -> &Watch {
+        &self.watch
     }
 
     /// A prepared statement for `sql`, prepared once per connection.
@@ -47,9 +131,10 @@ impl PgConnection {
         self.poisoned = true;
     }
 
-    /// True once the session was poisoned or its socket is known to be closed.
+    /// True once the session was poisoned, its socket is known to be closed, or the
+    /// watchdog cut it.
     pub(crate) fn is_broken(&self) -> bool {
-        self.poisoned || self.client.is_closed()
+        self.poisoned || self.client.is_closed() || self.watch.fired()
     }
 }
 
@@ -100,6 +185,16 @@ pub(crate) struct PoolShared {
     epoch: AtomicU64,
     /// Callers waiting for a connection right now.
     waiting: AtomicU64,
+    /// Set by [`Pool::begin_close`]: waiting checkouts give up.
+    closing: AtomicBool,
+    /// Every connection of the pool, so closing can cut those still checked out.
+    watches: WatchGroup,
+}
+
+thread_local! {
+    /// When the checkout running on this thread must be done: r2d2 validates stale
+    /// connections inside its checkout, and that validation must not outlast it.
+    static CHECKOUT_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// Our r2d2 connection manager.
@@ -107,6 +202,7 @@ pub(crate) struct Manager {
     pg: postgres::Config,
     connector: Connector,
     session_setup: String,
+    bounds: Bounds,
     shared: Arc<PoolShared>,
 }
 
@@ -120,8 +216,10 @@ impl std::fmt::Debug for Manager {
 
 impl Manager {
     fn new(config: &RepositoryConfig, shared: Arc<PoolShared>) -> Result<Self> {
+        let pg = config.pg_config()?;
         Ok(Manager {
-            pg: config.pg_config()?,
+            bounds: Bounds::for_config(config, &pg),
+            pg,
             connector: config.connector()?,
             session_setup: session_setup_sql(config),
             shared,
@@ -140,35 +238,49 @@ pub(crate) fn session_setup_sql(config: &RepositoryConfig) -> String {
     )
 }
 
-/// Opens one session with our settings, outside any pool (migrations, tests, tools).
-pub(crate) fn connect(config: &RepositoryConfig) -> Result<Client> {
-    let mut client = config.connector()?.connect(&config.pg_config()?)?;
-    client.batch_execute(&session_setup_sql(config))?;
-    Ok(client)
+/// Opens one watched session with our settings, outside any pool (migrations, tests,
+/// tools); it is armed with its stream bound until dropped.
+pub(crate) fn connect(config: &RepositoryConfig) -> Result<PgConnection> {
+    let pg = config.pg_config()?;
+    let bounds = Bounds::for_config(config, &pg);
+    let conn = PgConnection::open(
+        &config.connector()?,
+        &pg,
+        &session_setup_sql(config),
+        bounds,
+        None,
+    )?;
+    conn.watch.arm(bounds.stream);
+    Ok(conn)
 }
 
 impl r2d2::ManageConnection for Manager {
     type Connection = PgConnection;
-    type Error = postgres::Error;
+    type Error = RepoError;
 
-    fn connect(&self) -> std::result::Result<PgConnection, postgres::Error> {
+    fn connect(&self) -> Result<PgConnection> {
         let epoch = self.shared.epoch.load(Ordering::Acquire);
-        let mut client = self.connector.connect(&self.pg)?;
-        client.batch_execute(&self.session_setup)?;
-        Ok(PgConnection {
-            client,
-            poisoned: false,
-            epoch,
-            statements: HashMap::new(),
-        })
+        let mut conn = PgConnection::open(
+            &self.connector,
+            &self.pg,
+            &self.session_setup,
+            self.bounds,
+            Some(&self.shared.watches),
+        )?;
+        conn.epoch = epoch;
+        Ok(conn)
     }
 
-    fn is_valid(&self, conn: &mut PgConnection) -> std::result::Result<(), postgres::Error> {
+    fn is_valid(&self, conn: &mut PgConnection) -> Result<()> {
         let current = self.shared.epoch.load(Ordering::Acquire);
         if conn.epoch >= current {
             return Ok(());
         }
-        conn.client.is_valid(VALIDATION_TIMEOUT)?;
+        let left = CHECKOUT_DEADLINE
+            .get()
+            .map_or(VALIDATION_TIMEOUT, |d| d.saturating_duration_since(Instant::now()));
+        conn.client
+            .is_valid(VALIDATION_TIMEOUT.min(left).max(Duration::from_millis(1)))?;
         conn.epoch = current;
         Ok(())
     }
@@ -183,8 +295,8 @@ impl r2d2::ManageConnection for Manager {
 #[derive(Debug)]
 struct LogErrors;
 
-impl r2d2::HandleError<postgres::Error> for LogErrors {
-    fn handle_error(&self, error: postgres::Error) {
+impl r2d2::HandleError<RepoError> for LogErrors {
+    fn handle_error(&self, error: RepoError) {
         log::warn!("pg-model-repo: connection attempt failed: {error}");
     }
 }
@@ -205,8 +317,41 @@ fn maintenance_threads() -> Arc<scheduled_thread_pool::ScheduledThreadPool> {
         .clone()
 }
 
-/// A checked-out session; returns to the pool on drop unless broken.
-pub(crate) type Conn = r2d2::PooledConnection<Manager>;
+/// A checked-out session, watched while it is out; returns to the pool on drop unless
+/// broken.
+pub(crate) struct Conn(r2d2::PooledConnection<Manager>);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.0.watch.disarm();
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Conn {
+    fn out(conn: r2d2::PooledConnection<Manager>) -> Self {
+        conn.watch.arm(conn.bounds.statement);
+        Conn(conn)
+    }
+}
 
 /// The repository's pool handle: cheap to clone.
 #[derive(Clone, Debug)]
@@ -254,23 +399,76 @@ impl Pool {
         self.get_within(self.inner.connection_timeout())
     }
 
-    /// A connection within `timeout`, else `RepoError::Timeout`.
+    /// A connection within `timeout`, else `RepoError::Timeout`; gives up early once the
+    /// pool is closing.
     pub(crate) fn get_within(&self, timeout: Duration) -> Result<Conn> {
+        self.checkout(Instant::now() + timeout, true)
+    }
+
+    /// A connection before `deadline` (even while the pool is closing), cut by the watchdog
+    /// if the work on it is not done by then.
+    pub(crate) fn get_until(&self, deadline: Instant) -> Result<Conn> {
+        let conn = self.checkout(deadline, false)?;
+        conn.watch.cut_at(deadline);
+        Ok(conn)
+    }
+
+    fn checkout(&self, deadline: Instant, interruptible: bool) -> Result<Conn> {
+        let started = Instant::now();
         self.shared.waiting.fetch_add(1, Ordering::AcqRel);
-        let result = self.inner.get_timeout(timeout);
+        let previous = CHECKOUT_DEADLINE.replace(Some(deadline));
+        // r2d2 reports the last connection error once; keep it across slices.
+        let mut cause: Option<r2d2::Error> = None;
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let slice = if interruptible {
+                left.min(CHECKOUT_SLICE)
+            } else {
+                left
+            };
+            let error = match self.inner.get_timeout(slice) {
+                Ok(conn) => break Ok(conn),
+                Err(e) => e,
+            };
+            if error.to_string().contains(": ") || cause.is_none() {
+                cause = Some(error);
+            }
+            let waited = started.elapsed();
+            if left <= slice {
+                let cause = cause.map(|e| format!(": {e}")).unwrap_or_default();
+                break Err(RepoError::pool_timeout(format!("waited {waited:?}{cause}")));
+            }
+            if interruptible && self.shared.closing.load(Ordering::Acquire) {
+                break Err(RepoError::pool_timeout("the repository is closing"));
+            }
+        };
+        CHECKOUT_DEADLINE.set(previous);
         self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-        result.map_err(|e| RepoError::pool_timeout(format!("waited {timeout:?}: {e}")))
+        result.map(Conn::out)
     }
 
     /// An idle connection right now, or `None` without waiting: for extra connections taken
     /// while one is already held (waiting there could deadlock a small pool).
     pub(crate) fn try_get(&self) -> Option<Conn> {
-        self.inner.try_get()
+        self.inner.try_get().map(Conn::out)
+    }
+
+    /// The repository is closing: waiting checkouts give up within a slice, and connections
+    /// still checked out (the reaper's) are cut at `cut_at` if their work is not done by then.
+    pub(crate) fn begin_close(&self, cut_at: Instant) {
+        self.shared.closing.store(true, Ordering::Release);
+        self.shared.watches.cut_armed_at(cut_at);
     }
 
     /// Records what a failed call means for its connection: a connection failure poisons the
     /// session and starts a new failure epoch, so its idle siblings are checked before reuse.
     pub(crate) fn note_failure(&self, conn: &mut PgConnection, error: &RepoError) {
+        if conn.watch.fired() {
+            // The watchdog cut it: the server hangs, which says nothing new about the
+            // sockets of its idle siblings, and validating them would only wait on it too.
+            conn.poison();
+            return;
+        }
         let broken = match error {
             RepoError::Database(e) => is_connection_failure(e),
             _ => false,

@@ -71,7 +71,7 @@ pub(crate) fn in_load_transaction<T>(
     batch: &CheckedBatch<'_>,
     write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
 ) -> Result<T> {
-    let mut tx = begin_unbounded(conn.client())?;
+    let mut tx = begin_unbounded(conn.unbounded_client())?;
     check_registry(&mut tx, &batch.types)?;
     let out = write(&mut tx)?;
     tx.commit()?;

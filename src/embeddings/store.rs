@@ -221,7 +221,11 @@ fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32
     call.run(Retry::Idempotent, |conn| {
         // The caller's closure runs mid-COPY: a panic in it must not return this session.
         let mut conn = PoisonOnPanic(conn);
-        let mut tx = conn.client().build_transaction().read_only(true).start()?;
+        let mut tx = conn
+            .unbounded_client()
+            .build_transaction()
+            .read_only(true)
+            .start()?;
         crate::db::pool::unbounded(&mut tx)?;
         tx.execute(SET_STREAM_TYPE, &[&entity_type])?;
         let mut reader = tx.copy_out(COPY_OUT_TYPE)?;

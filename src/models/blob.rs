@@ -236,7 +236,7 @@ impl ModelRepository {
                 // The caller's writer runs mid-transaction: a panic in it poisons the session.
                 let mut conn = PoisonOnPanic(conn);
                 let mut tx = conn
-                    .client()
+                    .unbounded_client()
                     .build_transaction()
                     .isolation_level(IsolationLevel::RepeatableRead)
                     .read_only(true)

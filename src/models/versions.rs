@@ -284,8 +284,7 @@ impl ModelRepository {
         let vref = VersionRef::parse(version)?;
         let columns = format!("{INFO_COLUMNS}, m.model_data");
         let found = call.run(Retry::Idempotent, |conn| {
-            let mut tx = conn.client().transaction()?;
-            crate::db::pool::unbounded(&mut tx)?;
+            let mut tx = crate::db::pool::begin_unbounded(conn.unbounded_client())?;
             let row = vref.select(&mut tx, model_name, &columns, "")?;
             tx.commit()?;
             row.map(|r| {
@@ -408,7 +407,8 @@ pub(crate) fn store_model(
     source: &mut BlobSource<'_>,
 ) -> Result<ModelInfo> {
     call.run(Retry::Idempotent, |conn| {
-        let mut tx = conn.client().transaction()?;
+        // The bytes go out inside (see `BlobSource::insert`): bulk work for the watchdog.
+        let mut tx = conn.unbounded_client().transaction()?;
         // An identical active version answers without sending the bytes again.
         if let Some(info) = compare_with_stored(&mut tx, request)? {
             tx.commit()?;

@@ -2,11 +2,11 @@
 //! goes through (timing, pool checkout, retries), and the shutdown order of the last clone.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cache::{Reaper, FLUSH_HITS};
 use crate::db::config::RepositoryConfig;
-use crate::db::counters::{AccessCounts, Buffer, FlushStatements};
+use crate::db::counters::{AccessCounts, Buffer, Flush, FlushStatements};
 use crate::db::error::Result;
 use crate::db::migrate;
 use crate::db::pool::{PgConnection, Pool, PoolState};
@@ -17,6 +17,13 @@ use crate::models::FLUSH_LOADS;
 
 /// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.
 pub(crate) const LEFTOVERS: &[Leftover] = &[crate::embeddings::STAGED_ROWS];
+
+/// How long after a close starts the reaper's statement in flight, if any, is cut.
+const CLOSE_REAPER_CUT: Duration = Duration::from_millis(800);
+
+/// When a close's last flush of the buffered access counts must be done: the close returns
+/// shortly after, whatever the server's state.
+const CLOSE_FLUSH_DEADLINE: Duration = Duration::from_millis(2200);
 
 /// A repository of models, embeddings, training metrics and cached predictions in one
 /// PostgreSQL schema.
@@ -54,16 +61,31 @@ struct Inner {
 }
 
 impl Drop for Inner {
-    /// The last clone is gone: stop and join the reaper, then write the buffered hit counts;
-    /// the pool (and every connection in it) is dropped after this returns.
+    /// The last clone is gone: stop and join the reaper, then write the buffered access
+    /// counts; the pool (and every connection in it) is dropped after this returns. Bounded
+    /// whatever the server's state: the reaper's waits give up and its statement in flight is
+    /// cut within [`CLOSE_REAPER_CUT`], the flush is cut at [`CLOSE_FLUSH_DEADLINE`], and what
+    /// could not be written is logged.
     fn drop(&mut self) {
+        let started = Instant::now();
+        self.pool.begin_close(started + CLOSE_REAPER_CUT);
         if let Some(mut reaper) = self.reaper.take() {
             reaper.stop();
         }
-        if let Err(e) = self.counts.flush(&self.pool) {
-            log::warn!("pg-model-repo: flushing buffered access counts at close failed: {e}");
+        if !self.counts.is_empty() {
+            let deadline = started + CLOSE_FLUSH_DEADLINE;
+            if let Err(e) = self.counts.flush(&self.pool, Flush::Closing(deadline)) {
+                log::warn!(
+                    "pg-model-repo: close could not write the buffered access counts ({e}): {}",
+                    self.counts.unwritten()
+                );
+            }
         }
-        log::debug!("pg-model-repo: closed schema {}", self.config.schema);
+        log::debug!(
+            "pg-model-repo: closed schema {} in {:?}",
+            self.config.schema,
+            started.elapsed()
+        );
     }
 }
 
@@ -244,7 +266,7 @@ impl ModelRepository {
 
     /// Writes the buffered access counts now (the statistics calls read them back).
     pub(crate) fn flush_counts(&self) -> Result<()> {
-        self.inner.counts.flush(&self.inner.pool)
+        self.inner.counts.flush(&self.inner.pool, Flush::Call)
     }
 
     /// A large buffer asks for an early flush: the reaper does it, or this thread without one.
@@ -278,6 +300,17 @@ impl Call<'_> {
         f: impl FnMut(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.pool.run(self.op, retry, f)
+    }
+
+    /// Runs `f` in one transaction whose commit survives a lost reply: after one, the server
+    /// says whether it committed (then `f`'s answer stands) or not (then it is retried);
+    /// when it cannot say, the call fails with `RepoError::OutcomeUnknown`. For writes whose
+    /// answer (a count, a bool) or effect would be wrong if repeated blindly.
+    pub(crate) fn run_once<T>(
+        &self,
+        f: impl FnMut(&mut postgres::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        crate::db::commit::run_once(self.pool, self.op, Retry::Idempotent, f)
     }
 
     /// The pool, for work that spans several connections.

@@ -43,6 +43,11 @@ pub enum RepoError {
     Database(postgres::Error),
     /// Local I/O failed while streaming (a reader, a writer, a spool file).
     Io(std::io::Error),
+    /// A write's COMMIT was sent but its reply was lost (the connection died or the server
+    /// hung), and the server could not be asked whether it committed: the write may or may
+    /// not have taken effect. Never retried inside the library; the message says how to find
+    /// out.
+    OutcomeUnknown(String),
 }
 
 impl RepoError {
@@ -198,6 +203,7 @@ impl fmt::Display for RepoError {
             RepoError::Timeout(m) => write!(f, "timed out: {m}"),
             RepoError::Database(e) => write!(f, "database error: {}", describe_db_error(e)),
             RepoError::Io(e) => write!(f, "i/o error: {e}"),
+            RepoError::OutcomeUnknown(m) => write!(f, "outcome unknown: {m}"),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! wire format. Nothing here knows the repository handle or any feature module.
 
 pub(crate) mod binary_copy;
+pub(crate) mod commit;
 pub(crate) mod config;
 pub(crate) mod counters;
 pub(crate) mod deadline;

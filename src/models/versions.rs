@@ -357,15 +357,14 @@ impl ModelRepository {
         self.timed("delete_model", |call| {
             validate::model_name(model_name)?;
             let vref = VersionRef::parse(version)?;
-            call.run(Retry::Idempotent, |conn| {
-                let mut tx = conn.client().transaction()?;
-                let Some(row) = vref.select(&mut tx, model_name, "m.version", "FOR UPDATE")? else {
+            // A tracked write: after a lost commit reply the answer stays right.
+            call.run_once(|tx| {
+                let Some(row) = vref.select(tx, model_name, "m.version", "FOR UPDATE")? else {
                     return Ok(false);
                 };
                 let literal: String = row.try_get(0)?;
                 let deleted = tx.execute(SOFT_DELETE, &[&model_name, &literal])? > 0;
-                drop_aliases_to(&mut tx, model_name, &[literal])?;
-                tx.commit()?;
+                drop_aliases_to(tx, model_name, &[literal])?;
                 Ok(deleted)
             })
         })
@@ -385,15 +384,14 @@ impl ModelRepository {
         self.timed("cleanup_old_models", |call| {
             validate::model_name(model_name)?;
             let keep = i64::try_from(keep_versions).unwrap_or(i64::MAX);
-            call.run(Retry::Idempotent, |conn| {
-                let mut tx = conn.client().transaction()?;
+            // A tracked write: after a lost commit reply the count stays right.
+            call.run_once(|tx| {
                 let removed: Vec<String> = tx
                     .query(CLEANUP, &[&model_name, &keep])?
                     .iter()
                     .map(|r| r.try_get(0))
                     .collect::<std::result::Result<_, _>>()?;
-                drop_aliases_to(&mut tx, model_name, &removed)?;
-                tx.commit()?;
+                drop_aliases_to(tx, model_name, &removed)?;
                 Ok(removed.len() as u64)
             })
         })

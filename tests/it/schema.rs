@@ -1,13 +1,15 @@
 //! Opening, migrations, schema rules and the pool's limits, against a real PostgreSQL.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{admin, config, drop_schema, unique_schema, TestRepo};
 use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
 use serde_json::json;
+
+use crate::common::{
+    self, admin, config, drop_schema, psql, sessions_named, unique_schema, url_with_app_name,
+    TestRepo,
+};
 
 fn schema_exists(name: &str) -> bool {
     admin()
@@ -111,25 +113,16 @@ fn the_sql_files_run_with_psql_and_the_library_adopts_the_schema() {
     let url = common::server_url();
     let file = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/V001__init.sql");
     for _ in 0..2 {
-        let output = std::process::Command::new("psql")
-            .args([
-                &url,
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-q",
+        psql(
+            &url,
+            &[
                 "-c",
                 &format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
                 "-c",
                 &format!("SET search_path TO \"{schema}\""),
                 "-f",
                 file,
-            ])
-            .output()
-            .expect("psql is installed with the PostgreSQL binaries");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+            ],
         );
     }
     drop_schema_after(&schema, || {
@@ -141,7 +134,7 @@ fn the_sql_files_run_with_psql_and_the_library_adopts_the_schema() {
 
 /// `create_distributed_table('table', 'column'` pairs from sql/citus.sql.
 fn distribution_columns() -> BTreeMap<String, String> {
-    let text = include_str!("../sql/citus.sql");
+    let text = include_str!("../../sql/citus.sql");
     text.lines()
         .filter(|l| !l.trim_start().starts_with("--"))
         .filter_map(|l| l.split("create_distributed_table(").nth(1))
@@ -243,7 +236,7 @@ fn connections_carry_an_application_name() {
     assert!(application_names().contains(&"pg-model-repo".to_owned()));
 
     let own = format!("own_app_{}", std::process::id());
-    let url = common::with_application_name(&common::server_url(), &own);
+    let url = url_with_app_name(&own);
     let schema = repo.schema.clone();
     let mine = ModelRepository::open(
         RepositoryConfig::new(url)
@@ -330,21 +323,11 @@ fn from_env_reads_the_documented_variables() {
     assert!(shown.contains("pool_size: 7"), "{shown}");
 }
 
-fn sessions_named(app: &str) -> i64 {
-    admin()
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-            &[&app],
-        )
-        .unwrap()
-        .get(0)
-}
-
 #[test]
 fn closing_the_last_clone_closes_every_pooled_connection() {
     let schema = unique_schema("close");
     let app = format!("close_test_{}", std::process::id());
-    let url = common::with_application_name(&common::server_url(), &app);
+    let url = url_with_app_name(&app);
     let repo = ModelRepository::open(
         RepositoryConfig::new(url)
             .schema(&schema)

@@ -1,6 +1,6 @@
-//! Shared test setup: one real PostgreSQL per test binary (`DATABASE_URL`, or a throwaway
-//! server from the local binaries), and one fresh schema per test, dropped afterwards.
-#![allow(dead_code)]
+//! Shared test setup: one real PostgreSQL for the whole suite (`DATABASE_URL`, or a throwaway
+//! server from the local binaries), one fresh schema per test, dropped afterwards, and the
+//! helpers several test modules use.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,13 +19,14 @@ pub const TEST_SERVER_SETTINGS: &[(&str, &str)] = &[
     ("full_page_writes", "off"),
 ];
 
-/// The server every test in this binary uses. Fails loudly (never skips) when neither
-/// `DATABASE_URL` nor local PostgreSQL binaries are available.
+/// The server every test of the suite uses (tests that stop, restart or reconfigure a server
+/// start their own). Fails loudly (never skips) when neither `DATABASE_URL` nor local
+/// PostgreSQL binaries are available.
 pub fn server_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
     static SERVER: OnceLock<ThrowawayServer> = OnceLock::new();
     URL.get_or_init(|| {
-        let _ = env_logger::builder().is_test(true).try_init();
+        crate::logging::init();
         let (url, server) = database_url_or_start(TEST_SERVER_SETTINGS)
             .unwrap_or_else(|e| panic!("no PostgreSQL for the tests: {e}"));
         if let Some(server) = server {
@@ -55,6 +56,35 @@ pub fn with_application_name(url: &str, app: &str) -> String {
     } else {
         format!("{url} application_name={app}")
     }
+}
+
+/// The shared server's URL with its own application_name.
+pub fn url_with_app_name(app: &str) -> String {
+    with_application_name(&server_url(), app)
+}
+
+/// How many sessions of the shared server carry application_name `app`.
+pub fn sessions_named(app: &str) -> i64 {
+    admin()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Terminates every session of the shared server with application_name `app`; returns how
+/// many it terminated.
+pub fn terminate_sessions(app: &str) -> i64 {
+    admin()
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
 }
 
 /// A direct superuser-ish connection to the test server (not through the repository).
@@ -133,4 +163,29 @@ pub fn count(repo: &TestRepo, table: &str) -> i64 {
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .unwrap()
         .get(0)
+}
+
+/// Lowercase hex SHA-256, as the repository stores checksums.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Runs `psql` (from the PostgreSQL binaries) on `url` with `ON_ERROR_STOP` and `args`;
+/// panics with its stderr if it fails.
+pub fn psql(url: &str, args: &[&str]) {
+    let output = std::process::Command::new("psql")
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1", "-q"])
+        .args(args)
+        .output()
+        .expect("psql comes with the PostgreSQL binaries");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

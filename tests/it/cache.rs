@@ -2,15 +2,16 @@
 //! limits, glob clearing (with a property test against a reference matcher), statistics,
 //! buffered hit counts, and the reaper thread.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{assert_invalid, TestRepo};
 use pg_model_repo::{ModelRepository, RepoError};
 use serde::{Deserialize, Serialize};
+
+use crate::common::{
+    self, assert_invalid, sessions_named, terminate_sessions, url_with_app_name, TestRepo,
+};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -69,10 +70,6 @@ fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     done()
-}
-
-fn url_with_app_name(name: &str) -> String {
-    common::with_application_name(&common::server_url(), name)
 }
 
 #[test]
@@ -848,13 +845,7 @@ fn the_reaper_survives_its_connections_being_killed() {
     // times over (between ticks and possibly during one).
     let mut killed = 0;
     for _ in 0..3 {
-        killed += sql
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-                &[&app],
-            )
-            .unwrap()
-            .len();
+        killed += terminate_sessions(&app);
         std::thread::sleep(Duration::from_millis(150));
     }
     assert!(
@@ -897,18 +888,8 @@ fn close_stops_the_reaper_promptly_and_closes_connections() {
         "close took {:?}",
         started.elapsed()
     );
-    let mut admin = common::admin();
     assert!(
-        eventually(Duration::from_secs(5), || {
-            admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                    &[&app],
-                )
-                .unwrap()
-                .get::<_, i64>(0)
-                == 0
-        }),
+        eventually(Duration::from_secs(5), || sessions_named(&app) == 0),
         "connections left open after close"
     );
 }

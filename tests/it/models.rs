@@ -1,20 +1,11 @@
 //! Models: every rule of API.md's "Models" section, against a real PostgreSQL.
 
-mod common;
-
 use std::io::{Cursor, Read};
 
-use common::{assert_invalid, count, TestRepo};
 use pg_model_repo::{ModelRepository, RepoError};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use crate::common::{assert_invalid, count, sha256_hex, TestRepo};
 
 #[test]
 fn repository_handle_is_clone_send_and_sync() {

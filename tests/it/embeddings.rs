@@ -1,14 +1,13 @@
 //! Embeddings: every rule of API.md's "Embeddings" section and of the load methods, against a
 //! real PostgreSQL.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime};
 
-use common::{assert_invalid, count, TestRepo};
 use pg_model_repo::{Embedding, LoadMethod, ModelRepository, RepoError, RepositoryConfig};
+
+use crate::common::{self, assert_invalid, count, terminate_sessions, url_with_app_name, TestRepo};
 
 /// `n` records of one type, values depending on `seed` so that a reload changes them.
 fn batch(entity_type: &str, n: usize, dim: usize, seed: f32) -> Vec<Embedding> {
@@ -378,7 +377,7 @@ impl Tagged {
     fn new() -> Self {
         let schema = common::unique_schema("k");
         let app = format!("kill_{schema}");
-        let url = common::with_application_name(&common::server_url(), &app);
+        let url = url_with_app_name(&app);
         let config = RepositoryConfig::new(url)
             .schema(&schema)
             .pool_size(2)
@@ -390,14 +389,7 @@ impl Tagged {
     }
 
     fn kill_backends(&self) -> i64 {
-        common::admin()
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE application_name = $1",
-                &[&self.app],
-            )
-            .unwrap()
-            .get(0)
+        terminate_sessions(&self.app)
     }
 
     fn count(&self, table: &str) -> i64 {

@@ -1,10 +1,9 @@
 //! Aliases: movable pointers with a stack and a history (API.md, "Models", aliases).
 
-mod common;
-
-use common::{assert_invalid, TestRepo};
 use pg_model_repo::RepoError;
 use serde_json::json;
+
+use crate::common::{assert_invalid, TestRepo};
 
 fn repo_with_versions(versions: &[&str]) -> TestRepo {
     let repo = TestRepo::new();

@@ -1,13 +1,12 @@
 //! Monitoring and maintenance: timings, health, statistics, optimize, server statement stats.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TestRepo, TEST_SERVER_SETTINGS};
 use pg_model_repo::throwaway::{StopMode, ThrowawayServer};
 use pg_model_repo::{HealthStatus, ModelRepository, RepositoryConfig};
 use serde_json::json;
+
+use crate::common::{self, TestRepo, TEST_SERVER_SETTINGS};
 
 #[test]
 fn timings_count_calls_errors_and_slow_calls_per_operation() {

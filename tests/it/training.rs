@@ -1,10 +1,8 @@
 //! Training metrics (API.md, "Training metrics").
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::{assert_invalid, count, TestRepo};
+use crate::common::{assert_invalid, count, TestRepo};
 
 fn metrics(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()

@@ -1,38 +1,17 @@
 //! Credentials never leak (Debug, Display, logs, failed logins), and an application role with
 //! only USAGE and DML works the repository that an owner role migrated.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use pg_model_repo::throwaway::ThrowawayServer;
 use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
 use serde_json::json;
 
-/// Every log line of this test binary, at every level.
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+use crate::common::psql;
+use crate::logging::LogWatch;
 
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        let line = format!("{} {} {}", record.level(), record.target(), record.args());
-        LINES.lock().unwrap().push(line);
-    }
-    fn flush(&self) {}
-}
-
-fn capture_logs() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        log::set_boxed_logger(Box::new(Capture)).unwrap();
-        log::set_max_level(log::LevelFilter::Trace);
-    });
-}
-
-/// One server for this binary, with password authentication for role `app_user`.
+/// One server for these tests, with password authentication for role `app_user`.
 fn server() -> &'static ThrowawayServer {
     static SERVER: OnceLock<ThrowawayServer> = OnceLock::new();
     SERVER.get_or_init(|| {
@@ -74,9 +53,8 @@ fn assert_clean(text: &str) {
 
 #[test]
 fn no_password_appears_in_debug_display_errors_or_logs() {
-    capture_logs();
     let _ = server();
-    LINES.lock().unwrap().clear();
+    let logs = LogWatch::start(&[PASSWORD, WRONG]);
     for url in urls(PASSWORD) {
         let config = RepositoryConfig::new(url.clone())
             .schema("creds")
@@ -104,25 +82,9 @@ fn no_password_appears_in_debug_display_errors_or_logs() {
             source = s.source();
         }
     }
-    let lines = LINES.lock().unwrap();
-    assert!(!lines.is_empty(), "the capture saw the library's logs");
-    for line in lines.iter() {
-        assert_clean(line);
-    }
-}
-
-fn psql(url: &str, args: &[&str]) {
-    let output = std::process::Command::new("psql")
-        .arg(url)
-        .args(["-v", "ON_ERROR_STOP=1", "-q"])
-        .args(args)
-        .output()
-        .expect("psql comes with the PostgreSQL binaries");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (records, leaks) = logs.seen();
+    assert!(records > 0, "the watch saw the library's logs");
+    assert!(leaks.is_empty(), "password leaked: {leaks:?}");
 }
 
 #[test]

@@ -1,0 +1,18 @@
+//! The integration tests, as one test binary (one build, one link, one shared throwaway
+//! server for the whole suite). Every test works in its own schema, so they run in parallel.
+//! Run them all with `cargo test`, one module with e.g. `cargo test --test it cache::`, and the
+//! TLS tests with `cargo test --features tls --test it tls::`.
+
+mod common;
+mod logging;
+
+mod aliases;
+mod cache;
+mod embeddings;
+mod faults;
+mod models;
+mod monitor;
+mod schema;
+mod security;
+mod tls;
+mod training;

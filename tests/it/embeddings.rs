@@ -678,3 +678,48 @@ fn load_methods_parse_from_their_names() {
     }
     assert_invalid("bulk".parse::<LoadMethod>());
 }
+
+/// Advisory locks held by any session on the load ids of ParallelCopy (class 1886221873).
+fn load_id_locks() -> i64 {
+    common::admin()
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1886221873",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_panic_in_parallel_copys_progress_callback_stops_the_streams_and_leaves_nothing_staged() {
+    // With spare connections (streams on their own threads) and without (the caller's
+    // connection stages every part itself).
+    for (pool_size, overflow) in [(4, 2), (1, 0)] {
+        let repo = TestRepo::with_config(|c| c.pool_size(pool_size).max_overflow(overflow));
+        // Let the pool open its idle connections, so the streams get some.
+        std::thread::sleep(Duration::from_millis(300));
+        let b = batch("panicky", 40_000, 32, 1.0);
+        for panic_at in [1, 20_000] {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                repo.load_embeddings_with_progress(
+                    &b,
+                    LoadMethod::ParallelCopy,
+                    &mut |done, _| {
+                        if done >= panic_at {
+                            panic!("progress callback bug");
+                        }
+                    },
+                )
+            }));
+            assert!(outcome.is_err(), "the panic reaches the caller");
+            assert_eq!(staged_rows(&repo), 0, "pool {pool_size}, panic at {panic_at}");
+            assert_eq!(count(&repo, "embeddings"), 0);
+        }
+        // Nothing keeps a load id locked, and the repository goes on working.
+        assert_eq!(load_id_locks(), 0);
+        repo.load_embeddings(&b, LoadMethod::ParallelCopy).unwrap();
+        assert_eq!(count(&repo, "embeddings"), 40_000);
+        assert_eq!(staged_rows(&repo), 0);
+    }
+}
+

@@ -5,12 +5,13 @@
 use std::time::Instant;
 
 use postgres::Transaction;
+use rayon::slice::ParallelSliceMut;
 
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{check_batch, CheckedBatch};
-use crate::embeddings::encode::{copy_in, COLUMNS};
+use crate::embeddings::encode::{copy_in, on_cpu_pool, COLUMNS};
 use crate::embeddings::parallel::load_parallel;
 use crate::embeddings::registry::check_registry;
 use crate::embeddings::types::{vector_bytes, BatchReport, Embedding, LoadMethod};
@@ -109,13 +110,31 @@ fn mostly_existing(tx: &mut Transaction<'_>, records: &[Embedding]) -> Result<bo
     Ok(existing as usize * 2 >= sample.len())
 }
 
+/// The records in key order: loads that upsert overlapping keys lock them in one order, so
+/// concurrent loads wait for each other instead of deadlocking (40P01).
+fn in_key_order(records: &[Embedding]) -> Vec<&Embedding> {
+    fn key(e: &Embedding) -> (&str, &str) {
+        (&e.entity_type, &e.entity_id)
+    }
+    let mut sorted: Vec<&Embedding> = records.iter().collect();
+    if records.len() >= KEY_SORT_PARALLEL_MIN {
+        on_cpu_pool(|| sorted.par_sort_unstable_by(|a, b| key(a).cmp(&key(b))));
+    } else {
+        sorted.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    }
+    sorted
+}
+
+/// Batches at least this long are sorted on the crate's rayon pool.
+const KEY_SORT_PARALLEL_MIN: usize = 16_384;
+
 fn insert_rows(
     tx: &mut Transaction<'_>,
     records: &[Embedding],
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let statement = tx.prepare(UPSERT_ONE)?;
-    for (i, e) in records.iter().enumerate() {
+    for (i, e) in in_key_order(records).into_iter().enumerate() {
         let bytes = vector_bytes(&e.vector);
         let dimension = e.vector.len() as i32;
         tx.execute(
@@ -142,7 +161,7 @@ fn insert_multi_row(
 ) -> Result<()> {
     let statement = tx.prepare(UPSERT_ARRAYS)?;
     let mut done = 0u64;
-    for chunk in records.chunks(MULTI_ROW) {
+    for chunk in in_key_order(records).chunks(MULTI_ROW) {
         let types: Vec<&str> = chunk.iter().map(|e| e.entity_type.as_str()).collect();
         let ids: Vec<&str> = chunk.iter().map(|e| e.entity_id.as_str()).collect();
         let vectors: Vec<Vec<u8>> = chunk.iter().map(|e| vector_bytes(&e.vector)).collect();

@@ -723,3 +723,31 @@ fn a_panic_in_parallel_copys_progress_callback_stops_the_streams_and_leaves_noth
     }
 }
 
+#[test]
+fn concurrent_loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
+    let repo = TestRepo::with_config(|c| c.pool_size(4).max_overflow(4));
+    let forward = batch("overlap", 3000, 8, 1.0);
+    let mut backward = batch("overlap", 3000, 8, 2.0);
+    backward.reverse();
+    repo.batch_save_embeddings(&forward[..1]).unwrap();
+    for method in [LoadMethod::Insert, LoadMethod::MultiRowInsert] {
+        let start = Barrier::new(4);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    let (repo, start) = (&repo, &start);
+                    let b = if i % 2 == 0 { &forward } else { &backward };
+                    s.spawn(move || {
+                        start.wait();
+                        repo.load_embeddings(b, method)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in &results {
+            assert!(r.is_ok(), "{method:?}: {r:?}");
+        }
+        assert_eq!(count(&repo, "embeddings"), 3000);
+    }
+}

@@ -16,7 +16,7 @@ use crate::db::pool::PoisonOnPanic;
 use crate::db::retry::Retry;
 use crate::db::to_hex;
 use crate::models::versions::{
-    info_columns, store_model, verify_checksum, ModelInfo, SaveRequest, VersionRef, INFO_COLUMNS,
+    info_columns, store_model, ModelInfo, SaveRequest, VersionRef, INFO_COLUMNS,
 };
 use crate::repository::ModelRepository;
 use crate::validate;
@@ -249,13 +249,14 @@ impl ModelRepository {
                 let hash = stream_slices(&mut tx, &info, writer, &mut written)
                     .map_err(|e| interrupted_after("model stream", written, "bytes", e))?;
                 tx.commit()?;
-                verify_checksum(&info, &hash)?;
-                Ok(Some(info))
+                Ok(Some((info, hash)))
             })?;
-            if let Some(info) = &loaded {
-                self.record_model_load(&info.model_name, &info.version);
-            }
-            Ok(loaded)
+            let Some((mut info, hash)) = loaded else {
+                return Ok(None);
+            };
+            self.settle_checksum(call, &mut info, &hash)?;
+            self.record_model_load(&info.model_name, &info.version);
+            Ok(Some(info))
         })
     }
 }

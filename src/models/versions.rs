@@ -295,10 +295,10 @@ impl ModelRepository {
             })
             .transpose()
         })?;
-        let Some((info, data)) = found else {
+        let Some((mut info, data)) = found else {
             return Ok(None);
         };
-        verify_checksum(&info, &hex_sha256(&data))?;
+        self.settle_checksum(call, &mut info, &hex_sha256(&data))?;
         self.record_model_load(&info.model_name, &info.version);
         Ok(Some((info, data)))
     }
@@ -457,6 +457,46 @@ fn compare_with_stored<C: GenericClient>(
             "content or metadata"
         }
     )))
+}
+
+const FILL_CHECKSUM: &str = "UPDATE ml_models SET checksum = $3 \
+     WHERE model_name = $1 AND version = $2 AND checksum IS NULL";
+
+impl ModelRepository {
+    /// [`verify_checksum`]; and a row whose checksum was cleared by hand (NULL: the library
+    /// always stores one) gets the checksum its bytes hash to now, in `info` and in the
+    /// table, so that every later load verifies against it.
+    pub(crate) fn settle_checksum(
+        &self,
+        call: &Call<'_>,
+        info: &mut ModelInfo,
+        actual: &str,
+    ) -> Result<()> {
+        verify_checksum(info, actual)?;
+        if !info.checksum.is_empty() {
+            return Ok(());
+        }
+        info.checksum = actual.to_owned();
+        let filled = call.run(Retry::Idempotent, |conn| {
+            let statement = conn.prepare_cached(FILL_CHECKSUM)?;
+            let params: [&(dyn ToSql + Sync); 3] =
+                [&info.model_name, &info.version, &info.checksum];
+            Ok(conn.client().execute(&statement, &params)?)
+        });
+        match filled {
+            Ok(_) => log::info!(
+                "pg-model-repo: {}/{} had no checksum; stored the one its bytes hash to now",
+                info.model_name,
+                info.version
+            ),
+            Err(e) => log::warn!(
+                "pg-model-repo: {}/{} has no checksum and storing one failed: {e}",
+                info.model_name,
+                info.version
+            ),
+        }
+        Ok(())
+    }
 }
 
 /// `Corrupt` when the bytes read no longer hash to the stored checksum.

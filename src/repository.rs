@@ -76,7 +76,9 @@ impl Drop for Inner {
             let deadline = started + CLOSE_FLUSH_DEADLINE;
             if let Err(e) = self.counts.flush(&self.pool, Flush::Closing(deadline)) {
                 log::warn!(
-                    "pg-model-repo: close could not write the buffered access counts ({e}): {}",
+                    "pg-model-repo: close of schema {} could not write the buffered access \
+                     counts ({e}): {}",
+                    self.config.schema,
                     self.counts.unwritten()
                 );
             }

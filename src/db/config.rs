@@ -250,7 +250,7 @@ impl RepositoryConfig {
         check_count("max_overflow", self.max_overflow, 0, MAX_POOL_CONNECTIONS)?;
         if self.pool_size + self.max_overflow > MAX_POOL_CONNECTIONS {
             return Err(RepoError::invalid(format!(
-                "pool_size + max_overflow is {}; it must be at most {MAX_POOL_CONNECTIONS}",
+                "pool_size + max_overflow is {}; it must be within 1..={MAX_POOL_CONNECTIONS}",
                 u64::from(self.pool_size) + u64::from(self.max_overflow)
             )));
         }

@@ -252,14 +252,13 @@ impl AccessCounts {
         )
     }
 
-    /// Writes both buffers; both are attempted unless no connection came for the first, and
-    /// the first error is returned.
+    /// Writes both buffers; both are attempted unless the first timed out, and the first
+    /// error is returned.
     pub(crate) fn flush(&self, pool: &Pool, how: Flush) -> Result<()> {
         let hits = self.cache_hits.flush(pool, how);
-        if let Err(e @ RepoError::Timeout(_)) = &hits {
-            if e.is_transient() {
-                return hits;
-            }
+        if let Err(RepoError::Timeout(_)) = &hits {
+            // No connection came, or the server hangs: the second would wait the same way.
+            return hits;
         }
         let loads = self.model_loads.flush(pool, how);
         hits.and(loads)

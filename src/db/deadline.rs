@@ -146,6 +146,7 @@ impl State {
     }
 
     fn kill(&self, why: Expired) {
+        log::debug!("pg-model-repo: watchdog: {why}");
         *lock(&self.expired) = Some(why);
         self.killed.store(true, Ordering::Release);
         self.wake();

@@ -399,8 +399,8 @@ impl Pool {
         self.get_within(self.inner.connection_timeout())
     }
 
-    /// A connection within `timeout`, else `RepoError::Timeout`; gives up early once the
-    /// pool is closing.
+    /// A connection within `timeout`, else `RepoError::Timeout`; none at all once the pool
+    /// is closing.
     pub(crate) fn get_within(&self, timeout: Duration) -> Result<Conn> {
         self.checkout(Instant::now() + timeout, true)
     }
@@ -420,6 +420,9 @@ impl Pool {
         // r2d2 reports the last connection error once; keep it across slices.
         let mut cause: Option<r2d2::Error> = None;
         let result = loop {
+            if interruptible && self.shared.closing.load(Ordering::Acquire) {
+                break Err(RepoError::pool_timeout("the repository is closing"));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             let slice = if interruptible {
                 left.min(CHECKOUT_SLICE)
@@ -438,9 +441,6 @@ impl Pool {
                 let cause = cause.map(|e| format!(": {e}")).unwrap_or_default();
                 break Err(RepoError::pool_timeout(format!("waited {waited:?}{cause}")));
             }
-            if interruptible && self.shared.closing.load(Ordering::Acquire) {
-                break Err(RepoError::pool_timeout("the repository is closing"));
-            }
         };
         CHECKOUT_DEADLINE.set(previous);
         self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -453,8 +453,9 @@ impl Pool {
         self.inner.try_get().map(Conn::out)
     }
 
-    /// The repository is closing: waiting checkouts give up within a slice, and connections
-    /// still checked out (the reaper's) are cut at `cut_at` if their work is not done by then.
+    /// The repository is closing: ordinary checkouts fail (waiting ones within a slice), and
+    /// connections still checked out (the reaper's) are cut at `cut_at` if their work is not
+    /// done by then.
     pub(crate) fn begin_close(&self, cut_at: Instant) {
         self.shared.closing.store(true, Ordering::Release);
         self.shared.watches.cut_armed_at(cut_at);

@@ -10,6 +10,8 @@ mod aliases;
 mod cache;
 mod embeddings;
 mod faults;
+mod hangs;
+mod lost_replies;
 mod models;
 mod monitor;
 mod schema;

@@ -356,3 +356,134 @@ fn closing_the_last_clone_closes_every_pooled_connection() {
     }
     assert_eq!(sessions_named(&app), 0);
 }
+
+#[test]
+fn six_concurrent_opens_at_a_20_ms_query_timeout_all_succeed() {
+    // The migration outlasts query_timeout: waiting for it is bounded by pool_timeout.
+    let schema = unique_schema("six20");
+    let open = || {
+        ModelRepository::open(config(&schema).query_timeout(Duration::from_millis(20)))
+            .map(|r| r.close())
+    };
+    for round in ["a new schema", "an already migrated schema"] {
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6).map(|_| s.spawn(open)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        drop_schema_after_failure(&schema, || {
+            for r in &results {
+                assert!(r.is_ok(), "{round}: {r:?}");
+            }
+        });
+    }
+    drop_schema(&schema);
+}
+
+/// Drops the schema only if `f` panics (the caller drops it at the end otherwise).
+fn drop_schema_after_failure(schema: &str, f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        drop_schema(schema);
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn a_schema_starting_with_pg_is_invalid_and_runs_no_sql() {
+    for name in ["pg_x", "pg_catalog", "pg_"] {
+        let result = ModelRepository::open(config(name));
+        match &result {
+            Err(RepoError::InvalidInput(m)) => assert!(m.contains("pg_"), "{m}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert!(!schema_exists("pg_x"));
+    // Only the lowercase prefix is reserved (schemas are always quoted).
+    let name = format!("PG_x_{}", std::process::id());
+    drop_schema_after(&name, || {
+        ModelRepository::open(config(&name)).unwrap().close();
+    });
+}
+
+#[test]
+fn hostile_settings_are_invalid_input_naming_the_setting_before_any_io() {
+    let huge = Duration::MAX;
+    let cases: Vec<(&str, Box<dyn Fn(RepositoryConfig) -> RepositoryConfig>)> = vec![
+        ("pool_timeout", Box::new(move |c| c.pool_timeout(huge))),
+        ("pool_timeout", Box::new(|c| c.pool_timeout(Duration::ZERO))),
+        ("max_overflow", Box::new(|c| c.max_overflow(u32::MAX))),
+        ("pool_size", Box::new(|c| c.pool_size(u32::MAX))),
+        ("pool_size", Box::new(|c| c.pool_size(0))),
+        ("pool_size + max_overflow", Box::new(|c| c.pool_size(6000).max_overflow(6000))),
+        ("query_timeout", Box::new(move |c| c.query_timeout(huge))),
+        // Above PostgreSQL's limit for statement_timeout (i32::MAX ms, about 24.8 days).
+        (
+            "query_timeout",
+            Box::new(|c| c.query_timeout(Duration::from_millis(i32::MAX as u64 + 1))),
+        ),
+        ("query_timeout", Box::new(|c| c.query_timeout(Duration::from_micros(10)))),
+        ("cache_max_ttl", Box::new(move |c| c.cache_max_ttl(huge))),
+        (
+            "cache_default_ttl",
+            Box::new(|c| c.cache_default_ttl(Duration::from_secs(100_000))),
+        ),
+        ("reaper_interval", Box::new(move |c| c.reaper_interval(Some(huge)))),
+        ("slow_query_threshold", Box::new(move |c| c.slow_query_threshold(huge))),
+        ("stream_idle_timeout", Box::new(move |c| c.stream_idle_timeout(huge))),
+        ("max_model_size", Box::new(|c| c.max_model_size(u64::MAX))),
+        ("max_model_size", Box::new(|c| c.max_model_size(0))),
+    ];
+    for (setting, adjust) in &cases {
+        let schema = unique_schema("hostile");
+        let started = Instant::now();
+        let result = ModelRepository::open(adjust(config(&schema)));
+        match &result {
+            Err(RepoError::InvalidInput(m)) => {
+                assert!(m.starts_with(setting), "{setting}: {m}");
+                assert!(m.contains("within"), "the range is named: {m}");
+            }
+            other => panic!("{setting}: {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(!schema_exists(&schema), "{setting}: nothing was created");
+    }
+    // The same from the environment.
+    for (var, value) in [
+        ("DB_POOL_TIMEOUT", "1e19"),
+        ("DB_MAX_OVERFLOW", "4294967295"),
+        ("QUERY_TIMEOUT", "2147484"),
+    ] {
+        let config = RepositoryConfig::from_lookup(|name| match name {
+            "DATABASE_URL" => Some(common::server_url()),
+            "MODEL_REPO_SCHEMA" => Some(unique_schema("env")),
+            n if n == var => Some(value.to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let schema = config.schema_name().to_owned();
+        let result = ModelRepository::open(config);
+        assert!(
+            matches!(result, Err(RepoError::InvalidInput(_))),
+            "{var}={value}: {result:?}"
+        );
+        assert!(!schema_exists(&schema));
+    }
+}
+
+#[test]
+fn connection_errors_name_their_cause() {
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let quick = |c: RepositoryConfig| c.pool_timeout(Duration::from_millis(500));
+    let migrating = ModelRepository::open(quick(RepositoryConfig::new(&url))).unwrap_err();
+    let pooled =
+        ModelRepository::open(quick(RepositoryConfig::new(&url).auto_migrate(false))).unwrap_err();
+    for e in [migrating, pooled] {
+        let shown = e.to_string();
+        assert!(shown.contains("refused"), "{shown}");
+    }
+}

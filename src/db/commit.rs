@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use postgres::Transaction;
 
-use crate::db::error::{is_connection_failure, RepoError, Result};
+use crate::db::error::{RepoError, Result};
 use crate::db::pool::{Conn, PgConnection, Pool};
 use crate::db::retry::{self, Policy, Retry};
 
@@ -65,7 +65,7 @@ pub(crate) enum Checkout {
 enum Failed<T> {
     /// Before COMMIT was sent: nothing was written.
     Before(RepoError),
-    /// COMMIT was sent and its reply lost.
+    /// COMMIT was sent and failed: it may or may not have committed.
     AtCommit {
         xid: i64,
         value: T,
@@ -108,13 +108,13 @@ pub(crate) fn run_tracked<T>(
                 match status(pool, xid, checkout) {
                     Ok(Status::Committed) => {
                         log::info!(
-                            "pg-model-repo: {op}: the reply to COMMIT was lost ({error}); \
-                             the server says it committed"
+                            "pg-model-repo: {op}: COMMIT failed ({error}); the server says \
+                             it committed"
                         );
                         Ok(Outcome::Committed(value))
                     }
-                    // Nothing happened: the caller's retry policy decides (the error is a
-                    // lost connection, so transient).
+                    // Nothing happened: the error and the caller's retry policy decide
+                    // whether it is repeated.
                     Ok(Status::Aborted) => Err(error),
                     Ok(Status::InProgress | Status::Forgotten) | Err(_) => {
                         Ok(Outcome::Unknown { xid, cause: error })
@@ -174,13 +174,10 @@ fn attempt<T>(
     let Err(e) = committed else {
         return Ok(value);
     };
+    // Any failed COMMIT is settled by asking the server, not by reading the error: a backend
+    // terminated while it commits answers 57P01 whether or not the commit record was written.
     let hung = conn.watch().fired();
-    let lost = hung || is_connection_failure(&e);
     let error = RepoError::from(e);
-    if !lost {
-        // The server answered COMMIT with an error: it rolled back.
-        return Err(Failed::Before(error));
-    }
     Err(Failed::AtCommit {
         xid,
         value,

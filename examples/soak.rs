@@ -91,12 +91,24 @@ fn main() -> pg_model_repo::Result<()> {
     // 1. Killed backends.
     let (url, _server) = database_url_or_start(&[("max_connections", "200")])?;
     println!("soak: kill phase, {seconds} s, {threads} threads, every backend killed each second");
-    let found = run_phase(&url, &url, "kill", threads, seconds, &tally, DEFAULT_BOUND, |c| c, |stop| {
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_secs(1));
-            tally.faults.fetch_add(kill_backends(&url), Ordering::Relaxed);
-        }
-    })?;
+    let found = run_phase(
+        &url,
+        &url,
+        "kill",
+        threads,
+        seconds,
+        &tally,
+        DEFAULT_BOUND,
+        |c| c,
+        |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                tally
+                    .faults
+                    .fetch_add(kill_backends(&url), Ordering::Relaxed);
+            }
+        },
+    )?;
     add(&mut totals, found);
 
     // 2 and 3 run on a server of their own.
@@ -108,32 +120,52 @@ fn main() -> pg_model_repo::Result<()> {
             .query_timeout(Duration::from_secs(2))
             .stream_idle_timeout(Duration::from_secs(3))
     };
-    let found = run_phase(&own_url, &own_url, "hang", threads, hang_seconds, &tally, HANG_BOUND, hang_config, |stop| {
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(1500));
-            if stop.load(Ordering::Relaxed) {
-                break;
+    let found = run_phase(
+        &own_url,
+        &own_url,
+        "hang",
+        threads,
+        hang_seconds,
+        &tally,
+        HANG_BOUND,
+        hang_config,
+        |stop| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1500));
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(frozen) = own.freeze() else { break };
+                tally.faults.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2000 + 1000 * (n % 3)));
+                drop(frozen);
+                n += 1;
             }
-            let Ok(frozen) = own.freeze() else { break };
-            tally.faults.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(2000 + 1000 * (n % 3)));
-            drop(frozen);
-            n += 1;
-        }
-    })?;
+        },
+    )?;
     add(&mut totals, found);
 
     let proxy = LostReplyProxy::start(own.port())?;
     println!("soak: lost-reply phase, {lost_seconds} s: a commit reply lost every 100 ms");
-    let found = run_phase(&proxy.url(), &own_url, "lost", threads, lost_seconds, &tally, DEFAULT_BOUND, |c| c, |stop| {
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(100));
-            if proxy.armed() == 0 {
-                proxy.lose_next_commit_replies(1);
+    let found = run_phase(
+        &proxy.url(),
+        &own_url,
+        "lost",
+        threads,
+        lost_seconds,
+        &tally,
+        DEFAULT_BOUND,
+        |c| c,
+        |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if proxy.armed() == 0 {
+                    proxy.lose_next_commit_replies(1);
+                }
             }
-        }
-    })?;
+        },
+    )?;
     println!("lost-reply phase: {} commit replies lost", proxy.lost());
     tally.faults.fetch_add(proxy.lost(), Ordering::Relaxed);
     add(&mut totals, found);
@@ -278,7 +310,9 @@ fn worker(t: usize, phase: &Phase<'_>, stop: &AtomicBool) {
             }
             1 => {
                 let metrics = [("i".to_string(), i as f64)].into();
-                let saved = call(phase, || repo.save_training_metrics(&model, &version, &metrics));
+                let saved = call(phase, || {
+                    repo.save_training_metrics(&model, &version, &metrics)
+                });
                 let mut a = ack();
                 let entry = a
                     .metrics
@@ -294,8 +328,10 @@ fn worker(t: usize, phase: &Phase<'_>, stop: &AtomicBool) {
             }
             3 => {
                 let key = format!("{model}:{i}");
-                if call(phase, || repo.cache_predictions(&key, &i, Duration::from_secs(3600)))
-                    .is_some()
+                if call(phase, || {
+                    repo.cache_predictions(&key, &i, Duration::from_secs(3600))
+                })
+                .is_some()
                 {
                     ack().cache_keys.push(key);
                 }
@@ -308,7 +344,9 @@ fn worker(t: usize, phase: &Phase<'_>, stop: &AtomicBool) {
             }
             5 => {
                 let batch: Vec<Embedding> = (0..50)
-                    .map(|j| Embedding::new(model.clone(), format!("{}", i * 100 + j), vec![i as f32; 8]))
+                    .map(|j| {
+                        Embedding::new(model.clone(), format!("{}", i * 100 + j), vec![i as f32; 8])
+                    })
                     .collect();
                 if call(phase, || repo.batch_save_embeddings(&batch)).is_some() {
                     ack().embedding_batches.push((model.clone(), i * 100, 50));
@@ -330,14 +368,21 @@ fn glob_delete(phase: &Phase<'_>, model: &str, i: u64) {
     let mut written = 0;
     for j in 0..3 {
         let key = format!("{model}:c{i}:{j}");
-        if call(phase, || repo.cache_predictions(&key, &j, Duration::from_secs(3600))).is_some() {
+        if call(phase, || {
+            repo.cache_predictions(&key, &j, Duration::from_secs(3600))
+        })
+        .is_some()
+        {
             written += 1;
         }
     }
     if let Some(removed) = call(phase, || repo.clear_cache(&format!("{model}:c{i}:*"))) {
         if written == 3 && removed < 3 {
             phase.tally.answers_low.fetch_add(1, Ordering::Relaxed);
-            println!("{} phase: clear_cache answered {removed} for 3 keys", phase.name);
+            println!(
+                "{} phase: clear_cache answered {removed} for 3 keys",
+                phase.name
+            );
         }
         if removed > 3 {
             phase.tally.answers_high.fetch_add(1, Ordering::Relaxed);
@@ -405,7 +450,10 @@ fn verify(
             .get(0);
         checked += 1;
         if found != *n as i64 {
-            println!("lost {} embeddings of batch {entity_type}/{first}", *n as i64 - found);
+            println!(
+                "lost {} embeddings of batch {entity_type}/{first}",
+                *n as i64 - found
+            );
             lost += 1;
         }
     }

@@ -38,7 +38,10 @@
 //! Every call validates its input before any I/O (bad input is [`RepoError::InvalidInput`]
 //! and writes nothing), retries transient connection failures with bounded backoff where the
 //! operation is safe to repeat, and reports its timing to
-//! [`ModelRepository::get_performance_metrics`].
+//! [`ModelRepository::get_performance_metrics`]. When the server or the network hangs, no call
+//! blocks past its bound (a client-side watchdog cuts the connection; see
+//! [`RepositoryConfig::stream_idle_timeout`]), and a write whose commit reply was lost answers
+//! right after its retry or fails with [`RepoError::OutcomeUnknown`].
 //!
 //! The `postgres` client runs its own small runtime: calling this crate from inside a tokio
 //! runtime's worker thread panics there. From async code, use `spawn_blocking`.
@@ -56,9 +59,9 @@
 //! | `cache/` | entries (CBOR, TTL), Redis globs, the reaper thread |
 //! | `training` | training metrics |
 //! | `monitor/` | health, storage statistics, maintenance |
-//! | `db/` | plumbing: config, pool (checkout with retry), retry, migrations, errors, timings, access counters, TLS, the binary COPY format |
+//! | `db/` | plumbing: config, pool (checkout with retry), retry, migrations, errors, timings, access counters, TLS, the binary COPY format, the hung-server watchdog (`deadline`), commits whose reply may be lost (`commit`) |
 //! | `validate` | input rules shared by every area (names, lengths, metadata) |
-//! | `throwaway` | throwaway PostgreSQL servers for tests and examples (feature `throwaway`, unix) |
+//! | `throwaway` | throwaway PostgreSQL servers for tests and examples, which can be frozen, and a proxy that loses commit replies (feature `throwaway`, unix) |
 //!
 //! # Output types
 //!

@@ -257,16 +257,26 @@ impl RepositoryConfig {
         let ms = Duration::from_millis(1);
         check_duration("pool_timeout", self.pool_timeout, ms, MAX_WAIT)?;
         check_duration("query_timeout", self.query_timeout, ms, MAX_QUERY_TIMEOUT)?;
-        check_duration("stream_idle_timeout", self.stream_idle_timeout, ms, MAX_WAIT)?;
+        check_duration(
+            "stream_idle_timeout",
+            self.stream_idle_timeout,
+            ms,
+            MAX_WAIT,
+        )?;
         let us = Duration::from_micros(1);
         check_duration("cache_max_ttl", self.cache_max_ttl, us, MAX_CACHE_TTL)?;
-        check_duration("cache_default_ttl", self.cache_default_ttl, us, self.cache_max_ttl)
-            .map_err(|_| {
-                RepoError::invalid(format!(
-                    "cache_default_ttl is {:?}; it must be within 1µs..=cache_max_ttl ({:?})",
-                    self.cache_default_ttl, self.cache_max_ttl
-                ))
-            })?;
+        check_duration(
+            "cache_default_ttl",
+            self.cache_default_ttl,
+            us,
+            self.cache_max_ttl,
+        )
+        .map_err(|_| {
+            RepoError::invalid(format!(
+                "cache_default_ttl is {:?}; it must be within 1µs..=cache_max_ttl ({:?})",
+                self.cache_default_ttl, self.cache_max_ttl
+            ))
+        })?;
         if let Some(every) = self.reaper_interval {
             check_duration("reaper_interval", every, ms, MAX_WAIT)?;
         }

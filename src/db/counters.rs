@@ -75,12 +75,18 @@ pub(crate) enum Buffer {
     FlushSoon,
 }
 
+/// Counts per key, as drained from a buffer.
+type Drained = Vec<(String, Pending)>;
+
+/// A flush whose COMMIT reply was lost: its transaction id and the counts it carried.
+type InDoubt = (i64, Drained);
+
 /// Key -> (count, time of the last access), bounded.
 #[derive(Debug, Default)]
 struct AccessBuffer {
     pending: Mutex<HashMap<String, Pending>>,
     /// Flushes whose outcome is not known yet: their transaction id and counts.
-    in_doubt: Mutex<Vec<(i64, Vec<(String, Pending)>)>>,
+    in_doubt: Mutex<Vec<InDoubt>>,
     /// Accesses not buffered because the buffer was full.
     dropped: AtomicU64,
 }
@@ -118,14 +124,14 @@ impl AccessBuffer {
     }
 
     /// Takes the buffered counts, sorted by key (a stable lock order for concurrent flushes).
-    fn drain(&self) -> Vec<(String, Pending)> {
+    fn drain(&self) -> Drained {
         let mut drained: Vec<_> = std::mem::take(&mut *self.lock()).into_iter().collect();
         drained.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         drained
     }
 
     /// Puts back counts whose flush failed, so the next flush carries them.
-    fn restore(&self, counts: Vec<(String, Pending)>) {
+    fn restore(&self, counts: Drained) {
         let mut pending = self.lock();
         for (key, c) in counts {
             if let Some(p) = pending.get_mut(&key) {
@@ -163,7 +169,8 @@ impl AccessBuffer {
     /// into the buffer, forgotten ones are dropped (counting them again could count twice),
     /// the rest wait for the next flush.
     fn settle(&self, pool: &Pool, op: &str, checkout: Checkout) {
-        let doubtful = std::mem::take(&mut *self.in_doubt.lock().unwrap_or_else(|p| p.into_inner()));
+        let doubtful =
+            std::mem::take(&mut *self.in_doubt.lock().unwrap_or_else(|p| p.into_inner()));
         for (xid, counts) in doubtful {
             match commit::status(pool, xid, checkout) {
                 Ok(Status::Committed) => {

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use postgres::tls::{ChannelBinding, TlsStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::db::config::RepositoryConfig;
+
 /// How often the watchdog looks at armed connections: the margin on every bound.
 pub(crate) const TICK: Duration = Duration::from_millis(50);
 
@@ -34,6 +36,31 @@ pub(crate) const STATEMENT_GRACE: Duration = Duration::from_secs(1);
 
 /// The bound of closing a session (sending Terminate) when it is dropped.
 const CLOSE_BOUND: Duration = Duration::from_millis(500);
+
+/// How long a caller may wait on a silent server, by kind of work.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bounds {
+    /// Ordinary statements: query_timeout plus a grace, so the server's own timeout answers
+    /// first when the server is alive.
+    pub statement: Duration,
+    /// Streaming and bulk work, which runs without statement_timeout: stream_idle_timeout.
+    pub stream: Duration,
+    /// Logging in (the TCP connect has connect_timeout of its own).
+    pub login: Duration,
+}
+
+impl Bounds {
+    pub(crate) fn for_config(config: &RepositoryConfig, pg: &postgres::Config) -> Self {
+        Bounds {
+            statement: config.query_timeout.saturating_add(STATEMENT_GRACE),
+            stream: config.stream_idle_timeout,
+            login: pg
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(config.pool_timeout),
+        }
+    }
+}
 
 /// Why a connection was cut; the source of the I/O error its caller sees.
 #[derive(Clone, Debug)]
@@ -50,13 +77,13 @@ impl std::fmt::Display for Expired {
             Some(bound) => write!(
                 f,
                 "no reply from the server for {:.1?} (bound {bound:?}); the connection was cut \
-                 and discarded",
+                 and discarded (a write it carried may or may not have taken effect)",
                 self.waited
             ),
             None => write!(
                 f,
                 "the call's deadline passed while it waited for the server; the connection was \
-                 cut and discarded"
+                 cut and discarded (a write it carried may or may not have taken effect)"
             ),
         }
     }
@@ -457,7 +484,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_idle_connection_is_never_cut_and_a_stalled_one_is() {
+    fn an_armed_connection_nobody_waits_on_is_never_cut() {
         let watch = Watch::new();
         // Armed, but nobody polls: the caller is busy elsewhere.
         watch.arm(Duration::from_millis(100));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use postgres::{Client, Statement, Transaction};
 
 use crate::db::config::{describe_target, RepositoryConfig};
-use crate::db::deadline::{Watch, WatchGroup, STATEMENT_GRACE};
+use crate::db::deadline::{Bounds, Watch, WatchGroup};
 use crate::db::error::{is_connection_failure, RepoError, Result};
 use crate::db::retry::{self, Policy, Retry};
 use crate::db::tls::Connector;
@@ -23,31 +23,6 @@ const VALIDATION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A waiting checkout looks at the pool's closing flag this often.
 const CHECKOUT_SLICE: Duration = Duration::from_millis(100);
-
-/// How long a caller may wait on a silent server, by kind of work (see `db::deadline`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Bounds {
-    /// Ordinary statements: query_timeout plus a grace, so the server's own timeout answers
-    /// first when the server is alive.
-    pub statement: Duration,
-    /// Streaming and bulk work, which runs without statement_timeout: stream_idle_timeout.
-    pub stream: Duration,
-    /// Logging in (the TCP connect has connect_timeout of its own).
-    pub login: Duration,
-}
-
-impl Bounds {
-    pub(crate) fn for_config(config: &RepositoryConfig, pg: &postgres::Config) -> Self {
-        Bounds {
-            statement: config.query_timeout.saturating_add(STATEMENT_GRACE),
-            stream: config.stream_idle_timeout,
-            login: pg
-                .get_connect_timeout()
-                .copied()
-                .unwrap_or(config.pool_timeout),
-        }
-    }
-}
 
 /// One pooled session.
 pub(crate) struct PgConnection {
@@ -276,9 +251,9 @@ impl r2d2::ManageConnection for Manager {
         if conn.epoch >= current {
             return Ok(());
         }
-        let left = CHECKOUT_DEADLINE
-            .get()
-            .map_or(VALIDATION_TIMEOUT, |d| d.saturating_duration_since(Instant::now()));
+        let left = CHECKOUT_DEADLINE.get().map_or(VALIDATION_TIMEOUT, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
         conn.client
             .is_valid(VALIDATION_TIMEOUT.min(left).max(Duration::from_millis(1)))?;
         conn.epoch = current;

@@ -60,8 +60,8 @@ impl Connector {
         pg: &postgres::Config,
         watch: &Watch,
     ) -> std::result::Result<Client, postgres::Error> {
-        let tcp_only = !pg.get_hosts().is_empty()
-            && pg.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
+        let tcp_only =
+            !pg.get_hosts().is_empty() && pg.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
         if !tcp_only {
             return match self {
                 Connector::Plain => pg.connect(NoTls),
@@ -120,9 +120,8 @@ struct WatchedConnectHost {
 }
 
 #[cfg(feature = "tls")]
-type RustlsConnect = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<
-    Watched<Socket>,
->>::TlsConnect;
+type RustlsConnect =
+    <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Watched<Socket>>>::TlsConnect;
 #[cfg(feature = "tls")]
 type RustlsStream = <RustlsConnect as TlsConnect<Watched<Socket>>>::Stream;
 

@@ -169,7 +169,10 @@ impl ThrowawayServer {
             .ok_or_else(|| RepoError::Io(std::io::Error::other("unreadable postmaster.pid")))?;
         let mut pids = vec![postmaster];
         for entry in std::fs::read_dir("/proc")?.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
             else {
                 continue;
             };

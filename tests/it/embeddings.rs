@@ -701,18 +701,18 @@ fn a_panic_in_parallel_copys_progress_callback_stops_the_streams_and_leaves_noth
         let b = batch("panicky", 40_000, 32, 1.0);
         for panic_at in [1, 20_000] {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                repo.load_embeddings_with_progress(
-                    &b,
-                    LoadMethod::ParallelCopy,
-                    &mut |done, _| {
-                        if done >= panic_at {
-                            panic!("progress callback bug");
-                        }
-                    },
-                )
+                repo.load_embeddings_with_progress(&b, LoadMethod::ParallelCopy, &mut |done, _| {
+                    if done >= panic_at {
+                        panic!("progress callback bug");
+                    }
+                })
             }));
             assert!(outcome.is_err(), "the panic reaches the caller");
-            assert_eq!(staged_rows(&repo), 0, "pool {pool_size}, panic at {panic_at}");
+            assert_eq!(
+                staged_rows(&repo),
+                0,
+                "pool {pool_size}, panic at {panic_at}"
+            );
             assert_eq!(count(&repo, "embeddings"), 0);
         }
         // Nothing keeps a load id locked, and the repository goes on working.

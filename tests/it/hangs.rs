@@ -44,6 +44,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 
 #[track_caller]
 fn assert_within(what: &str, took: Duration, bound: Duration) {
+    println!("{what}: {took:?} (bound {bound:?})");
     assert!(
         took <= bound + MARGIN,
         "{what} took {took:?}; its bound is {bound:?}"
@@ -79,7 +80,8 @@ fn calls_on_a_frozen_server_return_within_their_bounds_and_work_after_it_resumes
         let health = s.spawn(|| timed(|| repo.health_check()));
         let load = s.spawn(|| timed(|| repo.load_model("m", "1")));
         let read = s.spawn(|| timed(|| repo.get_model_versions("m")));
-        let write = s.spawn(|| timed(|| repo.cache_predictions("k2", &2u8, Duration::from_secs(60))));
+        let write =
+            s.spawn(|| timed(|| repo.cache_predictions("k2", &2u8, Duration::from_secs(60))));
         let delete = s.spawn(|| timed(|| repo.delete_model("m", "1")));
         let hit = s.spawn(|| timed(|| repo.get_cached_predictions::<u8>("k")));
 
@@ -155,10 +157,7 @@ fn a_stream_that_stops_moving_is_cut_after_stream_idle_timeout() {
     assert!(writer.frozen.is_some());
     // Bytes reached the writer: the stream is reported interrupted, its cause the cut.
     let e = result.unwrap_err();
-    assert!(
-        e.to_string().contains("no reply from the server"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("no reply from the server"), "{e}");
     assert_within("load_model_to_writer", took, STREAM_IDLE);
     drop(writer);
     let mut out = Vec::new();
@@ -243,6 +242,7 @@ fn close_with_the_server_stopped_and_the_reaper_waiting_returns_within_3_s() {
     // Let the reaper's ticks find the server gone and wait on the pool (15 s).
     std::thread::sleep(Duration::from_millis(500));
     let (_, took) = timed(|| repo.close());
+    println!("close: {took:?}");
     assert!(took < Duration::from_secs(3), "close took {took:?}");
 }
 
@@ -268,6 +268,7 @@ fn close_with_the_server_frozen_mid_purge_returns_within_3_s_and_says_what_it_lo
     // The reaper's next tick now waits on the frozen server.
     std::thread::sleep(Duration::from_millis(400));
     let (_, took) = timed(|| repo.close());
+    println!("close: {took:?}");
     assert!(took < Duration::from_secs(3), "close took {took:?}");
     let (_, lines) = watch.seen();
     drop(watch);

@@ -133,7 +133,10 @@ fn counter_flushes_count_once_after_a_lost_commit_reply() {
     assert_eq!(models.models[0].load_count, 2);
     // Later flushes add nothing of those again.
     assert_eq!(repo.get_cache_statistics().unwrap().total_access_count, 3);
-    assert_eq!(repo.get_model_storage_stats().unwrap().models[0].load_count, 2);
+    assert_eq!(
+        repo.get_model_storage_stats().unwrap().models[0].load_count,
+        2
+    );
     assert_eq!(
         t.count("SELECT sum(access_count)::int8 FROM prediction_cache"),
         3

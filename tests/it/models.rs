@@ -473,7 +473,10 @@ fn a_checksum_cleared_by_hand_is_computed_on_load_and_guards_later_loads() {
     assert_eq!(bytes, data);
     assert_eq!(info.checksum, sha256_hex(&data));
     let mut out = Vec::new();
-    let streamed = repo.load_model_to_writer("m", "2", &mut out).unwrap().unwrap();
+    let streamed = repo
+        .load_model_to_writer("m", "2", &mut out)
+        .unwrap()
+        .unwrap();
     assert_eq!(streamed.checksum, sha256_hex(&data));
     // Stored back, so listings show it and a later corruption is caught.
     for v in repo.get_model_versions("m").unwrap() {

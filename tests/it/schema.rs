@@ -407,28 +407,44 @@ fn a_schema_starting_with_pg_is_invalid_and_runs_no_sql() {
 #[test]
 fn hostile_settings_are_invalid_input_naming_the_setting_before_any_io() {
     let huge = Duration::MAX;
-    let cases: Vec<(&str, Box<dyn Fn(RepositoryConfig) -> RepositoryConfig>)> = vec![
+    type Adjust = Box<dyn Fn(RepositoryConfig) -> RepositoryConfig>;
+    let cases: Vec<(&str, Adjust)> = vec![
         ("pool_timeout", Box::new(move |c| c.pool_timeout(huge))),
         ("pool_timeout", Box::new(|c| c.pool_timeout(Duration::ZERO))),
         ("max_overflow", Box::new(|c| c.max_overflow(u32::MAX))),
         ("pool_size", Box::new(|c| c.pool_size(u32::MAX))),
         ("pool_size", Box::new(|c| c.pool_size(0))),
-        ("pool_size + max_overflow", Box::new(|c| c.pool_size(6000).max_overflow(6000))),
+        (
+            "pool_size + max_overflow",
+            Box::new(|c| c.pool_size(6000).max_overflow(6000)),
+        ),
         ("query_timeout", Box::new(move |c| c.query_timeout(huge))),
         // Above PostgreSQL's limit for statement_timeout (i32::MAX ms, about 24.8 days).
         (
             "query_timeout",
             Box::new(|c| c.query_timeout(Duration::from_millis(i32::MAX as u64 + 1))),
         ),
-        ("query_timeout", Box::new(|c| c.query_timeout(Duration::from_micros(10)))),
+        (
+            "query_timeout",
+            Box::new(|c| c.query_timeout(Duration::from_micros(10))),
+        ),
         ("cache_max_ttl", Box::new(move |c| c.cache_max_ttl(huge))),
         (
             "cache_default_ttl",
             Box::new(|c| c.cache_default_ttl(Duration::from_secs(100_000))),
         ),
-        ("reaper_interval", Box::new(move |c| c.reaper_interval(Some(huge)))),
-        ("slow_query_threshold", Box::new(move |c| c.slow_query_threshold(huge))),
-        ("stream_idle_timeout", Box::new(move |c| c.stream_idle_timeout(huge))),
+        (
+            "reaper_interval",
+            Box::new(move |c| c.reaper_interval(Some(huge))),
+        ),
+        (
+            "slow_query_threshold",
+            Box::new(move |c| c.slow_query_threshold(huge)),
+        ),
+        (
+            "stream_idle_timeout",
+            Box::new(move |c| c.stream_idle_timeout(huge)),
+        ),
         ("max_model_size", Box::new(|c| c.max_model_size(u64::MAX))),
         ("max_model_size", Box::new(|c| c.max_model_size(0))),
     ];

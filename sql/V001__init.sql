@@ -1,9 +1,14 @@
 -- pg-model-repo schema, version 1.
 --
--- Creates every table in the first schema of the search_path. The library applies this file
--- itself (embedded, under an advisory lock, recorded in model_repo_migrations). To run it by
--- hand:
---   psql -d mydb -c 'CREATE SCHEMA IF NOT EXISTS ml' -c 'SET search_path TO ml' -f sql/V001__init.sql
+-- Creates every table in the first schema of the search_path. The library applies the
+-- numbered files itself (embedded, under an advisory lock, in one transaction), and each file
+-- ends by recording itself in model_repo_migrations, so a schema set up by hand is one the
+-- library recognises. To set it up by hand, from the crate's root directory, as the role that
+-- is to own the tables (psql 10 or later; every numbered file, in order, in one transaction):
+--   cat sql/V*.sql | psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'CREATE SCHEMA IF NOT EXISTS ml' -c 'SET search_path TO ml' -f -
+-- then give the application role its rights with sql/roles.sql. Both the owner and the
+-- application role can then open the schema with auto_migrate(false). When a later release
+-- adds files, run ModelRepository::migrate as the owner (or only the new files, the same way).
 --
 -- Keys are natural and every primary or unique key includes the column its table would be
 -- distributed by under Citus (see citus.sql). Every column the seed did not have carries a
@@ -43,7 +48,7 @@ CREATE INDEX IF NOT EXISTS ml_models_active_metadata
     ON ml_models USING gin (metadata jsonb_path_ops) WHERE is_active;
 
 -- A row inserted by hand without a checksum gets one; the library always supplies its own.
--- Updates never recompute it: a checksum that stops matching the bytes is how corruption shows.
+-- (V002 adds the rule for updates of model_data: a re-save by another client.)
 CREATE OR REPLACE FUNCTION ml_models_fill_checksum() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -111,8 +116,8 @@ CREATE TABLE IF NOT EXISTS embedding_types (
 
 -- Vectors as little-endian f32 bytes. fillfactor 50 leaves room on each page for a second
 -- version of its rows, so that a re-load of existing keys is a HOT update that skips the index
--- (at 384 dimensions a row is ~1.6 kB: fillfactor 90 left room for one row in four, and
--- re-loads measured 1.3-1.5x slower; see docs/embeddings.md). Write-once workloads may prefer
+-- (at 384 dimensions a row is ~1.6 kB: fillfactor 90 leaves room for one row in four; the
+-- measured difference is in docs/embeddings.md). Write-once workloads may prefer
 -- ALTER TABLE embeddings SET (fillfactor = 100).
 CREATE TABLE IF NOT EXISTS embeddings (
     entity_type varchar(50)  NOT NULL,
@@ -160,3 +165,14 @@ CREATE TABLE IF NOT EXISTS prediction_cache (
 -- the update is HOT (no index write).
 -- The reaper's scan.
 CREATE INDEX IF NOT EXISTS prediction_cache_expires_at ON prediction_cache (expires_at);
+
+-- pg-model-repo: record this migration (its checksum covers the statements above, not comments)
+CREATE TABLE IF NOT EXISTS model_repo_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO model_repo_migrations (version, name, checksum)
+    VALUES (1, 'V001__init.sql', '0848ed6bda79d0f785ea2c0e0b52b5f485b1b797807bcb261e42ef0a71488452')
+    ON CONFLICT (version) DO NOTHING;

@@ -1,12 +1,17 @@
 -- Least privilege for pg-model-repo.
 --
--- The owner role creates the schema and runs migrations (ModelRepository::migrate, or
--- V001__init.sql by hand). The application role gets USAGE on the schema and row-level DML
--- only: no CREATE, no DDL; it opens the repository with auto_migrate(false).
+-- The owner role creates the schema and runs migrations (ModelRepository::migrate, or the
+-- numbered files by hand as sql/V001__init.sql describes). The application role gets USAGE on
+-- the schema and row-level DML only: no CREATE, no DDL. It opens the repository with
+-- auto_migrate(false), or with the default auto_migrate(true) while no migration is pending
+-- (opening then runs no DDL; with one pending it is told to ask the owner).
 --
--- Run as the owner, after the migrations, with the schema and the application role as psql
--- variables:
---   psql -d mydb -v schema=ml -v app_role=ml_app -f sql/roles.sql
+-- The application role must exist before this file runs (it does not create roles: that
+-- takes CREATEROLE, which the owner should not need). Create it once, e.g. as a superuser:
+--   psql -d mydb -c "CREATE ROLE ml_app LOGIN PASSWORD 'change-me'"
+-- Then run this file as the owner, after the migrations, with the schema and the application
+-- role as psql variables:
+--   psql -d mydb -v ON_ERROR_STOP=1 -v schema=ml -v app_role=ml_app -f sql/roles.sql
 --
 -- The application role also uses temporary tables (streaming model saves and COPY loads stage
 -- rows there): PostgreSQL grants TEMP on every database to PUBLIC by default; if yours does

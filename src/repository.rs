@@ -8,7 +8,7 @@ use crate::cache::{Reaper, FLUSH_HITS};
 use crate::db::config::RepositoryConfig;
 use crate::db::counters::{AccessCounts, Buffer, Flush, FlushStatements};
 use crate::db::error::Result;
-use crate::db::migrate;
+use crate::db::migrate::{self, MigrationReport};
 use crate::db::pool::{PgConnection, Pool, PoolState};
 use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
@@ -104,6 +104,12 @@ impl ModelRepository {
     /// Opens a repository: checks the configuration, creates the schema and applies the
     /// migrations (unless `auto_migrate(false)`), and builds the connection pool.
     ///
+    /// When no migration is pending, opening runs no DDL and needs no rights beyond reading
+    /// the schema, whatever `auto_migrate` says; when one is pending and this role may not run
+    /// it, the error is `RepoError::PermissionDenied`, saying to run
+    /// [`migrate`](Self::migrate) as the owner. With `auto_migrate(false)` a schema that
+    /// lacks migrations is `RepoError::NotFound`, saying what is missing.
+    ///
     /// Several processes may open one new schema at the same moment: migrations queue on an
     /// advisory lock.
     ///
@@ -122,7 +128,7 @@ impl ModelRepository {
         {
             let mut conn = pool.get()?;
             if !config.auto_migrate {
-                migrate::check_applied(conn.client())?;
+                migrate::check_applied(conn.client(), &config.schema)?;
             }
         }
         log::info!(
@@ -176,6 +182,25 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn migrate(config: &RepositoryConfig) -> Result<()> {
+        migrate::run(config).map(|_| ())
+    }
+
+    /// [`migrate`](Self::migrate), returning what it did: the files applied and, when the
+    /// schema held the seed's Python tables, what taking them over did (rows kept, vectors
+    /// converted from float64, vectors moved to `embeddings_quarantine` with the first keys).
+    /// Nothing pending: an empty report, and no DDL was run.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// use pg_model_repo::{ModelRepository, RepositoryConfig};
+    /// let config = RepositoryConfig::new("postgres://owner@localhost/ml").schema("ml");
+    /// let report = ModelRepository::migrate_with_report(&config)?;
+    /// if let Some(takeover) = &report.seed_takeover {
+    ///     println!("{} vectors quarantined", takeover.embeddings_quarantined);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn migrate_with_report(config: &RepositoryConfig) -> Result<MigrationReport> {
         migrate::run(config)
     }
 

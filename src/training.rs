@@ -30,8 +30,13 @@ const NEXT_SEQ: &str = "SELECT nextval(pg_get_serial_sequence('training_metrics'
 const INSERT: &str = "INSERT INTO training_metrics (model_name, version, metrics, record_seq)
      VALUES ($1, $2, $3, $4) ON CONFLICT (model_name, version, record_seq) DO NOTHING";
 
-const SELECT_NEWEST: &str = "SELECT metrics FROM training_metrics
-     WHERE model_name = $1 AND version = $2 ORDER BY record_seq DESC LIMIT 1";
+/// The newest record with at least one numeric value (another client may have written records
+/// this library cannot read; see [`readable_metrics`]).
+const SELECT_NEWEST: &str = "SELECT metrics FROM training_metrics t
+     WHERE model_name = $1 AND version = $2
+       AND jsonb_typeof(metrics) = 'object'
+       AND EXISTS (SELECT 1 FROM jsonb_each(t.metrics) m WHERE jsonb_typeof(m.value) = 'number')
+     ORDER BY record_seq DESC LIMIT 1";
 
 const SELECT_HISTORY: &str = "SELECT model_name, version, metrics, training_date
      FROM training_metrics WHERE model_name = $1 ORDER BY record_seq";
@@ -71,7 +76,10 @@ impl ModelRepository {
         })
     }
 
-    /// The newest metrics recorded for a version, or `None`.
+    /// The newest metrics recorded for a version, or `None`. Values another client stored that
+    /// are not numbers are left out (see
+    /// [`get_training_metrics_history`](Self::get_training_metrics_history)); a record with none
+    /// at all is passed over for the one before it.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
@@ -91,15 +99,22 @@ impl ModelRepository {
             validate::name("version", version, validate::VERSION_MAX)?;
             call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_NEWEST)?;
-                conn.client()
+                let Some(row) = conn
+                    .client()
                     .query_opt(&statement, &[&model_name, &version])?
-                    .map(|row| metrics_from_document(row.try_get(0)?))
-                    .transpose()
+                else {
+                    return Ok(None);
+                };
+                Ok(readable_metrics(model_name, version, row.try_get(0)?))
             })
         })
     }
 
     /// Every metrics record of a model (all versions), oldest first.
+    ///
+    /// Records written by other clients may hold values that are not numbers: those values are
+    /// left out of their record, and a record left with none (or that is not a JSON object) is
+    /// left out of the history; each is logged at warn. The rest of the history is returned.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
@@ -117,18 +132,21 @@ impl ModelRepository {
             validate::model_name(model_name)?;
             call.run(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_HISTORY)?;
-                conn.client()
-                    .query(&statement, &[&model_name])?
-                    .iter()
-                    .map(|row| {
-                        Ok(TrainingMetricsRecord {
-                            model_name: row.try_get(0)?,
-                            version: row.try_get(1)?,
-                            metrics: metrics_from_document(row.try_get(2)?)?,
-                            training_date: row.try_get(3)?,
-                        })
-                    })
-                    .collect()
+                let mut history = Vec::new();
+                for row in conn.client().query(&statement, &[&model_name])? {
+                    let version: String = row.try_get(1)?;
+                    let Some(metrics) = readable_metrics(model_name, &version, row.try_get(2)?)
+                    else {
+                        continue;
+                    };
+                    history.push(TrainingMetricsRecord {
+                        model_name: row.try_get(0)?,
+                        version,
+                        metrics,
+                        training_date: row.try_get(3)?,
+                    });
+                }
+                Ok(history)
             })
         })
     }
@@ -152,19 +170,73 @@ fn metrics_document(metrics: &BTreeMap<String, f64>) -> Result<Value> {
     Ok(Value::Object(object))
 }
 
-fn metrics_from_document(document: Value) -> Result<BTreeMap<String, f64>> {
+/// The numeric values of a stored record. Another client may have stored values that are not
+/// numbers (a string, null, a nested object) or a document that is not an object: those are
+/// left out, with a warning, so that one such record cannot hide the rest of a history.
+/// `None` when nothing numeric is left.
+fn readable_metrics(
+    model_name: &str,
+    version: &str,
+    document: Value,
+) -> Option<BTreeMap<String, f64>> {
     let Value::Object(object) = document else {
-        return Err(RepoError::Serialization(
-            "stored training metrics are not a JSON object".to_owned(),
-        ));
+        log::warn!(
+            "pg-model-repo: a training metrics record of {model_name}/{version} is not a JSON \
+             object ({}); left out",
+            kind(&document)
+        );
+        return None;
     };
-    object
-        .into_iter()
-        .map(|(name, value)| {
-            let number = value.as_f64().ok_or_else(|| {
-                RepoError::Serialization(format!("stored metric {name:?} is not a number"))
-            })?;
-            Ok((name, number))
-        })
-        .collect()
+    let mut metrics = BTreeMap::new();
+    for (name, value) in object {
+        match value.as_f64() {
+            Some(number) => {
+                metrics.insert(name, number);
+            }
+            None => log::warn!(
+                "pg-model-repo: training metric {name:?} of {model_name}/{version} is {}, not a \
+                 number; left out",
+                kind(&value)
+            ),
+        }
+    }
+    if metrics.is_empty() {
+        log::warn!(
+            "pg-model-repo: a training metrics record of {model_name}/{version} has no numeric \
+             value; left out"
+        );
+        return None;
+    }
+    Some(metrics)
+}
+
+/// A JSON value's kind, for log lines (never the value: it may be large).
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn values_that_are_not_numbers_are_left_out_of_their_record() {
+        let metrics = readable_metrics("m", "1", json!({"auc": 0.9, "note": "good", "n": null}));
+        assert_eq!(metrics, Some([("auc".to_string(), 0.9)].into()));
+    }
+
+    #[test]
+    fn records_without_a_numeric_value_are_left_out() {
+        assert_eq!(readable_metrics("m", "1", json!({"note": "good"})), None);
+        assert_eq!(readable_metrics("m", "1", json!([0.9])), None);
+        assert_eq!(readable_metrics("m", "1", json!({})), None);
+    }
 }

@@ -129,7 +129,8 @@ impl ModelRepository {
     ///
     /// One primary-key read and no write: the hit is counted in memory and reaches
     /// `access_count` / `last_accessed` at the next flush (reaper tick or `close`). A stored
-    /// value that does not decode as `T` is `RepoError::Serialization`.
+    /// value that is not exactly one CBOR item of type `T` (another type, bytes left over,
+    /// another client's pickle) is `RepoError::Serialization`.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
@@ -355,12 +356,25 @@ fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The stored value must be exactly one CBOR item of type `T`: bytes left after it (another
+/// client's pickle, whose first byte reads as an empty CBOR array; a value with junk appended)
+/// are `Serialization`, never a silently shortened value.
 fn decode<T: DeserializeOwned>(cache_key: &str, bytes: &[u8]) -> Result<T> {
-    ciborium::de::from_reader(bytes).map_err(|e| {
+    let mut rest = bytes;
+    let value = ciborium::de::from_reader(&mut rest).map_err(|e| {
         RepoError::Serialization(format!(
             "the value cached under {cache_key:?} does not decode as the requested type: {e}"
         ))
-    })
+    })?;
+    if !rest.is_empty() {
+        return Err(RepoError::Serialization(format!(
+            "the value cached under {cache_key:?} is not one CBOR item: {} of its {} bytes \
+             follow the first item (written by another client?)",
+            rest.len(),
+            bytes.len()
+        )));
+    }
+    Ok(value)
 }
 
 fn non_negative(n: i64) -> u64 {
@@ -445,5 +459,52 @@ pub(crate) fn purge_expired(pool: &Pool, retry: Retry, stop: &dyn Fn() -> bool) 
         if deleted < PURGE_BATCH as u64 || stop() {
             return Ok(total);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pickle.dumps([0.5, 0.25], protocol=4)`: what the seed's Python cached.
+    const PICKLED_LIST: &str =
+        "80049517000000000000005d9428473fe0000000000000473fd0000000000000652e";
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_value_with_bytes_after_its_cbor_item_is_a_serialization_error() {
+        let mut bytes = encode(&7u32).unwrap();
+        assert_eq!(decode::<u32>("k", &bytes).unwrap(), 7);
+        bytes.extend_from_slice(b"junk");
+        let err = decode::<u32>("k", &bytes).unwrap_err();
+        assert!(matches!(err, RepoError::Serialization(_)), "{err:?}");
+        assert!(err.to_string().contains("4 of its 5 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_pickled_value_is_a_serialization_error_not_an_empty_list() {
+        let pickled = unhex(PICKLED_LIST);
+        // Pickle's first byte (0x80, PROTO) is also CBOR's empty array.
+        let err = decode::<Vec<f32>>("k", &pickled).unwrap_err();
+        assert!(matches!(err, RepoError::Serialization(_)), "{err:?}");
+        let err = decode::<serde_json::Value>("k", &pickled).unwrap_err();
+        assert!(matches!(err, RepoError::Serialization(_)), "{err:?}");
+    }
+
+    #[test]
+    fn whole_items_decode_whatever_their_shape() {
+        let value = serde_json::json!({"recommendations": [1, 2, 3], "scores": [0.9, 0.8]});
+        let bytes = encode(&value).unwrap();
+        assert_eq!(decode::<serde_json::Value>("k", &bytes).unwrap(), value);
+        // An indefinite-length array (as other CBOR encoders write it) ends at its break byte.
+        let indefinite = [0x9f, 0x01, 0x02, 0xff];
+        assert_eq!(decode::<Vec<u8>>("k", &indefinite).unwrap(), vec![1, 2]);
+        assert!(decode::<Vec<u8>>("k", &[]).is_err());
     }
 }

@@ -48,6 +48,14 @@ pub enum RepoError {
     /// not have taken effect. Never retried inside the library; the message says how to find
     /// out.
     OutcomeUnknown(String),
+    /// The role may not do what the call needs (SQLSTATE 42501), with what to do instead
+    /// (e.g. a migration attempted by an application role without DDL rights).
+    PermissionDenied {
+        /// What the call needed, and who can do it.
+        hint: String,
+        /// The server's refusal.
+        source: postgres::Error,
+    },
 }
 
 impl RepoError {
@@ -67,7 +75,7 @@ impl RepoError {
     /// and `InvalidInput` (class 22).
     pub fn code(&self) -> Option<&SqlState> {
         match self {
-            RepoError::Database(e) => e.code(),
+            RepoError::Database(e) | RepoError::PermissionDenied { source: e, .. } => e.code(),
             RepoError::Conflict(m) | RepoError::Timeout(m) | RepoError::InvalidInput(m) => {
                 sqlstate_in(m).map(interned)
             }
@@ -204,6 +212,13 @@ impl fmt::Display for RepoError {
             RepoError::Database(e) => write!(f, "database error: {}", describe_db_error(e)),
             RepoError::Io(e) => write!(f, "i/o error: {e}"),
             RepoError::OutcomeUnknown(m) => write!(f, "outcome unknown: {m}"),
+            RepoError::PermissionDenied { hint, source } => {
+                write!(
+                    f,
+                    "permission denied: {hint}: {}",
+                    describe_db_error(source)
+                )
+            }
         }
     }
 }
@@ -252,7 +267,7 @@ fn interned(code: &str) -> &'static SqlState {
 impl std::error::Error for RepoError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            RepoError::Database(e) => Some(e),
+            RepoError::Database(e) | RepoError::PermissionDenied { source: e, .. } => Some(e),
             RepoError::Io(e) => Some(e),
             _ => None,
         }

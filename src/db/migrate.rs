@@ -1,16 +1,26 @@
-//! Embedded, numbered migrations from `sql/`, applied under a per-schema advisory lock, each in
-//! one transaction with its history row; an edited, already-applied file is refused.
+//! Embedded, numbered migrations from `sql/`: every pending one applied under a per-schema
+//! advisory lock, in one transaction with its history row; an edited, already-applied file is
+//! refused. A schema the seed's Python code built is taken over first (`seed_takeover`).
+//!
+//! Each file ends with a record section that writes its own history row, so that the files
+//! run by hand with `psql` leave a schema the library recognises. A file's checksum covers
+//! its statements above that section, without comment-only and blank lines: comments can be
+//! corrected without refusing databases that applied the file.
 
-use postgres::Client;
-use sha2::{Digest, Sha256};
-
+use std::collections::HashMap;
 use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::{Client, GenericClient, Transaction};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::db::config::RepositoryConfig;
 use crate::db::deadline::STATEMENT_GRACE;
 use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
 use crate::db::pool::{connect, quote_ident};
+use crate::db::seed_takeover::{self, SeedTakeoverReport};
 
 /// One numbered DDL file.
 struct Migration {
@@ -19,30 +29,79 @@ struct Migration {
     sql: &'static str,
 }
 
-/// Every migration, in order. New files go at the end with the next number.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "V001__init.sql",
-    sql: include_str!("../../sql/V001__init.sql"),
-}];
+/// Every migration, in order. New files go at the end with the next number, and end with
+/// their record section (see [`record_section`]; a unit test prints the one to paste).
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "V001__init.sql",
+        sql: include_str!("../../sql/V001__init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "V002__resave_recomputes_checksum.sql",
+        sql: include_str!("../../sql/V002__resave_recomputes_checksum.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "V004__embeddings_per_type.sql",
+        sql: include_str!("../../sql/V004__embeddings_per_type.sql"),
+    },
+];
+
+/// Checksums that earlier releases recorded, when a checksum hashed a file's whole text.
+/// Databases migrated then hold exactly the statements of today's file (only comments and the
+/// record section were added since: that text's statements hash to today's checksum), so these
+/// still count as unchanged.
+const EARLIER_CHECKSUMS: &[(i32, &str)] = &[
+    (
+        1,
+        "4d2ae7a045b6ef507878b1cb7212013c6854f904d41642ecf1536d06dcc0e087",
+    ),
+    (
+        4,
+        "6fb5f9a5c422ca867083f426b1c7d80691939eb12bfaf4cba26eb91ea6d010ff",
+    ),
+];
+
+/// The first line of every file's record section: the checksum covers what comes before.
+const RECORD_MARKER: &str = "-- pg-model-repo: record this migration";
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS model_repo_migrations (
     version    integer     PRIMARY KEY,
     name       text        NOT NULL,
     checksum   text        NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now())";
+    applied_at timestamptz NOT NULL DEFAULT now()
+)";
 
-const SELECT_APPLIED: &str = "SELECT version, name, checksum FROM model_repo_migrations";
+const SELECT_APPLIED: &str = "SELECT version, checksum FROM model_repo_migrations";
 
-const INSERT_APPLIED: &str =
-    "INSERT INTO model_repo_migrations (version, name, checksum) VALUES ($1, $2, $3)";
+/// A file run by the library records itself in its record section; this keeps the row if
+/// the section wrote it.
+const INSERT_APPLIED: &str = "INSERT INTO model_repo_migrations (version, name, checksum)
+     VALUES ($1, $2, $3) ON CONFLICT (version) DO NOTHING";
 
-/// Creates the schema if absent and applies every pending migration. Safe when several
+/// What one run of the migrations did.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MigrationReport {
+    /// The files applied by this run, in order (empty when the schema was up to date).
+    pub applied: Vec<String>,
+    /// What taking over a schema built by the seed's Python code did, when this run did it.
+    pub seed_takeover: Option<SeedTakeoverReport>,
+}
+
+/// Creates the schema if absent and applies every pending migration in one transaction (a
+/// failure changes nothing). When nothing is pending it runs no DDL and takes no lock, so an
+/// application role without DDL rights can open a migrated schema. Safe when several
 /// processes run it at once: they queue on the schema's advisory lock, and the later ones find
 /// nothing left to do.
-pub(crate) fn run(config: &RepositoryConfig) -> Result<()> {
+pub(crate) fn run(config: &RepositoryConfig) -> Result<MigrationReport> {
     config.validate()?;
     let mut conn = connect(config)?;
+    if pending(conn.client())?.is_empty() {
+        return Ok(MigrationReport::default());
+    }
     // Waiting for another process's migration is bounded by pool_timeout (server-side, and
     // by the watchdog should the server hang), never by query_timeout: a migration may well
     // take longer than one statement should.
@@ -69,9 +128,10 @@ pub(crate) fn run(config: &RepositoryConfig) -> Result<()> {
         .map_err(RepoError::from)
         .and_then(|()| apply_pending(client, &config.schema));
     let unlock = client.execute(UNLOCK, &[&key]);
-    outcome?;
+    let report = outcome.map_err(|e| needs_owner(e, &config.schema))?;
     unlock?;
-    Ok(())
+    log_report(&config.schema, &report);
+    Ok(report)
 }
 
 const LOCK: &str = "SELECT pg_advisory_lock($1)";
@@ -96,27 +156,40 @@ fn lock_key(schema: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-fn apply_pending(client: &mut Client, schema: &str) -> Result<()> {
-    client.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema}; {CREATE_HISTORY}",
-        schema = quote_ident(schema)
-    ))?;
-    let applied = client.query(SELECT_APPLIED, &[])?;
+/// The migrations not yet recorded in the schema, read without DDL or locks. A recorded
+/// migration whose file has changed since is `Conflict`.
+fn pending<C: GenericClient>(client: &mut C) -> Result<Vec<&'static Migration>> {
+    let rows = match client.query(SELECT_APPLIED, &[]) {
+        Ok(rows) => rows,
+        // No history table (or no schema): everything is pending.
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+            return Ok(MIGRATIONS.iter().collect())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut recorded = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        recorded.insert(
+            row.try_get::<_, i32>("version")?,
+            row.try_get::<_, String>("checksum")?,
+        );
+    }
+    let mut pending = Vec::new();
     for migration in MIGRATIONS {
-        let checksum = hex_sha256(migration.sql.as_bytes());
-        let existing = applied
-            .iter()
-            .find(|row| row.try_get::<_, i32>("version").ok() == Some(migration.version));
-        match existing {
-            Some(row) => check_unchanged(migration, &checksum, row.try_get("checksum")?)?,
-            None => apply(client, migration, &checksum)?,
+        match recorded.get(&migration.version) {
+            Some(checksum) => check_unchanged(migration, checksum)?,
+            None => pending.push(migration),
         }
     }
-    Ok(())
+    Ok(pending)
 }
 
-fn check_unchanged(migration: &Migration, checksum: &str, recorded: &str) -> Result<()> {
-    if recorded == checksum {
+fn check_unchanged(migration: &Migration, recorded: &str) -> Result<()> {
+    let checksum = checksum(migration.sql);
+    let earlier = EARLIER_CHECKSUMS
+        .iter()
+        .any(|(v, c)| *v == migration.version && *c == recorded);
+    if recorded == checksum || earlier {
         return Ok(());
     }
     Err(RepoError::Conflict(format!(
@@ -125,40 +198,240 @@ fn check_unchanged(migration: &Migration, checksum: &str, recorded: &str) -> Res
     )))
 }
 
-fn apply(client: &mut Client, migration: &Migration, checksum: &str) -> Result<()> {
-    log::info!("pg-model-repo: applying migration {}", migration.name);
+/// What a migration's checksum covers: its lines above the record section, without blank
+/// lines and lines that are only a comment, each without trailing blanks.
+fn checksum(sql: &str) -> String {
+    let body = sql.find(RECORD_MARKER).map_or(sql, |at| &sql[..at]);
+    let statements: Vec<&str> = body
+        .lines()
+        .map(str::trim_end)
+        .filter(|line| {
+            let line = line.trim_start();
+            !line.is_empty() && !line.starts_with("--")
+        })
+        .collect();
+    hex_sha256(statements.join("\n").as_bytes())
+}
+
+fn apply_pending(client: &mut Client, schema: &str) -> Result<MigrationReport> {
     let mut tx = client.transaction()?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {}; {CREATE_HISTORY}",
+        quote_ident(schema)
+    ))?;
+    let pending = pending(&mut tx)?;
+    let mut report = MigrationReport::default();
+    let mut takeover = match pending.first() {
+        Some(first) if first.version == 1 => seed_takeover::begin(&mut tx)?,
+        _ => None,
+    };
+    for migration in pending {
+        apply(&mut tx, migration)?;
+        report.applied.push(migration.name.to_owned());
+        if migration.version == 1 {
+            if let Some(takeover) = takeover.take() {
+                report.seed_takeover = Some(takeover.finish(&mut tx)?);
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(report)
+}
+
+fn apply(tx: &mut Transaction<'_>, migration: &Migration) -> Result<()> {
+    log::info!("pg-model-repo: applying migration {}", migration.name);
     tx.batch_execute(migration.sql)?;
     tx.execute(
         INSERT_APPLIED,
-        &[&migration.version, &migration.name, &checksum],
+        &[
+            &migration.version,
+            &migration.name,
+            &checksum(migration.sql),
+        ],
     )?;
-    tx.commit()?;
     Ok(())
 }
 
-/// True when the schema holds every table this version of the crate needs (for
-/// `auto_migrate(false)`, which must not run DDL but should fail clearly on a missing schema).
-pub(crate) fn check_applied(client: &mut Client) -> Result<()> {
-    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
-    let row = client
-        .query_opt("SELECT max(version) FROM model_repo_migrations", &[])
-        .map_err(|e| match e.code().map(|c| c.code()) {
-            Some("42P01") => RepoError::NotFound(
-                "the schema has no pg-model-repo tables; run ModelRepository::migrate as its owner"
-                    .to_owned(),
-            ),
-            _ => e.into(),
-        })?;
-    let applied: Option<i32> = match row {
-        Some(r) => r.try_get(0)?,
-        None => None,
-    };
-    match applied {
-        Some(v) if v >= latest => Ok(()),
-        other => Err(RepoError::NotFound(format!(
-            "the schema is at migration {} but this library needs {latest}; run ModelRepository::migrate",
-            other.unwrap_or(0)
-        ))),
+/// A migration refused for lack of rights says who may run it.
+fn needs_owner(error: RepoError, schema: &str) -> RepoError {
+    match error {
+        RepoError::Database(source) if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            RepoError::PermissionDenied {
+                hint: format!(
+                    "schema {schema} needs migrations this role may not run: run \
+                     ModelRepository::migrate as the schema's owner, and open with \
+                     auto_migrate(false) as the application role"
+                ),
+                source,
+            }
+        }
+        other => other,
+    }
+}
+
+fn log_report(schema: &str, report: &MigrationReport) {
+    if let Some(takeover) = &report.seed_takeover {
+        log::info!(
+            "pg-model-repo: took over the seed's tables in schema {schema}: {} models, {} \
+             embeddings ({} converted from float64), {} cache entries, {} training metric records",
+            takeover.models,
+            takeover.embeddings,
+            takeover.embeddings_converted_from_f64,
+            takeover.cache_entries,
+            takeover.training_metrics
+        );
+        if takeover.embeddings_quarantined > 0 {
+            log::warn!(
+                "pg-model-repo: {} embeddings of schema {schema} were not valid vectors and moved \
+                 to embeddings_quarantine; the first: {}",
+                takeover.embeddings_quarantined,
+                takeover
+                    .quarantined_first
+                    .iter()
+                    .map(|q| format!("{}/{} ({})", q.entity_type, q.entity_id, q.reason))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+}
+
+/// For `auto_migrate(false)`, which runs no DDL: Ok when every migration is recorded, else
+/// `NotFound` saying what is missing and who can add it.
+pub(crate) fn check_applied(client: &mut Client, schema: &str) -> Result<()> {
+    let pending = pending(client)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    Err(RepoError::NotFound(describe_missing(
+        client, schema, &pending,
+    )?))
+}
+
+const SCHEMA_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)";
+
+/// The tables of ours (as the seed named them) the schema holds.
+const TABLES_PRESENT: &str = "SELECT c.relname::text FROM pg_class c
+     JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+       AND c.relname IN ('ml_models', 'embeddings', 'prediction_cache', 'training_metrics')
+     ORDER BY 1";
+
+fn describe_missing(
+    client: &mut Client,
+    schema: &str,
+    pending: &[&'static Migration],
+) -> Result<String> {
+    let run_migrate =
+        "run ModelRepository::migrate as the schema's owner (auto_migrate(false) runs no DDL)";
+    if pending.len() < MIGRATIONS.len() {
+        let names: Vec<&str> = pending.iter().map(|m| m.name).collect();
+        return Ok(format!(
+            "schema {schema} lacks migrations {}: {run_migrate}, or run those sql/ files as \
+             sql/V001__init.sql describes",
+            names.join(", ")
+        ));
+    }
+    let exists: bool = client.query_one(SCHEMA_EXISTS, &[&schema])?.try_get(0)?;
+    if !exists {
+        return Ok(format!("schema {schema} does not exist: {run_migrate}"));
+    }
+    if seed_takeover::is_seed_schema(client)? {
+        return Ok(format!(
+            "schema {schema} holds the tables of the seed's Python repository (uuid id keys, no \
+             save sequence): run ModelRepository::migrate as the schema's owner to take them \
+             over (see the README, \"Coming from the Python repository\")"
+        ));
+    }
+    let tables: Vec<String> = client
+        .query(TABLES_PRESENT, &[&schema])?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<std::result::Result<_, _>>()?;
+    if tables.is_empty() {
+        return Ok(format!(
+            "schema {schema} has no pg-model-repo tables and no model_repo_migrations: {run_migrate}"
+        ));
+    }
+    Ok(format!(
+        "schema {schema} has tables ({}) but no record of the migrations that built them \
+         (model_repo_migrations is missing or empty), so the library cannot tell their shape: \
+         {run_migrate}; it adopts tables that sql/V001__init.sql built",
+        tables.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The section every migration file ends with: it creates the history table if needed and
+    /// records the file, exactly as the library does, so that `psql -f` leaves a schema the
+    /// library recognises.
+    fn record_section(migration: &Migration) -> String {
+        format!(
+            "{RECORD_MARKER} (its checksum covers the statements above, not comments)\n\
+         {CREATE_HISTORY};\n\
+         INSERT INTO model_repo_migrations (version, name, checksum)\n    \
+         VALUES ({}, '{}', '{}')\n    \
+         ON CONFLICT (version) DO NOTHING;\n",
+            migration.version,
+            migration.name,
+            checksum(migration.sql)
+        )
+    }
+
+    #[test]
+    fn every_migration_ends_with_its_own_record_section() {
+        for migration in MIGRATIONS {
+            let expected = record_section(migration);
+            assert!(
+                migration.sql.ends_with(&expected),
+                "{} must end with exactly this section (its checksum is computed from the \
+                 statements above it):\n{expected}",
+                migration.name
+            );
+        }
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order_and_named_after_their_number() {
+        for (i, migration) in MIGRATIONS.iter().enumerate() {
+            if i > 0 {
+                assert!(
+                    migration.version > MIGRATIONS[i - 1].version,
+                    "{}",
+                    migration.name
+                );
+            }
+            assert!(
+                migration
+                    .name
+                    .starts_with(&format!("V{:03}__", migration.version)),
+                "{}",
+                migration.name
+            );
+        }
+    }
+
+    #[test]
+    fn comments_do_not_change_a_checksum_and_statements_do() {
+        let sql = "-- a comment\nCREATE TABLE t (x int);\n\n";
+        let commented = "-- another comment\n\nCREATE TABLE t (x int);   \n  -- more\n";
+        assert_eq!(checksum(sql), checksum(commented));
+        assert_ne!(checksum(sql), checksum("CREATE TABLE t (x bigint);"));
+        let recorded = format!("{sql}{RECORD_MARKER}\nINSERT 1;\n");
+        assert_eq!(checksum(sql), checksum(&recorded));
+    }
+
+    #[test]
+    fn the_checksum_the_first_release_recorded_is_still_accepted() {
+        let v1 = &MIGRATIONS[0];
+        assert!(check_unchanged(v1, EARLIER_CHECKSUMS[0].1).is_ok());
+        assert!(check_unchanged(v1, &checksum(v1.sql)).is_ok());
+        assert!(matches!(
+            check_unchanged(v1, "edited"),
+            Err(RepoError::Conflict(_))
+        ));
     }
 }

@@ -12,6 +12,7 @@ pub(crate) mod error;
 pub(crate) mod migrate;
 pub(crate) mod pool;
 pub(crate) mod retry;
+pub(crate) mod seed_takeover;
 pub(crate) mod sweep;
 pub(crate) mod timings;
 pub(crate) mod tls;

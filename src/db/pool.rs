@@ -79,8 +79,8 @@ impl PgConnection {
     /// The client, for streaming and bulk work that may keep the server silent for longer
     /// than a statement (COPY, blob streams, merges, VACUUM, DDL): until this connection goes
     /// back to the pool, the watchdog waits `stream_idle_timeout` on it instead of
-    /// query_timeout plus the grace. Lift statement_timeout with [`unbounded`] or
-    /// [`begin_unbounded`].
+    /// query_timeout plus the grace. Lift statement_timeout with [`unbounded`] (or use
+    /// [`begin_unbounded`], which does both).
     pub(crate) fn unbounded_client(&mut self) -> &mut Client {
         self.watch.set_bound(self.bounds.stream);
         &mut self.client
@@ -501,9 +501,10 @@ pub(crate) fn unbounded(tx: &mut Transaction<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Begins a read-write transaction without statement_timeout.
-pub(crate) fn begin_unbounded(client: &mut Client) -> Result<Transaction<'_>> {
-    let mut tx = client.transaction()?;
+/// Begins a read-write transaction without statement_timeout, with the watchdog waiting
+/// `stream_idle_timeout` on this connection (see [`PgConnection::unbounded_client`]).
+pub(crate) fn begin_unbounded(conn: &mut PgConnection) -> Result<Transaction<'_>> {
+    let mut tx = conn.unbounded_client().transaction()?;
     unbounded(&mut tx)?;
     Ok(tx)
 }

@@ -139,3 +139,48 @@ pub(crate) fn copy_in(
     stream_rows(&mut writer, records, load_id, progress)?;
     Ok(writer.finish()?)
 }
+
+/// Records per encoded chunk of an iterator load (its vectors' width is known only as they
+/// come: the first record's sets it).
+const ITER_CHUNK_BYTES: usize = CHUNK_BYTES;
+
+/// One COPY … FROM STDIN inside `tx` of the records an iterator yields, in constant memory:
+/// each record passes `check(index, &record)` before it is buffered, and a chunk is encoded
+/// and written whenever about [`ITER_CHUNK_BYTES`] are buffered. A failed check (or a failed
+/// write) ends the call with that error and the COPY aborted. Returns the rows copied.
+pub(crate) fn copy_in_iter(
+    tx: &mut Transaction<'_>,
+    sql: &str,
+    rows: &mut dyn Iterator<Item = Embedding>,
+    check: &mut dyn FnMut(usize, &Embedding) -> Result<()>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let mut writer = tx.copy_in(sql)?;
+    writer.write_all(binary_copy::HEADER).map_err(io_error)?;
+    let mut chunk: Vec<Embedding> = Vec::new();
+    let mut chunk_bytes = 0;
+    let mut sent = 0u64;
+    for (index, record) in rows.enumerate() {
+        check(index, &record)?;
+        chunk_bytes += 64 + 4 * record.vector.len();
+        chunk.push(record);
+        if chunk_bytes >= ITER_CHUNK_BYTES {
+            writer
+                .write_all(&encode_chunk(&chunk, None))
+                .map_err(io_error)?;
+            sent += chunk.len() as u64;
+            progress(sent);
+            chunk.clear();
+            chunk_bytes = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        writer
+            .write_all(&encode_chunk(&chunk, None))
+            .map_err(io_error)?;
+        sent += chunk.len() as u64;
+        progress(sent);
+    }
+    writer.write_all(&binary_copy::TRAILER).map_err(io_error)?;
+    Ok(writer.finish()?)
+}

@@ -13,7 +13,7 @@ use crate::db::retry::Retry;
 use crate::embeddings::check::{check_batch, CheckedBatch};
 use crate::embeddings::encode::{copy_in, on_cpu_pool, COLUMNS};
 use crate::embeddings::parallel::load_parallel;
-use crate::embeddings::registry::check_registry;
+use crate::embeddings::registry::{check_registry, ensure_types};
 use crate::embeddings::types::{vector_bytes, BatchReport, Embedding, LoadMethod};
 use crate::repository::ModelRepository;
 
@@ -65,14 +65,28 @@ fn choose(
     })
 }
 
-/// Runs `write` inside a load's one transaction: without statement_timeout, the batch's
-/// dimensions checked against the registry first, committed at the end.
+/// Runs `write` inside a load's one transaction: new types registered first (each in a short
+/// transaction of its own), then, without statement_timeout, the batch's dimensions checked
+/// against the registry, `write`, and the commit.
 pub(crate) fn in_load_transaction<T>(
     conn: &mut PgConnection,
     batch: &CheckedBatch<'_>,
     write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
 ) -> Result<T> {
-    let mut tx = begin_unbounded(conn.unbounded_client())?;
+    let created = ensure_types(conn.client(), &batch.types)?;
+    let written = write_checked(conn, batch, write);
+    if written.is_err() && !conn.is_broken() {
+        created.forget(conn.client());
+    }
+    written
+}
+
+fn write_checked<T>(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    let mut tx = begin_unbounded(conn)?;
     check_registry(&mut tx, &batch.types)?;
     let out = write(&mut tx)?;
     tx.commit()?;

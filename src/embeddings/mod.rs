@@ -24,6 +24,7 @@ mod encode;
 mod load;
 mod parallel;
 mod registry;
+mod replace;
 mod store;
 mod types;
 

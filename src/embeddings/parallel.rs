@@ -304,7 +304,7 @@ fn stage_part(
     load_id: i64,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let mut tx = begin_unbounded(conn.unbounded_client())?;
+    let mut tx = begin_unbounded(conn)?;
     let sql = format!("COPY embeddings_staging (load_id, {COLUMNS}) FROM STDIN (FORMAT binary)");
     let started = std::time::Instant::now();
     copy_in(&mut tx, &sql, rows, Some(load_id), progress)?;
@@ -321,7 +321,7 @@ fn stage_part(
 /// tagged with the load's ids and never merged).
 fn clear_staged(pool: &Pool, conn: &mut PgConnection, ids: &[i64], cause: &RepoError) {
     let attempt = |conn: &mut PgConnection| -> Result<u64> {
-        let mut tx = begin_unbounded(conn.unbounded_client())?;
+        let mut tx = begin_unbounded(conn)?;
         let n = tx.execute(CLEAR_STAGED, &[&ids])?;
         tx.commit()?;
         Ok(n)

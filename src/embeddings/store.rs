@@ -12,7 +12,7 @@ use crate::embeddings::check::{
     at_index, check_key, check_vector, TypeDim, ENTITY_ID_MAX, ENTITY_TYPE_MAX,
 };
 use crate::embeddings::load::UPSERT_ONE;
-use crate::embeddings::registry::check_registry;
+use crate::embeddings::registry::ensure_types;
 use crate::embeddings::types::{decode, decode_into, vector_bytes};
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
@@ -21,7 +21,8 @@ use crate::validate;
 /// registered dimension comes back) when it is unregistered or has another dimension.
 const SAVE_IF_REGISTERED: &str = concat!(
     "WITH reg AS ( \
-         SELECT dimension FROM embedding_types WHERE entity_type = $1::varchar), \
+         SELECT dimension FROM embedding_types \
+         WHERE entity_type = $1::varchar AND storage IS NOT NULL), \
      saved AS ( ",
     insert_embeddings!(),
     "SELECT $1::varchar, $2::varchar, $3::bytea, $4::int4 FROM reg WHERE reg.dimension = $4::int4",
@@ -82,14 +83,14 @@ impl ModelRepository {
                         index: None,
                     }),
                     None => {
-                        // First vector of a new type: register it and save in one transaction.
+                        // First vector of a new type: register it and create its storage in a
+                        // short transaction of its own, then save.
                         let types = [TypeDim {
                             entity_type,
                             dimension: vector.len(),
                             first_index: 0,
                         }];
-                        let mut tx = conn.client().transaction()?;
-                        check_registry(&mut tx, &types).map_err(|e| match e {
+                        let created = ensure_types(conn.client(), &types).map_err(|e| match e {
                             RepoError::DimensionMismatch {
                                 entity_type,
                                 expected,
@@ -103,8 +104,13 @@ impl ModelRepository {
                             },
                             other => other,
                         })?;
-                        tx.execute(UPSERT_ONE, &[&entity_type, &entity_id, &bytes, &dimension])?;
-                        tx.commit()?;
+                        let saved = conn
+                            .client()
+                            .execute(UPSERT_ONE, &[&entity_type, &entity_id, &bytes, &dimension]);
+                        if saved.is_err() && !conn.is_broken() {
+                            created.forget(conn.client());
+                        }
+                        saved?;
                         Ok(())
                     }
                 }

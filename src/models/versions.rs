@@ -284,7 +284,7 @@ impl ModelRepository {
         let vref = VersionRef::parse(version)?;
         let columns = format!("{INFO_COLUMNS}, m.model_data");
         let found = call.run(Retry::Idempotent, |conn| {
-            let mut tx = crate::db::pool::begin_unbounded(conn.unbounded_client())?;
+            let mut tx = crate::db::pool::begin_unbounded(conn)?;
             let row = vref.select(&mut tx, model_name, &columns, "")?;
             tx.commit()?;
             row.map(|r| {

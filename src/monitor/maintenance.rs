@@ -14,15 +14,19 @@ use crate::monitor::stats::as_u64;
 use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance, TABLES};
 use crate::repository::{ModelRepository, LEFTOVERS};
 
-const DEAD_TUPLES: &str = "SELECT coalesce(n_dead_tup, 0)::bigint,
-        pg_total_relation_size(c.oid)::bigint
-     FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
-     WHERE c.oid = to_regclass($1)";
+/// Summed over the table's partitions, if it has any (`embeddings`: one per entity type).
+const DEAD_TUPLES: &str = "SELECT coalesce(sum(s.n_dead_tup), 0)::bigint,
+        coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint
+     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1))
+           UNION SELECT to_regclass($1)) t
+     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid";
 
 impl ModelRepository {
     /// Purges expired cache rows, then runs `VACUUM (ANALYZE)` on every table (outside any
     /// transaction, without the statement timeout), reporting dead tuples and sizes before and
-    /// after, and the time each took.
+    /// after, and the time each took. A table this role may not vacuum (an application role
+    /// that does not own the tables) is reported as `"skipped (not owner)"` with
+    /// `vacuumed == false`, where PostgreSQL would only have warned; the purge runs anyway.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
@@ -79,24 +83,70 @@ impl ModelRepository {
     }
 }
 
+/// Who may VACUUM a table before PostgreSQL 17: its owner (or a member of the owning role),
+/// a superuser, or the database's owner.
+const MAY_VACUUM: &str = "SELECT pg_has_role(c.relowner, 'USAGE')
+        OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')
+     FROM pg_class c WHERE c.oid = to_regclass($1)";
+
+/// From PostgreSQL 17 on: the MAINTAIN privilege (owners have it), or the database's owner.
+const MAY_VACUUM_17: &str = "SELECT has_table_privilege(c.oid, 'MAINTAIN')
+        OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')
+     FROM pg_class c WHERE c.oid = to_regclass($1)";
+
+/// What the report says of a table this role may not vacuum: PostgreSQL would only warn and
+/// skip it ("only table or database owner can vacuum it").
+pub(crate) const SKIPPED_NOT_OWNER: &str = "skipped (not owner)";
+
 fn vacuum_all(conn: &mut PgConnection) -> Result<Vec<TableMaintenance>> {
     let client = conn.client();
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])?
+        .try_get(0)?;
+    let may_vacuum = if version >= 170_000 {
+        MAY_VACUUM_17
+    } else {
+        MAY_VACUUM
+    };
     let mut report = Vec::with_capacity(TABLES.len());
+    let mut skipped = Vec::new();
     for table in TABLES {
+        let allowed: Option<bool> = client
+            .query_opt(may_vacuum, &[table])?
+            .map(|row| row.try_get(0))
+            .transpose()?;
         let (dead_before, bytes_before) = dead_tuples(client, table)?;
         let started = Instant::now();
-        client.batch_execute(&format!("VACUUM (ANALYZE) {table}"))?;
+        let vacuumed = allowed == Some(true);
+        if vacuumed {
+            client.batch_execute(&format!("VACUUM (ANALYZE) {table}"))?;
+        } else {
+            skipped.push(*table);
+        }
         let elapsed = started.elapsed();
         let (dead_after, bytes_after) = dead_tuples(client, table)?;
         report.push(TableMaintenance {
             table: (*table).to_owned(),
-            action: "VACUUM (ANALYZE)".to_owned(),
+            action: if vacuumed {
+                "VACUUM (ANALYZE)"
+            } else {
+                SKIPPED_NOT_OWNER
+            }
+            .to_owned(),
+            vacuumed,
             dead_tuples_before: dead_before,
             dead_tuples_after: dead_after,
             bytes_before,
             bytes_after,
             elapsed,
         });
+    }
+    if !skipped.is_empty() {
+        log::info!(
+            "pg-model-repo: optimize_database skipped VACUUM of {} (this role does not own them; \
+             run it as the owner)",
+            skipped.join(", ")
+        );
     }
     Ok(report)
 }

@@ -131,8 +131,11 @@ pub struct EmbeddingsStats {
 pub struct TableMaintenance {
     /// The table.
     pub table: String,
-    /// What ran: "VACUUM (ANALYZE)".
+    /// What ran: "VACUUM (ANALYZE)", or "skipped (not owner)" when this role may not vacuum
+    /// the table (then nothing ran).
     pub action: String,
+    /// Whether the VACUUM ran.
+    pub vacuumed: bool,
     /// Dead tuples the statistics reported before.
     pub dead_tuples_before: u64,
     /// Dead tuples after.

@@ -23,7 +23,10 @@ const EMBEDDING_STATS: &str = "SELECT e.entity_type, count(*) AS n,
      FROM embeddings e LEFT JOIN embedding_types t ON t.entity_type = e.entity_type
      GROUP BY e.entity_type, t.dimension ORDER BY e.entity_type";
 
-const TABLE_SIZE: &str = "SELECT pg_total_relation_size(to_regclass($1))::bigint";
+/// With indexes and TOAST, summed over the table's partitions if it has any.
+const TABLE_SIZE: &str = "SELECT sum(pg_total_relation_size(relid))::bigint \
+     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1)) \
+           UNION SELECT to_regclass($1)) t";
 
 impl ModelRepository {
     /// Per model: versions, active versions, bytes, latest version, loads (this repository's

@@ -535,6 +535,40 @@ fn concurrent_overlapping_copies_into_an_empty_type_both_land() {
     assert_eq!(count(&repo, "embeddings"), 5000);
 }
 
+/// The database itself enforces the types: another client's row needs a registered type and
+/// its dimension.
+#[test]
+fn rows_inserted_by_hand_must_fit_a_registered_type() {
+    let repo = TestRepo::new();
+    repo.save_embeddings("user", "u1", &[1.0, 2.0, 3.0])
+        .unwrap();
+    let mut sql = repo.sql();
+    let insert = "INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension) \
+                  VALUES ($1, $2, $3, $4)";
+    // A 2-dimensional row into the 3-dimensional type: refused by the type's CHECK.
+    let err = sql
+        .execute(insert, &[&"user", &"x", &vec![0u8; 8], &2i32])
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("23514"), "{err}");
+    // Bytes that do not match the stated dimension: refused too.
+    let err = sql
+        .execute(insert, &[&"user", &"x", &vec![0u8; 8], &3i32])
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("23514"), "{err}");
+    // A fitting row from another client reads back through the library.
+    let bytes: Vec<u8> = [4.0f32, 5.0, 6.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    sql.execute(insert, &[&"user", &"x", &bytes, &3i32])
+        .unwrap();
+    assert_eq!(
+        repo.get_embeddings("user", "x").unwrap(),
+        Some(vec![4.0, 5.0, 6.0])
+    );
+    assert_eq!(count(&repo, "embeddings"), 2);
+}
+
 #[test]
 fn a_new_type_with_rows_inserted_by_hand_takes_their_dimension() {
     let repo = TestRepo::new();
@@ -750,4 +784,31 @@ fn concurrent_loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
         }
         assert_eq!(count(&repo, "embeddings"), 3000);
     }
+}
+
+/// Rows a dead `ParallelCopy` left in staging go with the sweep once they are old; a live
+/// load's rows (its session holds its load ids' locks) and recent rows stay.
+#[test]
+fn staged_rows_of_dead_loads_are_swept_by_age_and_live_loads_keep_theirs() {
+    let repo = TestRepo::new();
+    repo.sql()
+        .batch_execute(
+            "INSERT INTO embeddings_staging (load_id, entity_type, entity_id, embeddings, dimension, staged_at)
+             SELECT l.id, 'user', l.tag || g, '\\x00000000', 1, now() - l.age
+             FROM (VALUES (101, 'dead', interval '2 hours'), (102, 'live', interval '2 hours'),
+                          (103, 'recent', interval '1 minute')) AS l(id, tag, age),
+                  generate_series(1, 5) g",
+        )
+        .unwrap();
+    let mut live = common::admin();
+    live.execute("SELECT pg_advisory_lock(1886221873, 102)", &[])
+        .unwrap();
+    let report = repo.optimize_database().unwrap();
+    assert_eq!(report.leftovers_removed, 5);
+    assert_eq!(staged_rows(&repo), 10);
+    // Once the live load ends (it releases its locks), its old rows go too.
+    live.execute("SELECT pg_advisory_unlock(1886221873, 102)", &[])
+        .unwrap();
+    assert_eq!(repo.optimize_database().unwrap().leftovers_removed, 5);
+    assert_eq!(staged_rows(&repo), 5);
 }

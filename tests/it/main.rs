@@ -8,13 +8,16 @@ mod logging;
 
 mod aliases;
 mod cache;
+mod embedding_storage;
 mod embeddings;
 mod faults;
 mod hangs;
+mod interop;
 mod lost_replies;
 mod models;
 mod monitor;
 mod schema;
 mod security;
+mod seed_takeover;
 mod tls;
 mod training;

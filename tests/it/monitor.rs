@@ -198,7 +198,8 @@ fn embedding_stats_match_what_was_written() {
     let repo = TestRepo::new();
     repo.sql()
         .batch_execute(
-            "INSERT INTO embedding_types (entity_type, dimension) VALUES ('user', 3), ('item', 2);
+            "SELECT * FROM embedding_type_ensure('user', 3);
+             SELECT * FROM embedding_type_ensure('item', 2);
              INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension)
              SELECT 'user', 'u' || g, '\\x000000000000000000000000', 3 FROM generate_series(1, 10) g;
              INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension, updated_at)

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use pg_model_repo::throwaway::ThrowawayServer;
-use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
+use pg_model_repo::{Embedding, ModelRepository, RepoError, RepositoryConfig};
 use serde_json::json;
 
 use crate::common::psql;
@@ -123,8 +123,9 @@ fn an_application_role_with_only_usage_and_dml_works_the_repository() {
         ],
     );
 
-    // Without DDL rights, auto_migrate must stay off; with it off the role works everything.
-    assert!(ModelRepository::open(config("ml_app")).is_err());
+    // Nothing is pending, so opening runs no DDL, with auto_migrate on or off; the role works
+    // everything.
+    ModelRepository::open(config("ml_app")).unwrap().close();
     let repo = ModelRepository::open(config("ml_app").auto_migrate(false)).unwrap();
     repo.save_model("m", "1", b"one", &json!({"a": 1})).unwrap();
     repo.save_model_from_reader("m", "2", &mut &b"two"[..], &json!({}))
@@ -140,6 +141,25 @@ fn an_application_role_with_only_usage_and_dml_works_the_repository() {
     repo.load_model_to_writer("m", "@champion", &mut out)
         .unwrap();
     assert_eq!(out, b"one");
+    // Embeddings: a new type's storage, a full refresh and a drop need DDL, which the
+    // schema owner's SECURITY DEFINER functions do for the role.
+    repo.save_embeddings("user", "u1", &[1.0, 2.0]).unwrap();
+    let batch: Vec<Embedding> = (0..500)
+        .map(|i| Embedding::new("item", format!("i{i}"), vec![0.5; 4]))
+        .collect();
+    repo.batch_save_embeddings(&batch).unwrap();
+    repo.replace_embeddings("item", &batch[..100]).unwrap();
+    repo.replace_embeddings(
+        "fresh",
+        &batch[..3]
+            .iter()
+            .map(|e| Embedding::new("fresh", e.entity_id.clone(), vec![1.0; 8]))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert_eq!(repo.get_all_embeddings("item").unwrap().len(), 100);
+    assert_eq!(repo.drop_embedding_type("user").unwrap(), 1);
+    assert_eq!(repo.get_embeddings_stats().unwrap().total_embeddings, 103);
 
     // And it really has no DDL rights.
     let mut app = postgres::Client::connect(&as_role("ml_app"), postgres::NoTls).unwrap();

@@ -1,0 +1,287 @@
+//! Full refresh of an entity type and dropping a type. A refresh is one transaction: fresh
+//! storage is created (`embedding_replace_begin`, sql/V004), filled by binary COPY (FREEZE: the
+//! table is new in this transaction), indexed after the load and swapped in for the old
+//! storage (`embedding_replace_commit`). Readers see the old set until the commit, then the
+//! new one; a refresh that fails at any point rolls back whole and leaves nothing behind.
+
+use std::time::Instant;
+
+use postgres::Transaction;
+
+use crate::db::error::{RepoError, Result};
+use crate::db::pool::{begin_unbounded, quote_ident, PgConnection};
+use crate::db::retry::Retry;
+use crate::embeddings::check::{at_index, check_batch, check_key, check_vector, ENTITY_TYPE_MAX};
+use crate::embeddings::encode::{copy_in, copy_in_iter, COLUMNS};
+use crate::embeddings::types::{BatchReport, Embedding};
+use crate::repository::ModelRepository;
+use crate::validate;
+
+const BEGIN: &str = "SELECT embedding_replace_begin($1, $2)";
+const COMMIT: &str = "SELECT embedding_replace_commit($1, $2, $3)";
+const DROP_TYPE: &str = "SELECT embedding_type_drop($1)";
+
+/// Where the rows of a refresh come from.
+enum Rows<'a> {
+    /// A checked slice, encoded in parallel.
+    Slice(&'a [Embedding]),
+    /// An iterator, checked record by record as it streams; `first` was taken from it
+    /// already (its length fixes the dimension).
+    Iter {
+        first: Embedding,
+        rest: &'a mut dyn Iterator<Item = Embedding>,
+    },
+}
+
+impl ModelRepository {
+    /// Replaces the whole set of vectors of `entity_type` with `batch`, atomically: readers see
+    /// the old set until the commit, then the new one, never a mix. The type's dimension may
+    /// change (the batch's sets it). Every record must be of `entity_type`, share one
+    /// dimension and have a distinct id; an empty batch is `InvalidInput` (to remove a type,
+    /// use [`drop_embedding_type`](Self::drop_embedding_type)). Checked before any I/O.
+    ///
+    /// The new set is loaded by binary COPY into fresh storage, indexed after the load, and
+    /// swapped in within one short lock, so the type takes no more room afterwards than the
+    /// new set needs.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// use pg_model_repo::Embedding;
+    /// let fresh: Vec<Embedding> = (0..1000)
+    ///     .map(|i| Embedding::new("item", format!("i{i}"), vec![i as f32; 768]))
+    ///     .collect();
+    /// let report = repo.replace_embeddings("item", &fresh)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn replace_embeddings(
+        &self,
+        entity_type: &str,
+        batch: &[Embedding],
+    ) -> Result<BatchReport> {
+        self.replace_embeddings_with_progress(entity_type, batch, &mut |_, _| {})
+    }
+
+    /// [`replace_embeddings`](Self::replace_embeddings) that reports progress:
+    /// `progress(rows_sent, rows_total)` on the caller's thread as the batch goes out (a
+    /// retried refresh starts again from 0).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// # let fresh = vec![pg_model_repo::Embedding::new("item", "i1", vec![1.0, 2.0])];
+    /// repo.replace_embeddings_with_progress("item", &fresh, &mut |done, total| {
+    ///     eprintln!("{done}/{total}");
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    pub fn replace_embeddings_with_progress(
+        &self,
+        entity_type: &str,
+        batch: &[Embedding],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<BatchReport> {
+        let started = Instant::now();
+        self.timed("replace_embeddings", |call| {
+            let dimension = check_replacement_batch(entity_type, batch)?;
+            let total = batch.len() as u64;
+            // One transaction: repeating it after a failure replaces again with the same set.
+            call.run(Retry::Idempotent, |conn| {
+                let mut report = |done: u64| progress(done, total);
+                replace_on(
+                    conn,
+                    entity_type,
+                    dimension,
+                    Rows::Slice(batch),
+                    &mut report,
+                )
+            })?;
+            Ok(report(batch.len() as u64, dimension, started))
+        })
+    }
+
+    /// [`replace_embeddings`](Self::replace_embeddings) from an iterator, in constant memory
+    /// (a pipeline can stream a hundred million vectors). Records are checked as they come: the
+    /// first one's length fixes the dimension, and a bad record (another type, another length,
+    /// an invalid value, an id seen before) fails the call with nothing changed. An empty
+    /// iterator is `InvalidInput`. Not retried after the first record went out (the iterator
+    /// cannot be replayed).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// use pg_model_repo::Embedding;
+    /// let mut rows = (0..1_000_000).map(|i| Embedding::new("user", format!("u{i}"), vec![0.5; 384]));
+    /// let report = repo.replace_embeddings_iter("user", &mut rows)?;
+    /// println!("{} rows in {:?}", report.rows, report.elapsed);
+    /// # Ok(()) }
+    /// ```
+    pub fn replace_embeddings_iter(
+        &self,
+        entity_type: &str,
+        rows: &mut dyn Iterator<Item = Embedding>,
+    ) -> Result<BatchReport> {
+        let started = Instant::now();
+        self.timed("replace_embeddings_iter", |call| {
+            validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
+            let first = rows.next().ok_or_else(|| {
+                RepoError::invalid(
+                    "a full refresh needs at least one record (use drop_embedding_type to remove a type)",
+                )
+            })?;
+            check_replacement_record(entity_type, first.vector.len(), 0, &first)?;
+            let dimension = first.vector.len();
+            let mut copied = 0;
+            call.run(Retry::Never, |conn| {
+                copied = replace_on(
+                    conn,
+                    entity_type,
+                    dimension,
+                    Rows::Iter {
+                        first: first.clone(),
+                        rest: &mut *rows,
+                    },
+                    &mut |_| {},
+                )?;
+                Ok(())
+            })?;
+            Ok(report(copied, dimension, started))
+        })
+    }
+
+    /// Removes every vector of `entity_type`, its storage and its registered dimension (the
+    /// next save fixes a new one); returns the number of vectors removed, 0 for an unknown
+    /// type.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let removed = repo.drop_embedding_type("retired_items")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn drop_embedding_type(&self, entity_type: &str) -> Result<u64> {
+        self.timed("drop_embedding_type", |call| {
+            validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
+            call.run(Retry::Idempotent, |conn| {
+                let removed: i64 = conn
+                    .client()
+                    .query_one(DROP_TYPE, &[&entity_type])?
+                    .try_get(0)?;
+                Ok(u64::try_from(removed).unwrap_or(0))
+            })
+        })
+    }
+}
+
+fn report(rows: u64, dimension: usize, started: Instant) -> BatchReport {
+    BatchReport {
+        rows,
+        bytes: rows * 4 * dimension as u64,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// The slice form's rules, before any I/O: the batch rules, plus one type (this one) and one
+/// dimension; returns the dimension.
+fn check_replacement_batch(entity_type: &str, batch: &[Embedding]) -> Result<usize> {
+    validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
+    let Some(first) = batch.first() else {
+        return Err(RepoError::invalid(
+            "a full refresh needs at least one record (use drop_embedding_type to remove a type)",
+        ));
+    };
+    if let Some(i) = batch.iter().position(|e| e.entity_type != entity_type) {
+        return Err(other_type(i, entity_type, &batch[i]));
+    }
+    let checked = check_batch(batch).map_err(|e| match e {
+        // One type per refresh: another length is a bad record here, not a registry matter.
+        RepoError::DimensionMismatch { index, actual, .. } => RepoError::invalid(format!(
+            "record {}: a full refresh needs one dimension; this vector has {actual}, the first {}",
+            index.unwrap_or(0),
+            first.vector.len()
+        )),
+        other => other,
+    })?;
+    Ok(checked.types[0].dimension)
+}
+
+/// One record of the iterator form.
+fn check_replacement_record(
+    entity_type: &str,
+    dimension: usize,
+    index: usize,
+    e: &Embedding,
+) -> Result<()> {
+    if e.entity_type != entity_type {
+        return Err(other_type(index, entity_type, e));
+    }
+    check_key(&e.entity_type, &e.entity_id).map_err(|err| at_index(index, err))?;
+    check_vector(&e.vector).map_err(|err| at_index(index, err))?;
+    if e.vector.len() != dimension {
+        return Err(RepoError::invalid(format!(
+            "record {index}: a full refresh needs one dimension; this vector has {}, the first {dimension}",
+            e.vector.len()
+        )));
+    }
+    Ok(())
+}
+
+fn other_type(index: usize, entity_type: &str, e: &Embedding) -> RepoError {
+    RepoError::invalid(format!(
+        "record {index}: entity type {:?} in a full refresh of {entity_type:?}",
+        e.entity_type
+    ))
+}
+
+/// The refresh's one transaction; returns the rows copied.
+fn replace_on(
+    conn: &mut PgConnection,
+    entity_type: &str,
+    dimension: usize,
+    rows: Rows<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let dim = i32::try_from(dimension)
+        .map_err(|_| RepoError::invalid(format!("dimension {dimension} is too large")))?;
+    let mut tx = begin_unbounded(conn)?;
+    let storage: String = tx.query_one(BEGIN, &[&entity_type, &dim])?.try_get(0)?;
+    let copied = copy_rows(&mut tx, &storage, entity_type, dimension, rows, progress)?;
+    tx.execute(COMMIT, &[&entity_type, &storage, &dim])
+        .map_err(|e| duplicate_as_invalid(RepoError::from(e)))?;
+    tx.commit()?;
+    log::debug!("pg-model-repo: replaced {entity_type:?} with {copied} rows in {storage}");
+    Ok(copied)
+}
+
+fn copy_rows(
+    tx: &mut Transaction<'_>,
+    storage: &str,
+    entity_type: &str,
+    dimension: usize,
+    rows: Rows<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let sql = format!(
+        "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary, FREEZE)",
+        quote_ident(storage)
+    );
+    match rows {
+        Rows::Slice(records) => copy_in(tx, &sql, records, None, progress),
+        Rows::Iter { first, rest } => {
+            let mut all = std::iter::once(first).chain(rest);
+            let mut check =
+                |i: usize, e: &Embedding| check_replacement_record(entity_type, dimension, i, e);
+            copy_in_iter(tx, &sql, &mut all, &mut check, progress)
+        }
+    }
+}
+
+/// The key index is built after the load: an id twice in the refresh shows there.
+fn duplicate_as_invalid(error: RepoError) -> RepoError {
+    match error {
+        RepoError::Conflict(m) => {
+            RepoError::invalid(format!("duplicate entity_id in a full refresh: {m}"))
+        }
+        other => other,
+    }
+}

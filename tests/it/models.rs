@@ -487,8 +487,13 @@ fn a_checksum_cleared_by_hand_is_computed_on_load_and_guards_later_loads() {
     for v in repo.get_model_versions("m").unwrap() {
         assert_eq!(v.checksum, sha256_hex(&data), "{}", v.version);
     }
+    // Bytes that change under the checksum (a disk fault; an UPDATE the re-save trigger does
+    // not see) now read as Corrupt.
     repo.sql()
-        .batch_execute("UPDATE ml_models SET model_data = '\\x00'")
+        .batch_execute(
+            "SET session_replication_role = replica; \
+             UPDATE ml_models SET model_data = '\\x00'",
+        )
         .unwrap();
     assert!(matches!(
         repo.load_model("m", "1"),

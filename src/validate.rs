@@ -149,6 +149,14 @@ mod tests {
     }
 
     #[test]
+    fn schemas_may_not_take_postgresqls_reserved_prefix() {
+        assert!(schema_name("schema", "pg_x").is_err());
+        assert!(schema_name("schema", "pg_catalog").is_err());
+        assert!(schema_name("schema", "PG_x").is_ok());
+        assert!(schema_name("schema", "mypg_x").is_ok());
+    }
+
+    #[test]
     fn names_count_characters_not_bytes() {
         let at_limit = "é".repeat(VERSION_MAX);
         assert!(name("version", &at_limit, VERSION_MAX).is_ok());

@@ -531,6 +531,15 @@ mod tests {
             .max_model_size(MAX_BYTEA_MODEL_SIZE + 1)
             .validate()
             .is_err());
+        assert!(base().pool_timeout(Duration::MAX).validate().is_err());
+        assert!(base().max_overflow(u32::MAX).validate().is_err());
+        assert!(base().query_timeout(MAX_QUERY_TIMEOUT).validate().is_ok());
+        assert!(base()
+            .query_timeout(MAX_QUERY_TIMEOUT + Duration::from_millis(1))
+            .validate()
+            .is_err());
+        assert!(base().reaper_interval(Some(Duration::MAX)).validate().is_err());
+        assert!(base().schema("pg_x").validate().is_err());
         let tls = RepositoryConfig::new("postgres://u@h/db?sslmode=require").validate();
         assert_eq!(tls.is_err(), !cfg!(feature = "tls"));
     }

@@ -30,6 +30,10 @@ use crate::db::config::RepositoryConfig;
 /// How often the watchdog looks at armed connections: the margin on every bound.
 pub(crate) const TICK: Duration = Duration::from_millis(50);
 
+/// How long a probe may wait for the blocked caller's runtime to poll again before the
+/// caller counts as busy elsewhere.
+const PROBE_PATIENCE: Duration = Duration::from_millis(200);
+
 /// Added to query_timeout for an ordinary statement's client-side bound, so that a live
 /// server's own statement_timeout (or lock_timeout) answers first.
 pub(crate) const STATEMENT_GRACE: Duration = Duration::from_secs(1);
@@ -210,10 +214,14 @@ impl State {
                 // every probe since the last byte was answered, it has been since that byte.
                 let since = if probe.unanswered { sent_at } else { progress };
                 probe.blocked_since.get_or_insert(since);
-            } else {
+                probe.last = None;
+            } else if now.saturating_sub(sent_at) >= ms(PROBE_PATIENCE) {
+                // Nobody polled: the caller is busy in its own code.
                 probe.unanswered = true;
                 probe.blocked_since = None;
+                probe.last = None;
             }
+            // Else the answer may still come (a busy machine schedules the caller late).
         }
         if let Some(since) = probe.blocked_since {
             let waited = now.saturating_sub(since.max(progress));
@@ -225,6 +233,9 @@ impl State {
                 });
                 return;
             }
+        }
+        if probe.last.is_some() {
+            return;
         }
         probe.last = Some((now, polls));
         drop(probe);

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::logging::LogWatch;
 
 /// The watchdog looks every 50 ms; the rest is scheduling on a busy 2-core machine.
-const MARGIN: Duration = Duration::from_millis(700);
+const MARGIN: Duration = Duration::from_secs(1);
 
 const POOL_TIMEOUT: Duration = Duration::from_secs(3);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);

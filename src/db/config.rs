@@ -538,7 +538,10 @@ mod tests {
             .query_timeout(MAX_QUERY_TIMEOUT + Duration::from_millis(1))
             .validate()
             .is_err());
-        assert!(base().reaper_interval(Some(Duration::MAX)).validate().is_err());
+        assert!(base()
+            .reaper_interval(Some(Duration::MAX))
+            .validate()
+            .is_err());
         assert!(base().schema("pg_x").validate().is_err());
         let tls = RepositoryConfig::new("postgres://u@h/db?sslmode=require").validate();
         assert_eq!(tls.is_err(), !cfg!(feature = "tls"));

@@ -16,6 +16,7 @@
 //! disarmed and never probed.
 
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -417,7 +418,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for Watched<S> {
 #[derive(Debug)]
 struct Watchdog {
     states: Mutex<Vec<Weak<State>>>,
-    thread: OnceLock<std::thread::Thread>,
+    /// The thread, once started (`None` if it could not be).
+    thread: OnceLock<Option<std::thread::Thread>>,
 }
 
 fn watchdog() -> &'static Watchdog {
@@ -436,16 +438,16 @@ impl Watchdog {
                 .name("pg-model-repo-watchdog".to_owned())
                 .spawn(move || self.run());
             match spawned {
-                Ok(handle) => handle.thread().clone(),
+                Ok(handle) => Some(handle.thread().clone()),
                 Err(e) => {
-                    // Without the thread, no connection is ever cut: calls may hang on a
-                    // hung server, as they would without this module.
+                    // Without the thread no connection is ever cut: a hung server may hang
+                    // its callers, as it would without this module.
                     log::error!("pg-model-repo: cannot start the watchdog thread: {e}");
-                    std::thread::current()
+                    None
                 }
             }
         });
-        if thread.name() == Some("pg-model-repo-watchdog") {
+        if let Some(thread) = thread {
             thread.unpark();
         }
     }
@@ -463,7 +465,11 @@ impl Watchdog {
             }
             let now = now_ms();
             for state in &live {
-                state.check(now);
+                // A bug here must not end the watch over every other connection.
+                let checked = std::panic::catch_unwind(AssertUnwindSafe(|| state.check(now)));
+                if checked.is_err() {
+                    log::error!("pg-model-repo: the watchdog's check of a connection panicked");
+                }
             }
             drop(live);
             std::thread::sleep(TICK);

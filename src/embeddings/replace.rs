@@ -162,11 +162,9 @@ impl ModelRepository {
     pub fn drop_embedding_type(&self, entity_type: &str) -> Result<u64> {
         self.timed("drop_embedding_type", |call| {
             validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
-            call.run(Retry::Idempotent, |conn| {
-                let removed: i64 = conn
-                    .client()
-                    .query_one(DROP_TYPE, &[&entity_type])?
-                    .try_get(0)?;
+            // A tracked write: after a lost commit reply the count stays right.
+            call.run_once(|tx| {
+                let removed: i64 = tx.query_one(DROP_TYPE, &[&entity_type])?.try_get(0)?;
                 Ok(u64::try_from(removed).unwrap_or(0))
             })
         })

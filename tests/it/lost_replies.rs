@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pg_model_repo::throwaway::{LostReplyProxy, ThrowawayServer};
-use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
+use pg_model_repo::{Embedding, ModelRepository, RepoError, RepositoryConfig};
 use serde_json::json;
 
 struct Setup {
@@ -97,6 +97,16 @@ fn every_count_and_bool_is_right_after_a_lost_commit_reply() {
         )
         .unwrap();
     assert_eq!(t.losing_one(|| repo.purge_expired_cache()).unwrap(), 3);
+
+    let batch: Vec<Embedding> = (0..4)
+        .map(|i| Embedding::new("gone", format!("e{i}"), vec![i as f32; 4]))
+        .collect();
+    repo.batch_save_embeddings(&batch).unwrap();
+    assert_eq!(
+        t.losing_one(|| repo.drop_embedding_type("gone")).unwrap(),
+        4
+    );
+    assert!(repo.get_all_embeddings("gone").unwrap().is_empty());
 
     // Writes that answer with a value or nothing were exactly-once already; they stay so.
     for v in ["1", "2", "3"] {

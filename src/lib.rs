@@ -86,7 +86,9 @@ pub use db::config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL
 pub use db::error::{RepoError, Result};
 pub use db::pool::PoolState;
 pub use db::timings::QueryMetric;
-pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};
+pub use embeddings::{
+    BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,
+};
 pub use models::ModelInfo;
 pub use monitor::{
     CheckResult, EmbeddingsStats, EntityTypeStats, HealthReport, HealthStatus, ModelStats,

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::io::Read;
 
+use postgres::{GenericClient, Transaction};
+
 use crate::db::binary_copy::RowReader;
 use crate::db::error::{interrupted_after, RepoError, Result};
 use crate::db::pool::PoisonOnPanic;
@@ -13,7 +15,7 @@ use crate::embeddings::check::{
 };
 use crate::embeddings::load::UPSERT_ONE;
 use crate::embeddings::registry::ensure_types;
-use crate::embeddings::types::{decode, decode_into, vector_bytes};
+use crate::embeddings::types::{decode, vector_bytes, Storage};
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
@@ -39,11 +41,56 @@ const SELECT_MANY: &str = "SELECT e.embeddings \
      LEFT JOIN embeddings e ON e.entity_type = $1 AND e.entity_id = k.entity_id \
      ORDER BY k.ord";
 
+/// The column type of `embeddings.embeddings` (bytea or vector), as a literal for `concat!`.
+macro_rules! storage_type {
+    () => {
+        "SELECT t.typname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+         WHERE a.attrelid = 'embeddings'::regclass AND a.attname = 'embeddings'"
+    };
+}
+const STORAGE_TYPE: &str = storage_type!();
+
+/// Taken before a stream reads the column type: a conversion of the column (which needs
+/// ACCESS EXCLUSIVE) then waits for the stream, so the rows come in the type read.
+const LOCK_FOR_STREAM: &str = "LOCK TABLE ONLY embeddings IN ACCESS SHARE MODE";
+
 /// The streaming read. COPY takes no parameters, so the type travels in a transaction-local
-/// setting instead of being spliced into the SQL.
-const SET_STREAM_TYPE: &str = "SELECT set_config('pg_model_repo.entity_type', $1, true)";
-const COPY_OUT_TYPE: &str = "COPY (SELECT entity_id, embeddings FROM embeddings \
+/// setting instead of being spliced into the SQL. The same statement reads how vectors are
+/// stored and the type's registered dimension.
+const SET_STREAM_TYPE: &str = concat!(
+    "SELECT set_config('pg_model_repo.entity_type', $1, true), (",
+    storage_type!(),
+    ") AS storage, (SELECT r.dimension FROM embedding_types r \
+       WHERE r.entity_type = $1 AND r.storage IS NOT NULL) AS dimension"
+);
+pub(crate) const COPY_OUT_TYPE: &str = "COPY (SELECT entity_id, embeddings FROM embeddings \
      WHERE entity_type = current_setting('pg_model_repo.entity_type')) TO STDOUT (FORMAT binary)";
+
+/// How a stream's rows come: the storage they are decoded from, and the type's registered
+/// dimension (`None` for a type that is not registered).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamSetup {
+    pub storage: Storage,
+    pub dimension: Option<usize>,
+}
+
+/// Prepares `tx` for [`COPY_OUT_TYPE`] of `entity_type`.
+pub(crate) fn open_stream(tx: &mut Transaction<'_>, entity_type: &str) -> Result<StreamSetup> {
+    tx.batch_execute(LOCK_FOR_STREAM)?;
+    let row = tx.query_one(SET_STREAM_TYPE, &[&entity_type])?;
+    let storage = Storage::from_type_name(row.try_get("storage")?)?;
+    let dimension: Option<i32> = row.try_get("dimension")?;
+    Ok(StreamSetup {
+        storage,
+        dimension: dimension.and_then(|d| usize::try_from(d).ok()),
+    })
+}
+
+/// How this schema stores vectors now.
+pub(crate) fn detect_storage<C: GenericClient>(client: &mut C) -> Result<Storage> {
+    let row = client.query_one(STORAGE_TYPE, &[])?;
+    Storage::from_type_name(row.try_get(0)?)
+}
 
 impl ModelRepository {
     /// Saves one vector (an upsert on (entity_type, entity_id): `created_at` is kept,
@@ -229,10 +276,10 @@ fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32
         let mut conn = PoisonOnPanic(conn);
         let mut tx = conn.client().build_transaction().read_only(true).start()?;
         crate::db::pool::unbounded(&mut tx)?;
-        tx.execute(SET_STREAM_TYPE, &[&entity_type])?;
+        let storage = open_stream(&mut tx, entity_type)?.storage;
         let mut reader = tx.copy_out(COPY_OUT_TYPE)?;
         let mut delivered = 0u64;
-        let result = read_rows(&mut reader, &mut |id, v| {
+        let result = read_rows(&mut reader, storage, &mut |id, v| {
             delivered += 1;
             f(id, v)
         });
@@ -246,14 +293,18 @@ fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32
 
 /// Parses a binary COPY stream of (entity_id, vector bytes) rows, handing each to `f` with
 /// reused buffers; returns the row count.
-fn read_rows(reader: &mut dyn Read, f: &mut dyn FnMut(&str, &[f32])) -> Result<u64> {
+fn read_rows(
+    reader: &mut dyn Read,
+    storage: Storage,
+    f: &mut dyn FnMut(&str, &[f32]),
+) -> Result<u64> {
     let mut rows = RowReader::new(reader, 2)?;
     let mut vector = Vec::new();
     let mut count = 0u64;
     while let Some(fields) = rows.next_row()? {
         let id = std::str::from_utf8(&fields[0])
             .map_err(|e| RepoError::Corrupt(format!("entity_id is not UTF-8: {e}")))?;
-        decode_into(&fields[1], &mut vector)?;
+        storage.decode_into(&fields[1], &mut vector)?;
         f(id, &vector);
         count += 1;
     }

@@ -105,6 +105,81 @@ pub struct BatchReport {
     pub elapsed: Duration,
 }
 
+/// How a schema stores its vectors: the type of `embeddings.embeddings`.
+///
+/// BYTEA holds little-endian f32 values; pgvector's `vector` holds the same f32 values (its
+/// binary wire format is an int16 dimension, an unused int16 and big-endian float4 values).
+/// Every write is encoded for, and every read decoded from, the storage it meets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Storage {
+    /// Little-endian f32 bytes in a `bytea` column.
+    Bytea,
+    /// pgvector's `vector` type.
+    Vector,
+}
+
+impl Storage {
+    /// The storage whose column type is named `type_name` (`pg_type.typname`).
+    pub(crate) fn from_type_name(type_name: &str) -> Result<Storage> {
+        match type_name {
+            "bytea" => Ok(Storage::Bytea),
+            "vector" => Ok(Storage::Vector),
+            other => Err(RepoError::Corrupt(format!(
+                "embeddings.embeddings has type {other}; expected bytea or vector"
+            ))),
+        }
+    }
+
+    /// The SQL type of the column, for casts in statements.
+    pub(crate) fn sql_type(self) -> &'static str {
+        match self {
+            Storage::Bytea => "bytea",
+            Storage::Vector => "vector",
+        }
+    }
+
+    /// Decodes a stored value, as binary COPY or the binary protocol hands it over, into
+    /// `out` (cleared first).
+    pub(crate) fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
+        match self {
+            Storage::Bytea => decode_into(bytes, out),
+            Storage::Vector => decode_vector_into(bytes, out),
+        }
+    }
+
+    /// The decoded value as a new vector.
+    pub(crate) fn decode(self, bytes: &[u8]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.decode_into(bytes, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// The largest vector pgvector's `vector` type holds.
+pub(crate) const PGVECTOR_MAX_DIMENSION: usize = 16_000;
+
+/// Decodes pgvector's binary format (int16 dimension, int16 unused, big-endian float4s).
+fn decode_vector_into(bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
+    let corrupt = || {
+        RepoError::Corrupt(format!(
+            "a stored vector of {} bytes is not in pgvector's binary format",
+            bytes.len()
+        ))
+    };
+    let (header, values) = bytes.split_at_checked(4).ok_or_else(corrupt)?;
+    let dim = i16::from_be_bytes([header[0], header[1]]);
+    if dim < 0 || values.len() != 4 * dim as usize {
+        return Err(corrupt());
+    }
+    out.clear();
+    out.extend(
+        values
+            .chunks_exact(4)
+            .map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]])),
+    );
+    Ok(())
+}
+
 /// A vector as the little-endian f32 bytes it is stored as.
 pub(crate) fn vector_bytes(vector: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(vector.len() * 4);

@@ -148,6 +148,11 @@ pub fn drop_schema(schema: &str) {
     }
 }
 
+/// A repository in a fresh schema that stores vectors as BYTEA, whatever the server has.
+pub fn bytea_repo() -> TestRepo {
+    TestRepo::new()
+}
+
 /// Asserts that a result is `InvalidInput`.
 #[track_caller]
 pub fn assert_invalid<T: std::fmt::Debug>(result: pg_model_repo::Result<T>) {

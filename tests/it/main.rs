@@ -14,6 +14,7 @@ mod faults;
 mod models;
 mod monitor;
 mod schema;
+mod search;
 mod security;
 mod tls;
 mod training;

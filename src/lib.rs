@@ -82,7 +82,10 @@ mod training;
 mod validate;
 
 pub use cache::CacheStats;
-pub use db::config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
+pub use db::config::{
+    RepositoryConfig, VectorStorage, DEFAULT_APPLICATION_NAME, DEFAULT_HNSW_EF_SEARCH,
+    MAX_BYTEA_MODEL_SIZE,
+};
 pub use db::error::{RepoError, Result};
 pub use db::pool::PoolState;
 pub use db::timings::QueryMetric;

@@ -5,14 +5,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cache::{Reaper, FLUSH_HITS};
-use crate::db::config::RepositoryConfig;
+use crate::db::config::{RepositoryConfig, VectorStorage};
 use crate::db::counters::{AccessCounts, Buffer, FlushStatements};
-use crate::db::error::Result;
+use crate::db::error::{RepoError, Result};
 use crate::db::migrate;
 use crate::db::pool::{PgConnection, Pool, PoolState};
 use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
 use crate::db::timings::{QueryMetric, Timings};
+use crate::embeddings::{self, Storage, StorageCell};
 use crate::models::FLUSH_LOADS;
 
 /// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.
@@ -51,6 +52,8 @@ struct Inner {
     counts: Arc<AccessCounts>,
     /// The background thread, unless `reaper_interval(None)`.
     reaper: Option<Reaper>,
+    /// How the schema stores vectors (BYTEA or pgvector), as last seen.
+    storage: StorageCell,
 }
 
 impl Drop for Inner {
@@ -95,16 +98,25 @@ impl ModelRepository {
             migrate::run(&config)?;
         }
         let pool = Pool::new(&config)?;
-        {
+        let storage = {
             let mut conn = pool.get()?;
             if !config.auto_migrate {
                 migrate::check_applied(conn.client())?;
             }
+            embeddings::detect_storage(conn.client())?
+        };
+        if config.vector_storage == VectorStorage::Pgvector && storage == Storage::Bytea {
+            return Err(RepoError::invalid(format!(
+                "vector_storage(Pgvector), but schema {} stores vectors as BYTEA and \
+                 auto_migrate(false) runs no DDL: convert it with ModelRepository::migrate",
+                config.schema
+            )));
         }
         log::info!(
-            "pg-model-repo: opened schema {} on {}",
+            "pg-model-repo: opened schema {} on {} (vectors stored as {})",
             config.schema,
-            config.redacted_target()
+            config.redacted_target(),
+            storage.sql_type()
         );
         let timings = Timings::new(config.enable_metrics, config.slow_query_threshold);
         let counts = Arc::new(AccessCounts::new(FlushStatements {
@@ -127,6 +139,7 @@ impl ModelRepository {
                 timings,
                 counts,
                 reaper,
+                storage: StorageCell::new(storage),
             }),
         })
     }
@@ -219,6 +232,11 @@ impl ModelRepository {
     /// The connection pool, for work that spans several connections.
     pub(crate) fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// How the schema stores vectors, as last seen (see `embeddings::with_storage`).
+    pub(crate) fn storage(&self) -> &StorageCell {
+        &self.inner.storage
     }
 
     /// The repository's access counters (cache lookups, model loads).

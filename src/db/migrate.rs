@@ -4,7 +4,7 @@
 use postgres::Client;
 use sha2::{Digest, Sha256};
 
-use crate::db::config::RepositoryConfig;
+use crate::db::config::{RepositoryConfig, VectorStorage, PGVECTOR_INSTALL_HINT};
 use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
 use crate::db::pool::{connect, quote_ident};
@@ -14,6 +14,18 @@ struct Migration {
     version: i32,
     name: &'static str,
     sql: &'static str,
+    when: When,
+}
+
+/// When a migration applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum When {
+    /// Always, in order.
+    Always,
+    /// Only when the repository's vectors are to be stored in pgvector's `vector` type (see
+    /// [`VectorStorage`]): a new schema where pgvector is available, or one whose owner asks
+    /// for the conversion.
+    VectorStorage,
 }
 
 /// Every migration, in order. New files go at the end with the next number.
@@ -22,13 +34,30 @@ const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "V001__init.sql",
         sql: include_str!("../../sql/V001__init.sql"),
+        when: When::Always,
     },
     Migration {
         version: 4,
         name: "V004__embeddings_per_type.sql",
         sql: include_str!("../../sql/V004__embeddings_per_type.sql"),
+        when: When::Always,
+    },
+    Migration {
+        version: 6,
+        name: "V006__vector_storage.sql",
+        sql: include_str!("../../sql/V006__vector_storage.sql"),
+        when: When::VectorStorage,
     },
 ];
+
+/// Is pgvector installed in this database, or can it be created (its files are on the
+/// server)?
+const PGVECTOR_AVAILABLE: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')";
+
+/// Has the schema stored any vector yet (quarantined ones included)?
+const HAS_VECTORS: &str = "SELECT EXISTS (SELECT 1 FROM embeddings) \
+     OR EXISTS (SELECT 1 FROM embeddings_quarantine)";
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS model_repo_migrations (
     version    integer     PRIMARY KEY,
@@ -51,7 +80,7 @@ pub(crate) fn run(config: &RepositoryConfig) -> Result<()> {
     client.batch_execute("SET statement_timeout = 0")?;
     let key = lock_key(&config.schema);
     client.execute("SELECT pg_advisory_lock($1)", &[&key])?;
-    let outcome = apply_pending(&mut client, &config.schema);
+    let outcome = apply_pending(&mut client, &config.schema, config.vector_storage);
     let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&key]);
     outcome?;
     unlock?;
@@ -66,7 +95,7 @@ fn lock_key(schema: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-fn apply_pending(client: &mut Client, schema: &str) -> Result<()> {
+fn apply_pending(client: &mut Client, schema: &str, storage: VectorStorage) -> Result<()> {
     client.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {schema}; {CREATE_HISTORY}",
         schema = quote_ident(schema)
@@ -77,12 +106,93 @@ fn apply_pending(client: &mut Client, schema: &str) -> Result<()> {
         let existing = applied
             .iter()
             .find(|row| row.try_get::<_, i32>("version").ok() == Some(migration.version));
-        match existing {
-            Some(row) => check_unchanged(migration, &checksum, row.try_get("checksum")?)?,
-            None => apply(client, migration, &checksum)?,
+        match (existing, migration.when) {
+            (Some(row), When::Always) => {
+                check_unchanged(migration, &checksum, row.try_get("checksum")?)?
+            }
+            (Some(row), When::VectorStorage) => {
+                check_unchanged(migration, &checksum, row.try_get("checksum")?)?;
+                if storage == VectorStorage::Bytea {
+                    log::warn!(
+                        "pg-model-repo: schema {schema} stores vectors in pgvector's vector type \
+                         (converted earlier); vector_storage(Bytea) cannot turn that back"
+                    );
+                }
+            }
+            (None, When::Always) => apply(client, migration, &checksum)?,
+            (None, When::VectorStorage) => {
+                apply_vector_storage(client, migration, &checksum, schema, storage)?
+            }
         }
     }
     Ok(())
+}
+
+/// Applies the conversion to pgvector's `vector` type when the setting asks for it: always
+/// for `Pgvector` (an error without pgvector), for `Auto` only while the schema has no
+/// vectors and pgvector is there (a failure to create the extension, such as a role that may
+/// not, leaves BYTEA with a warning).
+fn apply_vector_storage(
+    client: &mut Client,
+    migration: &Migration,
+    checksum: &str,
+    schema: &str,
+    storage: VectorStorage,
+) -> Result<()> {
+    if storage == VectorStorage::Bytea {
+        log::debug!(
+            "pg-model-repo: schema {schema} stores vectors as BYTEA (vector_storage(Bytea))"
+        );
+        return Ok(());
+    }
+    let available: bool = client.query_one(PGVECTOR_AVAILABLE, &[])?.try_get(0)?;
+    if storage == VectorStorage::Pgvector {
+        if !available {
+            return Err(RepoError::invalid(format!(
+                "vector_storage(Pgvector), but the server has no pgvector extension. {}",
+                PGVECTOR_INSTALL_HINT
+            )));
+        }
+        log::info!(
+            "pg-model-repo: converting the vectors of schema {schema} to pgvector's vector type \
+             (the embeddings table is rewritten under an exclusive lock)"
+        );
+        return apply(client, migration, checksum);
+    }
+    if !available {
+        log::debug!(
+            "pg-model-repo: no pgvector on the server; schema {schema} stores vectors as BYTEA"
+        );
+        return Ok(());
+    }
+    let has_vectors: bool = client.query_one(HAS_VECTORS, &[])?.try_get(0)?;
+    if has_vectors {
+        log::info!(
+            "pg-model-repo: schema {schema} stores its vectors as BYTEA although pgvector is \
+             available; to convert them (a rewrite under an exclusive lock), run \
+             ModelRepository::migrate with vector_storage(VectorStorage::Pgvector)"
+        );
+        return Ok(());
+    }
+    match apply(client, migration, checksum) {
+        Ok(()) => Ok(()),
+        // Not allowed to create the extension (it needs a superuser), or its files are
+        // incomplete: stay on BYTEA. Anything else is a real failure.
+        Err(e)
+            if matches!(
+                e.code().map(|c| c.code()),
+                Some("42501" | "58P01" | "0A000")
+            ) =>
+        {
+            log::warn!(
+                "pg-model-repo: schema {schema} stores vectors as BYTEA: pgvector could not be \
+                 set up ({e}); a superuser can run: CREATE SCHEMA IF NOT EXISTS pgvector; \
+                 CREATE EXTENSION IF NOT EXISTS vector SCHEMA pgvector"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn check_unchanged(migration: &Migration, checksum: &str, recorded: &str) -> Result<()> {
@@ -110,9 +220,21 @@ fn apply(client: &mut Client, migration: &Migration, checksum: &str) -> Result<(
 /// True when the schema holds every table this version of the crate needs (for
 /// `auto_migrate(false)`, which must not run DDL but should fail clearly on a missing schema).
 pub(crate) fn check_applied(client: &mut Client) -> Result<()> {
-    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+    let latest = MIGRATIONS
+        .iter()
+        .filter(|m| m.when == When::Always)
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
     let row = client
-        .query_opt("SELECT max(version) FROM model_repo_migrations", &[])
+        .query_opt(
+            "SELECT max(version) FROM model_repo_migrations WHERE version = ANY($1)",
+            &[&MIGRATIONS
+                .iter()
+                .filter(|m| m.when == When::Always)
+                .map(|m| m.version)
+                .collect::<Vec<i32>>()],
+        )
         .map_err(|e| match e.code().map(|c| c.code()) {
             Some("42P01") => RepoError::NotFound(
                 "the schema has no pg-model-repo tables; run ModelRepository::migrate as its owner"

@@ -33,4 +33,6 @@ mod types;
 pub use load::BATCH_COPY_CROSSOVER;
 pub(crate) use parallel::STAGED_ROWS;
 pub use search::{Metric, Neighbor, MAX_NEAREST_K};
+pub(crate) use store::detect_storage;
 pub use types::{BatchReport, Embedding, LoadMethod};
+pub(crate) use types::{Storage, StorageCell};

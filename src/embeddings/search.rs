@@ -2,6 +2,7 @@
 //! path: an HNSW index of the type for that metric (pgvector, see `index`) answers in SQL;
 //! anything else is answered exactly by streaming the type once (`exact`).
 
+use crate::db::config::PGVECTOR_INSTALL_HINT;
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{unbounded, PgConnection};
 use crate::db::retry::Retry;
@@ -182,13 +183,6 @@ impl ModelRepository {
         })
     }
 }
-
-/// How to get pgvector, for errors that need it.
-pub const PGVECTOR_INSTALL_HINT: &str = "Install pgvector on the server (Debian/Ubuntu: \
-    `apt-get install postgresql-<major>-pgvector`; from source: `git clone \
-    https://github.com/pgvector/pgvector && cd pgvector && make && make install`; managed \
-    services ship it), then convert the schema with ModelRepository::migrate and \
-    RepositoryConfig::vector_storage(VectorStorage::Pgvector).";
 
 fn check_k(k: usize) -> Result<()> {
     if k == 0 || k > MAX_NEAREST_K {

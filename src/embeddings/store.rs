@@ -15,23 +15,39 @@ use crate::embeddings::check::{
 };
 use crate::embeddings::load::UPSERT_ONE;
 use crate::embeddings::registry::ensure_types;
-use crate::embeddings::types::{decode, vector_bytes, Storage};
+use crate::embeddings::types::{
+    check_storage_dimension, decode_column, Storage, StorageCell, VectorParam,
+};
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
 /// The one-round-trip save of a vector whose type is registered: nothing is written (and the
-/// registered dimension comes back) when it is unregistered or has another dimension.
-const SAVE_IF_REGISTERED: &str = concat!(
-    "WITH reg AS ( \
-         SELECT dimension FROM embedding_types \
-         WHERE entity_type = $1::varchar AND storage IS NOT NULL), \
-     saved AS ( ",
-    insert_embeddings!(),
-    "SELECT $1::varchar, $2::varchar, $3::bytea, $4::int4 FROM reg WHERE reg.dimension = $4::int4",
-    on_key_update!(),
-    " RETURNING 1) \
-     SELECT (SELECT dimension FROM reg) AS registered, (SELECT count(*) FROM saved) AS saved"
-);
+/// registered dimension comes back) when it is unregistered or has another dimension. `$3`
+/// is of the storage's type.
+macro_rules! save_if_registered {
+    ($vector_type:literal) => {
+        concat!(
+            "WITH reg AS ( \
+                 SELECT dimension FROM embedding_types \
+                 WHERE entity_type = $1::varchar AND storage IS NOT NULL), \
+             saved AS ( ",
+            insert_embeddings!(),
+            "SELECT $1::varchar, $2::varchar, $3::",
+            $vector_type,
+            ", $4::int4 FROM reg WHERE reg.dimension = $4::int4",
+            on_key_update!(),
+            " RETURNING 1) \
+             SELECT (SELECT dimension FROM reg) AS registered, (SELECT count(*) FROM saved) AS saved"
+        )
+    };
+}
+
+fn save_if_registered(storage: Storage) -> &'static str {
+    match storage {
+        Storage::Bytea => save_if_registered!("bytea"),
+        Storage::Vector => save_if_registered!("vector"),
+    }
+}
 
 const SELECT_ONE: &str =
     "SELECT embeddings FROM embeddings WHERE entity_type = $1 AND entity_id = $2";
@@ -113,54 +129,9 @@ impl ModelRepository {
         self.timed("save_embeddings", |call| {
             check_key(entity_type, entity_id)?;
             check_vector(vector)?;
-            let bytes = vector_bytes(vector);
-            let dimension = vector.len() as i32;
-            call.run(Retry::Idempotent, |conn| {
-                let statement = conn.prepare_cached(SAVE_IF_REGISTERED)?;
-                let row = conn
-                    .client()
-                    .query_one(&statement, &[&entity_type, &entity_id, &bytes, &dimension])?;
-                let registered: Option<i32> = row.try_get("registered")?;
-                match registered {
-                    Some(d) if d == dimension => Ok(()),
-                    Some(d) => Err(RepoError::DimensionMismatch {
-                        entity_type: entity_type.to_owned(),
-                        expected: d as usize,
-                        actual: vector.len(),
-                        index: None,
-                    }),
-                    None => {
-                        // First vector of a new type: register it and create its storage in a
-                        // short transaction of its own, then save.
-                        let types = [TypeDim {
-                            entity_type,
-                            dimension: vector.len(),
-                            first_index: 0,
-                        }];
-                        let created = ensure_types(conn.client(), &types).map_err(|e| match e {
-                            RepoError::DimensionMismatch {
-                                entity_type,
-                                expected,
-                                actual,
-                                ..
-                            } => RepoError::DimensionMismatch {
-                                entity_type,
-                                expected,
-                                actual,
-                                index: None,
-                            },
-                            other => other,
-                        })?;
-                        let saved = conn
-                            .client()
-                            .execute(UPSERT_ONE, &[&entity_type, &entity_id, &bytes, &dimension]);
-                        if saved.is_err() && !conn.is_broken() {
-                            created.forget(conn.client());
-                        }
-                        saved?;
-                        Ok(())
-                    }
-                }
+            with_storage(self.storage(), call, |storage| {
+                check_storage_dimension(storage, vector.len())?;
+                save_one(call, entity_type, entity_id, vector, storage)
             })
         })
     }
@@ -183,7 +154,10 @@ impl ModelRepository {
                 let row = conn
                     .client()
                     .query_opt(&statement, &[&entity_type, &entity_id])?;
-                row.map(|r| decode(r.try_get::<_, &[u8]>(0)?)).transpose()
+                Ok(match row {
+                    Some(r) => decode_column(&r, 0)?,
+                    None => None,
+                })
             })
         })
     }
@@ -216,9 +190,7 @@ impl ModelRepository {
                 let rows = conn
                     .client()
                     .query(&statement, &[&entity_type, &entity_ids])?;
-                rows.iter()
-                    .map(|r| r.try_get::<_, Option<&[u8]>>(0)?.map(decode).transpose())
-                    .collect()
+                rows.iter().map(|r| decode_column(r, 0)).collect()
             })
         })
     }
@@ -309,4 +281,94 @@ fn read_rows(
         count += 1;
     }
     Ok(count)
+}
+
+/// Saves one checked vector in the given storage.
+fn save_one(
+    call: &Call<'_>,
+    entity_type: &str,
+    entity_id: &str,
+    vector: &[f32],
+    storage: Storage,
+) -> Result<()> {
+    let value = VectorParam::new(storage, vector);
+    let dimension = vector.len() as i32;
+    call.run(Retry::Idempotent, |conn| {
+        let statement = conn.prepare_cached(save_if_registered(storage))?;
+        let row = conn.client().query_one(
+            &statement,
+            &[&entity_type, &entity_id, value.sql(), &dimension],
+        )?;
+        let registered: Option<i32> = row.try_get("registered")?;
+        match registered {
+            Some(d) if d == dimension => Ok(()),
+            Some(d) => Err(RepoError::DimensionMismatch {
+                entity_type: entity_type.to_owned(),
+                expected: d as usize,
+                actual: vector.len(),
+                index: None,
+            }),
+            None => {
+                // First vector of a new type: register it and create its storage in a
+                // short transaction of its own, then save.
+                let types = [TypeDim {
+                    entity_type,
+                    dimension: vector.len(),
+                    first_index: 0,
+                }];
+                let created = ensure_types(conn.client(), &types).map_err(|e| match e {
+                    RepoError::DimensionMismatch {
+                        entity_type,
+                        expected,
+                        actual,
+                        ..
+                    } => RepoError::DimensionMismatch {
+                        entity_type,
+                        expected,
+                        actual,
+                        index: None,
+                    },
+                    other => other,
+                })?;
+                let saved = conn.client().execute(
+                    UPSERT_ONE,
+                    &[&entity_type, &entity_id, value.sql(), &dimension],
+                );
+                if saved.is_err() && !conn.is_broken() {
+                    created.forget(conn.client());
+                }
+                saved?;
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Runs `f` with the storage this repository believes its schema has. Another process may
+/// have converted the schema since (ModelRepository::migrate with pgvector): a statement of
+/// the old storage then fails on the server. So on a database error the storage is read
+/// again, and when it changed `f` runs once more with the new one.
+pub(crate) fn with_storage<T>(
+    cell: &StorageCell,
+    call: &Call<'_>,
+    mut f: impl FnMut(Storage) -> Result<T>,
+) -> Result<T> {
+    let believed = cell.get();
+    match f(believed) {
+        Err(e) if e.code().is_some() => {
+            let now = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
+            if now == believed {
+                return Err(e);
+            }
+            log::info!(
+                "pg-model-repo: this schema now stores vectors as {}",
+                now.sql_type()
+            );
+            cell.set(now);
+            // Sessions set up before pgvector was installed do not find its type yet.
+            call.pool().reset_sessions();
+            f(now)
+        }
+        other => other,
+    }
 }

@@ -1,6 +1,9 @@
 //! The public embedding types, and the bytes a vector is stored as (little-endian f32).
 
+use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 use std::time::Duration;
+
+use postgres::types::ToSql;
 
 use crate::db::error::{RepoError, Result};
 
@@ -113,9 +116,9 @@ pub struct BatchReport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Storage {
     /// Little-endian f32 bytes in a `bytea` column.
-    Bytea,
+    Bytea = 0,
     /// pgvector's `vector` type.
-    Vector,
+    Vector = 1,
 }
 
 impl Storage {
@@ -146,17 +149,84 @@ impl Storage {
             Storage::Vector => decode_vector_into(bytes, out),
         }
     }
-
-    /// The decoded value as a new vector.
-    pub(crate) fn decode(self, bytes: &[u8]) -> Result<Vec<f32>> {
-        let mut out = Vec::new();
-        self.decode_into(bytes, &mut out)?;
-        Ok(out)
-    }
 }
 
 /// The largest vector pgvector's `vector` type holds.
 pub(crate) const PGVECTOR_MAX_DIMENSION: usize = 16_000;
+
+/// The storage a repository believes its schema has: read at `open`, and again when a call
+/// fails in a way a conversion by another process explains (see `store::with_storage`).
+#[derive(Debug)]
+pub(crate) struct StorageCell(AtomicU8);
+
+impl StorageCell {
+    pub(crate) fn new(storage: Storage) -> Self {
+        StorageCell(AtomicU8::new(storage as u8))
+    }
+
+    pub(crate) fn get(&self) -> Storage {
+        if self.0.load(AtomicOrdering::Acquire) == Storage::Vector as u8 {
+            Storage::Vector
+        } else {
+            Storage::Bytea
+        }
+    }
+
+    pub(crate) fn set(&self, storage: Storage) {
+        self.0.store(storage as u8, AtomicOrdering::Release);
+    }
+}
+
+/// A vector as a statement parameter of the storage's type.
+#[derive(Debug)]
+pub(crate) enum VectorParam {
+    Bytea(Vec<u8>),
+    Vector(pgvector::Vector),
+}
+
+impl VectorParam {
+    pub(crate) fn new(storage: Storage, vector: &[f32]) -> Self {
+        match storage {
+            Storage::Bytea => VectorParam::Bytea(vector_bytes(vector)),
+            Storage::Vector => VectorParam::Vector(pgvector::Vector::from(vector.to_vec())),
+        }
+    }
+
+    /// The value to bind.
+    pub(crate) fn sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            VectorParam::Bytea(bytes) => bytes,
+            VectorParam::Vector(vector) => vector,
+        }
+    }
+}
+
+/// Checks a vector length against what the storage holds (pgvector: 16,000 values).
+pub(crate) fn check_storage_dimension(storage: Storage, dimension: usize) -> Result<()> {
+    if storage == Storage::Vector && dimension > PGVECTOR_MAX_DIMENSION {
+        return Err(RepoError::invalid(format!(
+            "vector has {dimension} values; this schema stores pgvector vectors, which hold at \
+             most {PGVECTOR_MAX_DIMENSION}"
+        )));
+    }
+    Ok(())
+}
+
+/// A stored value of a result column, decoded by the column's type (bytea or vector), so a
+/// read is right whatever storage the schema has now.
+pub(crate) fn decode_column(row: &postgres::Row, index: usize) -> Result<Option<Vec<f32>>> {
+    let is_vector = row
+        .columns()
+        .get(index)
+        .is_some_and(|c| c.type_().name() == "vector");
+    if is_vector {
+        let value: Option<pgvector::Vector> = row.try_get(index)?;
+        Ok(value.map(Vec::from))
+    } else {
+        let value: Option<&[u8]> = row.try_get(index)?;
+        value.map(decode).transpose()
+    }
+}
 
 /// Decodes pgvector's binary format (int16 dimension, int16 unused, big-endian float4s).
 fn decode_vector_into(bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {

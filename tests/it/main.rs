@@ -15,6 +15,8 @@ mod models;
 mod monitor;
 mod schema;
 mod search;
+#[cfg(feature = "pgvector")]
+mod search_pgvector;
 mod security;
 mod tls;
 mod training;

@@ -172,6 +172,110 @@ BEGIN
 END
 $$;
 
+-- HNSW indexes per type ------------------------------------------------------------------
+
+-- Which metrics each type has an HNSW index for: a full refresh builds them again on the new
+-- storage, and dropping the type forgets them.
+CREATE TABLE IF NOT EXISTS embedding_vector_indexes (
+    entity_type varchar(50) NOT NULL
+        REFERENCES embedding_types (entity_type) ON DELETE CASCADE,
+    metric      text        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT embedding_vector_indexes_pkey PRIMARY KEY (entity_type, metric),
+    CONSTRAINT embedding_vector_indexes_metric CHECK (metric IN ('l2', 'cosine', 'inner_product'))
+);
+
+-- Builds the HNSW index of one metric on a storage table, on the expression
+-- (embeddings::vector(dim)): HNSW needs a fixed dimension, and the column of a partitioned
+-- table has none. Searches must order by the same expression. maintenance_work_mem is raised
+-- for this transaction to what the graph needs (at most 2 GB), since a graph that outgrows it
+-- builds many times slower. Internal.
+CREATE OR REPLACE FUNCTION embedding_vector_index_build(p_table text, p_dim integer, p_metric text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ops text := CASE p_metric WHEN 'l2' THEN 'vector_l2_ops'
+                                WHEN 'cosine' THEN 'vector_cosine_ops'
+                                WHEN 'inner_product' THEN 'vector_ip_ops' END;
+    v_rows bigint;
+    v_mem bigint;
+BEGIN
+    IF v_ops IS NULL THEN
+        RAISE invalid_parameter_value USING MESSAGE = format('unknown metric %s', p_metric);
+    END IF;
+    SELECT greatest(reltuples, 0)::bigint INTO v_rows FROM pg_class WHERE oid = to_regclass(quote_ident(p_table));
+    v_mem := greatest(pg_size_bytes(current_setting('maintenance_work_mem')),
+                      least(2147483648, coalesce(v_rows, 0) * (8 * p_dim + 512)));
+    PERFORM set_config('maintenance_work_mem', (v_mem / 1024)::text || 'kB', true);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %I USING hnsw ((embeddings::vector(%s)) %s)',
+                   p_table || '_hnsw_' || p_metric, p_table, p_dim, v_ops);
+END
+$$;
+
+-- Builds a type's HNSW index for a metric and records it; returns false for a type without
+-- storage. pgvector's HNSW takes at most 2,000 dimensions.
+CREATE OR REPLACE FUNCTION embedding_vector_index_create(p_type text, p_metric text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    v_storage text;
+    v_dim integer;
+BEGIN
+    SELECT storage, dimension INTO v_storage, v_dim FROM embedding_types
+    WHERE entity_type = p_type AND storage IS NOT NULL FOR UPDATE;
+    IF NOT FOUND OR to_regclass(quote_ident(v_storage)) IS NULL THEN
+        RETURN false;
+    END IF;
+    IF v_dim > 2000 THEN
+        RAISE invalid_parameter_value USING MESSAGE = format(
+            'entity type %s has %s dimensions; pgvector''s HNSW indexes take at most 2000', p_type, v_dim);
+    END IF;
+    EXECUTE format('ANALYZE %I', v_storage);
+    PERFORM embedding_vector_index_build(v_storage, v_dim, p_metric);
+    INSERT INTO embedding_vector_indexes (entity_type, metric) VALUES (p_type, p_metric)
+    ON CONFLICT (entity_type, metric) DO NOTHING;
+    RETURN true;
+END
+$$;
+
+-- V004's end of a full refresh, with the type's HNSW indexes built on the new storage
+-- before the swap (a new dimension above HNSW's 2,000 forgets them, with a notice).
+CREATE OR REPLACE FUNCTION embedding_replace_commit(p_type text, p_name text, p_dim integer)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    v_id integer;
+    v_old text;
+    v_metric text;
+BEGIN
+    SELECT id, storage INTO STRICT v_id, v_old FROM embedding_types
+    WHERE entity_type = p_type FOR UPDATE;
+    IF p_name !~ ('^embeddings_' || v_id || '_[0-9]+$') OR p_name = v_old
+       OR to_regclass(quote_ident(p_name)) IS NULL THEN
+        RAISE invalid_parameter_value USING MESSAGE =
+            format('%s is not a new storage table of entity type %s', p_name, p_type);
+    END IF;
+    EXECUTE format('CREATE UNIQUE INDEX %I ON %I (entity_type, entity_id)',
+                   p_name || '_key', p_name);
+    EXECUTE format('ANALYZE %I', p_name);
+    IF p_dim > 2000 THEN
+        DELETE FROM embedding_vector_indexes WHERE entity_type = p_type;
+        IF FOUND THEN
+            RAISE NOTICE 'entity type % now has % dimensions: its HNSW indexes are gone (at most 2000)', p_type, p_dim;
+        END IF;
+    END IF;
+    FOR v_metric IN SELECT metric FROM embedding_vector_indexes WHERE entity_type = p_type ORDER BY metric LOOP
+        PERFORM embedding_vector_index_build(p_name, p_dim, v_metric);
+    END LOOP;
+    PERFORM embedding_lock_all();
+    IF v_old IS NOT NULL AND to_regclass(quote_ident(v_old)) IS NOT NULL THEN
+        EXECUTE format('DROP TABLE %I', v_old);
+    END IF;
+    UPDATE embedding_types SET dimension = p_dim WHERE entity_type = p_type;
+    PERFORM embedding_storage_attach(p_type, p_name, false);
+END
+$$;
+
 -- Every function's search_path: this schema, then pgvector's, pg_temp last.
 DO $$
 DECLARE
@@ -184,13 +288,15 @@ BEGIN
         'embedding_lock_all()', 'embedding_type_ensure(text, integer)', 'embedding_type_forget(text)',
         'embedding_replace_begin(text, integer)', 'embedding_replace_commit(text, text, integer)',
         'embedding_type_drop(text)', 'embedding_bytes_to_vector(bytea)',
-        'embedding_vector_to_bytes(vector)']
+        'embedding_vector_to_bytes(vector)', 'embedding_vector_index_build(text, integer, text)',
+        'embedding_vector_index_create(text, text)']
     LOOP
         EXECUTE format('ALTER FUNCTION %I.%s SET search_path = %I, %I, pg_temp',
                        current_schema(), f, current_schema(), v_ext);
     END LOOP;
     EXECUTE format('REVOKE ALL ON FUNCTION %I.embedding_storage_new(text, integer),
-                    %I.embedding_storage_attach(text, text, boolean) FROM PUBLIC',
-                   current_schema(), current_schema());
+                    %I.embedding_storage_attach(text, text, boolean),
+                    %I.embedding_vector_index_build(text, integer, text) FROM PUBLIC',
+                   current_schema(), current_schema(), current_schema());
 END
 $$;

@@ -13,7 +13,7 @@ use crate::db::pool::{PgConnection, Pool, PoolState};
 use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
 use crate::db::timings::{QueryMetric, Timings};
-use crate::embeddings::{self, Storage, StorageCell};
+use crate::embeddings::{self, IndexCache, Storage, StorageCell};
 use crate::models::FLUSH_LOADS;
 
 /// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.
@@ -54,6 +54,8 @@ struct Inner {
     reaper: Option<Reaper>,
     /// How the schema stores vectors (BYTEA or pgvector), as last seen.
     storage: StorageCell,
+    /// Which entity types have HNSW indexes, as recently seen.
+    index_cache: IndexCache,
 }
 
 impl Drop for Inner {
@@ -140,6 +142,7 @@ impl ModelRepository {
                 counts,
                 reaper,
                 storage: StorageCell::new(storage),
+                index_cache: IndexCache::default(),
             }),
         })
     }
@@ -237,6 +240,11 @@ impl ModelRepository {
     /// How the schema stores vectors, as last seen (see `embeddings::with_storage`).
     pub(crate) fn storage(&self) -> &StorageCell {
         &self.inner.storage
+    }
+
+    /// What is known of the entity types' HNSW indexes.
+    pub(crate) fn index_cache(&self) -> &IndexCache {
+        &self.inner.index_cache
     }
 
     /// The repository's access counters (cache lookups, model loads).

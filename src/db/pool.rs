@@ -26,7 +26,11 @@ pub(crate) struct PgConnection {
     /// The session epoch its settings and statements date from (see [`Pool::reset_sessions`]).
     session_epoch: u64,
     statements: HashMap<&'static str, Statement>,
+    dynamic_statements: HashMap<String, Statement>,
 }
+
+/// The most run-time-built statements one session keeps prepared.
+const DYNAMIC_STATEMENTS: usize = 128;
 
 impl PgConnection {
     /// The underlying client, for statements that need no cache.
@@ -41,6 +45,21 @@ impl PgConnection {
         }
         let statement = self.client.prepare(sql)?;
         self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// A prepared statement for SQL built at run time (a type's search, say), prepared once per
+    /// connection; at most [`DYNAMIC_STATEMENTS`] are kept.
+    pub(crate) fn prepare_cached_dynamic(&mut self, sql: &str) -> Result<Statement> {
+        if let Some(statement) = self.dynamic_statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        if self.dynamic_statements.len() >= DYNAMIC_STATEMENTS {
+            self.dynamic_statements.clear();
+        }
+        self.dynamic_statements
+            .insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
 
@@ -177,6 +196,7 @@ impl r2d2::ManageConnection for Manager {
             epoch,
             session_epoch,
             statements: HashMap::new(),
+            dynamic_statements: HashMap::new(),
         })
     }
 
@@ -184,6 +204,7 @@ impl r2d2::ManageConnection for Manager {
         let session_epoch = self.shared.session_epoch.load(Ordering::Acquire);
         if conn.session_epoch < session_epoch {
             conn.statements.clear();
+            conn.dynamic_statements.clear();
             conn.client.batch_execute(&self.session_setup)?;
             conn.session_epoch = session_epoch;
         }

@@ -22,6 +22,7 @@ macro_rules! on_key_update {
 mod check;
 mod encode;
 mod exact;
+mod index;
 mod load;
 mod parallel;
 mod registry;
@@ -30,6 +31,7 @@ mod search;
 mod store;
 mod types;
 
+pub(crate) use index::IndexCache;
 pub use load::BATCH_COPY_CROSSOVER;
 pub(crate) use parallel::STAGED_ROWS;
 pub use search::{Metric, Neighbor, MAX_NEAREST_K};

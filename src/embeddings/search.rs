@@ -8,6 +8,7 @@ use crate::db::pool::{unbounded, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::exact::Scorer;
+use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
 use crate::embeddings::store::{detect_storage, open_stream, COPY_OUT_TYPE};
 use crate::embeddings::types::Storage;
 use crate::repository::{Call, ModelRepository};
@@ -103,8 +104,9 @@ impl ModelRepository {
             validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
             check_k(k)?;
             check_query(query, metric).map_err(|e| prefixed("query", e))?;
-            let mut found =
-                search(call, entity_type, &[query], k, metric).map_err(|e| match e {
+            let mut found = self
+                .search(call, entity_type, &[query], k, metric)
+                .map_err(|e| match e {
                     // One query: no index to name.
                     RepoError::DimensionMismatch {
                         entity_type,
@@ -152,7 +154,7 @@ impl ModelRepository {
             if queries.is_empty() {
                 return Ok(Vec::new());
             }
-            search(call, entity_type, &queries, k, metric)
+            self.search(call, entity_type, &queries, k, metric)
         })
     }
 
@@ -171,14 +173,137 @@ impl ModelRepository {
         self.timed("create_vector_index", |call| {
             validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
             let storage = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
-            match storage {
-                Storage::Bytea => Err(RepoError::invalid(format!(
+            self.storage().set(storage);
+            if storage == Storage::Bytea {
+                return Err(RepoError::invalid(format!(
                     "an index for {metric} search of {entity_type:?} needs pgvector, and this \
                      schema stores vectors as BYTEA. {PGVECTOR_INSTALL_HINT}"
-                ))),
-                Storage::Vector => Err(RepoError::invalid(
-                    "HNSW indexes are not built by this version of the library",
-                )),
+                )));
+            }
+            // CREATE INDEX IF NOT EXISTS and a recorded metric: repeating it is harmless.
+            let built = call.run(Retry::Idempotent, |conn| {
+                let Some(info) = self.index_cache().lookup(conn, entity_type, true)? else {
+                    return Ok(false);
+                };
+                check_indexable(entity_type, info.dimension)?;
+                build_index(call.pool(), conn, entity_type, metric)
+            });
+            self.index_cache().forget(entity_type);
+            if !built? {
+                return Err(RepoError::NotFound(format!(
+                    "entity type {entity_type:?} has no vectors to index"
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    /// How a search of `entity_type` with `metric` would run: PostgreSQL's plan (EXPLAIN) of
+    /// the index search where the type has an HNSW index for the metric, else a line saying
+    /// that the exact search streams the type. For checking that an index is used.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// println!("{}", repo.explain_nearest_embeddings("item", &[0.1, 0.2], 10, pg_model_repo::Metric::L2)?);
+    /// # Ok(()) }
+    /// ```
+    pub fn explain_nearest_embeddings(
+        &self,
+        entity_type: &str,
+        query: &[f32],
+        k: usize,
+        metric: Metric,
+    ) -> Result<String> {
+        self.timed("explain_nearest_embeddings", |call| {
+            validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
+            check_k(k)?;
+            check_query(query, metric).map_err(|e| prefixed("query", e))?;
+            let exact = || format!("exact search: every {entity_type:?} vector is streamed (binary COPY) and scored by the client");
+            if self.storage().get() == Storage::Bytea {
+                return Ok(exact());
+            }
+            call.run(Retry::Idempotent, |conn| {
+                match self.index_cache().lookup(conn, entity_type, true)? {
+                    Some(info) if info.indexed.contains(&metric) && info.dimension == query.len() => {
+                        explain_hnsw(conn, entity_type, info.dimension, query, k, metric)
+                    }
+                    _ => Ok(exact()),
+                }
+            })
+        })
+    }
+
+    /// Answers checked queries (one length, at least one): through the type's HNSW index
+    /// for `metric` if it has one, else exactly.
+    fn search(
+        &self,
+        call: &Call<'_>,
+        entity_type: &str,
+        queries: &[&[f32]],
+        k: usize,
+        metric: Metric,
+    ) -> Result<Vec<Vec<Neighbor>>> {
+        if self.storage().get() == Storage::Vector {
+            if let Some(answers) = self.indexed_search(call, entity_type, queries, k, metric)? {
+                return Ok(answers);
+            }
+        }
+        // Nothing reaches the caller before the end, so a failed attempt may be repeated.
+        call.run(Retry::Idempotent, |conn| {
+            exact_search(conn, entity_type, queries, k, metric)
+        })
+    }
+
+    /// The answers through the type's index, or `None` when it has none for `metric`. What
+    /// is known of the type may be a moment old: a dimension that does not fit, or a search
+    /// that fails, is checked again against the registry before it counts.
+    fn indexed_search(
+        &self,
+        call: &Call<'_>,
+        entity_type: &str,
+        queries: &[&[f32]],
+        k: usize,
+        metric: Metric,
+    ) -> Result<Option<Vec<Vec<Neighbor>>>> {
+        let ef_search = self.config().hnsw_ef_search as usize;
+        let cache = self.index_cache();
+        call.run(Retry::Idempotent, |conn| {
+            let mut fresh = false;
+            loop {
+                let Some(info) = cache.lookup(conn, entity_type, fresh)? else {
+                    return Ok(None);
+                };
+                if !info.indexed.contains(&metric) {
+                    return Ok(None);
+                }
+                if let Some(i) = queries.iter().position(|q| q.len() != info.dimension) {
+                    if !fresh {
+                        fresh = true;
+                        continue;
+                    }
+                    return Err(RepoError::DimensionMismatch {
+                        entity_type: entity_type.to_owned(),
+                        expected: info.dimension,
+                        actual: queries[i].len(),
+                        index: Some(i),
+                    });
+                }
+                match hnsw_search(
+                    conn,
+                    entity_type,
+                    info.dimension,
+                    queries,
+                    k,
+                    metric,
+                    ef_search,
+                ) {
+                    Err(e) if !fresh && e.code().is_some() => {
+                        cache.forget(entity_type);
+                        fresh = true;
+                    }
+                    other => return other.map(Some),
+                }
             }
         })
     }
@@ -228,20 +353,6 @@ fn prefixed(what: &str, error: RepoError) -> RepoError {
         RepoError::InvalidInput(m) => RepoError::InvalidInput(format!("{what}: {m}")),
         other => other,
     }
-}
-
-/// Answers checked queries (one length, at least one): one answer per query.
-fn search(
-    call: &Call<'_>,
-    entity_type: &str,
-    queries: &[&[f32]],
-    k: usize,
-    metric: Metric,
-) -> Result<Vec<Vec<Neighbor>>> {
-    // Nothing reaches the caller before the end, so a failed attempt may be repeated.
-    call.run(Retry::Idempotent, |conn| {
-        exact_search(conn, entity_type, queries, k, metric)
-    })
 }
 
 /// The exact answer: the type streamed once by binary COPY, scored as it arrives.

@@ -362,3 +362,223 @@ fn pgvector_storage_without_auto_migrate_refuses_a_bytea_schema() {
     );
     assert_invalid(refused);
 }
+
+/// Clustered vectors: `clusters` centres, `per` points around each.
+fn clustered(
+    entity_type: &str,
+    clusters: usize,
+    per: usize,
+    dim: usize,
+    seed: u64,
+) -> Vec<Embedding> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let centres: Vec<Vec<f32>> = (0..clusters)
+        .map(|_| (0..dim).map(|_| rng.f32() * 10.0 - 5.0).collect())
+        .collect();
+    (0..clusters * per)
+        .map(|i| {
+            let c = &centres[i % clusters];
+            let v = c.iter().map(|x| x + (rng.f32() - 0.5) * 0.8).collect();
+            Embedding::new(entity_type, format!("{entity_type}{i:06}"), v)
+        })
+        .collect()
+}
+
+fn hnsw_indexes(repo: &TestRepo, entity_type: &str) -> Vec<String> {
+    // Catalog rows only (no pg_indexes, whose functions would meet other tests' dropped
+    // tables): the library names them <storage>_hnsw_<metric>.
+    repo.sql()
+        .query(
+            "SELECT c.relname::text FROM pg_class c
+             JOIN embedding_types r ON c.relname::text LIKE r.storage || '\\_hnsw\\_%'
+             WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'i'
+               AND r.entity_type = $1 ORDER BY 1",
+            &[&entity_type],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn an_hnsw_index_serves_its_metric_and_explain_shows_it() {
+    let repo = pgvector_repo();
+    // Enough rows that the planner prefers the index to sorting a scan.
+    let data = clustered("item", 20, 1000, 16, 1);
+    repo.batch_save_embeddings(&data).unwrap();
+    let q = data[123].vector.clone();
+    let exact = repo.nearest_embeddings("item", &q, 10, Metric::L2).unwrap();
+    assert!(repo
+        .explain_nearest_embeddings("item", &q, 10, Metric::L2)
+        .unwrap()
+        .starts_with("exact search"));
+    repo.create_vector_index("item", Metric::L2).unwrap();
+    // Again: harmless.
+    repo.create_vector_index("item", Metric::L2).unwrap();
+    assert_eq!(hnsw_indexes(&repo, "item").len(), 1);
+    let plan = repo
+        .explain_nearest_embeddings("item", &q, 10, Metric::L2)
+        .unwrap();
+    assert!(
+        plan.contains("Index Scan using") && plan.contains("_hnsw_l2"),
+        "{plan}"
+    );
+    // Other metrics stay exact.
+    assert!(repo
+        .explain_nearest_embeddings("item", &q, 10, Metric::Cosine)
+        .unwrap()
+        .starts_with("exact search"));
+    // The library's own searches scan the index.
+    let scans = || -> i64 {
+        repo.sql()
+            .query_one(
+                "WITH mine AS MATERIALIZED (
+                     SELECT c.oid FROM pg_class c
+                     WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'i'
+                       AND c.relname::text LIKE '%hnsw%')
+                 SELECT coalesce(sum(pg_stat_get_numscans(oid)), 0)::int8 FROM mine",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let before = scans();
+    let approx = repo.nearest_embeddings("item", &q, 10, Metric::L2).unwrap();
+    let mut after = scans();
+    for _ in 0..200 {
+        if after > before {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        after = scans();
+    }
+    assert!(
+        after > before,
+        "the HNSW index was not scanned ({before} -> {after})"
+    );
+    // On well separated clusters the approximate answer is the exact one.
+    assert_eq!(approx[0].entity_id, "item000123");
+    assert_eq!(approx[0].distance, 0.0);
+    let ids = |n: &[pg_model_repo::Neighbor]| -> Vec<String> {
+        n.iter().map(|x| x.entity_id.clone()).collect()
+    };
+    assert_eq!(ids(&approx), ids(&exact));
+    // Many queries through the index, in the caller's order.
+    let queries: Vec<Vec<f32>> = (0..5).map(|i| data[i * 97].vector.clone()).collect();
+    let many = repo
+        .nearest_embeddings_many("item", &queries, 3, Metric::L2)
+        .unwrap();
+    for (i, answer) in many.iter().enumerate() {
+        assert_eq!(answer[0].entity_id, data[i * 97].entity_id);
+        assert!(answer.windows(2).all(|w| w[0].distance <= w[1].distance));
+    }
+    // A query of another length is still a mismatch.
+    assert!(matches!(
+        repo.nearest_embeddings("item", &[1.0; 3], 5, Metric::L2),
+        Err(RepoError::DimensionMismatch {
+            expected: 16,
+            actual: 3,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn indexed_searches_match_hand_computed_distances_for_every_metric() {
+    let repo = pgvector_repo();
+    plane(&repo);
+    for metric in Metric::ALL {
+        repo.create_vector_index("pt", metric).unwrap();
+    }
+    assert_eq!(hnsw_indexes(&repo, "pt").len(), 3);
+    for metric in Metric::ALL {
+        // Six rows: the planner may sort a scan rather than walk the graph; either way the
+        // search runs in SQL with pgvector's distances.
+        let plan = repo
+            .explain_nearest_embeddings("pt", &[1.0, 0.0], 6, metric)
+            .unwrap();
+        assert!(!plan.starts_with("exact search"), "{plan}");
+        let got = repo
+            .nearest_embeddings("pt", &[1.0, 0.0], 6, metric)
+            .unwrap();
+        assert_neighbors(&got, &plane_answers(metric));
+    }
+}
+
+#[test]
+fn a_full_refresh_rebuilds_the_types_indexes_and_a_drop_forgets_them() {
+    let repo = pgvector_repo();
+    repo.batch_save_embeddings(&clustered("doc", 5, 400, 8, 2))
+        .unwrap();
+    repo.create_vector_index("doc", Metric::Cosine).unwrap();
+    let old = hnsw_indexes(&repo, "doc");
+    repo.replace_embeddings("doc", &clustered("doc", 5, 2000, 12, 3))
+        .unwrap();
+    let new = hnsw_indexes(&repo, "doc");
+    assert_eq!(new.len(), 1);
+    assert_ne!(new, old, "the index lives on the new storage");
+    let q = vec![1.0; 12];
+    let plan = repo
+        .explain_nearest_embeddings("doc", &q, 5, Metric::Cosine)
+        .unwrap();
+    assert!(plan.contains("_hnsw_cosine"), "{plan}");
+    assert_eq!(
+        repo.nearest_embeddings("doc", &q, 5, Metric::Cosine)
+            .unwrap()
+            .len(),
+        5
+    );
+    // The iterator form too.
+    let mut rows = clustered("doc", 5, 2000, 12, 4).into_iter();
+    repo.replace_embeddings_iter("doc", &mut rows).unwrap();
+    let newer = hnsw_indexes(&repo, "doc");
+    assert_eq!(newer.len(), 1);
+    assert_ne!(newer, new);
+    repo.drop_embedding_type("doc").unwrap();
+    let recorded: i64 = repo
+        .sql()
+        .query_one("SELECT count(*) FROM embedding_vector_indexes", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 0);
+    // A new type of that name starts without one.
+    repo.save_embeddings("doc", "d", &[1.0, 2.0]).unwrap();
+    assert!(repo
+        .explain_nearest_embeddings("doc", &[1.0, 2.0], 1, Metric::Cosine)
+        .unwrap()
+        .starts_with("exact search"));
+}
+
+#[test]
+fn bad_index_requests_are_refused() {
+    let repo = pgvector_repo();
+    assert!(matches!(
+        repo.create_vector_index("nobody", Metric::L2),
+        Err(RepoError::NotFound(_))
+    ));
+    assert_invalid(repo.create_vector_index("", Metric::L2));
+    repo.save_embeddings("wide", "w", &vec![0.5; 2001]).unwrap();
+    assert_invalid(repo.create_vector_index("wide", Metric::L2));
+    assert!(hnsw_indexes(&repo, "wide").is_empty());
+}
+
+/// An HNSW scan yields at most ef_search rows: a larger k asks for more candidates (and past
+/// 1000, an iterative scan), so k results still come back.
+#[test]
+fn k_beyond_ef_search_still_returns_k_neighbours() {
+    require_pgvector();
+    let repo =
+        TestRepo::with_config(|c| c.vector_storage(VectorStorage::Pgvector).hnsw_ef_search(20));
+    repo.batch_save_embeddings(&clustered("many", 10, 150, 4, 5))
+        .unwrap();
+    repo.create_vector_index("many", Metric::InnerProduct)
+        .unwrap();
+    for k in [5, 120, 1200] {
+        let got = repo
+            .nearest_embeddings("many", &[1.0, 0.5, -0.5, 2.0], k, Metric::InnerProduct)
+            .unwrap();
+        assert_eq!(got.len(), k);
+        assert!(got.windows(2).all(|w| w[0].distance <= w[1].distance));
+    }
+}

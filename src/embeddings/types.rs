@@ -20,8 +20,8 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    /// A record for [`ModelRepository::batch_save_embeddings`] and
-    /// [`ModelRepository::load_embeddings`].
+    /// A record for [`ModelRepository::batch_save_embeddings`](crate::ModelRepository::batch_save_embeddings) and
+    /// [`ModelRepository::load_embeddings`](crate::ModelRepository::load_embeddings).
     ///
     /// ```
     /// let e = pg_model_repo::Embedding::new("user", "u1", vec![0.1, 0.2]);

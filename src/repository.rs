@@ -100,25 +100,29 @@ impl ModelRepository {
             migrate::run(&config)?;
         }
         let pool = Pool::new(&config)?;
-        let storage = {
+        // How vectors are stored is read on first use, except where the setting insists on
+        // pgvector and open may not convert.
+        let storage = StorageCell::default();
+        if !config.auto_migrate {
             let mut conn = pool.get()?;
-            if !config.auto_migrate {
-                migrate::check_applied(conn.client())?;
+            migrate::check_applied(conn.client())?;
+            if config.vector_storage == VectorStorage::Pgvector {
+                let found = embeddings::detect_storage(conn.client())?;
+                if found == Storage::Bytea {
+                    return Err(RepoError::invalid(format!(
+                        "vector_storage(Pgvector), but schema {} stores vectors as BYTEA and \
+                         auto_migrate(false) runs no DDL: convert it with \
+                         ModelRepository::migrate",
+                        config.schema
+                    )));
+                }
+                storage.set(found);
             }
-            embeddings::detect_storage(conn.client())?
-        };
-        if config.vector_storage == VectorStorage::Pgvector && storage == Storage::Bytea {
-            return Err(RepoError::invalid(format!(
-                "vector_storage(Pgvector), but schema {} stores vectors as BYTEA and \
-                 auto_migrate(false) runs no DDL: convert it with ModelRepository::migrate",
-                config.schema
-            )));
         }
         log::info!(
-            "pg-model-repo: opened schema {} on {} (vectors stored as {})",
+            "pg-model-repo: opened schema {} on {}",
             config.schema,
-            config.redacted_target(),
-            storage.sql_type()
+            config.redacted_target()
         );
         let timings = Timings::new(config.enable_metrics, config.slow_query_threshold);
         let counts = Arc::new(AccessCounts::new(FlushStatements {
@@ -141,7 +145,7 @@ impl ModelRepository {
                 timings,
                 counts,
                 reaper,
-                storage: StorageCell::new(storage),
+                storage,
                 index_cache: IndexCache::default(),
             }),
         })

@@ -13,7 +13,7 @@ use crate::db::pool::{begin_unbounded, quote_ident, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{at_index, check_batch, check_key, check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::encode::{copy_in, copy_in_iter, COLUMNS};
-use crate::embeddings::store::with_storage;
+use crate::embeddings::store::{known_storage, with_storage};
 use crate::embeddings::types::{check_storage_dimension, BatchReport, Embedding, Storage};
 use crate::repository::ModelRepository;
 use crate::validate;
@@ -139,7 +139,7 @@ impl ModelRepository {
             let dimension = first.vector.len();
             // The iterator cannot be replayed: a stale storage is only corrected for the next
             // call (by with_storage's second look, whose second run fails at once).
-            let storage = self.storage().get();
+            let storage = known_storage(self.storage(), call)?;
             check_storage_dimension(storage, dimension)?;
             let mut copied = 0;
             let mut first_run = true;

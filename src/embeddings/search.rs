@@ -9,7 +9,7 @@ use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::exact::Scorer;
 use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
-use crate::embeddings::store::{detect_storage, open_stream, COPY_OUT_TYPE};
+use crate::embeddings::store::{detect_storage, known_storage, open_stream, COPY_OUT_TYPE};
 use crate::embeddings::types::Storage;
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
@@ -220,7 +220,7 @@ impl ModelRepository {
             check_k(k)?;
             check_query(query, metric).map_err(|e| prefixed("query", e))?;
             let exact = || format!("exact search: every {entity_type:?} vector is streamed (binary COPY) and scored by the client");
-            if self.storage().get() == Storage::Bytea {
+            if known_storage(self.storage(), call)? == Storage::Bytea {
                 return Ok(exact());
             }
             call.run(Retry::Idempotent, |conn| {
@@ -244,7 +244,7 @@ impl ModelRepository {
         k: usize,
         metric: Metric,
     ) -> Result<Vec<Vec<Neighbor>>> {
-        if self.storage().get() == Storage::Vector {
+        if known_storage(self.storage(), call)? == Storage::Vector {
             if let Some(answers) = self.indexed_search(call, entity_type, queries, k, metric)? {
                 return Ok(answers);
             }

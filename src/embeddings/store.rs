@@ -344,6 +344,16 @@ fn save_one(
     })
 }
 
+/// The storage this repository believes its schema has, read from the schema the first time.
+pub(crate) fn known_storage(cell: &StorageCell, call: &Call<'_>) -> Result<Storage> {
+    if let Some(storage) = cell.get() {
+        return Ok(storage);
+    }
+    let storage = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
+    cell.set(storage);
+    Ok(storage)
+}
+
 /// Runs `f` with the storage this repository believes its schema has. Another process may
 /// have converted the schema since (ModelRepository::migrate with pgvector): a statement of
 /// the old storage then fails on the server. So on a database error the storage is read
@@ -353,7 +363,7 @@ pub(crate) fn with_storage<T>(
     call: &Call<'_>,
     mut f: impl FnMut(Storage) -> Result<T>,
 ) -> Result<T> {
-    let believed = cell.get();
+    let believed = known_storage(cell, call)?;
     match f(believed) {
         Err(e) if e.code().is_some() => {
             let now = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;

@@ -116,9 +116,9 @@ pub struct BatchReport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Storage {
     /// Little-endian f32 bytes in a `bytea` column.
-    Bytea = 0,
+    Bytea = 1,
     /// pgvector's `vector` type.
-    Vector = 1,
+    Vector = 2,
 }
 
 impl Storage {
@@ -154,21 +154,18 @@ impl Storage {
 /// The largest vector pgvector's `vector` type holds.
 pub(crate) const PGVECTOR_MAX_DIMENSION: usize = 16_000;
 
-/// The storage a repository believes its schema has: read at `open`, and again when a call
-/// fails in a way a conversion by another process explains (see `store::with_storage`).
-#[derive(Debug)]
+/// The storage a repository believes its schema has: read on first use, and again when a
+/// call fails in a way a conversion by another process explains (see `store::with_storage`).
+#[derive(Debug, Default)]
 pub(crate) struct StorageCell(AtomicU8);
 
 impl StorageCell {
-    pub(crate) fn new(storage: Storage) -> Self {
-        StorageCell(AtomicU8::new(storage as u8))
-    }
-
-    pub(crate) fn get(&self) -> Storage {
-        if self.0.load(AtomicOrdering::Acquire) == Storage::Vector as u8 {
-            Storage::Vector
-        } else {
-            Storage::Bytea
+    /// What is believed, if anything was read yet.
+    pub(crate) fn get(&self) -> Option<Storage> {
+        match self.0.load(AtomicOrdering::Acquire) {
+            1 => Some(Storage::Bytea),
+            2 => Some(Storage::Vector),
+            _ => None,
         }
     }
 

@@ -35,6 +35,10 @@ const CREATE_INDEX: &str = "SELECT embedding_vector_index_create($1, $2)";
 const BUILD_PROGRESS: &str = "SELECT phase, tuples_done, tuples_total \
      FROM pg_stat_progress_create_index WHERE pid = $1";
 
+/// The planner's row estimate of a type's storage (HNSW builds report no total of their own).
+const ESTIMATED_ROWS: &str = "SELECT greatest(c.reltuples, 0)::int8 FROM embedding_types r \
+     JOIN pg_class c ON c.oid = to_regclass(quote_ident(r.storage)) WHERE r.entity_type = $1";
+
 /// A registered type as searches see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TypeInfo {
@@ -267,6 +271,7 @@ fn watch_progress(
     stopped: &crossbeam_channel::Receiver<()>,
 ) {
     let tick = crossbeam_channel::tick(PROGRESS_EVERY);
+    let mut estimate: Option<i64> = None;
     loop {
         crossbeam_channel::select! {
             recv(stopped) -> _ => return,
@@ -276,10 +281,29 @@ fn watch_progress(
             Ok(Some(row)) => {
                 let phase: String = row.try_get(0).unwrap_or_default();
                 let done: i64 = row.try_get(1).unwrap_or(0);
-                let total: i64 = row.try_get(2).unwrap_or(0);
-                log::info!(
-                    "pg-model-repo: HNSW index of {entity_type:?}: {phase}, {done} of {total} vectors"
-                );
+                let mut total: i64 = row.try_get(2).unwrap_or(0);
+                if total <= 0 {
+                    // The build has analyzed the table by now: its estimate is close.
+                    if estimate.is_none() {
+                        estimate = conn
+                            .client()
+                            .query_one(ESTIMATED_ROWS, &[&entity_type])
+                            .and_then(|r| r.try_get(0))
+                            .ok();
+                    }
+                    total = estimate.unwrap_or(0);
+                }
+                if total > 0 {
+                    log::info!(
+                        "pg-model-repo: HNSW index of {entity_type:?}: {phase}, {done} of about \
+                         {total} vectors ({:.0}%)",
+                        100.0 * done as f64 / total as f64
+                    );
+                } else {
+                    log::info!(
+                        "pg-model-repo: HNSW index of {entity_type:?}: {phase}, {done} vectors"
+                    );
+                }
             }
             Ok(None) => {}
             Err(e) => {

@@ -19,8 +19,9 @@
 -- Creating the extension needs a superuser (pgvector is not a trusted extension) unless it
 -- exists already.
 --
--- By hand (after V001 and V004, as the schema's owner):
---   psql -d mydb -c 'SET search_path TO ml' -f sql/V006__vector_storage.sql
+-- By hand (after V001 and V004, as the schema's owner), in one transaction (-1: the file sets
+-- its search_path for the rest of its transaction):
+--   psql -1 -d mydb -c 'SET search_path TO ml' -f sql/V006__vector_storage.sql
 
 -- Two repositories migrating at once must not both create the extension: one database-wide
 -- lock (the key spells "pgmrvect") serializes them.

@@ -7,7 +7,9 @@
 //!   memory ([`ModelRepository::save_model`], [`ModelRepository::load_model_to_writer`], …).
 //! - **Embeddings**: vectors per (entity type, id) with one dimension per type, batch loads by
 //!   INSERT, multi-row INSERT, binary COPY or parallel COPY ([`LoadMethod`]), streaming reads
-//!   ([`ModelRepository::batch_save_embeddings`], [`ModelRepository::for_each_embedding`], …).
+//!   ([`ModelRepository::batch_save_embeddings`], [`ModelRepository::for_each_embedding`], …),
+//!   and nearest-neighbour search, exact on any storage or through pgvector's HNSW indexes
+//!   ([`ModelRepository::nearest_embeddings`], [`ModelRepository::create_vector_index`]).
 //! - **Prediction cache**: CBOR values with a TTL judged by the database clock, Redis-style glob
 //!   clearing, buffered hit counts and a background reaper
 //!   ([`ModelRepository::get_or_compute`], [`ModelRepository::clear_cache`], …).
@@ -55,7 +57,7 @@
 //! |---|---|
 //! | `repository` | the [`ModelRepository`] handle: open/close, drop order, the call wrapper (timing, operation name) |
 //! | `models/` | versions and checksums, blob streaming, aliases (stack and history) |
-//! | `embeddings/` | types and validation, the dimension registry, single and streaming reads, load plans, COPY rows, `ParallelCopy` |
+//! | `embeddings/` | types and validation, the dimension registry, single and streaming reads, load plans, COPY rows, `ParallelCopy`, similarity search (exact scoring, HNSW indexes) |
 //! | `cache/` | entries (CBOR, TTL), Redis globs, the reaper thread |
 //! | `training` | training metrics |
 //! | `monitor/` | health, storage statistics, maintenance |
@@ -85,13 +87,18 @@ mod training;
 mod validate;
 
 pub use cache::CacheStats;
-pub use db::config::{RepositoryConfig, DEFAULT_APPLICATION_NAME, MAX_BYTEA_MODEL_SIZE};
+pub use db::config::{
+    RepositoryConfig, VectorStorage, DEFAULT_APPLICATION_NAME, DEFAULT_HNSW_EF_SEARCH,
+    MAX_BYTEA_MODEL_SIZE,
+};
 pub use db::error::{RepoError, Result};
 pub use db::migrate::MigrationReport;
 pub use db::pool::PoolState;
 pub use db::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
 pub use db::timings::QueryMetric;
-pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};
+pub use embeddings::{
+    BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,
+};
 pub use models::ModelInfo;
 pub use monitor::{
     CheckResult, EmbeddingsStats, EntityTypeStats, HealthReport, HealthStatus, ModelStats,

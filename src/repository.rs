@@ -5,14 +5,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cache::{Reaper, FLUSH_HITS};
-use crate::db::config::RepositoryConfig;
+use crate::db::config::{RepositoryConfig, VectorStorage};
 use crate::db::counters::{AccessCounts, Buffer, Flush, FlushStatements};
-use crate::db::error::Result;
+use crate::db::error::{RepoError, Result};
 use crate::db::migrate::{self, MigrationReport};
 use crate::db::pool::{PgConnection, Pool, PoolState};
 use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
 use crate::db::timings::{QueryMetric, Timings};
+use crate::embeddings::{self, IndexCache, Storage, StorageCell};
 use crate::models::FLUSH_LOADS;
 
 /// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.
@@ -58,6 +59,10 @@ struct Inner {
     counts: Arc<AccessCounts>,
     /// The background thread, unless `reaper_interval(None)`.
     reaper: Option<Reaper>,
+    /// How the schema stores vectors (BYTEA or pgvector), as last seen.
+    storage: StorageCell,
+    /// Which entity types have HNSW indexes, as recently seen.
+    index_cache: IndexCache,
 }
 
 impl Drop for Inner {
@@ -125,10 +130,23 @@ impl ModelRepository {
             migrate::run(&config)?;
         }
         let pool = Pool::new(&config)?;
-        {
+        // How vectors are stored is read on first use, except where the setting insists on
+        // pgvector and open may not convert.
+        let storage = StorageCell::default();
+        if !config.auto_migrate {
             let mut conn = pool.get()?;
-            if !config.auto_migrate {
-                migrate::check_applied(conn.client(), &config.schema)?;
+            migrate::check_applied(conn.client(), &config.schema)?;
+            if config.vector_storage == VectorStorage::Pgvector {
+                let found = embeddings::detect_storage(conn.client())?;
+                if found == Storage::Bytea {
+                    return Err(RepoError::invalid(format!(
+                        "vector_storage(Pgvector), but schema {} stores vectors as BYTEA and \
+                         auto_migrate(false) runs no DDL: convert it with \
+                         ModelRepository::migrate",
+                        config.schema
+                    )));
+                }
+                storage.set(found);
             }
         }
         log::info!(
@@ -157,6 +175,8 @@ impl ModelRepository {
                 timings,
                 counts,
                 reaper,
+                storage,
+                index_cache: IndexCache::default(),
             }),
         })
     }
@@ -268,6 +288,16 @@ impl ModelRepository {
     /// The connection pool, for work that spans several connections.
     pub(crate) fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// How the schema stores vectors, as last seen (see `embeddings::with_storage`).
+    pub(crate) fn storage(&self) -> &StorageCell {
+        &self.inner.storage
+    }
+
+    /// What is known of the entity types' HNSW indexes.
+    pub(crate) fn index_cache(&self) -> &IndexCache {
+        &self.inner.index_cache
     }
 
     /// The repository's access counters (cache lookups, model loads).

@@ -14,6 +14,71 @@ pub const MAX_BYTEA_MODEL_SIZE: u64 = (1 << 30) - (1 << 20);
 /// The application_name given to every connection whose URL does not name one.
 pub const DEFAULT_APPLICATION_NAME: &str = "pg-model-repo";
 
+/// How a repository stores its vectors: as little-endian f32 bytes (BYTEA), or in pgvector's
+/// `vector` type (the same f32 values; needed for HNSW indexes).
+///
+/// The `vector` extension lives once per database in a schema of its own (`pgvector`, created
+/// with it) or wherever it was installed before, never inside a repository's schema.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum VectorStorage {
+    /// A new schema (no vectors yet) uses pgvector where the extension is installed or can be
+    /// created, BYTEA elsewhere; a schema that has vectors keeps the storage it has, so an
+    /// extension installed later never rewrites a table behind anyone's back.
+    #[default]
+    Auto,
+    /// BYTEA, even where pgvector is available. A schema converted earlier stays converted
+    /// (there is no way back; a warning says so).
+    Bytea,
+    /// pgvector's `vector` type. `open` (with `auto_migrate`) and
+    /// [`ModelRepository::migrate`](crate::ModelRepository::migrate) convert a BYTEA schema,
+    /// rows included: the conversion rewrites the embeddings table under an exclusive lock
+    /// (readers and writers of every type wait until it commits). Without pgvector on the
+    /// server it is `InvalidInput`.
+    Pgvector,
+}
+
+impl VectorStorage {
+    /// The setting's name: `auto`, `bytea`, `pgvector`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VectorStorage::Auto => "auto",
+            VectorStorage::Bytea => "bytea",
+            VectorStorage::Pgvector => "pgvector",
+        }
+    }
+}
+
+impl std::str::FromStr for VectorStorage {
+    type Err = RepoError;
+
+    /// Parses the names [`VectorStorage::as_str`] gives (any case).
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            VectorStorage::Auto,
+            VectorStorage::Bytea,
+            VectorStorage::Pgvector,
+        ]
+        .into_iter()
+        .find(|v| v.as_str().eq_ignore_ascii_case(s.trim()))
+        .ok_or_else(|| {
+            RepoError::invalid(format!(
+                "unknown vector storage {s:?} (auto, bytea, pgvector)"
+            ))
+        })
+    }
+}
+
+/// How to get pgvector, for errors that need it.
+pub(crate) const PGVECTOR_INSTALL_HINT: &str = "Install pgvector on the server (Debian/Ubuntu: \
+    `apt-get install postgresql-<major>-pgvector`; from source: `git clone \
+    https://github.com/pgvector/pgvector && cd pgvector && make && make install`; managed \
+    services ship it), then convert the schema with ModelRepository::migrate and \
+    RepositoryConfig::vector_storage(VectorStorage::Pgvector).";
+
+/// pgvector's default `hnsw.ef_search` is 40; searches here default to more candidates, for
+/// a recall@10 above 0.95 on clustered data (docs/embeddings.md).
+pub const DEFAULT_HNSW_EF_SEARCH: u32 = 100;
+
 /// How to reach the database and how the repository behaves.
 ///
 /// Built with [`RepositoryConfig::new`] or [`RepositoryConfig::from_env`] and refined with
@@ -47,6 +112,8 @@ pub struct RepositoryConfig {
     pub(crate) max_model_size: u64,
     pub(crate) stream_idle_timeout: Duration,
     pub(crate) tls_root_certificate: Option<std::path::PathBuf>,
+    pub(crate) vector_storage: VectorStorage,
+    pub(crate) hnsw_ef_search: u32,
 }
 
 /// The most connections one pool may open (pool_size + max_overflow): far above what one
@@ -86,12 +153,15 @@ impl RepositoryConfig {
             max_model_size: MAX_BYTEA_MODEL_SIZE,
             stream_idle_timeout: Duration::from_secs(600),
             tls_root_certificate: None,
+            vector_storage: VectorStorage::Auto,
+            hnsw_ef_search: DEFAULT_HNSW_EF_SEARCH,
         }
     }
 
     /// Reads `DATABASE_URL` (required), `DB_POOL_SIZE`, `DB_MAX_OVERFLOW`, `DB_POOL_TIMEOUT`,
     /// `QUERY_TIMEOUT`, `CACHE_DEFAULT_TTL`, `CACHE_MAX_TTL` (durations in seconds, decimals
-    /// allowed), `ENABLE_METRICS` (true/false/1/0/yes/no/on/off) and `MODEL_REPO_SCHEMA`.
+    /// allowed), `ENABLE_METRICS` (true/false/1/0/yes/no/on/off), `MODEL_REPO_SCHEMA` and
+    /// `MODEL_REPO_VECTOR_STORAGE` (auto/bytea/pgvector).
     ///
     /// A missing `DATABASE_URL` or a malformed value is `InvalidInput` naming the variable.
     ///
@@ -132,6 +202,11 @@ impl RepositoryConfig {
         }
         if let Some(v) = var("ENABLE_METRICS") {
             config.enable_metrics = parse_bool("ENABLE_METRICS", &v)?;
+        }
+        if let Some(v) = var("MODEL_REPO_VECTOR_STORAGE") {
+            config.vector_storage = v.parse().map_err(|_| {
+                RepoError::invalid(format!("MODEL_REPO_VECTOR_STORAGE is malformed: {v:?}"))
+            })?;
         }
         if let Some(v) = var("MODEL_REPO_SCHEMA") {
             validate::schema_name("MODEL_REPO_SCHEMA", &v)?;
@@ -237,6 +312,20 @@ impl RepositoryConfig {
         self
     }
 
+    /// How vectors are stored: see [`VectorStorage`]. Defaults to `VectorStorage::Auto`.
+    pub fn vector_storage(mut self, storage: VectorStorage) -> Self {
+        self.vector_storage = storage;
+        self
+    }
+
+    /// `hnsw.ef_search` of every session: how many candidates an HNSW search keeps (more is
+    /// slower and closer to exact; at least k are needed for k results). Must be within
+    /// 1..=1000 (pgvector's range). Defaults to [`DEFAULT_HNSW_EF_SEARCH`] (100).
+    pub fn hnsw_ef_search(mut self, candidates: u32) -> Self {
+        self.hnsw_ef_search = candidates;
+        self
+    }
+
     /// The configured schema name.
     pub fn schema_name(&self) -> &str {
         &self.schema
@@ -290,6 +379,12 @@ impl RepositoryConfig {
             return Err(RepoError::invalid(format!(
                 "max_model_size is {}; it must be within 1..={MAX_BYTEA_MODEL_SIZE} bytes",
                 self.max_model_size
+            )));
+        }
+        if !(1..=1000).contains(&self.hnsw_ef_search) {
+            return Err(RepoError::invalid(format!(
+                "hnsw_ef_search must be within 1..=1000, not {}",
+                self.hnsw_ef_search
             )));
         }
         self.connector().map(|_| ())
@@ -373,6 +468,8 @@ impl fmt::Debug for RepositoryConfig {
             .field("max_model_size", &self.max_model_size)
             .field("stream_idle_timeout", &self.stream_idle_timeout)
             .field("tls_root_certificate", &self.tls_root_certificate)
+            .field("vector_storage", &self.vector_storage)
+            .field("hnsw_ef_search", &self.hnsw_ef_search)
             .finish()
     }
 }
@@ -461,6 +558,7 @@ mod tests {
             ("CACHE_MAX_TTL", "20"),
             ("ENABLE_METRICS", "false"),
             ("MODEL_REPO_SCHEMA", "s1"),
+            ("MODEL_REPO_VECTOR_STORAGE", "ByteA"),
         ])
         .unwrap();
         assert_eq!(c.pool_size, 3);
@@ -471,6 +569,7 @@ mod tests {
         assert_eq!(c.cache_max_ttl, Duration::from_secs(20));
         assert!(!c.enable_metrics);
         assert_eq!(c.schema, "s1");
+        assert_eq!(c.vector_storage, VectorStorage::Bytea);
     }
 
     #[test]
@@ -484,6 +583,7 @@ mod tests {
             ("CACHE_MAX_TTL", "NaN"),
             ("ENABLE_METRICS", "maybe"),
             ("MODEL_REPO_SCHEMA", "bad-name"),
+            ("MODEL_REPO_VECTOR_STORAGE", "blob"),
         ] {
             let err = from(&[("DATABASE_URL", "postgres://u@h/db"), (name, bad)]).unwrap_err();
             match err {
@@ -521,6 +621,8 @@ mod tests {
         assert!(base().validate().is_ok());
         assert!(base().schema("x;drop").validate().is_err());
         assert!(base().pool_size(0).validate().is_err());
+        assert!(base().hnsw_ef_search(0).validate().is_err());
+        assert!(base().hnsw_ef_search(1001).validate().is_err());
         assert!(base().pool_timeout(Duration::ZERO).validate().is_err());
         assert!(base()
             .cache_default_ttl(Duration::from_secs(10))

@@ -30,7 +30,10 @@ pub(crate) struct PgConnection {
     poisoned: bool,
     /// The failure epoch this connection was last known good in (see [`PoolShared`]).
     epoch: u64,
+    /// The session epoch its settings and statements date from (see [`Pool::reset_sessions`]).
+    session_epoch: u64,
     statements: HashMap<&'static str, Statement>,
+    dynamic_statements: HashMap<String, Statement>,
     /// What the hung-server watchdog knows of this session.
     watch: Watch,
     bounds: Bounds,
@@ -42,6 +45,9 @@ impl Drop for PgConnection {
         self.watch.closing(self.is_broken());
     }
 }
+
+/// The most run-time-built statements one session keeps prepared.
+const DYNAMIC_STATEMENTS: usize = 128;
 
 impl PgConnection {
     /// Opens one watched session with our settings: its login is bounded by `bounds.login`.
@@ -62,7 +68,9 @@ impl PgConnection {
             client,
             poisoned: false,
             epoch: 0,
+            session_epoch: 0,
             statements: HashMap::new(),
+            dynamic_statements: HashMap::new(),
             watch,
             bounds,
         };
@@ -98,6 +106,21 @@ impl PgConnection {
         }
         let statement = self.client.prepare(sql)?;
         self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// A prepared statement for SQL built at run time (a type's search, say), prepared once per
+    /// connection; at most [`DYNAMIC_STATEMENTS`] are kept.
+    pub(crate) fn prepare_cached_dynamic(&mut self, sql: &str) -> Result<Statement> {
+        if let Some(statement) = self.dynamic_statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        if self.dynamic_statements.len() >= DYNAMIC_STATEMENTS {
+            self.dynamic_statements.clear();
+        }
+        self.dynamic_statements
+            .insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
 
@@ -158,6 +181,8 @@ impl std::fmt::Debug for PgConnection {
 #[derive(Debug, Default)]
 pub(crate) struct PoolShared {
     epoch: AtomicU64,
+    /// Bumped when every session must run its setup again and forget its statements.
+    session_epoch: AtomicU64,
     /// Callers waiting for a connection right now.
     waiting: AtomicU64,
     /// Set by [`Pool::begin_close`]: waiting checkouts give up.
@@ -202,14 +227,25 @@ impl Manager {
     }
 }
 
-/// The statements every new session runs: our schema first on the search path, and the query
-/// timeout as both statement_timeout and lock_timeout.
+/// The statements every new session runs: our schema first on the search path, then the
+/// schema of the pgvector extension where the database has it (its `vector` type and
+/// operators resolve there, wherever it was installed); the query timeout as both
+/// statement_timeout and lock_timeout; and HNSW's ef_search (a placeholder setting until
+/// pgvector is loaded, harmless where it never is).
 pub(crate) fn session_setup_sql(config: &RepositoryConfig) -> String {
     let timeout_ms = config.query_timeout.as_millis().max(1);
+    // The schema name is a checked identifier ([A-Za-z_][A-Za-z0-9_]*): safe in a literal.
     format!(
-        "SET search_path TO {}; SET statement_timeout = {timeout_ms}; \
-         SET lock_timeout = {timeout_ms}",
-        quote_ident(&config.schema),
+        "SET search_path TO {schema}; \
+         SELECT set_config('search_path', concat_ws(', ', quote_ident('{name}'), \
+             (SELECT quote_ident(n.nspname) FROM pg_extension e \
+              JOIN pg_namespace n ON n.oid = e.extnamespace \
+              WHERE e.extname = 'vector' AND n.nspname <> '{name}')), false); \
+         SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}; \
+         SET hnsw.ef_search = {ef_search}",
+        schema = quote_ident(&config.schema),
+        name = config.schema,
+        ef_search = config.hnsw_ef_search,
     )
 }
 
@@ -235,6 +271,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<PgConnection> {
         let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let session_epoch = self.shared.session_epoch.load(Ordering::Acquire);
         let mut conn = PgConnection::open(
             &self.connector,
             &self.pg,
@@ -243,10 +280,18 @@ impl r2d2::ManageConnection for Manager {
             Some(&self.shared.watches),
         )?;
         conn.epoch = epoch;
+        conn.session_epoch = session_epoch;
         Ok(conn)
     }
 
     fn is_valid(&self, conn: &mut PgConnection) -> Result<()> {
+        let session_epoch = self.shared.session_epoch.load(Ordering::Acquire);
+        if conn.session_epoch < session_epoch {
+            conn.statements.clear();
+            conn.dynamic_statements.clear();
+            conn.client.batch_execute(&self.session_setup)?;
+            conn.session_epoch = session_epoch;
+        }
         let current = self.shared.epoch.load(Ordering::Acquire);
         if conn.epoch >= current {
             return Ok(());
@@ -449,6 +494,13 @@ impl Pool {
             RepoError::Database(e) => is_connection_failure(e),
             _ => false,
         };
+        // A statement prepared before a column changed type (pgvector's conversion) fails
+        // with "cached plan must not change result type" on every use: drop the session and
+        // its statement cache.
+        let stale_statement = error.code().map(|c| c.code()) == Some("0A000");
+        if stale_statement {
+            conn.poison();
+        }
         if broken || conn.is_broken() {
             conn.poison();
             self.shared.epoch.fetch_add(1, Ordering::AcqRel);
@@ -471,6 +523,12 @@ impl Pool {
             }
             result
         })
+    }
+
+    /// Makes every session run its setup again (the search_path finds a schema created since,
+    /// such as pgvector's) and forget its prepared statements, each at its next checkout.
+    pub(crate) fn reset_sessions(&self) {
+        self.shared.session_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The configured checkout timeout (pool_timeout).

@@ -11,7 +11,7 @@ use crate::db::sweep::Leftover;
 use crate::embeddings::check::CheckedBatch;
 use crate::embeddings::encode::{copy_in, cpu_threads, COLUMNS};
 use crate::embeddings::load::in_load_transaction;
-use crate::embeddings::types::Embedding;
+use crate::embeddings::types::{Embedding, Storage};
 use crate::repository::Call;
 
 /// One load id per part of a parallel load, each locked (a session advisory lock) by the
@@ -79,6 +79,7 @@ impl Drop for StopOnExit<'_> {
 pub(crate) fn load_parallel(
     call: &Call<'_>,
     batch: &CheckedBatch<'_>,
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let pool = call.pool();
@@ -98,9 +99,14 @@ pub(crate) fn load_parallel(
         let started = std::time::Instant::now();
         let staged = catch_unwind(AssertUnwindSafe(|| {
             if extra.is_empty() {
-                stage_then_merge(conn, batch, &parts, &ids, progress)
+                stage_then_merge(conn, batch, &parts, &ids, storage, progress)
             } else {
-                pipeline(pool, conn, &mut extra, batch, &parts, &ids, progress)
+                let work = Staging {
+                    parts: &parts,
+                    ids: &ids,
+                    storage,
+                };
+                pipeline(pool, conn, &mut extra, batch, &work, progress)
             }
         }));
         let (result, panic) = match staged {
@@ -151,11 +157,12 @@ fn stage_then_merge(
     batch: &CheckedBatch<'_>,
     parts: &[&[Embedding]],
     ids: &[i64],
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let mut done = 0;
     for (rows, id) in parts.iter().zip(ids) {
-        stage_part(conn, rows, *id, &mut |n| progress(done + n))?;
+        stage_part(conn, rows, *id, storage, &mut |n| progress(done + n))?;
         done += rows.len() as u64;
     }
     in_load_transaction(conn, batch, |tx| {
@@ -175,10 +182,10 @@ fn pipeline(
     conn: &mut PgConnection,
     extra: &mut [Conn],
     batch: &CheckedBatch<'_>,
-    parts: &[&[Embedding]],
-    ids: &[i64],
+    work: &Staging<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
+    let (parts, ids) = (work.parts, work.ids);
     let (queue, next_part) = crossbeam_channel::unbounded::<usize>();
     for i in 0..parts.len() {
         let _ = queue.send(i);
@@ -192,15 +199,7 @@ fn pipeline(
             let spawned = std::thread::Builder::new()
                 .name(format!("pg-model-repo-copy-{n}"))
                 .spawn_scoped(scope, move || {
-                    run_stream(
-                        pool,
-                        stream_conn,
-                        parts,
-                        ids,
-                        &next_part,
-                        &stream_events,
-                        stop,
-                    )
+                    run_stream(pool, stream_conn, work, &next_part, &stream_events, stop)
                 });
             if let Err(e) = spawned {
                 let _ = events.send(StreamEvent::Failed(RepoError::Io(e)));
@@ -215,12 +214,18 @@ fn pipeline(
     })
 }
 
+/// What the COPY streams stage: the parts, their load ids, and the storage to encode for.
+struct Staging<'a> {
+    parts: &'a [&'a [Embedding]],
+    ids: &'a [i64],
+    storage: Storage,
+}
+
 /// A COPY stream: stages parts from the queue until it is empty, stopped, or failing.
 fn run_stream(
     pool: &Pool,
     conn: &mut PgConnection,
-    parts: &[&[Embedding]],
-    ids: &[i64],
+    work: &Staging<'_>,
     next_part: &crossbeam_channel::Receiver<usize>,
     events: &crossbeam_channel::Sender<StreamEvent>,
     stop: &AtomicBool,
@@ -231,10 +236,16 @@ fn run_stream(
         }
         let mut last = 0;
         let staged = catch_unwind(AssertUnwindSafe(|| {
-            stage_part(conn, parts[i], ids[i], &mut |done| {
-                let _ = events.send(StreamEvent::Rows(done - last));
-                last = done;
-            })
+            stage_part(
+                conn,
+                work.parts[i],
+                work.ids[i],
+                work.storage,
+                &mut |done| {
+                    let _ = events.send(StreamEvent::Rows(done - last));
+                    last = done;
+                },
+            )
         }));
         let staged = match staged {
             Ok(staged) => staged,
@@ -302,12 +313,13 @@ fn stage_part(
     conn: &mut PgConnection,
     rows: &[Embedding],
     load_id: i64,
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let mut tx = begin_unbounded(conn)?;
     let sql = format!("COPY embeddings_staging (load_id, {COLUMNS}) FROM STDIN (FORMAT binary)");
     let started = std::time::Instant::now();
-    copy_in(&mut tx, &sql, rows, Some(load_id), progress)?;
+    copy_in(&mut tx, &sql, rows, Some(load_id), storage, progress)?;
     tx.commit()?;
     log::trace!(
         "pg-model-repo: staged load id {load_id} in {:?}",

@@ -79,7 +79,7 @@ fn saved_vector_reads_back_exactly() {
 
 #[test]
 fn vectors_are_stored_as_little_endian_f32_bytes_with_their_dimension() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.save_embeddings("user", "u1", &[1.0, -2.5]).unwrap();
     repo.load_embeddings(&batch("item", 3, 2, 1.0), LoadMethod::Copy)
         .unwrap();
@@ -539,7 +539,7 @@ fn concurrent_overlapping_copies_into_an_empty_type_both_land() {
 /// its dimension.
 #[test]
 fn rows_inserted_by_hand_must_fit_a_registered_type() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.save_embeddings("user", "u1", &[1.0, 2.0, 3.0])
         .unwrap();
     let mut sql = repo.sql();
@@ -571,7 +571,7 @@ fn rows_inserted_by_hand_must_fit_a_registered_type() {
 
 #[test]
 fn a_new_type_with_rows_inserted_by_hand_takes_their_dimension() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.sql()
         .execute(
             "INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension) \
@@ -790,7 +790,7 @@ fn concurrent_loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
 /// load's rows (its session holds its load ids' locks) and recent rows stay.
 #[test]
 fn staged_rows_of_dead_loads_are_swept_by_age_and_live_loads_keep_theirs() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.sql()
         .batch_execute(
             "INSERT INTO embeddings_staging (load_id, entity_type, entity_id, embeddings, dimension, staged_at)

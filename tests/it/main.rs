@@ -17,6 +17,9 @@ mod lost_replies;
 mod models;
 mod monitor;
 mod schema;
+mod search;
+#[cfg(feature = "pgvector")]
+mod search_pgvector;
 mod security;
 mod seed_takeover;
 mod tls;

@@ -209,16 +209,31 @@ fn every_key_includes_its_tables_citus_distribution_column() {
 #[test]
 fn rows_with_only_the_seed_columns_are_valid_in_every_table() {
     let repo = TestRepo::new();
+    // The vector 1.0 in the schema's storage: BYTEA (little-endian f32) or pgvector.
+    let storage: String = repo
+        .sql()
+        .query_one(
+            "SELECT t.typname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid = 'embeddings'::regclass AND a.attname = 'embeddings'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let one = if storage == "vector" {
+        "[1]"
+    } else {
+        "\\x0000803f"
+    };
     repo.sql()
-        .batch_execute(
+        .batch_execute(&format!(
             "INSERT INTO ml_models (model_name, version, model_data) VALUES ('m', '1', '\\x00');
              INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension)
-                 VALUES ('user', 'u1', '\\x0000803f', 1);
+                 VALUES ('user', 'u1', '{one}', 1);
              INSERT INTO prediction_cache (cache_key, predictions, expires_at)
                  VALUES ('k', '\\x00', now() + interval '1 hour');
              INSERT INTO training_metrics (model_name, version, metrics)
-                 VALUES ('m', '1', '{\"auc\": 0.5}');",
-        )
+                 VALUES ('m', '1', '{{\"auc\": 0.5}}');"
+        ))
         .unwrap();
     assert_eq!(repo.load_model("m", "1").unwrap().unwrap(), [0u8]);
     assert_eq!(

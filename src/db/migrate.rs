@@ -65,10 +65,14 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 6,
         name: "V006__vector_storage.sql",
-        sql: include_str!("../../sql/V006__vector_storage.sql"),
+        sql: include_str!("../../sql/optional/V006__vector_storage.sql"),
         when: When::VectorStorage,
     },
 ];
+
+/// Has the schema stored any vector yet (quarantined ones included)?
+const HAS_VECTORS: &str = "SELECT EXISTS (SELECT 1 FROM embeddings) \
+     OR EXISTS (SELECT 1 FROM embeddings_quarantine)";
 
 /// Is pgvector installed in this database, or can it be created (its files are on the
 /// server)?
@@ -332,6 +336,17 @@ fn apply_vector_storage(
     if !available {
         log::debug!(
             "pg-model-repo: no pgvector on the server; schema {schema} stores vectors as BYTEA"
+        );
+        return Ok(false);
+    }
+    // A schema that holds vectors already (a seed's database taken over) is converted only
+    // when asked.
+    let has_vectors: bool = tx.query_one(HAS_VECTORS, &[])?.try_get(0)?;
+    if has_vectors {
+        log::info!(
+            "pg-model-repo: schema {schema} stores its vectors as BYTEA although pgvector is \
+             available; to convert them (a rewrite under an exclusive lock), run \
+             ModelRepository::migrate with vector_storage(VectorStorage::Pgvector)"
         );
         return Ok(false);
     }

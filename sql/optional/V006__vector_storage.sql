@@ -21,7 +21,7 @@
 --
 -- By hand (after V001 and V004, as the schema's owner), in one transaction (-1: the file sets
 -- its search_path for the rest of its transaction):
---   psql -1 -d mydb -c 'SET search_path TO ml' -f sql/V006__vector_storage.sql
+--   psql -1 -d mydb -c 'SET search_path TO ml' -f sql/optional/V006__vector_storage.sql
 
 -- Two repositories migrating at once must not both create the extension: one database-wide
 -- lock (the key spells "pgmrvect") serializes them.

@@ -1,20 +1,39 @@
-//! A bounded chaos soak: several threads run mixed operations while a chaos thread kills the
-//! pool's backends every second. At the end every acknowledged write is checked to be present
-//! exactly once.
+//! A bounded chaos soak in three phases. Worker threads run mixed operations (model saves and
+//! loads, training metrics, cache writes, hits and glob deletes, embedding batches) while a
+//! chaos thread
 //!
-//!     cargo run --release --example soak -- [--seconds 60] [--threads 4]
+//! 1. kills every backend of the pool once a second (`--seconds`, on `DATABASE_URL` or a
+//!    throwaway server);
+//! 2. freezes the server (SIGSTOP of every server process) for a few seconds at a time, then
+//!    resumes it (`--hang-seconds`, always on a throwaway server of its own: the shared service
+//!    is never frozen);
+//! 3. loses the reply to a commit every 100 ms through a proxy (`--lost-seconds`, on that
+//!    throwaway server).
 //!
-//! Uses `DATABASE_URL` if set (it must allow pg_terminate_backend of its own sessions),
-//! otherwise a throwaway server from the local binaries.
+//! After each phase the repository is closed and every acknowledged write is checked, straight
+//! in the tables: present (else lost), stored once (else duplicated: training-metric records and
+//! cache hit counts are counted exactly), and every glob delete answered with the number it
+//! removed. Calls are timed: a call longer than the phase's longest bound plus a second is hung.
+//! The last line, for scripts:
+//!
+//!     soak: ops=N lost=N duplicated=N errors=N hung_calls=N max_block_ms=N
+//!
+//!     cargo run --release --example soak -- [--seconds 60] [--hang-seconds 20]
+//!         [--lost-seconds 20] [--threads 4]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pg_model_repo::throwaway::database_url_or_start;
-use pg_model_repo::{ModelRepository, RepositoryConfig};
+use pg_model_repo::throwaway::{database_url_or_start, LostReplyProxy, ThrowawayServer};
+use pg_model_repo::{Embedding, ModelRepository, RepositoryConfig};
 use serde_json::json;
+
+/// pool_timeout 5 s, query_timeout 5 s (+ the watchdog's 1 s grace), stream_idle_timeout 5 s.
+const DEFAULT_BOUND: Duration = Duration::from_secs(6);
+/// The hang phase's pool_timeout 3 s, query_timeout 2 s + 1 s, stream_idle_timeout 3 s.
+const HANG_BOUND: Duration = Duration::from_secs(3);
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -24,144 +43,350 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// What the workers were told succeeded.
+/// What the workers were told succeeded, and what may or may not have happened.
 #[derive(Default)]
 struct Acknowledged {
     models: Vec<(String, String)>,
-    cache_keys: Vec<(String, u64)>,
+    cache_keys: Vec<String>,
     /// (entity type, first id number, batch size) of acknowledged embedding batches.
     embedding_batches: Vec<(String, u64, u64)>,
-    metrics: BTreeMap<(String, String), u64>,
+    /// Training-metric records acknowledged, and saves that failed (each may have committed).
+    metrics: BTreeMap<(String, String), (u64, u64)>,
+    /// Cache hits seen by callers, per key.
+    hits: BTreeMap<String, u64>,
 }
 
+/// What a phase found.
 #[derive(Default)]
-struct Counters {
-    operations: AtomicU64,
+struct Tally {
+    ops: AtomicU64,
     errors: AtomicU64,
+    hung_calls: AtomicU64,
+    max_block_ms: AtomicU64,
+    /// Glob deletes whose answer was lower (lost) or higher (duplicated) than what they removed.
+    answers_low: AtomicU64,
+    answers_high: AtomicU64,
     faults: AtomicU64,
+}
+
+struct Phase<'a> {
+    name: &'static str,
+    repo: ModelRepository,
+    /// A call longer than this is hung.
+    hung_after: Duration,
+    acknowledged: Mutex<Acknowledged>,
+    tally: &'a Tally,
 }
 
 fn main() -> pg_model_repo::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let args: Vec<String> = std::env::args().collect();
     let seconds = arg(&args, "--seconds", 60);
+    let hang_seconds = arg(&args, "--hang-seconds", 20);
+    let lost_seconds = arg(&args, "--lost-seconds", 20);
     let threads = arg(&args, "--threads", 4) as usize;
+    let mut totals = (0, 0, 0);
+    let tally = Tally::default();
+
+    // 1. Killed backends.
     let (url, _server) = database_url_or_start(&[("max_connections", "200")])?;
-    let schema = format!("soak_{}", std::process::id());
-    let repo = ModelRepository::open(
-        RepositoryConfig::new(url.clone())
-            .schema(&schema)
-            .pool_size(threads as u32)
-            .max_overflow(2)
-            .pool_timeout(Duration::from_secs(10)),
-    )?;
-    let acknowledged = Mutex::new(Acknowledged::default());
-    let counters = Counters::default();
-    let stop = AtomicBool::new(false);
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    println!(
-        "soak: {seconds} s, {threads} worker threads, killing the pool's backends every second"
-    );
-
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (repo, acknowledged, counters, stop) = (&repo, &acknowledged, &counters, &stop);
-            s.spawn(move || worker(t, repo, acknowledged, counters, stop));
-        }
-        let (counters, stop, url) = (&counters, &stop, &url);
-        s.spawn(move || {
-            while Instant::now() < deadline {
+    println!("soak: kill phase, {seconds} s, {threads} threads, every backend killed each second");
+    let found = run_phase(
+        &url,
+        &url,
+        "kill",
+        threads,
+        seconds,
+        &tally,
+        DEFAULT_BOUND,
+        |c| c,
+        |stop| {
+            while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_secs(1));
-                counters
+                tally
                     .faults
-                    .fetch_add(kill_backends(url), Ordering::Relaxed);
+                    .fetch_add(kill_backends(&url), Ordering::Relaxed);
             }
-            stop.store(true, Ordering::Relaxed);
-        });
-    });
+        },
+    )?;
+    add(&mut totals, found);
 
-    let lost = verify(&repo, &acknowledged.into_inner().unwrap())?;
+    // 2 and 3 run on a server of their own.
+    let own = ThrowawayServer::start(&[("max_connections", "200")])?;
+    let own_url = own.url();
+    println!("soak: hang phase, {hang_seconds} s: the server frozen for 2-4 s at a time");
+    let hang_config = |c: RepositoryConfig| {
+        c.pool_timeout(Duration::from_secs(3))
+            .query_timeout(Duration::from_secs(2))
+            .stream_idle_timeout(Duration::from_secs(3))
+    };
+    let found = run_phase(
+        &own_url,
+        &own_url,
+        "hang",
+        threads,
+        hang_seconds,
+        &tally,
+        HANG_BOUND,
+        hang_config,
+        |stop| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1500));
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(frozen) = own.freeze() else { break };
+                tally.faults.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2000 + 1000 * (n % 3)));
+                drop(frozen);
+                n += 1;
+            }
+        },
+    )?;
+    add(&mut totals, found);
+
+    let proxy = LostReplyProxy::start(own.port())?;
+    println!("soak: lost-reply phase, {lost_seconds} s: a commit reply lost every 100 ms");
+    let found = run_phase(
+        &proxy.url(),
+        &own_url,
+        "lost",
+        threads,
+        lost_seconds,
+        &tally,
+        DEFAULT_BOUND,
+        |c| c,
+        |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if proxy.armed() == 0 {
+                    proxy.lose_next_commit_replies(1);
+                }
+            }
+        },
+    )?;
+    println!("lost-reply phase: {} commit replies lost", proxy.lost());
+    tally.faults.fetch_add(proxy.lost(), Ordering::Relaxed);
+    add(&mut totals, found);
+
+    let (lost, duplicated, checked) = totals;
+    let lost = lost + tally.answers_low.load(Ordering::Relaxed);
+    let duplicated = duplicated + tally.answers_high.load(Ordering::Relaxed);
     println!(
-        "operations done: {}\nfaults injected (backends killed): {}\nerrors surfaced to callers: {}\nwrites lost: {lost}",
-        counters.operations.load(Ordering::Relaxed),
-        counters.faults.load(Ordering::Relaxed),
-        counters.errors.load(Ordering::Relaxed),
+        "faults injected: {}; acknowledged writes checked: {checked}",
+        tally.faults.load(Ordering::Relaxed)
     );
-    repo.close();
-    if let Ok(mut client) = postgres::Client::connect(&url, postgres::NoTls) {
-        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
-    }
-    if lost > 0 {
+    println!(
+        "soak: ops={} lost={lost} duplicated={duplicated} errors={} hung_calls={} max_block_ms={}",
+        tally.ops.load(Ordering::Relaxed),
+        tally.errors.load(Ordering::Relaxed),
+        tally.hung_calls.load(Ordering::Relaxed),
+        tally.max_block_ms.load(Ordering::Relaxed),
+    );
+    if lost > 0 || duplicated > 0 || tally.hung_calls.load(Ordering::Relaxed) > 0 {
         std::process::exit(1);
     }
     Ok(())
 }
 
-fn worker(
-    t: usize,
-    repo: &ModelRepository,
-    acknowledged: &Mutex<Acknowledged>,
-    counters: &Counters,
-    stop: &AtomicBool,
-) {
+fn add(totals: &mut (u64, u64, u64), found: (u64, u64, u64)) {
+    totals.0 += found.0;
+    totals.1 += found.1;
+    totals.2 += found.2;
+}
+
+/// Runs workers on a repository opened through `url` while `chaos` runs, then closes it and
+/// checks the acknowledged writes through `direct_url`. `longest_bound` is the longest a call
+/// of this configuration may block (a checkout, or a statement, or a stream's idle time).
+/// Returns (lost, duplicated, checked).
+#[allow(clippy::too_many_arguments)]
+fn run_phase(
+    url: &str,
+    direct_url: &str,
+    name: &'static str,
+    threads: usize,
+    seconds: u64,
+    tally: &Tally,
+    longest_bound: Duration,
+    adjust: impl FnOnce(RepositoryConfig) -> RepositoryConfig,
+    chaos: impl FnOnce(&AtomicBool) + Send,
+) -> pg_model_repo::Result<(u64, u64, u64)> {
+    let schema = format!("soak_{}_{name}", std::process::id());
+    let config = adjust(
+        RepositoryConfig::new(url)
+            .schema(&schema)
+            .pool_size(threads as u32)
+            .max_overflow(2)
+            .pool_timeout(Duration::from_secs(5))
+            .query_timeout(Duration::from_secs(5))
+            .stream_idle_timeout(Duration::from_secs(5))
+            .reaper_interval(Some(Duration::from_secs(1))),
+    );
+    let phase = Phase {
+        name,
+        repo: ModelRepository::open(config)?,
+        hung_after: longest_bound + Duration::from_secs(1),
+        acknowledged: Mutex::new(Acknowledged::default()),
+        tally,
+    };
+    let stop = AtomicBool::new(false);
+    let stop_chaos = AtomicBool::new(false);
+    let ops_before = tally.ops.load(Ordering::Relaxed);
+    let errors_before = tally.errors.load(Ordering::Relaxed);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (phase, stop) = (&phase, &stop);
+            s.spawn(move || worker(t, phase, stop));
+        }
+        let chaos_stop = &stop_chaos;
+        s.spawn(move || chaos(chaos_stop));
+        std::thread::sleep(Duration::from_secs(seconds));
+        stop_chaos.store(true, Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let Phase {
+        repo, acknowledged, ..
+    } = phase;
+    let started = Instant::now();
+    repo.close();
+    let closed_in = started.elapsed();
+    let acknowledged = acknowledged.into_inner().unwrap_or_else(|p| p.into_inner());
+    let found = verify(direct_url, &schema, &acknowledged)?;
+    println!(
+        "{name} phase: {} ops, {} errors, lost {}, duplicated {}, {} writes checked, closed in \
+         {closed_in:?}",
+        tally.ops.load(Ordering::Relaxed) - ops_before,
+        tally.errors.load(Ordering::Relaxed) - errors_before,
+        found.0,
+        found.1,
+        found.2
+    );
+    if let Ok(mut client) = postgres::Client::connect(direct_url, postgres::NoTls) {
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+    }
+    Ok(found)
+}
+
+/// Times one call and counts it.
+fn call<T>(phase: &Phase<'_>, f: impl FnOnce() -> pg_model_repo::Result<T>) -> Option<T> {
+    let started = Instant::now();
+    let out = f();
+    let took = started.elapsed();
+    let tally = phase.tally;
+    tally.ops.fetch_add(1, Ordering::Relaxed);
+    tally
+        .max_block_ms
+        .fetch_max(took.as_millis() as u64, Ordering::Relaxed);
+    if took > phase.hung_after {
+        tally.hung_calls.fetch_add(1, Ordering::Relaxed);
+        println!("{} phase: a call took {took:?}", phase.name);
+    }
+    match out {
+        Ok(v) => Some(v),
+        Err(_) => {
+            tally.errors.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+fn worker(t: usize, phase: &Phase<'_>, stop: &AtomicBool) {
+    let repo = &phase.repo;
+    let ack = || phase.acknowledged.lock().unwrap_or_else(|p| p.into_inner());
     let model = format!("soak-{t}");
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let version = i.to_string();
-        let outcome = match i % 7 {
-            0 => repo
-                .save_model(&model, &version, version.as_bytes(), &json!({"i": i}))
-                .map(|_| {
-                    acknowledged
-                        .lock()
-                        .unwrap()
-                        .models
-                        .push((model.clone(), version.clone()))
-                }),
-            1 => repo
-                .save_training_metrics(&model, &version, &[("i".to_string(), i as f64)].into())
-                .map(|_| {
-                    *acknowledged
-                        .lock()
-                        .unwrap()
-                        .metrics
-                        .entry((model.clone(), version.clone()))
-                        .or_default() += 1;
-                }),
-            2 => repo.load_model(&model, "latest").map(|_| ()),
+        match i % 8 {
+            0 => {
+                if call(phase, || {
+                    repo.save_model(&model, &version, version.as_bytes(), &json!({"i": i}))
+                })
+                .is_some()
+                {
+                    ack().models.push((model.clone(), version.clone()));
+                }
+            }
+            1 => {
+                let metrics = [("i".to_string(), i as f64)].into();
+                let saved = call(phase, || {
+                    repo.save_training_metrics(&model, &version, &metrics)
+                });
+                let mut a = ack();
+                let entry = a
+                    .metrics
+                    .entry((model.clone(), version.clone()))
+                    .or_default();
+                match saved {
+                    Some(()) => entry.0 += 1,
+                    None => entry.1 += 1,
+                }
+            }
+            2 => {
+                call(phase, || repo.load_model(&model, "latest"));
+            }
             3 => {
                 let key = format!("{model}:{i}");
-                repo.cache_predictions(&key, &i, Duration::from_secs(3600))
-                    .map(|_| acknowledged.lock().unwrap().cache_keys.push((key, i)))
+                if call(phase, || {
+                    repo.cache_predictions(&key, &i, Duration::from_secs(3600))
+                })
+                .is_some()
+                {
+                    ack().cache_keys.push(key);
+                }
             }
-            4 => repo
-                .get_cached_predictions::<u64>(&format!("{model}:{}", i.saturating_sub(1)))
-                .map(|_| ()),
+            4 => {
+                let key = format!("{model}:{}", i - 1);
+                if let Some(Some(_)) = call(phase, || repo.get_cached_predictions::<u64>(&key)) {
+                    *ack().hits.entry(key).or_default() += 1;
+                }
+            }
             5 => {
-                let batch: Vec<pg_model_repo::Embedding> = (0..50)
+                let batch: Vec<Embedding> = (0..50)
                     .map(|j| {
-                        pg_model_repo::Embedding::new(
-                            model.clone(),
-                            format!("{}", i * 100 + j),
-                            vec![i as f32; 8],
-                        )
+                        Embedding::new(model.clone(), format!("{}", i * 100 + j), vec![i as f32; 8])
                     })
                     .collect();
-                repo.batch_save_embeddings(&batch).map(|_| {
-                    acknowledged.lock().unwrap().embedding_batches.push((
-                        model.clone(),
-                        i * 100,
-                        50,
-                    ))
-                })
+                if call(phase, || repo.batch_save_embeddings(&batch)).is_some() {
+                    ack().embedding_batches.push((model.clone(), i * 100, 50));
+                }
             }
-            _ => repo.get_model_versions(&model).map(|_| ()),
-        };
-        counters.operations.fetch_add(1, Ordering::Relaxed);
-        if outcome.is_err() {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
+            6 => glob_delete(phase, &model, i),
+            _ => {
+                call(phase, || repo.get_model_versions(&model));
+            }
         }
         i += 1;
+    }
+}
+
+/// Writes three keys under a prefix of their own and deletes them by glob: when all three
+/// writes were acknowledged, the delete must answer 3.
+fn glob_delete(phase: &Phase<'_>, model: &str, i: u64) {
+    let repo = &phase.repo;
+    let mut written = 0;
+    for j in 0..3 {
+        let key = format!("{model}:c{i}:{j}");
+        if call(phase, || {
+            repo.cache_predictions(&key, &j, Duration::from_secs(3600))
+        })
+        .is_some()
+        {
+            written += 1;
+        }
+    }
+    if let Some(removed) = call(phase, || repo.clear_cache(&format!("{model}:c{i}:*"))) {
+        if written == 3 && removed < 3 {
+            phase.tally.answers_low.fetch_add(1, Ordering::Relaxed);
+            println!(
+                "{} phase: clear_cache answered {removed} for 3 keys",
+                phase.name
+            );
+        }
+        if removed > 3 {
+            phase.tally.answers_high.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -179,54 +404,93 @@ fn kill_backends(url: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Counts acknowledged writes that are missing or stored more than once.
-fn verify(repo: &ModelRepository, acknowledged: &Acknowledged) -> pg_model_repo::Result<u64> {
-    let mut lost = 0;
+/// Checks every acknowledged write straight in the tables; (lost, duplicated, checked).
+fn verify(
+    url: &str,
+    schema: &str,
+    acknowledged: &Acknowledged,
+) -> pg_model_repo::Result<(u64, u64, u64)> {
+    let mut db = postgres::Client::connect(url, postgres::NoTls)?;
+    db.batch_execute(&format!("SET search_path TO \"{schema}\""))?;
+    let (mut lost, mut duplicated, mut checked) = (0u64, 0u64, 0u64);
     for (model, version) in &acknowledged.models {
-        if repo.load_model(model, version)?.as_deref() != Some(version.as_bytes()) {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM ml_models WHERE model_name = $1 AND version = $2 \
+                 AND is_active AND model_data = $3",
+                &[model, version, &version.as_bytes()],
+            )?
+            .get(0);
+        checked += 1;
+        if n != 1 {
             println!("lost model {model}/{version}");
             lost += 1;
         }
     }
-    for (key, value) in &acknowledged.cache_keys {
-        if repo.get_cached_predictions::<u64>(key)? != Some(*value) {
+    for key in &acknowledged.cache_keys {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM prediction_cache WHERE cache_key = $1",
+                &[key],
+            )?
+            .get(0);
+        checked += 1;
+        if n != 1 {
             println!("lost cache entry {key}");
             lost += 1;
         }
     }
     for (entity_type, first, n) in &acknowledged.embedding_batches {
         let ids: Vec<String> = (*first..first + n).map(|j| j.to_string()).collect();
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let found = repo.get_embeddings_many(entity_type, &refs)?;
-        let missing = found.iter().filter(|v| v.is_none()).count();
-        if missing > 0 {
-            println!("lost {missing} embeddings of batch {entity_type}/{first}");
+        let found: i64 = db
+            .query_one(
+                "SELECT count(*) FROM embeddings WHERE entity_type = $1 AND entity_id = ANY($2)",
+                &[entity_type, &ids],
+            )?
+            .get(0);
+        checked += 1;
+        if found != *n as i64 {
+            println!(
+                "lost {} embeddings of batch {entity_type}/{first}",
+                *n as i64 - found
+            );
             lost += 1;
         }
     }
-    let mut stored: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let models: std::collections::BTreeSet<&String> =
-        acknowledged.metrics.keys().map(|(m, _)| m).collect();
-    for model in models {
-        for record in repo.get_training_metrics_history(model)? {
-            *stored
-                .entry((record.model_name, record.version))
-                .or_default() += 1;
+    for ((model, version), (acked, failed)) in &acknowledged.metrics {
+        let stored: i64 = db
+            .query_one(
+                "SELECT count(*) FROM training_metrics WHERE model_name = $1 AND version = $2",
+                &[model, version],
+            )?
+            .get(0);
+        let stored = stored as u64;
+        checked += acked;
+        // A failed save may have committed before its error: at most one record each.
+        if stored < *acked {
+            println!("metrics {model}/{version}: acknowledged {acked}, stored {stored}");
+            lost += acked - stored;
+        } else if stored > acked + failed {
+            println!("metrics {model}/{version}: acknowledged {acked}, stored {stored}");
+            duplicated += stored - acked - failed;
         }
     }
-    for (key, count) in &acknowledged.metrics {
-        let found = stored.get(key).copied().unwrap_or(0);
-        if found != *count {
-            println!("metrics {key:?}: acknowledged {count}, stored {found}");
-            lost += 1;
+    for (key, hits) in &acknowledged.hits {
+        let counted: i64 = db
+            .query_one(
+                "SELECT access_count FROM prediction_cache WHERE cache_key = $1",
+                &[key],
+            )?
+            .get(0);
+        let counted = counted as u64;
+        checked += 1;
+        if counted < *hits {
+            println!("cache hits of {key}: seen {hits}, counted {counted}");
+            lost += hits - counted;
+        } else if counted > *hits {
+            println!("cache hits of {key}: seen {hits}, counted {counted}");
+            duplicated += counted - hits;
         }
     }
-    println!(
-        "verified {} model versions, {} metric records, {} cache entries, {} embedding batches",
-        acknowledged.models.len(),
-        acknowledged.metrics.values().sum::<u64>(),
-        acknowledged.cache_keys.len(),
-        acknowledged.embedding_batches.len()
-    );
-    Ok(lost)
+    Ok((lost, duplicated, checked))
 }

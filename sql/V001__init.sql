@@ -6,7 +6,8 @@
 -- library recognises. To set it up by hand, from the crate's root directory, as the role that
 -- is to own the tables (psql 10 or later; every numbered file, in order, in one transaction):
 --   cat sql/V*.sql | psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'CREATE SCHEMA IF NOT EXISTS ml' -c 'SET search_path TO ml' -f -
--- then give the application role its rights with sql/roles.sql. Both the owner and the
+-- (for vectors in pgvector's type, then run sql/optional/V006__vector_storage.sql as its header
+-- says), then give the application role its rights with sql/roles.sql. Both the owner and the
 -- application role can then open the schema with auto_migrate(false). When a later release
 -- adds files, run ModelRepository::migrate as the owner (or only the new files, the same way).
 --

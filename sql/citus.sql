@@ -19,3 +19,10 @@ SELECT create_distributed_table('embeddings', 'entity_id');
 -- embeddings_staging (ParallelCopy's UNLOGGED staging) stays a local table on the coordinator:
 -- its rows are merged into the distributed embeddings table by INSERT … SELECT.
 SELECT create_distributed_table('prediction_cache', 'cache_key');
+-- pgvector (sql/V006) on Citus (designed for, not yet tested on a cluster): the extension
+-- must exist in the same schema on the coordinator and every worker before the tables are
+-- distributed. The exact search reads a type through the coordinator by COPY (SELECT …) TO
+-- STDOUT and scores it in the client, so its answer is the exact global one; an indexed
+-- search's ORDER BY distance LIMIT k runs on every shard and the coordinator merges the
+-- per-shard top-k. A type's HNSW index is created on its partition, which Citus propagates to
+-- the shards; DDL inside the SECURITY DEFINER functions needs citus.enable_ddl_propagation.

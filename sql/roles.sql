@@ -25,3 +25,10 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA :"schema"
     GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO :"app_role";
 ALTER DEFAULT PRIVILEGES IN SCHEMA :"schema"
     GRANT USAGE, SELECT ON SEQUENCES TO :"app_role";
+-- Where vectors are stored in pgvector's type (sql/V006): the role uses the extension's types
+-- and operators, found in its schema (V006 grants USAGE on the `pgvector` schema it creates to
+-- every role; an extension installed elsewhere may need this).
+SELECT format('GRANT USAGE ON SCHEMA %I TO %I', n.nspname, :'app_role')
+FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+WHERE e.extname = 'vector'
+\gexec

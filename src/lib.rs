@@ -8,7 +8,9 @@
 //!   [`ModelRepository::load_model_to_writer`], …).
 //! - **Embeddings**: vectors per (entity type, id) with one dimension per type, batch loads by
 //!   INSERT, multi-row INSERT, binary COPY or parallel COPY ([`LoadMethod`]), streaming reads
-//!   ([`ModelRepository::batch_save_embeddings`], [`ModelRepository::for_each_embedding`], …).
+//!   ([`ModelRepository::batch_save_embeddings`], [`ModelRepository::for_each_embedding`], …),
+//!   and nearest-neighbour search, exact on any storage or through pgvector's HNSW indexes
+//!   ([`ModelRepository::nearest_embeddings`], [`ModelRepository::create_vector_index`]).
 //! - **Prediction cache**: CBOR values with a TTL judged by the database clock, Redis-style glob
 //!   clearing, buffered hit counts and a background reaper
 //!   ([`ModelRepository::get_or_compute`], [`ModelRepository::clear_cache`], …).
@@ -39,7 +41,10 @@
 //! Every call validates its input before any I/O (bad input is [`RepoError::InvalidInput`]
 //! and writes nothing), retries transient connection failures with bounded backoff where the
 //! operation is safe to repeat, and reports its timing to
-//! [`ModelRepository::get_performance_metrics`].
+//! [`ModelRepository::get_performance_metrics`]. When the server or the network hangs, no call
+//! blocks past its bound (a client-side watchdog cuts the connection; see
+//! [`RepositoryConfig::stream_idle_timeout`]), and a write whose commit reply was lost answers
+//! right after its retry or fails with [`RepoError::OutcomeUnknown`].
 //!
 //! The `postgres` client runs its own small runtime: calling this crate from inside a tokio
 //! runtime's worker thread panics there. From async code, use `spawn_blocking`.
@@ -53,13 +58,13 @@
 //! |---|---|
 //! | `repository` | the [`ModelRepository`] handle: open/close, drop order, the call wrapper (timing, operation name) |
 //! | `models/` | versions and checksums, blob streaming, chunked storage of large models over parallel streams, aliases (stack and history) |
-//! | `embeddings/` | types and validation, the dimension registry, single and streaming reads, load plans, COPY rows, `ParallelCopy` |
+//! | `embeddings/` | types and validation, the dimension registry, single and streaming reads, load plans, COPY rows, `ParallelCopy`, similarity search (exact scoring, HNSW indexes) |
 //! | `cache/` | entries (CBOR, TTL), Redis globs, the reaper thread |
 //! | `training` | training metrics |
 //! | `monitor/` | health, storage statistics, maintenance |
-//! | `db/` | plumbing: config, pool (checkout with retry), retry, migrations, errors, timings, access counters, TLS, the binary COPY format |
+//! | `db/` | plumbing: config, pool (checkout with retry), retry, migrations, errors, timings, access counters, TLS, the binary COPY format, the hung-server watchdog (`deadline`), commits whose reply may be lost (`commit`) |
 //! | `validate` | input rules shared by every area (names, lengths, metadata) |
-//! | `throwaway` | throwaway PostgreSQL servers for tests and examples (feature `throwaway`, unix) |
+//! | `throwaway` | throwaway PostgreSQL servers for tests and examples, which can be frozen, and a proxy that loses commit replies (feature `throwaway`, unix) |
 //!
 //! # Output types
 //!
@@ -84,15 +89,18 @@ mod validate;
 
 pub use cache::CacheStats;
 pub use db::config::{
-    RepositoryConfig, DEFAULT_APPLICATION_NAME, DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE,
-    DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE, MODEL_CHUNK_SIZE_RANGE,
+    RepositoryConfig, VectorStorage, DEFAULT_APPLICATION_NAME, DEFAULT_HNSW_EF_SEARCH,
+    DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE, DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE,
+    MODEL_CHUNK_SIZE_RANGE,
 };
 pub use db::error::{RepoError, Result};
 pub use db::migrate::MigrationReport;
 pub use db::pool::PoolState;
 pub use db::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
 pub use db::timings::QueryMetric;
-pub use embeddings::{BatchReport, Embedding, LoadMethod, BATCH_COPY_CROSSOVER};
+pub use embeddings::{
+    BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,
+};
 pub use models::ModelInfo;
 pub use monitor::{
     CheckResult, EmbeddingsStats, EntityTypeStats, HealthReport, HealthStatus, ModelStats,

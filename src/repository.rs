@@ -2,22 +2,30 @@
 //! goes through (timing, pool checkout, retries), and the shutdown order of the last clone.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cache::{Reaper, FLUSH_HITS};
-use crate::db::config::RepositoryConfig;
-use crate::db::counters::{AccessCounts, Buffer, FlushStatements};
-use crate::db::error::Result;
+use crate::db::config::{RepositoryConfig, VectorStorage};
+use crate::db::counters::{AccessCounts, Buffer, Flush, FlushStatements};
+use crate::db::error::{RepoError, Result};
 use crate::db::migrate::{self, MigrationReport};
 use crate::db::pool::{PgConnection, Pool, PoolState};
 use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
 use crate::db::timings::{QueryMetric, Timings};
+use crate::embeddings::{self, IndexCache, Storage, StorageCell};
 use crate::models::FLUSH_LOADS;
 
 /// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.
 pub(crate) const LEFTOVERS: &[Leftover] =
     &[crate::embeddings::STAGED_ROWS, crate::models::STAGED_CHUNKS];
+
+/// How long after a close starts the reaper's statement in flight, if any, is cut.
+const CLOSE_REAPER_CUT: Duration = Duration::from_millis(800);
+
+/// When a close's last flush of the buffered access counts must be done: the close returns
+/// shortly after, whatever the server's state.
+const CLOSE_FLUSH_DEADLINE: Duration = Duration::from_millis(2200);
 
 /// A repository of models, embeddings, training metrics and cached predictions in one
 /// PostgreSQL schema.
@@ -52,19 +60,40 @@ struct Inner {
     counts: Arc<AccessCounts>,
     /// The background thread, unless `reaper_interval(None)`.
     reaper: Option<Reaper>,
+    /// How the schema stores vectors (BYTEA or pgvector), as last seen.
+    storage: StorageCell,
+    /// Which entity types have HNSW indexes, as recently seen.
+    index_cache: IndexCache,
 }
 
 impl Drop for Inner {
-    /// The last clone is gone: stop and join the reaper, then write the buffered hit counts;
-    /// the pool (and every connection in it) is dropped after this returns.
+    /// The last clone is gone: stop and join the reaper, then write the buffered access
+    /// counts; the pool (and every connection in it) is dropped after this returns. Bounded
+    /// whatever the server's state: the reaper's waits give up and its statement in flight is
+    /// cut within [`CLOSE_REAPER_CUT`], the flush is cut at [`CLOSE_FLUSH_DEADLINE`], and what
+    /// could not be written is logged.
     fn drop(&mut self) {
+        let started = Instant::now();
+        self.pool.begin_close(started + CLOSE_REAPER_CUT);
         if let Some(mut reaper) = self.reaper.take() {
             reaper.stop();
         }
-        if let Err(e) = self.counts.flush(&self.pool) {
-            log::warn!("pg-model-repo: flushing buffered access counts at close failed: {e}");
+        if !self.counts.is_empty() {
+            let deadline = started + CLOSE_FLUSH_DEADLINE;
+            if let Err(e) = self.counts.flush(&self.pool, Flush::Closing(deadline)) {
+                log::warn!(
+                    "pg-model-repo: close of schema {} could not write the buffered access \
+                     counts ({e}): {}",
+                    self.config.schema,
+                    self.counts.unwritten()
+                );
+            }
         }
-        log::debug!("pg-model-repo: closed schema {}", self.config.schema);
+        log::debug!(
+            "pg-model-repo: closed schema {} in {:?}",
+            self.config.schema,
+            started.elapsed()
+        );
     }
 }
 
@@ -102,10 +131,23 @@ impl ModelRepository {
             migrate::run(&config)?;
         }
         let pool = Pool::new(&config)?;
-        {
+        // How vectors are stored is read on first use, except where the setting insists on
+        // pgvector and open may not convert.
+        let storage = StorageCell::default();
+        if !config.auto_migrate {
             let mut conn = pool.get()?;
-            if !config.auto_migrate {
-                migrate::check_applied(conn.client(), &config.schema)?;
+            migrate::check_applied(conn.client(), &config.schema)?;
+            if config.vector_storage == VectorStorage::Pgvector {
+                let found = embeddings::detect_storage(conn.client())?;
+                if found == Storage::Bytea {
+                    return Err(RepoError::invalid(format!(
+                        "vector_storage(Pgvector), but schema {} stores vectors as BYTEA and \
+                         auto_migrate(false) runs no DDL: convert it with \
+                         ModelRepository::migrate",
+                        config.schema
+                    )));
+                }
+                storage.set(found);
             }
         }
         log::info!(
@@ -134,6 +176,8 @@ impl ModelRepository {
                 timings,
                 counts,
                 reaper,
+                storage,
+                index_cache: IndexCache::default(),
             }),
         })
     }
@@ -247,6 +291,16 @@ impl ModelRepository {
         &self.inner.pool
     }
 
+    /// How the schema stores vectors, as last seen (see `embeddings::with_storage`).
+    pub(crate) fn storage(&self) -> &StorageCell {
+        &self.inner.storage
+    }
+
+    /// What is known of the entity types' HNSW indexes.
+    pub(crate) fn index_cache(&self) -> &IndexCache {
+        &self.inner.index_cache
+    }
+
     /// The repository's access counters (cache lookups, model loads).
     pub(crate) fn counts(&self) -> &AccessCounts {
         &self.inner.counts
@@ -270,7 +324,7 @@ impl ModelRepository {
 
     /// Writes the buffered access counts now (the statistics calls read them back).
     pub(crate) fn flush_counts(&self) -> Result<()> {
-        self.inner.counts.flush(&self.inner.pool)
+        self.inner.counts.flush(&self.inner.pool, Flush::Call)
     }
 
     /// A large buffer asks for an early flush: the reaper does it, or this thread without one.
@@ -304,6 +358,17 @@ impl Call<'_> {
         f: impl FnMut(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.pool.run(self.op, retry, f)
+    }
+
+    /// Runs `f` in one transaction whose commit survives a lost reply: after one, the server
+    /// says whether it committed (then `f`'s answer stands) or not (then it is retried);
+    /// when it cannot say, the call fails with `RepoError::OutcomeUnknown`. For writes whose
+    /// answer (a count, a bool) or effect would be wrong if repeated blindly.
+    pub(crate) fn run_once<T>(
+        &self,
+        f: impl FnMut(&mut postgres::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        crate::db::commit::run_once(self.pool, self.op, Retry::Idempotent, f)
     }
 
     /// The pool, for work that spans several connections.

@@ -22,6 +22,18 @@ pub(crate) fn identifier(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// A schema name: an [`identifier`] that does not start with `pg_`, which PostgreSQL reserves
+/// for system schemas (creating one fails with 42939).
+pub(crate) fn schema_name(what: &str, name: &str) -> Result<()> {
+    identifier(what, name)?;
+    if name.starts_with("pg_") {
+        return Err(RepoError::invalid(format!(
+            "{what} {name:?} starts with \"pg_\", which PostgreSQL reserves for system schemas"
+        )));
+    }
+    Ok(())
+}
+
 /// A name or key: 1..=max characters, no NUL, not whitespace only.
 pub(crate) fn name(what: &str, value: &str, max_chars: usize) -> Result<()> {
     if value.contains('\0') {
@@ -134,6 +146,14 @@ mod tests {
         ] {
             assert!(identifier("schema", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn schemas_may_not_take_postgresqls_reserved_prefix() {
+        assert!(schema_name("schema", "pg_x").is_err());
+        assert!(schema_name("schema", "pg_catalog").is_err());
+        assert!(schema_name("schema", "PG_x").is_ok());
+        assert!(schema_name("schema", "mypg_x").is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cache::glob::{Glob, SqlFilter};
+use crate::db::commit;
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{PgConnection, Pool};
 use crate::db::retry::Retry;
@@ -168,8 +169,8 @@ impl ModelRepository {
     pub fn clear_cache(&self, pattern: &str) -> Result<u64> {
         self.timed("clear_cache", |call| {
             let filter = Glob::parse(pattern)?.to_sql_filter();
-            // Deleting by a pattern again deletes nothing more: safe to repeat.
-            call.run(Retry::Idempotent, |conn| delete_matching(conn, &filter))
+            // A tracked write: after a lost commit reply the count stays right.
+            call.run_once(|tx| delete_matching(tx, &filter))
         })
     }
 
@@ -426,9 +427,9 @@ fn params<'a>(values: &'a [&'a str]) -> Vec<&'a (dyn postgres::types::ToSql + Sy
 }
 
 /// Runs the one DELETE a glob translates to.
-fn delete_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<u64> {
+fn delete_matching(tx: &mut postgres::Transaction<'_>, filter: &SqlFilter) -> Result<u64> {
     let (sql, values) = delete_statement(filter);
-    Ok(conn.client().execute(sql, &params(&values))?)
+    Ok(tx.execute(sql, &params(&values))?)
 }
 
 /// `EXPLAIN` of the DELETE a glob translates to (nothing is deleted).
@@ -450,9 +451,9 @@ fn explain_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<Strin
 pub(crate) fn purge_expired(pool: &Pool, retry: Retry, stop: &dyn Fn() -> bool) -> Result<u64> {
     let mut total = 0;
     loop {
-        let deleted = pool.run("purge_expired_cache", retry, |conn| {
-            let statement = conn.prepare_cached(DELETE_EXPIRED_BATCH)?;
-            Ok(conn.client().execute(&statement, &[&PURGE_BATCH])?)
+        // A tracked write: a batch whose commit reply was lost is counted once, or reported.
+        let deleted = commit::run_once(pool, "purge_expired_cache", retry, |tx| {
+            Ok(tx.execute(DELETE_EXPIRED_BATCH, &[&PURGE_BATCH])?)
         })?;
         total += deleted;
         if deleted < PURGE_BATCH as u64 || stop() {

@@ -1,6 +1,8 @@
 //! The background reaper: one named thread per repository that, every `reaper_interval`,
-//! flushes buffered access counts (cache hits, model loads) and deletes expired cache rows; stopped and joined by the
-//! last clone's `close()` or drop.
+//! flushes buffered access counts (cache hits, model loads) and deletes expired cache rows;
+//! stopped and joined by the last clone's `close()` or drop. A stop is seen between any two
+//! steps, its checkouts give up once the pool is closing, and the close cuts a statement it
+//! has in flight, so stopping it is quick whatever the server's state.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TryRecvError};
 
 use crate::cache::purge_expired;
-use crate::db::counters::AccessCounts;
+use crate::db::counters::{AccessCounts, Flush};
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
@@ -90,6 +92,10 @@ impl Task {
         log::debug!("pg-model-repo: reaper started, every {interval:?}");
         let ticker = tick(interval);
         loop {
+            // `select!` picks at random among ready channels: the stop is checked first.
+            if self.stopping() {
+                break;
+            }
             select! {
                 recv(ticker) -> _ => self.tick(),
                 recv(wake) -> msg => match msg {
@@ -109,7 +115,13 @@ impl Task {
 
     /// One tick: hit counts first (so they land before their rows may expire), then expiry.
     fn tick(&self) {
+        if self.stopping() {
+            return;
+        }
         self.flush();
+        if self.stopping() {
+            return;
+        }
         let started = Instant::now();
         // No retry loop inside a tick: the next tick is the retry, and a stop request is not
         // kept waiting by backoff sleeps while the database is away.
@@ -119,6 +131,9 @@ impl Task {
                 "pg-model-repo: reaper deleted {n} expired cache rows in {:?}",
                 started.elapsed()
             ),
+            Err(e) if self.stopping() => {
+                log::debug!("pg-model-repo: reaper stopped while deleting expired rows: {e}")
+            }
             Err(e) => log::warn!("pg-model-repo: reaper failed to delete expired rows: {e}"),
         }
         if !self.stopping() {
@@ -128,8 +143,15 @@ impl Task {
     }
 
     fn flush(&self) {
-        if let Err(e) = self.counts.flush(&self.pool) {
-            log::warn!("pg-model-repo: reaper failed to flush buffered access counts: {e}");
+        match self.counts.flush(&self.pool, Flush::Background) {
+            Ok(()) => {}
+            // The close flushes what is left.
+            Err(e) if self.stopping() => {
+                log::debug!("pg-model-repo: reaper stopped while flushing access counts: {e}")
+            }
+            Err(e) => {
+                log::warn!("pg-model-repo: reaper failed to flush buffered access counts: {e}")
+            }
         }
     }
 }

@@ -52,6 +52,18 @@ pub(crate) fn f32_le(out: &mut Vec<u8>, values: &[f32]) {
     }
 }
 
+/// A pgvector `vector` field in its binary format: an int16 dimension, an unused int16 (0),
+/// then the values as big-endian float4. The caller keeps the dimension within the type's
+/// limit (16,000).
+pub(crate) fn pgvector(out: &mut Vec<u8>, values: &[f32]) {
+    field_len(out, (4 + 4 * values.len()) as i32);
+    out.extend_from_slice(&(values.len() as i16).to_be_bytes());
+    out.extend_from_slice(&0i16.to_be_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
 /// An I/O error from a COPY writer or reader, with the database error inside it (if any)
 /// brought back out, so its SQLSTATE still decides the variant and the retry.
 pub(crate) fn io_error(e: std::io::Error) -> RepoError {

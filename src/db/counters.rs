@@ -2,14 +2,21 @@
 //! lookup totals) and model loads. Reads stay reads; the reaper tick, the statistics calls
 //! and the last clone's close flush the buffers. The flush statements live next to the
 //! tables they write (cache and models) and are handed in by the repository.
+//!
+//! Flushes are exactly once: each runs as a tracked write (`db::commit`). A flush whose
+//! COMMIT reply was lost counts as written if the server says it committed, goes back into
+//! the buffer if it says it did not, and otherwise waits aside, in doubt, until a later flush
+//! can ask; its counts are never written twice.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::db::error::Result;
+use crate::db::commit::{self, Checkout, Outcome, Status};
+use crate::db::error::{RepoError, Result};
 use crate::db::pool::Pool;
+use crate::db::retry::Retry;
 
 /// Distinct keys buffered before a flush is asked for early. Large enough that a hot working
 /// set is counted in memory between reaper ticks (each early flush is an UPDATE of that many
@@ -21,8 +28,36 @@ const FLUSH_SOON_KEYS: usize = 50_000;
 /// bounded while the database is unreachable).
 const MAX_BUFFERED_KEYS: usize = 4 * FLUSH_SOON_KEYS;
 
-/// The longest a flush waits for a connection.
+/// The longest a background flush (the reaper's) waits for a connection.
 const FLUSH_CHECKOUT: Duration = Duration::from_secs(2);
+
+/// Who flushes, which decides how long it may wait and whether it retries.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Flush {
+    /// The reaper: a short checkout, no retry (the next tick is the retry).
+    Background,
+    /// A public call (statistics, an early flush without a reaper): like every call.
+    Call,
+    /// The last clone's close: everything must be done by the deadline.
+    Closing(Instant),
+}
+
+impl Flush {
+    fn checkout(self, pool: &Pool) -> Checkout {
+        match self {
+            Flush::Background => Checkout::Within(pool.timeout().min(FLUSH_CHECKOUT)),
+            Flush::Call => Checkout::Pool,
+            Flush::Closing(deadline) => Checkout::Until(deadline),
+        }
+    }
+
+    fn retry(self) -> Retry {
+        match self {
+            Flush::Background => Retry::Never,
+            Flush::Call | Flush::Closing(_) => Retry::Idempotent,
+        }
+    }
+}
 
 /// Accesses of one key not yet written.
 #[derive(Clone, Copy, Debug)]
@@ -40,10 +75,18 @@ pub(crate) enum Buffer {
     FlushSoon,
 }
 
+/// Counts per key, as drained from a buffer.
+type Drained = Vec<(String, Pending)>;
+
+/// A flush whose COMMIT reply was lost: its transaction id and the counts it carried.
+type InDoubt = (i64, Drained);
+
 /// Key -> (count, time of the last access), bounded.
 #[derive(Debug, Default)]
 struct AccessBuffer {
     pending: Mutex<HashMap<String, Pending>>,
+    /// Flushes whose outcome is not known yet: their transaction id and counts.
+    in_doubt: Mutex<Vec<InDoubt>>,
     /// Accesses not buffered because the buffer was full.
     dropped: AtomicU64,
 }
@@ -81,14 +124,14 @@ impl AccessBuffer {
     }
 
     /// Takes the buffered counts, sorted by key (a stable lock order for concurrent flushes).
-    fn drain(&self) -> Vec<(String, Pending)> {
+    fn drain(&self) -> Drained {
         let mut drained: Vec<_> = std::mem::take(&mut *self.lock()).into_iter().collect();
         drained.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         drained
     }
 
     /// Puts back counts whose flush failed, so the next flush carries them.
-    fn restore(&self, counts: Vec<(String, Pending)>) {
+    fn restore(&self, counts: Drained) {
         let mut pending = self.lock();
         for (key, c) in counts {
             if let Some(p) = pending.get_mut(&key) {
@@ -106,6 +149,46 @@ impl AccessBuffer {
     #[cfg(test)]
     fn pending_keys(&self) -> usize {
         self.lock().len()
+    }
+
+    /// (accesses, keys) not yet written, and accesses whose flush is in doubt.
+    fn unwritten(&self) -> (u64, usize, u64) {
+        let pending = self.lock();
+        let doubt = self.in_doubt.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            pending.values().map(|p| p.count).sum(),
+            pending.len(),
+            doubt
+                .iter()
+                .flat_map(|(_, counts)| counts.iter().map(|(_, p)| p.count))
+                .sum(),
+        )
+    }
+
+    /// Asks the server about flushes in doubt: committed ones are done, aborted ones go back
+    /// into the buffer, forgotten ones are dropped (counting them again could count twice),
+    /// the rest wait for the next flush.
+    fn settle(&self, pool: &Pool, op: &str, checkout: Checkout) {
+        let doubtful =
+            std::mem::take(&mut *self.in_doubt.lock().unwrap_or_else(|p| p.into_inner()));
+        for (xid, counts) in doubtful {
+            match commit::status(pool, xid, checkout) {
+                Ok(Status::Committed) => {
+                    log::debug!("pg-model-repo: {op}: the flush in doubt ({xid}) committed")
+                }
+                Ok(Status::Aborted) => self.restore(counts),
+                Ok(Status::Forgotten) => log::warn!(
+                    "pg-model-repo: {op}: the server no longer knows whether flush {xid} \
+                     committed; its {} counts are dropped rather than risk counting twice",
+                    counts.iter().map(|(_, p)| p.count).sum::<u64>()
+                ),
+                Ok(Status::InProgress) | Err(_) => self
+                    .in_doubt
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((xid, counts)),
+            }
+        }
     }
 }
 
@@ -176,24 +259,56 @@ impl AccessCounts {
         )
     }
 
-    /// Writes both buffers; both are attempted, the first error is returned.
-    pub(crate) fn flush(&self, pool: &Pool) -> Result<()> {
-        let hits = self.cache_hits.flush(pool);
-        let loads = self.model_loads.flush(pool);
+    /// Writes both buffers; both are attempted unless the first timed out, and the first
+    /// error is returned.
+    pub(crate) fn flush(&self, pool: &Pool, how: Flush) -> Result<()> {
+        let hits = self.cache_hits.flush(pool, how);
+        if let Err(RepoError::Timeout(_)) = &hits {
+            // No connection came, or the server hangs: the second would wait the same way.
+            return hits;
+        }
+        let loads = self.model_loads.flush(pool, how);
         hits.and(loads)
+    }
+
+    /// What is not written yet, for the log of a close that could not flush it.
+    pub(crate) fn unwritten(&self) -> String {
+        let (hits, hit_keys, hits_in_doubt) = self.cache_hits.buffer.unwritten();
+        let (loads, load_keys, loads_in_doubt) = self.model_loads.buffer.unwritten();
+        format!(
+            "{hits} cache hits over {hit_keys} keys and {loads} model loads over {load_keys} \
+             versions not written; {hits_in_doubt} hits and {loads_in_doubt} loads whose flush \
+             lost its reply, outcome unknown"
+        )
+    }
+
+    /// True when nothing is buffered or in doubt.
+    pub(crate) fn is_empty(&self) -> bool {
+        let (hits, _, hits_doubt) = self.cache_hits.buffer.unwritten();
+        let (loads, _, loads_doubt) = self.model_loads.buffer.unwritten();
+        hits + hits_doubt + loads + loads_doubt == 0
     }
 }
 
 impl Counted {
-    fn flush(&self, pool: &Pool) -> Result<()> {
-        flush(pool, &self.buffer, self.op, self.sql)
+    fn flush(&self, pool: &Pool, how: Flush) -> Result<()> {
+        flush(pool, &self.buffer, self.op, self.sql, how)
     }
 }
 
 /// Writes the buffered counts with `sql`, which takes `$1 text[]` (keys), `$2 int8[]`
 /// (counts) and `$3 int8[]` (microseconds since the last access, so the database clock stamps
-/// it). On failure the counts go back into the buffer.
-fn flush(pool: &Pool, buffer: &AccessBuffer, op: &'static str, sql: &'static str) -> Result<()> {
+/// it). On a failure before the commit the counts go back into the buffer; after a lost
+/// commit reply they are settled as [`AccessBuffer::settle`] says.
+fn flush(
+    pool: &Pool,
+    buffer: &AccessBuffer,
+    op: &'static str,
+    sql: &'static str,
+    how: Flush,
+) -> Result<()> {
+    let checkout = how.checkout(pool);
+    buffer.settle(pool, op, checkout);
     let drained = buffer.drain();
     if drained.is_empty() {
         return Ok(());
@@ -208,28 +323,24 @@ fn flush(pool: &Pool, buffer: &AccessBuffer, op: &'static str, sql: &'static str
         .iter()
         .map(|(_, p)| i64::try_from(now.duration_since(p.last).as_micros()).unwrap_or(i64::MAX))
         .collect();
-    // Not retried inside (a repeat after an unknown commit would count twice), and the
-    // checkout is short: a close while the database is away must not wait out pool_timeout.
-    let result = pool
-        .get_within(pool.timeout().min(FLUSH_CHECKOUT))
-        .and_then(|mut conn| {
-            let written = conn.prepare_cached(sql).and_then(|statement| {
-                Ok(conn
-                    .client()
-                    .execute(&statement, &[&keys, &counts, &ages])?)
-            });
-            if let Err(e) = &written {
-                pool.note_failure(&mut conn, e);
-            }
-            written
-        });
+    let result = commit::run_tracked(pool, op, how.retry(), checkout, |tx| {
+        Ok(tx.execute(sql, &[&keys, &counts, &ages])?)
+    });
     match result {
-        Ok(updated) => {
+        Ok(Outcome::Committed(updated)) => {
             log::debug!(
                 "pg-model-repo: {op}: {} keys ({updated} rows)",
                 drained.len()
             );
             Ok(())
+        }
+        Ok(Outcome::Unknown { xid, cause }) => {
+            buffer
+                .in_doubt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((xid, drained));
+            Err(commit::unknown(op, xid, &cause))
         }
         Err(e) => {
             buffer.restore(drained);

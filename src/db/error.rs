@@ -43,6 +43,11 @@ pub enum RepoError {
     Database(postgres::Error),
     /// Local I/O failed while streaming (a reader, a writer, a spool file).
     Io(std::io::Error),
+    /// A write's COMMIT was sent but its reply was lost (the connection died or the server
+    /// hung), and the server could not be asked whether it committed: the write may or may
+    /// not have taken effect. Never retried inside the library; the message says how to find
+    /// out.
+    OutcomeUnknown(String),
     /// The role may not do what the call needs (SQLSTATE 42501), with what to do instead
     /// (e.g. a migration attempted by an application role without DDL rights).
     PermissionDenied {
@@ -206,6 +211,7 @@ impl fmt::Display for RepoError {
             RepoError::Timeout(m) => write!(f, "timed out: {m}"),
             RepoError::Database(e) => write!(f, "database error: {}", describe_db_error(e)),
             RepoError::Io(e) => write!(f, "i/o error: {e}"),
+            RepoError::OutcomeUnknown(m) => write!(f, "outcome unknown: {m}"),
             RepoError::PermissionDenied { hint, source } => {
                 write!(
                     f,
@@ -271,8 +277,11 @@ impl std::error::Error for RepoError {
 impl From<postgres::Error> for RepoError {
     /// The one SQLSTATE mapping: 23505 -> Conflict, 57014 and 55P03 -> Timeout, class 22 ->
     /// InvalidInput, everything else stays a `Database` error (transient or not, see
-    /// [`RepoError::is_transient`]).
+    /// [`RepoError::is_transient`]). A connection the hung-server watchdog cut is a Timeout.
     fn from(e: postgres::Error) -> Self {
+        if let Some(expired) = crate::db::deadline::expired_in(&e) {
+            return RepoError::Timeout(expired.to_string());
+        }
         let Some(code) = e.code().map(|c| c.code().to_owned()) else {
             return RepoError::Database(e);
         };

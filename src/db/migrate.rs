@@ -8,13 +8,15 @@
 //! corrected without refusing databases that applied the file.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::{Client, GenericClient, Transaction};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::db::config::RepositoryConfig;
+use crate::db::config::{RepositoryConfig, VectorStorage, PGVECTOR_INSTALL_HINT};
+use crate::db::deadline::STATEMENT_GRACE;
 use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
 use crate::db::pool::{connect, quote_ident};
@@ -25,6 +27,18 @@ struct Migration {
     version: i32,
     name: &'static str,
     sql: &'static str,
+    when: When,
+}
+
+/// When a migration applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum When {
+    /// Always, in order.
+    Always,
+    /// Only when the repository's vectors are to be stored in pgvector's `vector` type (see
+    /// [`VectorStorage`]): a new schema where pgvector is available, or one whose owner asks
+    /// for the conversion.
+    VectorStorage,
 }
 
 /// Every migration, in order. New files go at the end with the next number, and end with
@@ -34,23 +48,42 @@ const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "V001__init.sql",
         sql: include_str!("../../sql/V001__init.sql"),
+        when: When::Always,
     },
     Migration {
         version: 2,
         name: "V002__resave_recomputes_checksum.sql",
         sql: include_str!("../../sql/V002__resave_recomputes_checksum.sql"),
+        when: When::Always,
     },
     Migration {
         version: 4,
         name: "V004__embeddings_per_type.sql",
         sql: include_str!("../../sql/V004__embeddings_per_type.sql"),
+        when: When::Always,
     },
     Migration {
         version: 5,
         name: "V005__model_chunks.sql",
         sql: include_str!("../../sql/V005__model_chunks.sql"),
+        when: When::Always,
+    },
+    Migration {
+        version: 6,
+        name: "V006__vector_storage.sql",
+        sql: include_str!("../../sql/optional/V006__vector_storage.sql"),
+        when: When::VectorStorage,
     },
 ];
+
+/// Has the schema stored any vector yet (quarantined ones included)?
+const HAS_VECTORS: &str = "SELECT EXISTS (SELECT 1 FROM embeddings) \
+     OR EXISTS (SELECT 1 FROM embeddings_quarantine)";
+
+/// Is pgvector installed in this database, or can it be created (its files are on the
+/// server)?
+const PGVECTOR_AVAILABLE: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')";
 
 /// Checksums that earlier releases recorded, when a checksum hashed a file's whole text.
 /// Databases migrated then hold exactly the statements of today's file (only comments and the
@@ -101,20 +134,54 @@ pub struct MigrationReport {
 /// nothing left to do.
 pub(crate) fn run(config: &RepositoryConfig) -> Result<MigrationReport> {
     config.validate()?;
-    let mut client = connect(config)?;
-    if pending(&mut client)?.is_empty() {
+    let mut conn = connect(config)?;
+    if pending(conn.client(), config.vector_storage)?.is_empty() {
         return Ok(MigrationReport::default());
     }
+    // Waiting for another process's migration is bounded by pool_timeout (server-side, and
+    // by the watchdog should the server hang), never by query_timeout: a migration may well
+    // take longer than one statement should.
+    let wait = config.pool_timeout;
+    conn.watch().set_bound(
+        config
+            .stream_idle_timeout
+            .max(wait.saturating_add(STATEMENT_GRACE)),
+    );
+    let client = conn.client();
     // DDL may take long on a big table; only lock waits stay bounded.
     client.batch_execute("SET statement_timeout = 0")?;
     let key = lock_key(&config.schema);
-    client.execute("SELECT pg_advisory_lock($1)", &[&key])?;
-    let outcome = apply_pending(&mut client, &config.schema);
-    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&key]);
+    client.batch_execute(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))?;
+    client
+        .execute(LOCK, &[&key])
+        .map_err(|e| waited_for_migration(e.into(), &config.schema, wait))?;
+    // The DDL's own lock waits (on tables applications use) stay bounded by query_timeout.
+    let outcome = client
+        .batch_execute(&format!(
+            "SET lock_timeout = {}",
+            config.query_timeout.as_millis().max(1)
+        ))
+        .map_err(RepoError::from)
+        .and_then(|()| apply_pending(client, &config.schema, config.vector_storage));
+    let unlock = client.execute(UNLOCK, &[&key]);
     let report = outcome.map_err(|e| needs_owner(e, &config.schema))?;
     unlock?;
     log_report(&config.schema, &report);
     Ok(report)
+}
+
+const LOCK: &str = "SELECT pg_advisory_lock($1)";
+const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+
+/// A lock wait past pool_timeout, said as what it is.
+fn waited_for_migration(error: RepoError, schema: &str, wait: Duration) -> RepoError {
+    match error {
+        RepoError::Timeout(m) => RepoError::Timeout(format!(
+            "waited pool_timeout ({wait:?}) for another process's migration of schema \
+             {schema:?}: {m}"
+        )),
+        other => other,
+    }
 }
 
 /// The advisory lock that serializes migrations of one schema (and its creation).
@@ -125,17 +192,32 @@ fn lock_key(schema: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// The migrations not yet recorded in the schema, read without DDL or locks. A recorded
-/// migration whose file has changed since is `Conflict`.
-fn pending<C: GenericClient>(client: &mut C) -> Result<Vec<&'static Migration>> {
+/// The migrations not yet recorded in the schema that apply to it, read without DDL or
+/// locks. A recorded migration whose file has changed since is `Conflict`. The optional
+/// conversion to pgvector's type is pending where `storage` asks for it (`Pgvector`), or for
+/// a new schema under `Auto` (it then checks whether pgvector is there as it applies); an
+/// existing BYTEA schema never converts because a package appeared.
+fn pending<C: GenericClient>(
+    client: &mut C,
+    storage: VectorStorage,
+) -> Result<Vec<&'static Migration>> {
+    let applies = |m: &&Migration, new_schema: bool| match m.when {
+        When::Always => true,
+        When::VectorStorage => match storage {
+            VectorStorage::Pgvector => true,
+            VectorStorage::Auto => new_schema,
+            VectorStorage::Bytea => false,
+        },
+    };
     let rows = match client.query(SELECT_APPLIED, &[]) {
         Ok(rows) => rows,
         // No history table (or no schema): everything is pending.
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
-            return Ok(MIGRATIONS.iter().collect())
+            return Ok(MIGRATIONS.iter().filter(|m| applies(m, true)).collect())
         }
         Err(e) => return Err(e.into()),
     };
+    let new_schema = rows.is_empty();
     let mut recorded = HashMap::with_capacity(rows.len());
     for row in &rows {
         recorded.insert(
@@ -147,7 +229,8 @@ fn pending<C: GenericClient>(client: &mut C) -> Result<Vec<&'static Migration>> 
     for migration in MIGRATIONS {
         match recorded.get(&migration.version) {
             Some(checksum) => check_unchanged(migration, checksum)?,
-            None => pending.push(migration),
+            None if applies(&migration, new_schema) => pending.push(migration),
+            None => {}
         }
     }
     Ok(pending)
@@ -182,20 +265,30 @@ fn checksum(sql: &str) -> String {
     hex_sha256(statements.join("\n").as_bytes())
 }
 
-fn apply_pending(client: &mut Client, schema: &str) -> Result<MigrationReport> {
+fn apply_pending(
+    client: &mut Client,
+    schema: &str,
+    storage: VectorStorage,
+) -> Result<MigrationReport> {
     let mut tx = client.transaction()?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {}; {CREATE_HISTORY}",
         quote_ident(schema)
     ))?;
-    let pending = pending(&mut tx)?;
+    let pending = pending(&mut tx, storage)?;
     let mut report = MigrationReport::default();
     let mut takeover = match pending.first() {
         Some(first) if first.version == 1 => seed_takeover::begin(&mut tx)?,
         _ => None,
     };
     for migration in pending {
-        apply(&mut tx, migration)?;
+        let applied = match migration.when {
+            When::Always => apply(&mut tx, migration).map(|()| true)?,
+            When::VectorStorage => apply_vector_storage(&mut tx, migration, schema, storage)?,
+        };
+        if !applied {
+            continue;
+        }
         report.applied.push(migration.name.to_owned());
         if migration.version == 1 {
             if let Some(takeover) = takeover.take() {
@@ -219,6 +312,74 @@ fn apply(tx: &mut Transaction<'_>, migration: &Migration) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// Applies the conversion to pgvector's `vector` type where it is pending: for `Pgvector`
+/// always (an error without pgvector), for `Auto` (a new schema) only where pgvector is there;
+/// a failure to create the extension (a role that may not) leaves BYTEA with a warning.
+/// Returns whether it was applied.
+fn apply_vector_storage(
+    tx: &mut Transaction<'_>,
+    migration: &Migration,
+    schema: &str,
+    storage: VectorStorage,
+) -> Result<bool> {
+    let available: bool = tx.query_one(PGVECTOR_AVAILABLE, &[])?.try_get(0)?;
+    if storage == VectorStorage::Pgvector {
+        if !available {
+            return Err(RepoError::invalid(format!(
+                "vector_storage(Pgvector), but the server has no pgvector extension. {}",
+                PGVECTOR_INSTALL_HINT
+            )));
+        }
+        log::info!(
+            "pg-model-repo: converting the vectors of schema {schema} to pgvector's vector type \
+             (the embeddings table is rewritten under an exclusive lock)"
+        );
+        apply(tx, migration)?;
+        return Ok(true);
+    }
+    if !available {
+        log::debug!(
+            "pg-model-repo: no pgvector on the server; schema {schema} stores vectors as BYTEA"
+        );
+        return Ok(false);
+    }
+    // A schema that holds vectors already (a seed's database taken over) is converted only
+    // when asked.
+    let has_vectors: bool = tx.query_one(HAS_VECTORS, &[])?.try_get(0)?;
+    if has_vectors {
+        log::info!(
+            "pg-model-repo: schema {schema} stores its vectors as BYTEA although pgvector is \
+             available; to convert them (a rewrite under an exclusive lock), run \
+             ModelRepository::migrate with vector_storage(VectorStorage::Pgvector)"
+        );
+        return Ok(false);
+    }
+    let mut attempt = tx.savepoint("pg_model_repo_vector_storage")?;
+    match apply(&mut attempt, migration) {
+        Ok(()) => {
+            attempt.commit()?;
+            Ok(true)
+        }
+        // Not allowed to create the extension (it needs a superuser), or its files are
+        // incomplete: stay on BYTEA. Anything else is a real failure.
+        Err(e)
+            if matches!(
+                e.code().map(|c| c.code()),
+                Some("42501" | "58P01" | "0A000")
+            ) =>
+        {
+            attempt.rollback()?;
+            log::warn!(
+                "pg-model-repo: schema {schema} stores vectors as BYTEA: pgvector could not be \
+                 set up ({e}); a superuser can run: CREATE SCHEMA IF NOT EXISTS pgvector; \
+                 CREATE EXTENSION IF NOT EXISTS vector SCHEMA pgvector"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A migration refused for lack of rights says who may run it.
@@ -268,7 +429,8 @@ fn log_report(schema: &str, report: &MigrationReport) {
 /// For `auto_migrate(false)`, which runs no DDL: Ok when every migration is recorded, else
 /// `NotFound` saying what is missing and who can add it.
 pub(crate) fn check_applied(client: &mut Client, schema: &str) -> Result<()> {
-    let pending = pending(client)?;
+    // The optional conversion to pgvector is never missing: open checks the storage itself.
+    let pending = pending(client, VectorStorage::Bytea)?;
     if pending.is_empty() {
         return Ok(());
     }
@@ -293,7 +455,8 @@ fn describe_missing(
 ) -> Result<String> {
     let run_migrate =
         "run ModelRepository::migrate as the schema's owner (auto_migrate(false) runs no DDL)";
-    if pending.len() < MIGRATIONS.len() {
+    let always = MIGRATIONS.iter().filter(|m| m.when == When::Always).count();
+    if pending.len() < always {
         let names: Vec<&str> = pending.iter().map(|m| m.name).collect();
         return Ok(format!(
             "schema {schema} lacks migrations {}: {run_migrate}, or run those sql/ files as \

@@ -1,10 +1,13 @@
 //! The plumbing every feature stands on: configuration, the connection pool (with checkout,
-//! retry and failure handling), migrations, the error type, timings, TLS and the binary COPY
-//! wire format. Nothing here knows the repository handle or any feature module.
+//! retry and failure handling), the hung-server watchdog, commits whose reply may be lost,
+//! migrations, the error type, timings, TLS and the binary COPY wire format. Nothing here
+//! knows the repository handle or any feature module.
 
 pub(crate) mod binary_copy;
+pub(crate) mod commit;
 pub(crate) mod config;
 pub(crate) mod counters;
+pub(crate) mod deadline;
 pub(crate) mod error;
 pub(crate) mod migrate;
 pub(crate) mod pool;

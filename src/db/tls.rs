@@ -1,11 +1,26 @@
 //! How connections are made: plaintext, or TLS (rustls) when the `tls` feature is on and the
 //! URL asks for `sslmode=require` or a root certificate is configured. Without the feature a
 //! request for TLS is an error, never a silent plaintext connection.
+//!
+//! Every TCP connection's socket is wrapped in a [`Watched`] stream from its first byte (login
+//! included), so the watchdog of `db::deadline` can cut it. tokio-postgres hands its socket to
+//! the TLS connector only, so we ask it for "direct" TLS and do the PostgreSQL negotiation
+//! (SSLRequest, then rustls or plaintext) ourselves; the server sees the same bytes as from
+//! any client. tokio-postgres offers no such hook on Unix-domain sockets: those connect as
+//! before, without a client-side deadline.
 
-use postgres::config::SslMode;
-use postgres::{Client, NoTls};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use postgres::config::{Host, SslMode, SslNegotiation};
+use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+use postgres::{Client, NoTls, Socket};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::db::config::RepositoryConfig;
+use crate::db::deadline::{Watch, Watched};
 use crate::db::error::{RepoError, Result};
 
 /// Opens sessions for one configuration.
@@ -39,15 +54,194 @@ impl Connector {
         tls_connector(config)
     }
 
-    /// Connects with this connector.
+    /// Connects with this connector, every byte (login included) seen by `watch`.
     pub(crate) fn connect(
         &self,
         pg: &postgres::Config,
+        watch: &Watch,
     ) -> std::result::Result<Client, postgres::Error> {
-        match self {
-            Connector::Plain => pg.connect(NoTls),
+        let tcp_only =
+            !pg.get_hosts().is_empty() && pg.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
+        if !tcp_only {
+            return match self {
+                Connector::Plain => pg.connect(NoTls),
+                #[cfg(feature = "tls")]
+                Connector::Rustls(tls) => pg.connect(tls.clone()),
+            };
+        }
+        let negotiate = match self {
+            Connector::Plain => Negotiate::Plain,
             #[cfg(feature = "tls")]
-            Connector::Rustls(tls) => pg.connect(tls.clone()),
+            Connector::Rustls(tls) => match pg.get_ssl_mode() {
+                SslMode::Disable => Negotiate::Plain,
+                mode => Negotiate::Tls {
+                    required: mode != SslMode::Prefer,
+                    tls: tls.clone(),
+                },
+            },
+        };
+        let mut direct = pg.clone();
+        direct
+            .ssl_mode(SslMode::Require)
+            .ssl_negotiation(SslNegotiation::Direct);
+        direct.connect(WatchedConnect {
+            watch: watch.clone(),
+            negotiate,
+        })
+    }
+}
+
+/// What to do on a fresh socket before the startup message.
+#[derive(Clone)]
+enum Negotiate {
+    /// Nothing: plaintext.
+    Plain,
+    /// Ask for TLS (SSLRequest); `required`: a refusal fails, else it falls back to plaintext.
+    #[cfg(feature = "tls")]
+    Tls {
+        required: bool,
+        tls: tokio_postgres_rustls::MakeRustlsConnect,
+    },
+}
+
+/// Our stand-in for a TLS connector: it receives the raw socket, wraps it in a watched
+/// stream and negotiates what the configuration asks for.
+struct WatchedConnect {
+    watch: Watch,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    negotiate: Negotiate,
+}
+
+/// [`WatchedConnect`] for one host.
+struct WatchedConnectHost {
+    watch: Watch,
+    #[cfg(feature = "tls")]
+    tls: Option<(bool, RustlsConnect)>,
+}
+
+#[cfg(feature = "tls")]
+type RustlsConnect =
+    <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Watched<Socket>>>::TlsConnect;
+#[cfg(feature = "tls")]
+type RustlsStream = <RustlsConnect as TlsConnect<Watched<Socket>>>::Stream;
+
+impl MakeTlsConnect<Socket> for WatchedConnect {
+    type Stream = Stream;
+    type TlsConnect = WatchedConnectHost;
+    type Error = io::Error;
+
+    fn make_tls_connect(&mut self, _domain: &str) -> io::Result<WatchedConnectHost> {
+        Ok(WatchedConnectHost {
+            watch: self.watch.clone(),
+            #[cfg(feature = "tls")]
+            tls: match &mut self.negotiate {
+                Negotiate::Plain => None,
+                Negotiate::Tls { required, tls } => Some((
+                    *required,
+                    MakeTlsConnect::<Watched<Socket>>::make_tls_connect(tls, _domain)
+                        .map_err(io::Error::other)?,
+                )),
+            },
+        })
+    }
+}
+
+impl TlsConnect<Socket> for WatchedConnectHost {
+    type Stream = Stream;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Stream>> + Send>>;
+
+    fn connect(self, socket: Socket) -> Self::Future {
+        let stream = self.watch.stream(socket);
+        #[cfg(feature = "tls")]
+        if let Some((required, tls)) = self.tls {
+            return Box::pin(negotiate_tls(stream, required, tls));
+        }
+        Box::pin(std::future::ready(Ok(Stream::Plain(stream))))
+    }
+}
+
+/// The PostgreSQL TLS negotiation: an SSLRequest, then TLS on 'S', plaintext on 'N' (unless
+/// TLS is required).
+#[cfg(feature = "tls")]
+async fn negotiate_tls(
+    mut stream: Watched<Socket>,
+    required: bool,
+    tls: RustlsConnect,
+) -> io::Result<Stream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// Length 8, then the SSLRequest code 80877103.
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    stream.write_all(&SSL_REQUEST).await?;
+    let mut answer = [0u8];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => Ok(Stream::Tls(Box::new(tls.connect(stream).await?))),
+        b'N' if !required => Ok(Stream::Plain(stream)),
+        b'N' => Err(io::Error::other("server does not support TLS")),
+        other => Err(io::Error::other(format!(
+            "unexpected answer {other:#04x} to the TLS request"
+        ))),
+    }
+}
+
+/// A connection's stream: plaintext or TLS, always watched underneath.
+enum Stream {
+    Plain(Watched<Socket>),
+    #[cfg(feature = "tls")]
+    Tls(Box<RustlsStream>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl TlsStream for Stream {
+    fn channel_binding(&self) -> ChannelBinding {
+        match self {
+            Stream::Plain(s) => s.channel_binding(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.channel_binding(),
         }
     }
 }

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::db::binary_copy::{self, io_error};
 use crate::db::error::Result;
-use crate::embeddings::types::Embedding;
+use crate::embeddings::types::{Embedding, Storage};
 
 /// Encoded bytes per chunk: what one channel slot holds.
 const CHUNK_BYTES: usize = 2 << 20;
@@ -49,8 +49,8 @@ fn rows_per_chunk(records: &[Embedding]) -> usize {
 }
 
 /// Binary COPY rows for `records`: (entity_type, entity_id, embeddings, dimension), with the
-/// load id in front when it is given.
-fn encode_chunk(records: &[Embedding], load_id: Option<i64>) -> Vec<u8> {
+/// load id in front when it is given, the vector in the storage's binary form.
+fn encode_chunk(records: &[Embedding], load_id: Option<i64>, storage: Storage) -> Vec<u8> {
     let size: usize = records
         .iter()
         .map(|e| 32 + e.entity_type.len() + e.entity_id.len() + 4 * e.vector.len())
@@ -66,7 +66,10 @@ fn encode_chunk(records: &[Embedding], load_id: Option<i64>) -> Vec<u8> {
         }
         binary_copy::field(&mut out, e.entity_type.as_bytes());
         binary_copy::field(&mut out, e.entity_id.as_bytes());
-        binary_copy::f32_le(&mut out, &e.vector);
+        match storage {
+            Storage::Bytea => binary_copy::f32_le(&mut out, &e.vector),
+            Storage::Vector => binary_copy::pgvector(&mut out, &e.vector),
+        }
         binary_copy::int4(&mut out, e.vector.len() as i32);
     }
     out
@@ -79,13 +82,14 @@ fn stream_rows(
     writer: &mut dyn Write,
     records: &[Embedding],
     load_id: Option<i64>,
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let per_chunk = rows_per_chunk(records);
     writer.write_all(binary_copy::HEADER).map_err(io_error)?;
     if records.len() <= per_chunk {
         writer
-            .write_all(&encode_chunk(records, load_id))
+            .write_all(&encode_chunk(records, load_id, storage))
             .map_err(io_error)?;
         progress(records.len() as u64);
     } else {
@@ -98,7 +102,7 @@ fn stream_rows(
                     for rows in records.chunks(group) {
                         let encoded: Vec<(usize, Vec<u8>)> = on_cpu_pool(|| {
                             rows.par_chunks(per_chunk)
-                                .map(|c| (c.len(), encode_chunk(c, load_id)))
+                                .map(|c| (c.len(), encode_chunk(c, load_id, storage)))
                                 .collect()
                         });
                         for chunk in encoded {
@@ -133,10 +137,11 @@ pub(crate) fn copy_in(
     sql: &str,
     records: &[Embedding],
     load_id: Option<i64>,
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     let mut writer = tx.copy_in(sql)?;
-    stream_rows(&mut writer, records, load_id, progress)?;
+    stream_rows(&mut writer, records, load_id, storage, progress)?;
     Ok(writer.finish()?)
 }
 
@@ -152,6 +157,7 @@ pub(crate) fn copy_in_iter(
     tx: &mut Transaction<'_>,
     sql: &str,
     rows: &mut dyn Iterator<Item = Embedding>,
+    storage: Storage,
     check: &mut dyn FnMut(usize, &Embedding) -> Result<()>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
@@ -166,7 +172,7 @@ pub(crate) fn copy_in_iter(
         chunk.push(record);
         if chunk_bytes >= ITER_CHUNK_BYTES {
             writer
-                .write_all(&encode_chunk(&chunk, None))
+                .write_all(&encode_chunk(&chunk, None, storage))
                 .map_err(io_error)?;
             sent += chunk.len() as u64;
             progress(sent);
@@ -176,7 +182,7 @@ pub(crate) fn copy_in_iter(
     }
     if !chunk.is_empty() {
         writer
-            .write_all(&encode_chunk(&chunk, None))
+            .write_all(&encode_chunk(&chunk, None, storage))
             .map_err(io_error)?;
         sent += chunk.len() as u64;
         progress(sent);

@@ -5,15 +5,19 @@
 use std::time::Instant;
 
 use postgres::Transaction;
+use rayon::slice::ParallelSliceMut;
 
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, PgConnection};
 use crate::db::retry::Retry;
-use crate::embeddings::check::{check_batch, CheckedBatch};
-use crate::embeddings::encode::{copy_in, COLUMNS};
+use crate::embeddings::check::{at_index, check_batch, CheckedBatch};
+use crate::embeddings::encode::{copy_in, on_cpu_pool, COLUMNS};
 use crate::embeddings::parallel::load_parallel;
 use crate::embeddings::registry::{check_registry, ensure_types};
-use crate::embeddings::types::{vector_bytes, BatchReport, Embedding, LoadMethod};
+use crate::embeddings::store::with_storage;
+use crate::embeddings::types::{
+    check_storage_dimension, vector_bytes, BatchReport, Embedding, LoadMethod, Storage, VectorParam,
+};
 use crate::repository::ModelRepository;
 
 /// Rows per statement of `MultiRowInsert`.
@@ -85,7 +89,7 @@ fn write_checked<T>(
     batch: &CheckedBatch<'_>,
     write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
 ) -> Result<T> {
-    let mut tx = begin_unbounded(conn.client())?;
+    let mut tx = begin_unbounded(conn)?;
     check_registry(&mut tx, &batch.types)?;
     let out = write(&mut tx)?;
     tx.commit()?;
@@ -97,15 +101,16 @@ fn load_on(
     conn: &mut PgConnection,
     batch: &CheckedBatch<'_>,
     plan: Plan,
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     in_load_transaction(conn, batch, |tx| {
         let records = batch.records;
         let method = choose(plan, records.len(), || mostly_existing(tx, records))?;
         match method {
-            LoadMethod::Insert => insert_rows(tx, records, progress),
-            LoadMethod::MultiRowInsert => insert_multi_row(tx, records, progress),
-            LoadMethod::Copy | LoadMethod::ParallelCopy => copy_merge(tx, batch, progress),
+            LoadMethod::Insert => insert_rows(tx, records, storage, progress),
+            LoadMethod::MultiRowInsert => insert_multi_row(tx, records, storage, progress),
+            LoadMethod::Copy | LoadMethod::ParallelCopy => copy_merge(tx, batch, storage, progress),
         }
     })
 }
@@ -123,18 +128,37 @@ fn mostly_existing(tx: &mut Transaction<'_>, records: &[Embedding]) -> Result<bo
     Ok(existing as usize * 2 >= sample.len())
 }
 
+/// The records in key order: loads that upsert overlapping keys lock them in one order, so
+/// concurrent loads wait for each other instead of deadlocking (40P01).
+fn in_key_order(records: &[Embedding]) -> Vec<&Embedding> {
+    fn key(e: &Embedding) -> (&str, &str) {
+        (&e.entity_type, &e.entity_id)
+    }
+    let mut sorted: Vec<&Embedding> = records.iter().collect();
+    if records.len() >= KEY_SORT_PARALLEL_MIN {
+        on_cpu_pool(|| sorted.par_sort_unstable_by(|a, b| key(a).cmp(&key(b))));
+    } else {
+        sorted.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    }
+    sorted
+}
+
+/// Batches at least this long are sorted on the crate's rayon pool.
+const KEY_SORT_PARALLEL_MIN: usize = 16_384;
+
 fn insert_rows(
     tx: &mut Transaction<'_>,
     records: &[Embedding],
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let statement = tx.prepare(UPSERT_ONE)?;
-    for (i, e) in records.iter().enumerate() {
-        let bytes = vector_bytes(&e.vector);
+    for (i, e) in in_key_order(records).into_iter().enumerate() {
+        let value = VectorParam::new(storage, &e.vector);
         let dimension = e.vector.len() as i32;
         tx.execute(
             &statement,
-            &[&e.entity_type, &e.entity_id, &bytes, &dimension],
+            &[&e.entity_type, &e.entity_id, value.sql(), &dimension],
         )?;
         if (i + 1) % INSERT_PROGRESS_EVERY == 0 || i + 1 == records.len() {
             progress(i as u64 + 1);
@@ -143,25 +167,43 @@ fn insert_rows(
     Ok(())
 }
 
-const UPSERT_ARRAYS: &str = concat!(
-    insert_embeddings!(),
-    "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::bytea[], $4::int4[])",
-    on_key_update!()
-);
+/// The upsert from arrays; `$3` is an array of the storage's type.
+fn upsert_arrays(storage: Storage) -> String {
+    format!(
+        concat!(
+            insert_embeddings!(),
+            "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::{}[], $4::int4[])",
+            on_key_update!()
+        ),
+        storage.sql_type()
+    )
+}
 
 fn insert_multi_row(
     tx: &mut Transaction<'_>,
     records: &[Embedding],
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let statement = tx.prepare(UPSERT_ARRAYS)?;
+    let statement = tx.prepare(&upsert_arrays(storage))?;
     let mut done = 0u64;
-    for chunk in records.chunks(MULTI_ROW) {
+    for chunk in in_key_order(records).chunks(MULTI_ROW) {
         let types: Vec<&str> = chunk.iter().map(|e| e.entity_type.as_str()).collect();
         let ids: Vec<&str> = chunk.iter().map(|e| e.entity_id.as_str()).collect();
-        let vectors: Vec<Vec<u8>> = chunk.iter().map(|e| vector_bytes(&e.vector)).collect();
         let dims: Vec<i32> = chunk.iter().map(|e| e.vector.len() as i32).collect();
-        tx.execute(&statement, &[&types, &ids, &vectors, &dims])?;
+        match storage {
+            Storage::Bytea => {
+                let vectors: Vec<Vec<u8>> = chunk.iter().map(|e| vector_bytes(&e.vector)).collect();
+                tx.execute(&statement, &[&types, &ids, &vectors, &dims])?
+            }
+            Storage::Vector => {
+                let vectors: Vec<pgvector::Vector> = chunk
+                    .iter()
+                    .map(|e| pgvector::Vector::from(e.vector.clone()))
+                    .collect();
+                tx.execute(&statement, &[&types, &ids, &vectors, &dims])?
+            }
+        };
         done += chunk.len() as u64;
         progress(done);
     }
@@ -171,8 +213,14 @@ fn insert_multi_row(
 const ANY_ROWS_OF_TYPES: &str =
     "SELECT EXISTS (SELECT 1 FROM embeddings WHERE entity_type = ANY($1::text[]))";
 
-const CREATE_STAGE: &str = "CREATE TEMP TABLE pg_model_repo_embeddings_stage \
-     (entity_type text, entity_id text, embeddings bytea, dimension int4) ON COMMIT DROP";
+/// The staging table of `Copy`; its vectors are of the storage's type.
+fn create_stage(storage: Storage) -> String {
+    format!(
+        "CREATE TEMP TABLE pg_model_repo_embeddings_stage \
+         (entity_type text, entity_id text, embeddings {}, dimension int4) ON COMMIT DROP",
+        storage.sql_type()
+    )
+}
 
 /// Upserts the staged rows. `updated_at = now()` moves it; `created_at` is left alone.
 const MERGE_STAGE: &str = concat!(
@@ -188,6 +236,7 @@ const MERGE_STAGE: &str = concat!(
 fn copy_merge(
     tx: &mut Transaction<'_>,
     batch: &CheckedBatch<'_>,
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let names: Vec<&str> = batch.types.iter().map(|t| t.entity_type).collect();
@@ -195,7 +244,14 @@ fn copy_merge(
     if !occupied {
         let direct = format!("COPY embeddings ({COLUMNS}) FROM STDIN (FORMAT binary)");
         let mut savepoint = tx.savepoint("pg_model_repo_direct_copy")?;
-        match copy_in(&mut savepoint, &direct, batch.records, None, progress) {
+        match copy_in(
+            &mut savepoint,
+            &direct,
+            batch.records,
+            None,
+            storage,
+            progress,
+        ) {
             Ok(_) => return Ok(savepoint.commit()?),
             Err(RepoError::Conflict(m)) => {
                 log::debug!("pg-model-repo: direct COPY met existing keys ({m}); merging instead");
@@ -204,9 +260,9 @@ fn copy_merge(
             Err(e) => return Err(e),
         }
     }
-    tx.batch_execute(CREATE_STAGE)?;
+    tx.batch_execute(&create_stage(storage))?;
     let sql = format!("COPY pg_model_repo_embeddings_stage ({COLUMNS}) FROM STDIN (FORMAT binary)");
-    copy_in(tx, &sql, batch.records, None, progress)?;
+    copy_in(tx, &sql, batch.records, None, storage, progress)?;
     tx.execute(MERGE_STAGE, &[])?;
     Ok(())
 }
@@ -294,13 +350,19 @@ impl ModelRepository {
             if !batch.is_empty() {
                 let total = batch.len() as u64;
                 let mut report = |done: u64| progress(done, total);
-                if plan == Plan::Method(LoadMethod::ParallelCopy) {
-                    load_parallel(call, &checked, &mut report)?;
-                } else {
-                    call.run(Retry::Idempotent, |conn| {
-                        load_on(conn, &checked, plan, &mut report)
-                    })?;
-                }
+                with_storage(self.storage(), call, |storage| {
+                    for t in &checked.types {
+                        check_storage_dimension(storage, t.dimension)
+                            .map_err(|e| at_index(t.first_index, e))?;
+                    }
+                    if plan == Plan::Method(LoadMethod::ParallelCopy) {
+                        load_parallel(call, &checked, storage, &mut report)
+                    } else {
+                        call.run(Retry::Idempotent, |conn| {
+                            load_on(conn, &checked, plan, storage, &mut report)
+                        })
+                    }
+                })?;
                 log::debug!(
                     "pg-model-repo: {op} wrote {total} rows ({plan:?}) in {:?}",
                     started.elapsed()

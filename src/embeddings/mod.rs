@@ -1,6 +1,6 @@
 //! Entity embeddings: the public types and how vectors are stored (`types`), input rules
 //! (`check`), the per-type dimension registry (`registry`), single saves, reads and streaming
-//! reads (`store`), and batch loads: the plan and the single-connection paths (`load`), the
+//! reads (`store`), similarity search (`search`, exact scoring in `exact`), and batch loads: the plan and the single-connection paths (`load`), the
 //! binary COPY rows (`encode`) and the multi-connection `ParallelCopy` (`parallel`). Uses the
 //! plumbing in `db` only.
 
@@ -21,13 +21,20 @@ macro_rules! on_key_update {
 
 mod check;
 mod encode;
+mod exact;
+mod index;
 mod load;
 mod parallel;
 mod registry;
 mod replace;
+mod search;
 mod store;
 mod types;
 
+pub(crate) use index::IndexCache;
 pub use load::BATCH_COPY_CROSSOVER;
 pub(crate) use parallel::STAGED_ROWS;
+pub use search::{Metric, Neighbor, MAX_NEAREST_K};
+pub(crate) use store::detect_storage;
 pub use types::{BatchReport, Embedding, LoadMethod};
+pub(crate) use types::{Storage, StorageCell};

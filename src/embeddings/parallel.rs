@@ -1,6 +1,9 @@
 //! `ParallelCopy`: several COPY streams stage parts of a batch on connections of their own
 //! while the caller's connection merges each staged part inside the load's one transaction.
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
 use crate::db::retry::Retry;
@@ -8,7 +11,7 @@ use crate::db::sweep::Leftover;
 use crate::embeddings::check::CheckedBatch;
 use crate::embeddings::encode::{copy_in, cpu_threads, COLUMNS};
 use crate::embeddings::load::in_load_transaction;
-use crate::embeddings::types::Embedding;
+use crate::embeddings::types::{Embedding, Storage};
 use crate::repository::Call;
 
 /// One load id per part of a parallel load, each locked (a session advisory lock) by the
@@ -49,6 +52,18 @@ enum StreamEvent {
     Staged(usize),
     /// A stream failed; the load fails.
     Failed(RepoError),
+    /// A stream panicked (its encoder): the merging thread panics with it.
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// Sets the streams' stop flag when dropped, unwinding included: a panic on the merging
+/// thread (the caller's progress callback) stops the streams after their current part.
+struct StopOnExit<'a>(&'a AtomicBool);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// `ParallelCopy`: COPY streams, each on its own plain thread and connection, commit parts of
@@ -58,10 +73,13 @@ enum StreamEvent {
 /// nothing is visible in `embeddings` before that transaction commits. Any failure deletes
 /// the load's staged rows. Extra connections come from `try_get` only (waiting for a second
 /// connection while holding one can deadlock a small pool); with none free, the caller's
-/// connection stages the parts itself first.
+/// connection stages the parts itself first. A panic anywhere (the caller's progress
+/// callback, an encoder) stops the streams, deletes what they staged, and then goes on
+/// unwinding.
 pub(crate) fn load_parallel(
     call: &Call<'_>,
     batch: &CheckedBatch<'_>,
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let pool = call.pool();
@@ -79,10 +97,24 @@ pub(crate) fn load_parallel(
             .collect::<std::result::Result<_, _>>()?;
         let mut extra: Vec<_> = (0..wanted).map_while(|_| pool.try_get()).collect();
         let started = std::time::Instant::now();
-        let result = if extra.is_empty() {
-            stage_then_merge(conn, batch, &parts, &ids, progress)
-        } else {
-            pipeline(pool, conn, &mut extra, batch, &parts, &ids, progress)
+        let staged = catch_unwind(AssertUnwindSafe(|| {
+            if extra.is_empty() {
+                stage_then_merge(conn, batch, &parts, &ids, storage, progress)
+            } else {
+                let work = Staging {
+                    parts: &parts,
+                    ids: &ids,
+                    storage,
+                };
+                pipeline(pool, conn, &mut extra, batch, &work, progress)
+            }
+        }));
+        let (result, panic) = match staged {
+            Ok(result) => (result, None),
+            Err(panic) => {
+                let e = RepoError::Io(std::io::Error::other("the load panicked"));
+                (Err(e), Some(panic))
+            }
         };
         log::debug!(
             "pg-model-repo: parallel load of {} rows in {} parts over {} streams: {:?}",
@@ -96,6 +128,13 @@ pub(crate) fn load_parallel(
             clear_staged(pool, conn, &ids, e);
         }
         unlock_load_ids(conn, &ids);
+        if let Some(panic) = panic {
+            // The unwinding rolled the caller's transaction back (the cleanup above ran on
+            // that connection, or on a fresh one if it could not), but a session a panic went
+            // through is not handed out again.
+            conn.poison();
+            resume_unwind(panic);
+        }
         result
     })
 }
@@ -118,11 +157,12 @@ fn stage_then_merge(
     batch: &CheckedBatch<'_>,
     parts: &[&[Embedding]],
     ids: &[i64],
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let mut done = 0;
     for (rows, id) in parts.iter().zip(ids) {
-        stage_part(conn, rows, *id, &mut |n| progress(done + n))?;
+        stage_part(conn, rows, *id, storage, &mut |n| progress(done + n))?;
         done += rows.len() as u64;
     }
     in_load_transaction(conn, batch, |tx| {
@@ -142,65 +182,80 @@ fn pipeline(
     conn: &mut PgConnection,
     extra: &mut [Conn],
     batch: &CheckedBatch<'_>,
-    parts: &[&[Embedding]],
-    ids: &[i64],
+    work: &Staging<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
+    let (parts, ids) = (work.parts, work.ids);
     let (queue, next_part) = crossbeam_channel::unbounded::<usize>();
     for i in 0..parts.len() {
         let _ = queue.send(i);
     }
     drop(queue);
     let (events, received) = crossbeam_channel::unbounded::<StreamEvent>();
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         for (n, stream_conn) in extra.iter_mut().enumerate() {
             let (next_part, stream_events, stop) = (next_part.clone(), events.clone(), &stop);
             let spawned = std::thread::Builder::new()
                 .name(format!("pg-model-repo-copy-{n}"))
                 .spawn_scoped(scope, move || {
-                    run_stream(
-                        pool,
-                        stream_conn,
-                        parts,
-                        ids,
-                        &next_part,
-                        &stream_events,
-                        stop,
-                    )
+                    run_stream(pool, stream_conn, work, &next_part, &stream_events, stop)
                 });
             if let Err(e) = spawned {
                 let _ = events.send(StreamEvent::Failed(RepoError::Io(e)));
             }
         }
         drop(events);
-        let result = merge_as_staged(conn, batch, parts.len(), ids, &received, progress);
-        // On failure, streams stop after their current part; either way they end before the
-        // scope does, so their parts are committed or gone when the staging is cleared.
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        result
+        // On failure or panic, streams stop after their current part; either way they end
+        // before the scope does, so their parts are committed or gone when the staging is
+        // cleared.
+        let _stop = StopOnExit(&stop);
+        merge_as_staged(conn, batch, parts.len(), ids, &received, progress)
     })
+}
+
+/// What the COPY streams stage: the parts, their load ids, and the storage to encode for.
+struct Staging<'a> {
+    parts: &'a [&'a [Embedding]],
+    ids: &'a [i64],
+    storage: Storage,
 }
 
 /// A COPY stream: stages parts from the queue until it is empty, stopped, or failing.
 fn run_stream(
     pool: &Pool,
     conn: &mut PgConnection,
-    parts: &[&[Embedding]],
-    ids: &[i64],
+    work: &Staging<'_>,
     next_part: &crossbeam_channel::Receiver<usize>,
     events: &crossbeam_channel::Sender<StreamEvent>,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &AtomicBool,
 ) {
     while let Ok(i) = next_part.try_recv() {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
             return;
         }
         let mut last = 0;
-        let staged = stage_part(conn, parts[i], ids[i], &mut |done| {
-            let _ = events.send(StreamEvent::Rows(done - last));
-            last = done;
-        });
+        let staged = catch_unwind(AssertUnwindSafe(|| {
+            stage_part(
+                conn,
+                work.parts[i],
+                work.ids[i],
+                work.storage,
+                &mut |done| {
+                    let _ = events.send(StreamEvent::Rows(done - last));
+                    last = done;
+                },
+            )
+        }));
+        let staged = match staged {
+            Ok(staged) => staged,
+            Err(panic) => {
+                // Mid-COPY: this session is not reused.
+                conn.poison();
+                let _ = events.send(StreamEvent::Panicked(panic));
+                return;
+            }
+        };
         match staged {
             Ok(()) => {
                 let _ = events.send(StreamEvent::Staged(i));
@@ -240,6 +295,7 @@ fn merge_as_staged(
                     merged += 1;
                 }
                 Ok(StreamEvent::Failed(e)) => return Err(e),
+                Ok(StreamEvent::Panicked(panic)) => resume_unwind(panic),
                 Err(_) => {
                     return Err(RepoError::Io(std::io::Error::other(
                         "every COPY stream ended before the load was staged",
@@ -257,12 +313,13 @@ fn stage_part(
     conn: &mut PgConnection,
     rows: &[Embedding],
     load_id: i64,
+    storage: Storage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let mut tx = begin_unbounded(conn.client())?;
+    let mut tx = begin_unbounded(conn)?;
     let sql = format!("COPY embeddings_staging (load_id, {COLUMNS}) FROM STDIN (FORMAT binary)");
     let started = std::time::Instant::now();
-    copy_in(&mut tx, &sql, rows, Some(load_id), progress)?;
+    copy_in(&mut tx, &sql, rows, Some(load_id), storage, progress)?;
     tx.commit()?;
     log::trace!(
         "pg-model-repo: staged load id {load_id} in {:?}",
@@ -276,7 +333,7 @@ fn stage_part(
 /// tagged with the load's ids and never merged).
 fn clear_staged(pool: &Pool, conn: &mut PgConnection, ids: &[i64], cause: &RepoError) {
     let attempt = |conn: &mut PgConnection| -> Result<u64> {
-        let mut tx = begin_unbounded(conn.client())?;
+        let mut tx = begin_unbounded(conn)?;
         let n = tx.execute(CLEAR_STAGED, &[&ids])?;
         tx.commit()?;
         Ok(n)

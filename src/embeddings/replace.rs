@@ -13,7 +13,8 @@ use crate::db::pool::{begin_unbounded, quote_ident, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{at_index, check_batch, check_key, check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::encode::{copy_in, copy_in_iter, COLUMNS};
-use crate::embeddings::types::{BatchReport, Embedding};
+use crate::embeddings::store::{known_storage, with_storage};
+use crate::embeddings::types::{check_storage_dimension, BatchReport, Embedding, Storage};
 use crate::repository::ModelRepository;
 use crate::validate;
 
@@ -85,16 +86,21 @@ impl ModelRepository {
         self.timed("replace_embeddings", |call| {
             let dimension = check_replacement_batch(entity_type, batch)?;
             let total = batch.len() as u64;
-            // One transaction: repeating it after a failure replaces again with the same set.
-            call.run(Retry::Idempotent, |conn| {
-                let mut report = |done: u64| progress(done, total);
-                replace_on(
-                    conn,
-                    entity_type,
-                    dimension,
-                    Rows::Slice(batch),
-                    &mut report,
-                )
+            with_storage(self.storage(), call, |storage| {
+                check_storage_dimension(storage, dimension)?;
+                // One transaction: repeating it after a failure replaces again with the same
+                // set.
+                call.run(Retry::Idempotent, |conn| {
+                    let mut report = |done: u64| progress(done, total);
+                    replace_on(
+                        conn,
+                        entity_type,
+                        dimension,
+                        storage,
+                        Rows::Slice(batch),
+                        &mut report,
+                    )
+                })
             })?;
             Ok(report(batch.len() as u64, dimension, started))
         })
@@ -131,19 +137,34 @@ impl ModelRepository {
             })?;
             check_replacement_record(entity_type, first.vector.len(), 0, &first)?;
             let dimension = first.vector.len();
+            // The iterator cannot be replayed: a stale storage is only corrected for the next
+            // call (by with_storage's second look, whose second run fails at once).
+            let storage = known_storage(self.storage(), call)?;
+            check_storage_dimension(storage, dimension)?;
             let mut copied = 0;
-            call.run(Retry::Never, |conn| {
-                copied = replace_on(
-                    conn,
-                    entity_type,
-                    dimension,
-                    Rows::Iter {
+            let mut first_run = true;
+            with_storage(self.storage(), call, |storage| {
+                if !std::mem::take(&mut first_run) {
+                    return Err(RepoError::Conflict(format!(
+                        "this schema's vectors changed storage to {} during the refresh; \
+                         nothing was replaced, try again",
+                        storage.sql_type()
+                    )));
+                }
+                call.run(Retry::Never, |conn| {
+                    copied = replace_on(
+                        conn,
+                        entity_type,
+                        dimension,
+                        storage,
+                        Rows::Iter {
                         first: first.clone(),
                         rest: &mut *rows,
                     },
-                    &mut |_| {},
-                )?;
-                Ok(())
+                            &mut |_| {},
+                    )?;
+                    Ok(())
+                })
             })?;
             Ok(report(copied, dimension, started))
         })
@@ -162,11 +183,9 @@ impl ModelRepository {
     pub fn drop_embedding_type(&self, entity_type: &str) -> Result<u64> {
         self.timed("drop_embedding_type", |call| {
             validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
-            call.run(Retry::Idempotent, |conn| {
-                let removed: i64 = conn
-                    .client()
-                    .query_one(DROP_TYPE, &[&entity_type])?
-                    .try_get(0)?;
+            // A tracked write: after a lost commit reply the count stays right.
+            call.run_once(|tx| {
+                let removed: i64 = tx.query_one(DROP_TYPE, &[&entity_type])?.try_get(0)?;
                 Ok(u64::try_from(removed).unwrap_or(0))
             })
         })
@@ -238,40 +257,50 @@ fn replace_on(
     conn: &mut PgConnection,
     entity_type: &str,
     dimension: usize,
+    storage: Storage,
     rows: Rows<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     let dim = i32::try_from(dimension)
         .map_err(|_| RepoError::invalid(format!("dimension {dimension} is too large")))?;
-    let mut tx = begin_unbounded(conn.client())?;
-    let storage: String = tx.query_one(BEGIN, &[&entity_type, &dim])?.try_get(0)?;
-    let copied = copy_rows(&mut tx, &storage, entity_type, dimension, rows, progress)?;
-    tx.execute(COMMIT, &[&entity_type, &storage, &dim])
+    let mut tx = begin_unbounded(conn)?;
+    let table: String = tx.query_one(BEGIN, &[&entity_type, &dim])?.try_get(0)?;
+    let copied = copy_rows(
+        &mut tx,
+        &table,
+        entity_type,
+        dimension,
+        storage,
+        rows,
+        progress,
+    )?;
+    tx.execute(COMMIT, &[&entity_type, &table, &dim])
         .map_err(|e| duplicate_as_invalid(RepoError::from(e)))?;
     tx.commit()?;
-    log::debug!("pg-model-repo: replaced {entity_type:?} with {copied} rows in {storage}");
+    log::debug!("pg-model-repo: replaced {entity_type:?} with {copied} rows in {table}");
     Ok(copied)
 }
 
 fn copy_rows(
     tx: &mut Transaction<'_>,
-    storage: &str,
+    table: &str,
     entity_type: &str,
     dimension: usize,
+    storage: Storage,
     rows: Rows<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     let sql = format!(
         "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary, FREEZE)",
-        quote_ident(storage)
+        quote_ident(table)
     );
     match rows {
-        Rows::Slice(records) => copy_in(tx, &sql, records, None, progress),
+        Rows::Slice(records) => copy_in(tx, &sql, records, None, storage, progress),
         Rows::Iter { first, rest } => {
             let mut all = std::iter::once(first).chain(rest);
             let mut check =
                 |i: usize, e: &Embedding| check_replacement_record(entity_type, dimension, i, e);
-            copy_in_iter(tx, &sql, &mut all, &mut check, progress)
+            copy_in_iter(tx, &sql, &mut all, storage, &mut check, progress)
         }
     }
 }

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::io::Read;
 
+use postgres::{GenericClient, Transaction};
+
 use crate::db::binary_copy::RowReader;
 use crate::db::error::{interrupted_after, RepoError, Result};
 use crate::db::pool::PoisonOnPanic;
@@ -13,23 +15,39 @@ use crate::embeddings::check::{
 };
 use crate::embeddings::load::UPSERT_ONE;
 use crate::embeddings::registry::ensure_types;
-use crate::embeddings::types::{decode, decode_into, vector_bytes};
+use crate::embeddings::types::{
+    check_storage_dimension, decode_column, Storage, StorageCell, VectorParam,
+};
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
 /// The one-round-trip save of a vector whose type is registered: nothing is written (and the
-/// registered dimension comes back) when it is unregistered or has another dimension.
-const SAVE_IF_REGISTERED: &str = concat!(
-    "WITH reg AS ( \
-         SELECT dimension FROM embedding_types \
-         WHERE entity_type = $1::varchar AND storage IS NOT NULL), \
-     saved AS ( ",
-    insert_embeddings!(),
-    "SELECT $1::varchar, $2::varchar, $3::bytea, $4::int4 FROM reg WHERE reg.dimension = $4::int4",
-    on_key_update!(),
-    " RETURNING 1) \
-     SELECT (SELECT dimension FROM reg) AS registered, (SELECT count(*) FROM saved) AS saved"
-);
+/// registered dimension comes back) when it is unregistered or has another dimension. `$3`
+/// is of the storage's type.
+macro_rules! save_if_registered {
+    ($vector_type:literal) => {
+        concat!(
+            "WITH reg AS ( \
+                 SELECT dimension FROM embedding_types \
+                 WHERE entity_type = $1::varchar AND storage IS NOT NULL), \
+             saved AS ( ",
+            insert_embeddings!(),
+            "SELECT $1::varchar, $2::varchar, $3::",
+            $vector_type,
+            ", $4::int4 FROM reg WHERE reg.dimension = $4::int4",
+            on_key_update!(),
+            " RETURNING 1) \
+             SELECT (SELECT dimension FROM reg) AS registered, (SELECT count(*) FROM saved) AS saved"
+        )
+    };
+}
+
+fn save_if_registered(storage: Storage) -> &'static str {
+    match storage {
+        Storage::Bytea => save_if_registered!("bytea"),
+        Storage::Vector => save_if_registered!("vector"),
+    }
+}
 
 const SELECT_ONE: &str =
     "SELECT embeddings FROM embeddings WHERE entity_type = $1 AND entity_id = $2";
@@ -39,11 +57,56 @@ const SELECT_MANY: &str = "SELECT e.embeddings \
      LEFT JOIN embeddings e ON e.entity_type = $1 AND e.entity_id = k.entity_id \
      ORDER BY k.ord";
 
+/// The column type of `embeddings.embeddings` (bytea or vector), as a literal for `concat!`.
+macro_rules! storage_type {
+    () => {
+        "SELECT t.typname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+         WHERE a.attrelid = 'embeddings'::regclass AND a.attname = 'embeddings'"
+    };
+}
+const STORAGE_TYPE: &str = storage_type!();
+
+/// Taken before a stream reads the column type: a conversion of the column (which needs
+/// ACCESS EXCLUSIVE) then waits for the stream, so the rows come in the type read.
+const LOCK_FOR_STREAM: &str = "LOCK TABLE ONLY embeddings IN ACCESS SHARE MODE";
+
 /// The streaming read. COPY takes no parameters, so the type travels in a transaction-local
-/// setting instead of being spliced into the SQL.
-const SET_STREAM_TYPE: &str = "SELECT set_config('pg_model_repo.entity_type', $1, true)";
-const COPY_OUT_TYPE: &str = "COPY (SELECT entity_id, embeddings FROM embeddings \
+/// setting instead of being spliced into the SQL. The same statement reads how vectors are
+/// stored and the type's registered dimension.
+const SET_STREAM_TYPE: &str = concat!(
+    "SELECT set_config('pg_model_repo.entity_type', $1, true), (",
+    storage_type!(),
+    ") AS storage, (SELECT r.dimension FROM embedding_types r \
+       WHERE r.entity_type = $1 AND r.storage IS NOT NULL) AS dimension"
+);
+pub(crate) const COPY_OUT_TYPE: &str = "COPY (SELECT entity_id, embeddings FROM embeddings \
      WHERE entity_type = current_setting('pg_model_repo.entity_type')) TO STDOUT (FORMAT binary)";
+
+/// How a stream's rows come: the storage they are decoded from, and the type's registered
+/// dimension (`None` for a type that is not registered).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamSetup {
+    pub storage: Storage,
+    pub dimension: Option<usize>,
+}
+
+/// Prepares `tx` for [`COPY_OUT_TYPE`] of `entity_type`.
+pub(crate) fn open_stream(tx: &mut Transaction<'_>, entity_type: &str) -> Result<StreamSetup> {
+    tx.batch_execute(LOCK_FOR_STREAM)?;
+    let row = tx.query_one(SET_STREAM_TYPE, &[&entity_type])?;
+    let storage = Storage::from_type_name(row.try_get("storage")?)?;
+    let dimension: Option<i32> = row.try_get("dimension")?;
+    Ok(StreamSetup {
+        storage,
+        dimension: dimension.and_then(|d| usize::try_from(d).ok()),
+    })
+}
+
+/// How this schema stores vectors now.
+pub(crate) fn detect_storage<C: GenericClient>(client: &mut C) -> Result<Storage> {
+    let row = client.query_one(STORAGE_TYPE, &[])?;
+    Storage::from_type_name(row.try_get(0)?)
+}
 
 impl ModelRepository {
     /// Saves one vector (an upsert on (entity_type, entity_id): `created_at` is kept,
@@ -66,54 +129,9 @@ impl ModelRepository {
         self.timed("save_embeddings", |call| {
             check_key(entity_type, entity_id)?;
             check_vector(vector)?;
-            let bytes = vector_bytes(vector);
-            let dimension = vector.len() as i32;
-            call.run(Retry::Idempotent, |conn| {
-                let statement = conn.prepare_cached(SAVE_IF_REGISTERED)?;
-                let row = conn
-                    .client()
-                    .query_one(&statement, &[&entity_type, &entity_id, &bytes, &dimension])?;
-                let registered: Option<i32> = row.try_get("registered")?;
-                match registered {
-                    Some(d) if d == dimension => Ok(()),
-                    Some(d) => Err(RepoError::DimensionMismatch {
-                        entity_type: entity_type.to_owned(),
-                        expected: d as usize,
-                        actual: vector.len(),
-                        index: None,
-                    }),
-                    None => {
-                        // First vector of a new type: register it and create its storage in a
-                        // short transaction of its own, then save.
-                        let types = [TypeDim {
-                            entity_type,
-                            dimension: vector.len(),
-                            first_index: 0,
-                        }];
-                        let created = ensure_types(conn.client(), &types).map_err(|e| match e {
-                            RepoError::DimensionMismatch {
-                                entity_type,
-                                expected,
-                                actual,
-                                ..
-                            } => RepoError::DimensionMismatch {
-                                entity_type,
-                                expected,
-                                actual,
-                                index: None,
-                            },
-                            other => other,
-                        })?;
-                        let saved = conn
-                            .client()
-                            .execute(UPSERT_ONE, &[&entity_type, &entity_id, &bytes, &dimension]);
-                        if saved.is_err() && !conn.is_broken() {
-                            created.forget(conn.client());
-                        }
-                        saved?;
-                        Ok(())
-                    }
-                }
+            with_storage(self.storage(), call, |storage| {
+                check_storage_dimension(storage, vector.len())?;
+                save_one(call, entity_type, entity_id, vector, storage)
             })
         })
     }
@@ -136,7 +154,10 @@ impl ModelRepository {
                 let row = conn
                     .client()
                     .query_opt(&statement, &[&entity_type, &entity_id])?;
-                row.map(|r| decode(r.try_get::<_, &[u8]>(0)?)).transpose()
+                Ok(match row {
+                    Some(r) => decode_column(&r, 0)?,
+                    None => None,
+                })
             })
         })
     }
@@ -169,9 +190,7 @@ impl ModelRepository {
                 let rows = conn
                     .client()
                     .query(&statement, &[&entity_type, &entity_ids])?;
-                rows.iter()
-                    .map(|r| r.try_get::<_, Option<&[u8]>>(0)?.map(decode).transpose())
-                    .collect()
+                rows.iter().map(|r| decode_column(r, 0)).collect()
             })
         })
     }
@@ -227,12 +246,16 @@ fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32
     call.run(Retry::Idempotent, |conn| {
         // The caller's closure runs mid-COPY: a panic in it must not return this session.
         let mut conn = PoisonOnPanic(conn);
-        let mut tx = conn.client().build_transaction().read_only(true).start()?;
+        let mut tx = conn
+            .unbounded_client()
+            .build_transaction()
+            .read_only(true)
+            .start()?;
         crate::db::pool::unbounded(&mut tx)?;
-        tx.execute(SET_STREAM_TYPE, &[&entity_type])?;
+        let storage = open_stream(&mut tx, entity_type)?.storage;
         let mut reader = tx.copy_out(COPY_OUT_TYPE)?;
         let mut delivered = 0u64;
-        let result = read_rows(&mut reader, &mut |id, v| {
+        let result = read_rows(&mut reader, storage, &mut |id, v| {
             delivered += 1;
             f(id, v)
         });
@@ -246,16 +269,120 @@ fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32
 
 /// Parses a binary COPY stream of (entity_id, vector bytes) rows, handing each to `f` with
 /// reused buffers; returns the row count.
-fn read_rows(reader: &mut dyn Read, f: &mut dyn FnMut(&str, &[f32])) -> Result<u64> {
+fn read_rows(
+    reader: &mut dyn Read,
+    storage: Storage,
+    f: &mut dyn FnMut(&str, &[f32]),
+) -> Result<u64> {
     let mut rows = RowReader::new(reader, 2)?;
     let mut vector = Vec::new();
     let mut count = 0u64;
     while let Some(fields) = rows.next_row()? {
         let id = std::str::from_utf8(&fields[0])
             .map_err(|e| RepoError::Corrupt(format!("entity_id is not UTF-8: {e}")))?;
-        decode_into(&fields[1], &mut vector)?;
+        storage.decode_into(&fields[1], &mut vector)?;
         f(id, &vector);
         count += 1;
     }
     Ok(count)
+}
+
+/// Saves one checked vector in the given storage.
+fn save_one(
+    call: &Call<'_>,
+    entity_type: &str,
+    entity_id: &str,
+    vector: &[f32],
+    storage: Storage,
+) -> Result<()> {
+    let value = VectorParam::new(storage, vector);
+    let dimension = vector.len() as i32;
+    call.run(Retry::Idempotent, |conn| {
+        let statement = conn.prepare_cached(save_if_registered(storage))?;
+        let row = conn.client().query_one(
+            &statement,
+            &[&entity_type, &entity_id, value.sql(), &dimension],
+        )?;
+        let registered: Option<i32> = row.try_get("registered")?;
+        match registered {
+            Some(d) if d == dimension => Ok(()),
+            Some(d) => Err(RepoError::DimensionMismatch {
+                entity_type: entity_type.to_owned(),
+                expected: d as usize,
+                actual: vector.len(),
+                index: None,
+            }),
+            None => {
+                // First vector of a new type: register it and create its storage in a
+                // short transaction of its own, then save.
+                let types = [TypeDim {
+                    entity_type,
+                    dimension: vector.len(),
+                    first_index: 0,
+                }];
+                let created = ensure_types(conn.client(), &types).map_err(|e| match e {
+                    RepoError::DimensionMismatch {
+                        entity_type,
+                        expected,
+                        actual,
+                        ..
+                    } => RepoError::DimensionMismatch {
+                        entity_type,
+                        expected,
+                        actual,
+                        index: None,
+                    },
+                    other => other,
+                })?;
+                let saved = conn.client().execute(
+                    UPSERT_ONE,
+                    &[&entity_type, &entity_id, value.sql(), &dimension],
+                );
+                if saved.is_err() && !conn.is_broken() {
+                    created.forget(conn.client());
+                }
+                saved?;
+                Ok(())
+            }
+        }
+    })
+}
+
+/// The storage this repository believes its schema has, read from the schema the first time.
+pub(crate) fn known_storage(cell: &StorageCell, call: &Call<'_>) -> Result<Storage> {
+    if let Some(storage) = cell.get() {
+        return Ok(storage);
+    }
+    let storage = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
+    cell.set(storage);
+    Ok(storage)
+}
+
+/// Runs `f` with the storage this repository believes its schema has. Another process may
+/// have converted the schema since (ModelRepository::migrate with pgvector): a statement of
+/// the old storage then fails on the server. So on a database error the storage is read
+/// again, and when it changed `f` runs once more with the new one.
+pub(crate) fn with_storage<T>(
+    cell: &StorageCell,
+    call: &Call<'_>,
+    mut f: impl FnMut(Storage) -> Result<T>,
+) -> Result<T> {
+    let believed = known_storage(cell, call)?;
+    match f(believed) {
+        Err(e) if e.code().is_some() => {
+            let now = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
+            if now == believed {
+                return Err(e);
+            }
+            log::info!(
+                "pg-model-repo: this schema now stores vectors as {}",
+                now.sql_type()
+            );
+            cell.set(now);
+            // Sessions set up before pgvector was installed do not find its type yet.
+            call.pool().reset_sessions();
+            f(now)
+        }
+        other => other,
+    }
 }

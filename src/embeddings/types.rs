@@ -1,6 +1,9 @@
 //! The public embedding types, and the bytes a vector is stored as (little-endian f32).
 
+use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 use std::time::Duration;
+
+use postgres::types::ToSql;
 
 use crate::db::error::{RepoError, Result};
 
@@ -17,8 +20,8 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    /// A record for [`ModelRepository::batch_save_embeddings`](crate::ModelRepository::batch_save_embeddings)
-    /// and [`ModelRepository::load_embeddings`](crate::ModelRepository::load_embeddings).
+    /// A record for [`ModelRepository::batch_save_embeddings`](crate::ModelRepository::batch_save_embeddings) and
+    /// [`ModelRepository::load_embeddings`](crate::ModelRepository::load_embeddings).
     ///
     /// ```
     /// let e = pg_model_repo::Embedding::new("user", "u1", vec![0.1, 0.2]);
@@ -103,6 +106,145 @@ pub struct BatchReport {
     pub bytes: u64,
     /// Wall time of the call, validation included.
     pub elapsed: Duration,
+}
+
+/// How a schema stores its vectors: the type of `embeddings.embeddings`.
+///
+/// BYTEA holds little-endian f32 values; pgvector's `vector` holds the same f32 values (its
+/// binary wire format is an int16 dimension, an unused int16 and big-endian float4 values).
+/// Every write is encoded for, and every read decoded from, the storage it meets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Storage {
+    /// Little-endian f32 bytes in a `bytea` column.
+    Bytea = 1,
+    /// pgvector's `vector` type.
+    Vector = 2,
+}
+
+impl Storage {
+    /// The storage whose column type is named `type_name` (`pg_type.typname`).
+    pub(crate) fn from_type_name(type_name: &str) -> Result<Storage> {
+        match type_name {
+            "bytea" => Ok(Storage::Bytea),
+            "vector" => Ok(Storage::Vector),
+            other => Err(RepoError::Corrupt(format!(
+                "embeddings.embeddings has type {other}; expected bytea or vector"
+            ))),
+        }
+    }
+
+    /// The SQL type of the column, for casts in statements.
+    pub(crate) fn sql_type(self) -> &'static str {
+        match self {
+            Storage::Bytea => "bytea",
+            Storage::Vector => "vector",
+        }
+    }
+
+    /// Decodes a stored value, as binary COPY or the binary protocol hands it over, into
+    /// `out` (cleared first).
+    pub(crate) fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
+        match self {
+            Storage::Bytea => decode_into(bytes, out),
+            Storage::Vector => decode_vector_into(bytes, out),
+        }
+    }
+}
+
+/// The largest vector pgvector's `vector` type holds.
+pub(crate) const PGVECTOR_MAX_DIMENSION: usize = 16_000;
+
+/// The storage a repository believes its schema has: read on first use, and again when a
+/// call fails in a way a conversion by another process explains (see `store::with_storage`).
+#[derive(Debug, Default)]
+pub(crate) struct StorageCell(AtomicU8);
+
+impl StorageCell {
+    /// What is believed, if anything was read yet.
+    pub(crate) fn get(&self) -> Option<Storage> {
+        match self.0.load(AtomicOrdering::Acquire) {
+            1 => Some(Storage::Bytea),
+            2 => Some(Storage::Vector),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn set(&self, storage: Storage) {
+        self.0.store(storage as u8, AtomicOrdering::Release);
+    }
+}
+
+/// A vector as a statement parameter of the storage's type.
+#[derive(Debug)]
+pub(crate) enum VectorParam {
+    Bytea(Vec<u8>),
+    Vector(pgvector::Vector),
+}
+
+impl VectorParam {
+    pub(crate) fn new(storage: Storage, vector: &[f32]) -> Self {
+        match storage {
+            Storage::Bytea => VectorParam::Bytea(vector_bytes(vector)),
+            Storage::Vector => VectorParam::Vector(pgvector::Vector::from(vector.to_vec())),
+        }
+    }
+
+    /// The value to bind.
+    pub(crate) fn sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            VectorParam::Bytea(bytes) => bytes,
+            VectorParam::Vector(vector) => vector,
+        }
+    }
+}
+
+/// Checks a vector length against what the storage holds (pgvector: 16,000 values).
+pub(crate) fn check_storage_dimension(storage: Storage, dimension: usize) -> Result<()> {
+    if storage == Storage::Vector && dimension > PGVECTOR_MAX_DIMENSION {
+        return Err(RepoError::invalid(format!(
+            "vector has {dimension} values; this schema stores pgvector vectors, which hold at \
+             most {PGVECTOR_MAX_DIMENSION}"
+        )));
+    }
+    Ok(())
+}
+
+/// A stored value of a result column, decoded by the column's type (bytea or vector), so a
+/// read is right whatever storage the schema has now.
+pub(crate) fn decode_column(row: &postgres::Row, index: usize) -> Result<Option<Vec<f32>>> {
+    let is_vector = row
+        .columns()
+        .get(index)
+        .is_some_and(|c| c.type_().name() == "vector");
+    if is_vector {
+        let value: Option<pgvector::Vector> = row.try_get(index)?;
+        Ok(value.map(Vec::from))
+    } else {
+        let value: Option<&[u8]> = row.try_get(index)?;
+        value.map(decode).transpose()
+    }
+}
+
+/// Decodes pgvector's binary format (int16 dimension, int16 unused, big-endian float4s).
+fn decode_vector_into(bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
+    let corrupt = || {
+        RepoError::Corrupt(format!(
+            "a stored vector of {} bytes is not in pgvector's binary format",
+            bytes.len()
+        ))
+    };
+    let (header, values) = bytes.split_at_checked(4).ok_or_else(corrupt)?;
+    let dim = i16::from_be_bytes([header[0], header[1]]);
+    if dim < 0 || values.len() != 4 * dim as usize {
+        return Err(corrupt());
+    }
+    out.clear();
+    out.extend(
+        values
+            .chunks_exact(4)
+            .map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]])),
+    );
+    Ok(())
 }
 
 /// A vector as the little-endian f32 bytes it is stored as.

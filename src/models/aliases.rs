@@ -106,13 +106,12 @@ impl ModelRepository {
         self.timed("delete_model_alias", |call| {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
-            call.run(Retry::Idempotent, |conn| {
-                let mut tx = conn.client().transaction()?;
+            // A tracked write: after a lost commit reply the answer stays right.
+            call.run_once(|tx| {
                 let existed = tx
                     .query_opt(DELETE_ALIAS, &[&model_name, &alias])?
                     .is_some();
                 tx.execute(DELETE_STACK, &[&model_name, &alias])?;
-                tx.commit()?;
                 Ok(existed)
             })
         })

@@ -15,9 +15,7 @@ use crate::db::pool::PoisonOnPanic;
 use crate::db::retry::Retry;
 use crate::db::to_hex;
 use crate::models::chunked::{save_chunked, stream_chunks, ChunkReader, ChunkSource, Layout};
-use crate::models::versions::{
-    store_model, verify_checksum, ModelInfo, SaveRequest, VersionRef, STORED_COLUMNS,
-};
+use crate::models::versions::{store_model, ModelInfo, SaveRequest, VersionRef, STORED_COLUMNS};
 use crate::repository::ModelRepository;
 use crate::validate;
 
@@ -108,7 +106,7 @@ impl ModelRepository {
                 // The caller's writer runs mid-transaction: a panic in it poisons the session.
                 let mut conn = PoisonOnPanic(conn);
                 let mut tx = conn
-                    .client()
+                    .unbounded_client()
                     .build_transaction()
                     .isolation_level(IsolationLevel::RepeatableRead)
                     .read_only(true)
@@ -136,13 +134,14 @@ impl ModelRepository {
                     e => interrupted_after("model stream", written, "bytes", e),
                 })?;
                 tx.commit()?;
-                verify_checksum(&info, &hash)?;
-                Ok(Some(info))
+                Ok(Some((info, hash)))
             })?;
-            if let Some(info) = &loaded {
-                self.record_model_load(&info.model_name, &info.version);
-            }
-            Ok(loaded)
+            let Some((mut info, hash)) = loaded else {
+                return Ok(None);
+            };
+            self.settle_checksum(call, &mut info, &hash)?;
+            self.record_model_load(&info.model_name, &info.version);
+            Ok(Some(info))
         })
     }
 }

@@ -13,7 +13,8 @@ use crate::db::hex_sha256;
 use crate::db::retry::Retry;
 use crate::models::aliases::drop_aliases_to;
 use crate::models::chunked::{
-    delete_sets, layout_columns, save_chunked, stream_chunks, ChunkSource, ChunkedSave, Layout,
+    delete_released, layout_columns, release_sets, save_chunked, stream_chunks, ChunkSource,
+    ChunkedSave, Layout,
 };
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
@@ -323,7 +324,7 @@ impl ModelRepository {
         let found = call.run(Retry::Idempotent, |conn| {
             // One snapshot for the row and, for a chunked version, every chunk stream.
             let mut tx = conn
-                .client()
+                .unbounded_client()
                 .build_transaction()
                 .isolation_level(IsolationLevel::RepeatableRead)
                 .read_only(true)
@@ -364,10 +365,10 @@ impl ModelRepository {
             tx.commit()?;
             Ok(Some((info, data, hash)))
         })?;
-        let Some((info, data, hash)) = found else {
+        let Some((mut info, data, hash)) = found else {
             return Ok(None);
         };
-        verify_checksum(&info, &hash)?;
+        self.settle_checksum(call, &mut info, &hash)?;
         self.record_model_load(&info.model_name, &info.version);
         Ok(Some((info, data)))
     }
@@ -426,15 +427,14 @@ impl ModelRepository {
         self.timed("delete_model", |call| {
             validate::model_name(model_name)?;
             let vref = VersionRef::parse(version)?;
-            call.run(Retry::Idempotent, |conn| {
-                let mut tx = conn.client().transaction()?;
-                let Some(row) = vref.select(&mut tx, model_name, "m.version", "FOR UPDATE")? else {
+            // A tracked write: after a lost commit reply the answer stays right.
+            call.run_once(|tx| {
+                let Some(row) = vref.select(tx, model_name, "m.version", "FOR UPDATE")? else {
                     return Ok(false);
                 };
                 let literal: String = row.try_get(0)?;
                 let deleted = tx.execute(SOFT_DELETE, &[&model_name, &literal])? > 0;
-                drop_aliases_to(&mut tx, model_name, &[literal])?;
-                tx.commit()?;
+                drop_aliases_to(tx, model_name, &[literal])?;
                 Ok(deleted)
             })
         })
@@ -454,8 +454,10 @@ impl ModelRepository {
         self.timed("cleanup_old_models", |call| {
             validate::model_name(model_name)?;
             let keep = i64::try_from(keep_versions).unwrap_or(i64::MAX);
-            call.run(Retry::Idempotent, |conn| {
-                let mut tx = conn.client().transaction()?;
+            // A tracked write: after a lost commit reply the count stays right. Chunks of the
+            // removed versions are only released inside it (a short update); their deletion,
+            // bulk work, follows.
+            let (removed, released) = call.run_once(|tx| {
                 let rows = tx.query(CLEANUP, &[&model_name, &keep])?;
                 let mut removed = Vec::with_capacity(rows.len());
                 let mut chunk_sets = Vec::new();
@@ -466,12 +468,12 @@ impl ModelRepository {
                     }
                     removed.push(version);
                 }
-                drop_aliases_to(&mut tx, model_name, &removed)?;
-                // The chunks go with their versions, in the same transaction.
-                delete_sets(&mut tx, model_name, &chunk_sets)?;
-                tx.commit()?;
-                Ok(removed.len() as u64)
-            })
+                drop_aliases_to(tx, model_name, &removed)?;
+                release_sets(tx, model_name, &chunk_sets)?;
+                Ok((removed.len() as u64, chunk_sets))
+            })?;
+            delete_released(call, model_name, &released);
+            Ok(removed)
         })
     }
 }
@@ -484,7 +486,8 @@ pub(crate) fn store_model(
     data: &[u8],
 ) -> Result<ModelInfo> {
     call.run(Retry::Idempotent, |conn| {
-        let mut tx = conn.client().transaction()?;
+        // The bytes go out inside (see `BlobSource::insert`): bulk work for the watchdog.
+        let mut tx = conn.unbounded_client().transaction()?;
         // An identical active version answers without sending the bytes again.
         if let Some(info) = compare_with_stored(&mut tx, request)? {
             tx.commit()?;
@@ -552,6 +555,46 @@ pub(crate) fn compare_with_stored<C: GenericClient>(
             "content or metadata"
         }
     )))
+}
+
+const FILL_CHECKSUM: &str = "UPDATE ml_models SET checksum = $3 \
+     WHERE model_name = $1 AND version = $2 AND checksum IS NULL";
+
+impl ModelRepository {
+    /// [`verify_checksum`]; and a row whose checksum was cleared by hand (NULL: the library
+    /// always stores one) gets the checksum its bytes hash to now, in `info` and in the
+    /// table, so that every later load verifies against it.
+    pub(crate) fn settle_checksum(
+        &self,
+        call: &Call<'_>,
+        info: &mut ModelInfo,
+        actual: &str,
+    ) -> Result<()> {
+        verify_checksum(info, actual)?;
+        if !info.checksum.is_empty() {
+            return Ok(());
+        }
+        info.checksum = actual.to_owned();
+        let filled = call.run(Retry::Idempotent, |conn| {
+            let statement = conn.prepare_cached(FILL_CHECKSUM)?;
+            let params: [&(dyn ToSql + Sync); 3] =
+                [&info.model_name, &info.version, &info.checksum];
+            Ok(conn.client().execute(&statement, &params)?)
+        });
+        match filled {
+            Ok(_) => log::info!(
+                "pg-model-repo: {}/{} had no checksum; stored the one its bytes hash to now",
+                info.model_name,
+                info.version
+            ),
+            Err(e) => log::warn!(
+                "pg-model-repo: {}/{} has no checksum and storing one failed: {e}",
+                info.model_name,
+                info.version
+            ),
+        }
+        Ok(())
+    }
 }
 
 /// `Corrupt` when the bytes read no longer hash to the stored checksum.

@@ -38,13 +38,14 @@ impl ModelRepository {
     }
 
     fn run_checks(&self) -> HealthReport {
-        // Leave a tenth of pool_timeout for the probes themselves.
+        // Leave a tenth of pool_timeout for the probes themselves; the watchdog cuts a
+        // connection still waiting on the server at the deadline (a hung server).
         let pool_timeout = self.pool().timeout();
         let budget = pool_timeout.mul_f64(0.9);
-        let deadline = Instant::now() + pool_timeout;
+        let deadline = Instant::now() + budget;
         let mut checks = BTreeMap::new();
         checks.insert("pool".to_owned(), self.pool_check());
-        let (mut conn, database) = match self.probe_database(budget) {
+        let (mut conn, database) = match self.probe_database(budget, deadline) {
             Ok(found) => found,
             Err(e) => {
                 let mut report = unhealthy("database", e.to_string());
@@ -76,13 +77,14 @@ impl ModelRepository {
     /// A connection that answered `SELECT 1`, with the check's result. A pooled connection
     /// that died under us (a server restart) is discarded and one fresh attempt is made within
     /// the budget: a stale connection is not an unhealthy database.
-    fn probe_database(&self, budget: Duration) -> Result<(Conn, CheckResult)> {
+    fn probe_database(&self, budget: Duration, deadline: Instant) -> Result<(Conn, CheckResult)> {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
             let left = budget.saturating_sub(started.elapsed());
             let mut conn = self.pool().get_within(left)?;
+            conn.watch().cut_at(deadline);
             match conn.client().batch_execute("SELECT 1") {
                 Ok(()) => {
                     let check = CheckResult {

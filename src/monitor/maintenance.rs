@@ -44,7 +44,8 @@ impl ModelRepository {
             let leftovers = sweep(call.pool(), LEFTOVERS, LEFTOVER_AGE, Retry::Idempotent)?;
             let session_setup = session_setup_sql(self.config());
             let tables = call.run(Retry::Idempotent, |conn| {
-                conn.client().batch_execute("SET statement_timeout = 0")?;
+                conn.unbounded_client()
+                    .batch_execute("SET statement_timeout = 0")?;
                 let result = vacuum_all(conn);
                 // Give the session back as the pool set it up.
                 let restore = conn.client().batch_execute(&session_setup);

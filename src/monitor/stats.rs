@@ -18,7 +18,7 @@ const MODEL_STATS: &str = "SELECT m.model_name,
 
 const EMBEDDING_STATS: &str = "SELECT e.entity_type, count(*) AS n,
         coalesce(t.dimension, max(e.dimension)) AS dimension,
-        coalesce(sum(octet_length(e.embeddings)), 0)::bigint AS total_bytes,
+        coalesce(sum(4 * e.dimension::bigint), 0)::bigint AS total_bytes,
         max(e.updated_at) AS last_update
      FROM embeddings e LEFT JOIN embedding_types t ON t.entity_type = e.entity_type
      GROUP BY e.entity_type, t.dimension ORDER BY e.entity_type";

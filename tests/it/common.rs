@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use pg_model_repo::throwaway::{database_url_or_start, ThrowawayServer};
-use pg_model_repo::{ModelRepository, RepositoryConfig};
+use pg_model_repo::{ModelRepository, RepositoryConfig, VectorStorage};
 
 /// Settings for the throwaway server: room for many parallel tests, no fsync (tests need no
 /// durability), pg_stat_statements-free.
@@ -92,14 +92,27 @@ pub fn admin() -> postgres::Client {
     postgres::Client::connect(&server_url(), postgres::NoTls).expect("admin connection")
 }
 
-/// A test's config: its own schema, a small pool, no reaper thread unless asked.
+/// A test's config: its own schema, a small pool, no reaper thread unless asked. Vectors are
+/// stored as `MODEL_REPO_VECTOR_STORAGE` says (auto, bytea or pgvector; default auto, which is
+/// pgvector where the server has it), so CI can run the embedding tests on both storages.
 pub fn config(schema: &str) -> RepositoryConfig {
     RepositoryConfig::new(server_url())
+        .vector_storage(test_vector_storage())
         .schema(schema)
         .pool_size(2)
         .max_overflow(4)
         .pool_timeout(Duration::from_secs(10))
         .reaper_interval(None)
+}
+
+/// The storage `MODEL_REPO_VECTOR_STORAGE` asks for (a malformed value fails the test).
+pub fn test_vector_storage() -> VectorStorage {
+    match std::env::var("MODEL_REPO_VECTOR_STORAGE") {
+        Ok(v) if !v.trim().is_empty() => v
+            .parse()
+            .unwrap_or_else(|e| panic!("MODEL_REPO_VECTOR_STORAGE: {e}")),
+        _ => VectorStorage::Auto,
+    }
 }
 
 /// A repository in a fresh schema, dropped (with the schema) at the end of the test.
@@ -146,6 +159,11 @@ pub fn drop_schema(schema: &str) {
     if let Ok(mut client) = postgres::Client::connect(&server_url(), postgres::NoTls) {
         let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
     }
+}
+
+/// A repository in a fresh schema that stores vectors as BYTEA, whatever the server has.
+pub fn bytea_repo() -> TestRepo {
+    TestRepo::with_config(|c| c.vector_storage(VectorStorage::Bytea))
 }
 
 /// Asserts that a result is `InvalidInput`.

@@ -65,7 +65,7 @@ fn a_full_refresh_replaces_the_whole_set_of_its_type_only() {
 
 #[test]
 fn a_full_refresh_may_change_the_dimension_and_the_database_enforces_the_new_one() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.batch_save_embeddings(&set("doc", "d", 50, 384, 0.5))
         .unwrap();
     repo.replace_embeddings("doc", &set("doc", "d", 40, 768, 0.25))

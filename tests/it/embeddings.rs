@@ -79,7 +79,7 @@ fn saved_vector_reads_back_exactly() {
 
 #[test]
 fn vectors_are_stored_as_little_endian_f32_bytes_with_their_dimension() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.save_embeddings("user", "u1", &[1.0, -2.5]).unwrap();
     repo.load_embeddings(&batch("item", 3, 2, 1.0), LoadMethod::Copy)
         .unwrap();
@@ -539,7 +539,7 @@ fn concurrent_overlapping_copies_into_an_empty_type_both_land() {
 /// its dimension.
 #[test]
 fn rows_inserted_by_hand_must_fit_a_registered_type() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.save_embeddings("user", "u1", &[1.0, 2.0, 3.0])
         .unwrap();
     let mut sql = repo.sql();
@@ -571,7 +571,7 @@ fn rows_inserted_by_hand_must_fit_a_registered_type() {
 
 #[test]
 fn a_new_type_with_rows_inserted_by_hand_takes_their_dimension() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.sql()
         .execute(
             "INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension) \
@@ -713,11 +713,84 @@ fn load_methods_parse_from_their_names() {
     assert_invalid("bulk".parse::<LoadMethod>());
 }
 
+/// Advisory locks held by any session on the load ids of ParallelCopy (class 1886221873).
+fn load_id_locks() -> i64 {
+    common::admin()
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1886221873",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_panic_in_parallel_copys_progress_callback_stops_the_streams_and_leaves_nothing_staged() {
+    // With spare connections (streams on their own threads) and without (the caller's
+    // connection stages every part itself).
+    for (pool_size, overflow) in [(4, 2), (1, 0)] {
+        let repo = TestRepo::with_config(|c| c.pool_size(pool_size).max_overflow(overflow));
+        // Let the pool open its idle connections, so the streams get some.
+        std::thread::sleep(Duration::from_millis(300));
+        let b = batch("panicky", 40_000, 32, 1.0);
+        for panic_at in [1, 20_000] {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                repo.load_embeddings_with_progress(&b, LoadMethod::ParallelCopy, &mut |done, _| {
+                    if done >= panic_at {
+                        panic!("progress callback bug");
+                    }
+                })
+            }));
+            assert!(outcome.is_err(), "the panic reaches the caller");
+            assert_eq!(
+                staged_rows(&repo),
+                0,
+                "pool {pool_size}, panic at {panic_at}"
+            );
+            assert_eq!(count(&repo, "embeddings"), 0);
+        }
+        // Nothing keeps a load id locked, and the repository goes on working.
+        assert_eq!(load_id_locks(), 0);
+        repo.load_embeddings(&b, LoadMethod::ParallelCopy).unwrap();
+        assert_eq!(count(&repo, "embeddings"), 40_000);
+        assert_eq!(staged_rows(&repo), 0);
+    }
+}
+
+#[test]
+fn concurrent_loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
+    let repo = TestRepo::with_config(|c| c.pool_size(4).max_overflow(4));
+    let forward = batch("overlap", 3000, 8, 1.0);
+    let mut backward = batch("overlap", 3000, 8, 2.0);
+    backward.reverse();
+    repo.batch_save_embeddings(&forward[..1]).unwrap();
+    for method in [LoadMethod::Insert, LoadMethod::MultiRowInsert] {
+        let start = Barrier::new(4);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    let (repo, start) = (&repo, &start);
+                    let b = if i % 2 == 0 { &forward } else { &backward };
+                    s.spawn(move || {
+                        start.wait();
+                        repo.load_embeddings(b, method)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in &results {
+            assert!(r.is_ok(), "{method:?}: {r:?}");
+        }
+        assert_eq!(count(&repo, "embeddings"), 3000);
+    }
+}
+
 /// Rows a dead `ParallelCopy` left in staging go with the sweep once they are old; a live
 /// load's rows (its session holds its load ids' locks) and recent rows stay.
 #[test]
 fn staged_rows_of_dead_loads_are_swept_by_age_and_live_loads_keep_theirs() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.sql()
         .batch_execute(
             "INSERT INTO embeddings_staging (load_id, entity_type, entity_id, embeddings, dimension, staged_at)

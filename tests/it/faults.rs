@@ -471,3 +471,27 @@ fn a_panic_in_the_callers_closure_never_returns_a_session_mid_query() {
     );
     assert_eq!(repo.load_model("m", "1").unwrap().unwrap().len(), 9 << 20);
 }
+
+#[test]
+fn statistics_calls_with_buffered_counts_survive_a_mass_kill() {
+    let server = own_server();
+    let repo = open(&server.url(), 4);
+    repo.save_model("m", "1", b"x", &json!({})).unwrap();
+    repo.cache_predictions("k", &1u8, Duration::from_secs(600))
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(repo.get_cached_predictions::<u8>("k").unwrap(), Some(1));
+    }
+    warm_up(&repo, 4);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(kill_repository_backends(&server.url()) >= 2);
+    assert_eq!(repo.get_cache_statistics().unwrap().total_access_count, 3);
+
+    repo.load_model("m", "1").unwrap();
+    repo.load_model("m", "1").unwrap();
+    warm_up(&repo, 4);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(kill_repository_backends(&server.url()) >= 2);
+    let stats = repo.get_model_storage_stats().unwrap();
+    assert_eq!(stats.models[0].load_count, 2);
+}

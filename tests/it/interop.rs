@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use pg_model_repo::throwaway::ThrowawayServer;
-use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig};
+use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig, VectorStorage};
 use serde_json::json;
 
 use crate::common::{psql, sha256_hex, TestRepo};
@@ -526,7 +526,8 @@ fn a_python_client_reads_what_the_library_wrote_and_the_library_reads_what_it_wr
         ));
         return;
     }
-    let repo = TestRepo::new();
+    // The seed's Python code reads and writes vectors as bytes (BYTEA storage).
+    let repo = TestRepo::with_config(|c| c.vector_storage(VectorStorage::Bytea));
     repo.save_model("ranker", "1", b"weights v1", &json!({"auc": 0.91}))
         .unwrap();
     repo.save_model_from_reader("ranker", "2", &mut &b"weights v2"[..], &json!({}))

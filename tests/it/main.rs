@@ -11,11 +11,16 @@ mod cache;
 mod embedding_storage;
 mod embeddings;
 mod faults;
+mod hangs;
 mod interop;
 mod large_models;
+mod lost_replies;
 mod models;
 mod monitor;
 mod schema;
+mod search;
+#[cfg(feature = "pgvector")]
+mod search_pgvector;
 mod security;
 mod seed_takeover;
 mod tls;

@@ -195,7 +195,7 @@ fn close_flushes_buffered_model_loads() {
 
 #[test]
 fn embedding_stats_match_what_was_written() {
-    let repo = TestRepo::new();
+    let repo = common::bytea_repo();
     repo.sql()
         .batch_execute(
             "SELECT * FROM embedding_type_ensure('user', 3);

@@ -41,17 +41,25 @@ fn six_concurrent_opens_of_one_new_schema_all_succeed() {
             )
             .unwrap()
             .get(0);
-        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
-            .unwrap()
-            .filter(|f| {
-                f.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with('V')
-            })
-            .count() as i64;
-        assert_eq!(applied, files, "each migration is recorded once");
+        // Every numbered file once; the optional one (sql/optional) where pgvector is here.
+        let count = |dir: &str| {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .filter(|f| {
+                    f.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with('V')
+                })
+                .count() as i64
+        };
+        let files = count(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"));
+        let optional = count(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/optional"));
+        assert!(
+            (files..=files + optional).contains(&applied),
+            "each migration is recorded once: {applied} of {files} + {optional} optional"
+        );
     });
 }
 
@@ -209,16 +217,31 @@ fn every_key_includes_its_tables_citus_distribution_column() {
 #[test]
 fn rows_with_only_the_seed_columns_are_valid_in_every_table() {
     let repo = TestRepo::new();
+    // The vector 1.0 in the schema's storage: BYTEA (little-endian f32) or pgvector.
+    let storage: String = repo
+        .sql()
+        .query_one(
+            "SELECT t.typname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid = 'embeddings'::regclass AND a.attname = 'embeddings'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let one = if storage == "vector" {
+        "[1]"
+    } else {
+        "\\x0000803f"
+    };
     repo.sql()
-        .batch_execute(
+        .batch_execute(&format!(
             "INSERT INTO ml_models (model_name, version, model_data) VALUES ('m', '1', '\\x00');
              INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension)
-                 VALUES ('user', 'u1', '\\x0000803f', 1);
+                 VALUES ('user', 'u1', '{one}', 1);
              INSERT INTO prediction_cache (cache_key, predictions, expires_at)
                  VALUES ('k', '\\x00', now() + interval '1 hour');
              INSERT INTO training_metrics (model_name, version, metrics)
-                 VALUES ('m', '1', '{\"auc\": 0.5}');",
-        )
+                 VALUES ('m', '1', '{{\"auc\": 0.5}}');"
+        ))
         .unwrap();
     assert_eq!(repo.load_model("m", "1").unwrap().unwrap(), [0u8]);
     assert_eq!(
@@ -365,4 +388,151 @@ fn closing_the_last_clone_closes_every_pooled_connection() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(sessions_named(&app), 0);
+}
+
+#[test]
+fn six_concurrent_opens_at_a_20_ms_query_timeout_all_succeed() {
+    // The migration outlasts query_timeout: waiting for it is bounded by pool_timeout.
+    let schema = unique_schema("six20");
+    let open = || {
+        ModelRepository::open(config(&schema).query_timeout(Duration::from_millis(20)))
+            .map(|r| r.close())
+    };
+    for round in ["a new schema", "an already migrated schema"] {
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6).map(|_| s.spawn(open)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        drop_schema_after_failure(&schema, || {
+            for r in &results {
+                assert!(r.is_ok(), "{round}: {r:?}");
+            }
+        });
+    }
+    drop_schema(&schema);
+}
+
+/// Drops the schema only if `f` panics (the caller drops it at the end otherwise).
+fn drop_schema_after_failure(schema: &str, f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        drop_schema(schema);
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn a_schema_starting_with_pg_is_invalid_and_runs_no_sql() {
+    for name in ["pg_x", "pg_catalog", "pg_"] {
+        let result = ModelRepository::open(config(name));
+        match &result {
+            Err(RepoError::InvalidInput(m)) => assert!(m.contains("pg_"), "{m}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert!(!schema_exists("pg_x"));
+    // Only the lowercase prefix is reserved (schemas are always quoted).
+    let name = format!("PG_x_{}", std::process::id());
+    drop_schema_after(&name, || {
+        ModelRepository::open(config(&name)).unwrap().close();
+    });
+}
+
+#[test]
+fn hostile_settings_are_invalid_input_naming_the_setting_before_any_io() {
+    let huge = Duration::MAX;
+    type Adjust = Box<dyn Fn(RepositoryConfig) -> RepositoryConfig>;
+    let cases: Vec<(&str, Adjust)> = vec![
+        ("pool_timeout", Box::new(move |c| c.pool_timeout(huge))),
+        ("pool_timeout", Box::new(|c| c.pool_timeout(Duration::ZERO))),
+        ("max_overflow", Box::new(|c| c.max_overflow(u32::MAX))),
+        ("pool_size", Box::new(|c| c.pool_size(u32::MAX))),
+        ("pool_size", Box::new(|c| c.pool_size(0))),
+        (
+            "pool_size + max_overflow",
+            Box::new(|c| c.pool_size(6000).max_overflow(6000)),
+        ),
+        ("query_timeout", Box::new(move |c| c.query_timeout(huge))),
+        // Above PostgreSQL's limit for statement_timeout (i32::MAX ms, about 24.8 days).
+        (
+            "query_timeout",
+            Box::new(|c| c.query_timeout(Duration::from_millis(i32::MAX as u64 + 1))),
+        ),
+        (
+            "query_timeout",
+            Box::new(|c| c.query_timeout(Duration::from_micros(10))),
+        ),
+        ("cache_max_ttl", Box::new(move |c| c.cache_max_ttl(huge))),
+        (
+            "cache_default_ttl",
+            Box::new(|c| c.cache_default_ttl(Duration::from_secs(100_000))),
+        ),
+        (
+            "reaper_interval",
+            Box::new(move |c| c.reaper_interval(Some(huge))),
+        ),
+        (
+            "slow_query_threshold",
+            Box::new(move |c| c.slow_query_threshold(huge)),
+        ),
+        (
+            "stream_idle_timeout",
+            Box::new(move |c| c.stream_idle_timeout(huge)),
+        ),
+        ("max_model_size", Box::new(|c| c.max_model_size(u64::MAX))),
+        ("max_model_size", Box::new(|c| c.max_model_size(0))),
+    ];
+    for (setting, adjust) in &cases {
+        let schema = unique_schema("hostile");
+        let started = Instant::now();
+        let result = ModelRepository::open(adjust(config(&schema)));
+        match &result {
+            Err(RepoError::InvalidInput(m)) => {
+                assert!(m.starts_with(setting), "{setting}: {m}");
+                assert!(m.contains("within"), "the range is named: {m}");
+            }
+            other => panic!("{setting}: {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(!schema_exists(&schema), "{setting}: nothing was created");
+    }
+    // The same from the environment.
+    for (var, value) in [
+        ("DB_POOL_TIMEOUT", "1e19"),
+        ("DB_MAX_OVERFLOW", "4294967295"),
+        ("QUERY_TIMEOUT", "2147484"),
+    ] {
+        let config = RepositoryConfig::from_lookup(|name| match name {
+            "DATABASE_URL" => Some(common::server_url()),
+            "MODEL_REPO_SCHEMA" => Some(unique_schema("env")),
+            n if n == var => Some(value.to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let schema = config.schema_name().to_owned();
+        let result = ModelRepository::open(config);
+        assert!(
+            matches!(result, Err(RepoError::InvalidInput(_))),
+            "{var}={value}: {result:?}"
+        );
+        assert!(!schema_exists(&schema));
+    }
+}
+
+#[test]
+fn connection_errors_name_their_cause() {
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let quick = |c: RepositoryConfig| c.pool_timeout(Duration::from_millis(500));
+    let migrating = ModelRepository::open(quick(RepositoryConfig::new(&url))).unwrap_err();
+    let pooled =
+        ModelRepository::open(quick(RepositoryConfig::new(&url).auto_migrate(false))).unwrap_err();
+    for e in [migrating, pooled] {
+        let shown = e.to_string();
+        assert!(shown.contains("refused"), "{shown}");
+    }
 }

@@ -102,7 +102,7 @@ pub(crate) fn stream_chunks(
 /// Starts a read-only transaction in the exported snapshot, without statement_timeout.
 fn join_snapshot<'c>(conn: &'c mut Conn, snapshot: &str) -> Result<Transaction<'c>> {
     let mut tx = conn
-        .client()
+        .unbounded_client()
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .read_only(true)

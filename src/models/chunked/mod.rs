@@ -9,7 +9,10 @@ mod save;
 use postgres::{Row, Transaction};
 
 use crate::db::error::{RepoError, Result};
+use crate::db::pool::begin_unbounded;
+use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
+use crate::repository::Call;
 
 pub(crate) use load::stream_chunks;
 pub(crate) use save::{save_chunked, ChunkReader, ChunkSource, ChunkedSave};
@@ -110,11 +113,60 @@ pub(crate) const STAGED_CHUNKS: Leftover = Leftover {
 const DELETE_SET: &str =
     "DELETE FROM ml_model_chunks WHERE model_name = $1 AND version = $2 AND chunk_set = $3";
 
+/// A chunk set's rows, unless a stored version names it (a save's own staged chunks after a
+/// failure, whose publish may have committed with its reply lost; a removed version's).
+pub(crate) const DELETE_UNREFERENCED_SET: &str = "DELETE FROM ml_model_chunks c \
+     WHERE c.model_name = $1 AND c.version = $2 AND c.chunk_set = $3 \
+       AND NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.model_name = c.model_name \
+           AND m.version = c.version AND m.chunk_set = c.chunk_set)";
+
+/// Hands a removed version's chunks to the leftover sweep (`staged_at` set again), should
+/// their deletion after the removal not happen.
+const RELEASE_SET: &str = "UPDATE ml_model_chunks SET staged_at = now() \
+     WHERE model_name = $1 AND version = $2 AND chunk_set = $3";
+
 /// Removing a big model's chunks is bulk work: no statement_timeout for it.
 const LIFT_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
 
+/// Inside the transaction that removes versions `(version, chunk set)` of `model_name`:
+/// marks their chunks as leftovers, a short update; [`delete_released`] deletes them after
+/// the commit, and the sweep does if that fails.
+pub(crate) fn release_sets(
+    tx: &mut Transaction<'_>,
+    model_name: &str,
+    sets: &[(String, i64)],
+) -> Result<()> {
+    if sets.is_empty() {
+        return Ok(());
+    }
+    let statement = tx.prepare(RELEASE_SET)?;
+    for (version, set) in sets {
+        tx.execute(&statement, &[&model_name, version, set])?;
+    }
+    Ok(())
+}
+
+/// Deletes released chunk sets, each in a transaction of its own (bulk work: a big model has
+/// many chunks). A failure is logged; the sweep removes what is left within an hour or so.
+pub(crate) fn delete_released(call: &Call<'_>, model_name: &str, sets: &[(String, i64)]) {
+    for (version, set) in sets {
+        let deleted = call.run(Retry::Idempotent, |conn| {
+            let mut tx = begin_unbounded(conn)?;
+            let n = tx.execute(DELETE_UNREFERENCED_SET, &[&model_name, version, set])?;
+            tx.commit()?;
+            Ok(n)
+        });
+        if let Err(e) = deleted {
+            log::warn!(
+                "pg-model-repo: the chunks of removed version {model_name}/{version} were not \
+                 deleted ({e}); the leftover sweep removes them later"
+            );
+        }
+    }
+}
+
 /// Deletes the chunks of the versions `(version, chunk set)` of `model_name` inside the
-/// caller's transaction (cleanup, a replaced soft-deleted version); returns the rows removed.
+/// caller's transaction (a replaced soft-deleted version); returns the rows removed.
 pub(crate) fn delete_sets(
     tx: &mut Transaction<'_>,
     model_name: &str,

@@ -15,7 +15,7 @@ use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, PoisonOnPanic, Pool};
 use crate::db::retry::Retry;
 use crate::db::to_hex;
-use crate::models::chunked::{delete_sets, set_lock_key, Chunks};
+use crate::models::chunked::{delete_sets, set_lock_key, Chunks, DELETE_UNREFERENCED_SET};
 use crate::models::versions::{compare_with_stored, info_columns, ModelInfo, SaveRequest};
 use crate::repository::Call;
 
@@ -54,13 +54,6 @@ const INSERT_CHUNKED: &str = concat!(
      ON CONFLICT (model_name, version) DO NOTHING RETURNING ",
     info_columns!()
 );
-
-/// A save's own staged chunks, unless a stored version names their set (a publish whose
-/// commit reply was lost must keep them).
-const CLEAR_SET: &str = "DELETE FROM ml_model_chunks c \
-     WHERE c.model_name = $1 AND c.version = $2 AND c.chunk_set = $3 \
-       AND NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.model_name = c.model_name \
-           AND m.version = c.version AND m.chunk_set = c.chunk_set)";
 
 /// The most chunks a stream sends in one transaction and one COPY (64 MiB at the default
 /// chunk size): enough for the connection to carry the next chunk while the server stores the
@@ -168,7 +161,7 @@ pub(crate) fn save_chunked(
                 save.request.version
             );
             let published = call.run(Retry::Idempotent, |conn| {
-                let published = publish(conn.client(), save.request, &staged)?;
+                let published = publish(conn.unbounded_client(), save.request, &staged)?;
                 clear_unpublished(call.pool(), conn, save.request, staged.chunks.set);
                 Ok(published)
             });
@@ -215,7 +208,7 @@ fn stage_and_publish(
     let staged = stage(pool, conn, save, set, source);
     let outcome = match staged {
         Err(e) => Err(e),
-        Ok(staged) => match publish(conn.client(), save.request, &staged) {
+        Ok(staged) => match publish(conn.unbounded_client(), save.request, &staged) {
             Ok(info) => Ok(Attempt::Done(info)),
             Err(e) if e.is_transient() => Ok(Attempt::PublishFailed(staged, e)),
             Err(e) => Err(e),
@@ -244,8 +237,11 @@ fn close_set(conn: &mut PgConnection, set: i64) {
 /// works, else on an idle pooled connection. Failing that, the sweep removes them later.
 fn clear_unpublished(pool: &Pool, conn: &mut PgConnection, request: &SaveRequest<'_>, set: i64) {
     let clear = |conn: &mut PgConnection| -> Result<u64> {
-        let mut tx = begin_unbounded(conn.client())?;
-        let n = tx.execute(CLEAR_SET, &[&request.model_name, &request.version, &set])?;
+        let mut tx = begin_unbounded(conn)?;
+        let n = tx.execute(
+            DELETE_UNREFERENCED_SET,
+            &[&request.model_name, &request.version, &set],
+        )?;
         tx.commit()?;
         Ok(n)
     };
@@ -514,7 +510,7 @@ impl Target<'_> {
         jobs: &Receiver<Job<'_>>,
         events: &Sender<Event>,
     ) -> Result<bool> {
-        let mut tx = begin_unbounded(conn.client())?;
+        let mut tx = begin_unbounded(conn)?;
         tx.batch_execute(STAGE_WITHOUT_FLUSH)?;
         let mut writer = tx.copy_in(COPY_CHUNK)?;
         writer.write_all(binary_copy::HEADER).map_err(io_error)?;
@@ -570,7 +566,8 @@ impl Target<'_> {
 
 /// The publish transaction: an identical active version answers (and the staged set goes);
 /// else the whole staged set is checked, a soft-deleted version of the same name is replaced
-/// (with its chunks), and the row naming the set is written.
+/// (with its chunks: bulk work, hence the unbounded client), and the row naming the set is
+/// written.
 fn publish(client: &mut Client, request: &SaveRequest<'_>, staged: &Staged) -> Result<ModelInfo> {
     let request = SaveRequest {
         model_name: request.model_name,

@@ -1,7 +1,8 @@
 //! A throwaway PostgreSQL server started from the local binaries, for examples, tests and
-//! benchmarks run without `DATABASE_URL`. It lives in a temp directory, listens on
-//! 127.0.0.1 at a free port, and is stopped and deleted when dropped (or, if the process dies
-//! first, by a small watchdog process).
+//! benchmarks run without `DATABASE_URL`. It lives in a temp directory, listens on 127.0.0.1
+//! at a free port, and is stopped and deleted when dropped (or, if the process dies first, by
+//! a small watchdog process). For fault tests it can be frozen like a hung host
+//! ([`ThrowawayServer::freeze`]), and [`LostReplyProxy`] loses the replies to commits.
 //!
 //! ```no_run
 //! # fn main() -> pg_model_repo::Result<()> {
@@ -10,11 +11,15 @@
 //! # Ok(()) }
 //! ```
 
+mod proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::db::error::{RepoError, Result};
+
+pub use proxy::LostReplyProxy;
 
 /// What to tell a user whose machine has no PostgreSQL binaries.
 pub const INSTALL_HINT: &str = "no PostgreSQL server binaries (initdb, pg_ctl) were found. \
@@ -145,6 +150,45 @@ impl ThrowawayServer {
         self.start_again()
     }
 
+    /// Freezes every process of the server (SIGSTOP), as a hung host would: connections stay
+    /// open and the kernel still ACKs their bytes, but nothing answers. The server resumes
+    /// (SIGCONT) when the returned guard is dropped.
+    pub fn freeze(&self) -> Result<Frozen> {
+        let pids = self.processes()?;
+        signal("STOP", &pids)?;
+        Ok(Frozen { pids })
+    }
+
+    /// The postmaster and its children.
+    fn processes(&self) -> Result<Vec<u32>> {
+        let pidfile = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))?;
+        let postmaster: u32 = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| RepoError::Io(std::io::Error::other("unreadable postmaster.pid")))?;
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // "pid (comm) state ppid …": the command may hold spaces, so split after ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        Ok(pids)
+    }
+
     fn initdb(&self, settings: &[(&str, &str)]) -> Result<()> {
         let data = self.data_dir();
         self.run(
@@ -232,6 +276,36 @@ impl ThrowawayServer {
             .stderr(Stdio::null())
             .spawn();
     }
+}
+
+/// A frozen server (see [`ThrowawayServer::freeze`]); dropping it resumes the server.
+#[derive(Debug)]
+pub struct Frozen {
+    pids: Vec<u32>,
+}
+
+impl Frozen {
+    /// Resumes the server now.
+    pub fn thaw(self) {}
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Err(e) = signal("CONT", &self.pids) {
+            log::error!("pg-model-repo: could not resume the frozen throwaway server: {e}");
+        }
+    }
+}
+
+/// `kill -<name>` of `pids`.
+fn signal(name: &str, pids: &[u32]) -> Result<()> {
+    // A child that exited meanwhile makes kill fail for it alone: the others got the signal.
+    Command::new("kill")
+        .arg(format!("-{name}"))
+        .args(pids.iter().map(u32::to_string))
+        .stderr(Stdio::null())
+        .status()?;
+    Ok(())
 }
 
 impl Drop for ThrowawayServer {

@@ -1,0 +1,219 @@
+//! Commits whose reply may be lost. A write that is not idempotent in its answer (a delete
+//! that reports what it removed, a counter that adds) cannot simply be repeated when the
+//! connection dies after COMMIT was sent: the first attempt may have committed. So such
+//! writes run in a transaction whose id is taken before the commit, and after a lost reply the
+//! server's own commit log (`txid_status`) says what happened: committed (the answer computed
+//! inside the transaction stands), aborted (it is repeated like any transient failure), or,
+//! when the server cannot be asked (it hangs, or it forgot), an error that says the outcome is
+//! unknown. Exactly once, with no table of our own.
+
+use std::time::{Duration, Instant};
+
+use postgres::Transaction;
+
+use crate::db::error::{RepoError, Result};
+use crate::db::pool::{Conn, PgConnection, Pool};
+use crate::db::retry::{self, Policy, Retry};
+
+/// Assigns the transaction its id (a 64-bit, epoch-extended xid) before anything is written.
+const TXID: &str = "SELECT txid_current()";
+
+/// 'committed', 'aborted', 'in progress', or NULL once the server no longer keeps the status.
+const TXID_STATUS: &str = "SELECT txid_status($1)";
+
+/// How long a transaction the server still shows "in progress" (its backend is finishing
+/// the commit it received, or noticing its client left) is waited for.
+const IN_PROGRESS_WAIT: Duration = Duration::from_secs(5);
+const IN_PROGRESS_POLL: Duration = Duration::from_millis(20);
+
+/// The server's verdict on a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Status {
+    Committed,
+    Aborted,
+    InProgress,
+    /// Too old: the server no longer keeps its status.
+    Forgotten,
+}
+
+/// The result of a tracked write.
+#[derive(Debug)]
+pub(crate) enum Outcome<T> {
+    /// It committed (possibly on an attempt whose reply was lost): here is its answer.
+    Committed(T),
+    /// COMMIT was sent, its reply lost, and the server could not say what happened.
+    Unknown {
+        /// The transaction's id, for [`status`] later.
+        xid: i64,
+        /// What broke the reply.
+        cause: RepoError,
+    },
+}
+
+/// How a tracked write gets its connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Checkout {
+    /// Like every call: within pool_timeout.
+    Pool,
+    /// Within this long (background work that must not hold up a close).
+    Within(Duration),
+    /// Before this deadline, and cut by it (work inside a close).
+    Until(Instant),
+}
+
+/// How an attempt failed.
+enum Failed<T> {
+    /// Before COMMIT was sent: nothing was written.
+    Before(RepoError),
+    /// COMMIT was sent and failed: it may or may not have committed.
+    AtCommit {
+        xid: i64,
+        value: T,
+        error: RepoError,
+        /// The watchdog cut it: the server hangs.
+        hung: bool,
+    },
+}
+
+/// Runs `work` in a tracked transaction on a pooled connection, retried per `retry` when it
+/// surely did not commit.
+pub(crate) fn run_tracked<T>(
+    pool: &Pool,
+    op: &str,
+    retry: Retry,
+    checkout: Checkout,
+    mut work: impl FnMut(&mut Transaction<'_>) -> Result<T>,
+) -> Result<Outcome<T>> {
+    retry::run(op, retry, Policy::default(), || {
+        let mut conn = check_out(pool, checkout)?;
+        match attempt(&mut conn, &mut work) {
+            Ok(value) => Ok(Outcome::Committed(value)),
+            Err(Failed::Before(e)) => {
+                pool.note_failure(&mut conn, &e);
+                Err(e)
+            }
+            Err(Failed::AtCommit {
+                xid,
+                value,
+                error,
+                hung,
+            }) => {
+                pool.note_failure(&mut conn, &error);
+                conn.poison();
+                drop(conn);
+                if hung {
+                    // Asking a hung server would hang the caller again.
+                    return Ok(Outcome::Unknown { xid, cause: error });
+                }
+                match status(pool, xid, checkout) {
+                    Ok(Status::Committed) => {
+                        log::info!(
+                            "pg-model-repo: {op}: COMMIT failed ({error}); the server says \
+                             it committed"
+                        );
+                        Ok(Outcome::Committed(value))
+                    }
+                    // Nothing happened: the error and the caller's retry policy decide
+                    // whether it is repeated.
+                    Ok(Status::Aborted) => Err(error),
+                    Ok(Status::InProgress | Status::Forgotten) | Err(_) => {
+                        Ok(Outcome::Unknown { xid, cause: error })
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// [`run_tracked`] for a public call: an unknown outcome is `RepoError::OutcomeUnknown`.
+pub(crate) fn run_once<T>(
+    pool: &Pool,
+    op: &str,
+    retry: Retry,
+    work: impl FnMut(&mut Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    match run_tracked(pool, op, retry, Checkout::Pool, work)? {
+        Outcome::Committed(value) => Ok(value),
+        Outcome::Unknown { xid, cause } => Err(unknown(op, xid, &cause)),
+    }
+}
+
+/// The error of a write whose outcome cannot be established.
+pub(crate) fn unknown(op: &str, xid: i64, cause: &RepoError) -> RepoError {
+    RepoError::OutcomeUnknown(format!(
+        "{op}: COMMIT was sent but its reply was lost ({cause}), and the server could not say \
+         whether it took effect; `SELECT txid_status({xid})` tells once it answers"
+    ))
+}
+
+fn check_out(pool: &Pool, checkout: Checkout) -> Result<Conn> {
+    match checkout {
+        Checkout::Pool => pool.get(),
+        Checkout::Within(timeout) => pool.get_within(timeout),
+        Checkout::Until(deadline) => pool.get_until(deadline),
+    }
+}
+
+fn attempt<T>(
+    conn: &mut PgConnection,
+    work: &mut impl FnMut(&mut Transaction<'_>) -> Result<T>,
+) -> std::result::Result<T, Failed<T>> {
+    let txid = conn.prepare_cached(TXID).map_err(Failed::Before)?;
+    let (xid, value, committed) = {
+        let mut tx = conn
+            .client()
+            .transaction()
+            .map_err(|e| Failed::Before(e.into()))?;
+        let xid: i64 = tx
+            .query_one(&txid, &[])
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| Failed::Before(e.into()))?;
+        let value = work(&mut tx).map_err(Failed::Before)?;
+        (xid, value, tx.commit())
+    };
+    let Err(e) = committed else {
+        return Ok(value);
+    };
+    // Any failed COMMIT is settled by asking the server, not by reading the error: a backend
+    // terminated while it commits answers 57P01 whether or not the commit record was written.
+    let hung = conn.watch().fired();
+    let error = RepoError::from(e);
+    Err(Failed::AtCommit {
+        xid,
+        value,
+        error,
+        hung,
+    })
+}
+
+/// What the server says about transaction `xid`, asked on a pooled connection; a transaction
+/// still in progress is waited for a little.
+pub(crate) fn status(pool: &Pool, xid: i64, checkout: Checkout) -> Result<Status> {
+    let started = Instant::now();
+    loop {
+        let found = retry::run("txid_status", Retry::Idempotent, Policy::default(), || {
+            let mut conn = check_out(pool, checkout)?;
+            let row = conn.client().query_one(TXID_STATUS, &[&xid]);
+            let status: Option<String> = match row.and_then(|r| r.try_get(0)) {
+                Ok(status) => status,
+                Err(e) => {
+                    let e = RepoError::from(e);
+                    pool.note_failure(&mut conn, &e);
+                    return Err(e);
+                }
+            };
+            Ok(match status.as_deref() {
+                Some("committed") => Status::Committed,
+                Some("aborted") => Status::Aborted,
+                Some("in progress") => Status::InProgress,
+                _ => Status::Forgotten,
+            })
+        })?;
+        let out_of_time = started.elapsed() >= IN_PROGRESS_WAIT
+            || matches!(checkout, Checkout::Until(d) if Instant::now() + IN_PROGRESS_POLL >= d);
+        if found != Status::InProgress || out_of_time {
+            return Ok(found);
+        }
+        std::thread::sleep(IN_PROGRESS_POLL);
+    }
+}

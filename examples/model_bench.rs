@@ -500,21 +500,21 @@ fn report(args: &Args, order: &[String], samples: &[Sample]) {
             .iter()
             .filter_map(|s| s.rss_mib)
             .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
-        let ratio = if name == "save_1" {
-            format!("{:.2}x ceiling_in", rate(name) / rate("ceiling_in"))
-        } else if name.starts_with("save_") {
-            format!(
-                "{:.2}x save_1, {:.2}x ceiling_in_x2",
-                rate(name) / rate("save_1"),
-                rate(name) / rate("ceiling_in_x2")
-            )
-        } else if name.starts_with("load_") {
-            format!("{:.2}x ceiling_out", rate(name) / rate("ceiling_out"))
-        } else if name == "ceiling_in_x2" {
-            format!("{:.2}x ceiling_in", rate(name) / rate("ceiling_in"))
-        } else {
-            String::new()
+        // Ratios to what was measured in this run (none to what was left out).
+        let to = |other: &str| {
+            let r = rate(name) / rate(other);
+            (!r.is_nan()).then(|| format!("{r:.2}x {other}"))
         };
+        let ratios: Vec<String> = match name.as_str() {
+            "save_1" | "ceiling_in_x2" => vec![to("ceiling_in")],
+            n if n.starts_with("save_") => vec![to("save_1"), to("ceiling_in_x2")],
+            n if n.starts_with("load_") => vec![to("ceiling_out")],
+            _ => vec![],
+        }
+        .into_iter()
+        .flatten()
+        .collect();
+        let ratio = ratios.join(", ");
         println!(
             "| {name} | {:.1} [{lo:.1}-{hi:.1}] | {} | {ratio} |",
             rate(name),

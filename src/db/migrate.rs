@@ -162,7 +162,7 @@ pub(crate) fn run(config: &RepositoryConfig) -> Result<MigrationReport> {
             config.query_timeout.as_millis().max(1)
         ))
         .map_err(RepoError::from)
-        .and_then(|()| apply_pending(client, &config.schema, config.vector_storage));
+        .and_then(|()| apply_pending(client, &config.schema, config.vector_storage, wait));
     let unlock = client.execute(UNLOCK, &[&key]);
     let report = outcome.map_err(|e| needs_owner(e, &config.schema))?;
     unlock?;
@@ -265,10 +265,13 @@ fn checksum(sql: &str) -> String {
     hex_sha256(statements.join("\n").as_bytes())
 }
 
+/// `wait` bounds the optional conversion's wait for the database-wide extension lock (other
+/// repositories' first opens), as it bounds the wait for this schema's migration lock.
 fn apply_pending(
     client: &mut Client,
     schema: &str,
     storage: VectorStorage,
+    wait: Duration,
 ) -> Result<MigrationReport> {
     let mut tx = client.transaction()?;
     tx.batch_execute(&format!(
@@ -284,7 +287,13 @@ fn apply_pending(
     for migration in pending {
         let applied = match migration.when {
             When::Always => apply(&mut tx, migration).map(|()| true)?,
-            When::VectorStorage => apply_vector_storage(&mut tx, migration, schema, storage)?,
+            When::VectorStorage => {
+                tx.batch_execute(&format!(
+                    "SET LOCAL lock_timeout = {}",
+                    wait.as_millis().max(1)
+                ))?;
+                apply_vector_storage(&mut tx, migration, schema, storage)?
+            }
         };
         if !applied {
             continue;

@@ -609,6 +609,12 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
     for round in 1..=args.rounds {
         eprintln!("round {round} of {}", args.rounds);
         run_round(args, &inputs, &mut |method, sample| {
+            // Each round's figures, to judge the noise (stdout carries the summary).
+            eprintln!(
+                "  {method:<20} {:>7.3} s {:>9.0} rows/s",
+                sample.seconds,
+                sample.rows as f64 / sample.seconds
+            );
             samples.entry(method).or_default().push(sample)
         })?;
     }

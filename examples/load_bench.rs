@@ -1,12 +1,25 @@
-//! Load benchmark: every `LoadMethod` against the server's own `COPY … FROM '<file>'` into an
-//! identical empty table, an upsert reload of the same keys, and a full streaming read against
-//! a raw `COPY … TO STDOUT`, all in one run on one server.
+//! Load benchmark: every `LoadMethod`, a full refresh (`replace_embeddings`), an upsert reload
+//! and psycopg 3 into the seed's embeddings table, against the server's own `COPY … FROM
+//! '<file>'` into the same table shape the library loads into; and a full streaming read
+//! against a raw `COPY … TO STDOUT`. All on one server, in interleaved rounds.
 //!
 //! ```text
-//! cargo run --release --example load_bench -- [--rows 100000] [--dim 384]
-//!     [--methods insert,multi_row_insert,copy,parallel_copy,upsert_reload,server_copy_file,read_stream,server_copy_out]
+//! cargo run --release --example load_bench -- [--rows 100000] [--dim 384] [--rounds 3]
+//!     [--methods server_copy_file,insert,multi_row_insert,copy,parallel_copy,
+//!                psycopg_seed_schema,replace,upsert_reload,server_copy_out,read_stream]
 //!     [--format table|json] [--plot FILE.svg] [--crossover]
 //! ```
+//!
+//! Every round runs each selected method once, each in a fresh schema, with a CHECKPOINT
+//! before each timed load; a method's `rows_per_s` is its median over the rounds (min and max
+//! beside it), and its ratio is that median over the ceiling's median. `bytes_per_row` is the
+//! table's size on disk after the load (heap, indexes and TOAST, summed over partitions) over
+//! the rows it holds.
+//!
+//! `psycopg_seed_schema` runs `python3` on a small script (written to a temp file) that reads
+//! the ceiling's binary COPY file and loads its rows with psycopg 3; when python3 with psycopg
+//! is missing, or the server lacks the `uuid-ossp` extension the seed's table needs (created
+//! if missing), the method is left out with a note on stderr.
 //!
 //! Uses `DATABASE_URL` when set (the server-side COPY then needs a local server and the
 //! pg_read_server_files privilege), else a throwaway server from the local binaries.
@@ -14,8 +27,10 @@
 //! `--methods`), fresh and as a reload, the median of 5 runs each, to place
 //! `BATCH_COPY_CROSSOVER`.
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::io::{Read, Write};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -30,6 +45,7 @@ const COLUMNS: &str = "entity_type, entity_id, embeddings, dimension";
 pub struct Args {
     pub rows: usize,
     pub dim: usize,
+    pub rounds: usize,
     pub methods: Vec<String>,
     pub json: bool,
     pub plot: Option<String>,
@@ -38,13 +54,17 @@ pub struct Args {
     pub progress: bool,
 }
 
-/// Every measurement, in the order they run.
-pub const ALL: [&str; 8] = [
+/// Every measurement, in the order they are reported (the ceilings first). Within a round
+/// they run in this order too, except that `upsert_reload` and the reads run right after the
+/// `LoadMethod`s, on the table `copy` loaded.
+pub const ALL: [&str; 10] = [
     "server_copy_file",
     "insert",
     "multi_row_insert",
     "copy",
     "parallel_copy",
+    "psycopg_seed_schema",
+    "replace",
     "upsert_reload",
     "server_copy_out",
     "read_stream",
@@ -55,6 +75,7 @@ impl Default for Args {
         Args {
             rows: 100_000,
             dim: 384,
+            rounds: 3,
             methods: ALL.iter().map(|s| s.to_string()).collect(),
             json: false,
             plot: None,
@@ -65,17 +86,47 @@ impl Default for Args {
     }
 }
 
-/// One line of the result table (and one object of `--format json`).
+/// One line of the result table (and one object of `--format json`): the median over the
+/// rounds, with the slowest and fastest round.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Measurement {
     pub method: String,
     pub rows: u64,
+    /// The median round's seconds (`rows / rows_per_s`).
     pub seconds: f64,
+    /// The median over the rounds.
     pub rows_per_s: f64,
+    pub min_rows_per_s: f64,
+    pub max_rows_per_s: f64,
     pub mb_per_s: f64,
+    /// The median against the ceiling's median (`server_copy_file` for writes,
+    /// `server_copy_out` for reads).
     pub ratio_to_ceiling: f64,
+    /// Table + indexes + TOAST on disk after the load, over the rows stored (the median over
+    /// the rounds); `null` for reads.
+    pub bytes_per_row: Option<f64>,
     #[serde(skip)]
     pub peak_rss_over_input_mib: Option<f64>,
+}
+
+/// One method's result in one round.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rows: u64,
+    seconds: f64,
+    bytes_per_row: Option<f64>,
+    peak_rss_over_input_mib: Option<f64>,
+}
+
+impl Sample {
+    fn timed(rows: u64, elapsed: Duration) -> Sample {
+        Sample {
+            rows,
+            seconds: elapsed.as_secs_f64(),
+            bytes_per_row: None,
+            peak_rss_over_input_mib: None,
+        }
+    }
 }
 
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
@@ -90,6 +141,11 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String
                     .map_err(|e| format!("--rows: {e}"))?
             }
             "--dim" => out.dim = value("--dim")?.parse().map_err(|e| format!("--dim: {e}"))?,
+            "--rounds" => {
+                out.rounds = value("--rounds")?
+                    .parse()
+                    .map_err(|e| format!("--rounds: {e}"))?
+            }
             "--methods" => {
                 let list = value("--methods")?;
                 out.methods = list.split(',').map(|s| s.trim().to_owned()).collect();
@@ -116,14 +172,15 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if out.rows == 0 || out.dim == 0 {
-        return Err("--rows and --dim must be positive".into());
+    if out.rows == 0 || out.dim == 0 || out.rounds == 0 {
+        return Err("--rows, --dim and --rounds must be positive".into());
     }
     Ok(out)
 }
 
-fn make_batch(rows: usize, dim: usize) -> Vec<Embedding> {
-    let mut rng = fastrand::Rng::with_seed(42);
+/// `rows` vectors of the bench type with ids `entity-000000000`…, from a seeded generator.
+fn make_batch(rows: usize, dim: usize, seed: u64) -> Vec<Embedding> {
+    let mut rng = fastrand::Rng::with_seed(seed);
     (0..rows)
         .map(|i| {
             let vector = (0..dim).map(|_| rng.f32() * 2.0 - 1.0).collect();
@@ -132,9 +189,13 @@ fn make_batch(rows: usize, dim: usize) -> Vec<Embedding> {
         .collect()
 }
 
+fn schema_name(tag: &str) -> String {
+    format!("bench_{tag}_{}", std::process::id())
+}
+
 /// A fresh schema for one measurement.
 fn open(url: &str, tag: &str) -> Result<ModelRepository, Box<dyn Error>> {
-    let schema = format!("bench_{tag}_{}", std::process::id());
+    let schema = schema_name(tag);
     let mut admin = postgres::Client::connect(url, postgres::NoTls)?;
     admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
     let config = RepositoryConfig::new(url)
@@ -161,13 +222,33 @@ fn settle(url: &str) {
     }
 }
 
+/// Summed over the partition tree; a table outside one (the seed's) has an empty tree.
+const TABLE_BYTES: &str = "SELECT coalesce( \
+        (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree(to_regclass($1))), \
+        pg_total_relation_size(to_regclass($1)))::float8";
+
+/// On-disk bytes of `table` (heap, indexes, TOAST, summed over its partitions, if any) over
+/// the rows it holds.
+fn bytes_per_row(url: &str, table: &str) -> Result<f64, Box<dyn Error>> {
+    let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+    let bytes: f64 = c.query_one(TABLE_BYTES, &[&table])?.try_get(0)?;
+    let rows: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])?
+        .try_get(0)?;
+    Ok(bytes / rows.max(1) as f64)
+}
+
+fn repo_bytes_per_row(url: &str, repo: &ModelRepository) -> Result<f64, Box<dyn Error>> {
+    bytes_per_row(url, &format!("{}.embeddings", repo.config().schema_name()))
+}
+
 fn bar(args: &Args, label: &str, total: u64) -> ProgressBar {
     if !args.progress {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("{msg:>17} [{bar:40}] {pos}/{len} rows {per_sec} eta {eta}")
+        ProgressStyle::with_template("{msg:>19} [{bar:40}] {pos}/{len} rows {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -196,66 +277,217 @@ fn reset_peak_rss() {
 }
 
 /// The binary COPY file of the batch, as the library would send it, written where the
-/// server's user can read it.
-fn write_copy_file(batch: &[Embedding]) -> Result<String, Box<dyn Error>> {
-    let path = format!("/tmp/pg_model_repo_bench_{}.copy", std::process::id());
-    let file = std::fs::File::create(&path)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    out.write_all(b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0")?;
-    for e in batch {
-        out.write_all(&4i16.to_be_bytes())?;
-        for text in [&e.entity_type, &e.entity_id] {
-            out.write_all(&(text.len() as i32).to_be_bytes())?;
-            out.write_all(text.as_bytes())?;
-        }
-        out.write_all(&((4 * e.vector.len()) as i32).to_be_bytes())?;
-        for v in &e.vector {
-            out.write_all(&v.to_le_bytes())?;
-        }
-        out.write_all(&4i32.to_be_bytes())?;
-        out.write_all(&(e.vector.len() as i32).to_be_bytes())?;
-    }
-    out.write_all(&(-1i16).to_be_bytes())?;
-    out.flush()?;
-    drop(out);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
-    }
-    Ok(path)
+/// server's user can read it; deleted on drop.
+struct CopyFile {
+    path: String,
 }
 
-/// The ceiling: the server's own COPY from the file into an empty table shaped like
-/// `embeddings` (same columns, defaults, constraints, index and storage parameters).
-fn server_copy_file(url: &str, path: &str) -> Result<Duration, Box<dyn Error>> {
+impl CopyFile {
+    fn write(batch: &[Embedding]) -> Result<CopyFile, Box<dyn Error>> {
+        let path = format!("/tmp/pg_model_repo_bench_{}.copy", std::process::id());
+        let file = std::fs::File::create(&path)?;
+        let copy_file = CopyFile { path };
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0")?;
+        for e in batch {
+            out.write_all(&4i16.to_be_bytes())?;
+            for text in [&e.entity_type, &e.entity_id] {
+                out.write_all(&(text.len() as i32).to_be_bytes())?;
+                out.write_all(text.as_bytes())?;
+            }
+            out.write_all(&((4 * e.vector.len()) as i32).to_be_bytes())?;
+            for v in &e.vector {
+                out.write_all(&v.to_le_bytes())?;
+            }
+            out.write_all(&4i32.to_be_bytes())?;
+            out.write_all(&(e.vector.len() as i32).to_be_bytes())?;
+        }
+        out.write_all(&(-1i16).to_be_bytes())?;
+        out.flush()?;
+        drop(out);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&copy_file.path, std::fs::Permissions::from_mode(0o644))?;
+        }
+        Ok(copy_file)
+    }
+}
+
+impl Drop for CopyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The ceiling: the server's own COPY from the file into the table the library loads into,
+/// in a fresh repository schema: the type is registered first (its empty partition with its
+/// CHECKs and key index), then the file is copied into the partitioned `embeddings`, whose
+/// rows route into that partition. Only the COPY is timed.
+fn server_copy_file(url: &str, path: &str, dim: usize) -> Result<Sample, Box<dyn Error>> {
     let repo = open(url, "ceiling")?;
-    let schema = repo.config().schema_name().to_owned();
+    let table = format!("{}.embeddings", repo.config().schema_name());
     let mut c = postgres::Client::connect(url, postgres::NoTls)?;
-    c.batch_execute(&format!("SET search_path TO {schema}"))?;
-    let options: Option<Vec<String>> = c
-        .query_one(
-            "SELECT reloptions FROM pg_class WHERE oid = 'embeddings'::regclass",
-            &[],
-        )?
-        .get(0);
-    let with = options
-        .filter(|o| !o.is_empty())
-        .map(|o| format!(" WITH ({})", o.join(", ")))
-        .unwrap_or_default();
     c.batch_execute(&format!(
-        "CREATE TABLE ceiling (LIKE embeddings INCLUDING ALL){with}"
+        "SET search_path TO {}",
+        repo.config().schema_name()
     ))?;
+    c.query_one(
+        "SELECT * FROM embedding_type_ensure($1, $2)",
+        &[&ENTITY_TYPE, &(dim as i32)],
+    )?;
     settle(url);
     let started = Instant::now();
-    c.batch_execute(&format!(
-        "COPY ceiling ({COLUMNS}) FROM '{}' (FORMAT binary)",
-        path.replace('\'', "''")
-    ))?;
-    let elapsed = started.elapsed();
+    let rows = c.execute(
+        &format!(
+            "COPY embeddings ({COLUMNS}) FROM '{}' (FORMAT binary)",
+            path.replace('\'', "''")
+        ),
+        &[],
+    )?;
+    let mut sample = Sample::timed(rows, started.elapsed());
     drop(c);
+    sample.bytes_per_row = Some(bytes_per_row(url, &table)?);
     drop_schema(url, repo)?;
-    Ok(elapsed)
+    Ok(sample)
+}
+
+/// The seed's embeddings table (/work/shared/seed DDL, unchanged).
+const SEED_EMBEDDINGS: &str = "CREATE TABLE embeddings (
+    id UUID PRIMARY KEY DEFAULT uuid_generate_v4(),
+    entity_type VARCHAR(50) NOT NULL,
+    entity_id VARCHAR(255) NOT NULL,
+    embeddings BYTEA NOT NULL,
+    dimension INTEGER NOT NULL,
+    created_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP,
+    updated_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP,
+
+    CONSTRAINT uq_entity_type_id UNIQUE (entity_type, entity_id)
+)";
+
+/// psycopg 3's idiomatic binary COPY, one `write_row` per record, one transaction. Reads the
+/// rows from the ceiling's binary COPY file before the clock starts (as bytes for the vector,
+/// str for the keys: what a Python pipeline hands psycopg), then times the COPY and the
+/// commit. Prints `{"rows": …, "seconds": …}`.
+const PSYCOPG_SCRIPT: &str = r#"
+import json, struct, sys, time
+import psycopg
+
+url, table, path = sys.argv[1:4]
+i2, i4 = struct.Struct(">h").unpack_from, struct.Struct(">i").unpack_from
+with open(path, "rb") as f:
+    data = f.read()
+pos, rows = 19, []  # past the signature, the flags and the header extension length
+while True:
+    (n,) = i2(data, pos)
+    pos += 2
+    if n == -1:
+        break
+    fields = []
+    for _ in range(n):
+        (size,) = i4(data, pos)
+        fields.append(data[pos + 4 : pos + 4 + size])
+        pos += 4 + size
+    entity_type, entity_id, vector, dimension = fields
+    rows.append((entity_type.decode(), entity_id.decode(), vector, i4(dimension, 0)[0]))
+del data
+
+with psycopg.connect(url) as conn:
+    with conn.cursor() as cur:
+        started = time.perf_counter()
+        with cur.copy(
+            f"COPY {table} (entity_type, entity_id, embeddings, dimension) "
+            "FROM STDIN (FORMAT binary)"
+        ) as copy:
+            copy.set_types(["varchar", "varchar", "bytea", "int4"])
+            for row in rows:
+                copy.write_row(row)
+        conn.commit()
+        seconds = time.perf_counter() - started
+print(json.dumps({"rows": len(rows), "seconds": seconds}))
+"#;
+
+/// Whether `python3` can import psycopg (3), and the server can give the seed's table its
+/// `uuid_generate_v4()`; says why not on stderr.
+fn psycopg_ready(url: &str) -> bool {
+    let python = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !python.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "psycopg_seed_schema left out: python3 with psycopg 3 is not available \
+             (pip install \"psycopg[binary]\")"
+        );
+        return false;
+    }
+    let extension = postgres::Client::connect(url, postgres::NoTls)
+        .and_then(|mut c| c.batch_execute("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\""));
+    if let Err(e) = extension {
+        eprintln!("psycopg_seed_schema left out: the seed's table needs uuid-ossp ({e})");
+        return false;
+    }
+    true
+}
+
+/// psycopg 3 into the seed's exact embeddings table, in a fresh schema.
+fn psycopg_seed_schema(url: &str, path: &str) -> Result<Sample, Box<dyn Error>> {
+    let schema = schema_name("psycopg");
+    let table = format!("{schema}.embeddings");
+    let mut admin = postgres::Client::connect(url, postgres::NoTls)?;
+    admin.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; \
+         SET search_path TO {schema}, public; {SEED_EMBEDDINGS}"
+    ))?;
+    let mut script = tempfile::Builder::new()
+        .prefix("load_bench_psycopg_")
+        .suffix(".py")
+        .tempfile()?;
+    script.write_all(PSYCOPG_SCRIPT.as_bytes())?;
+    script.flush()?;
+    settle(url);
+    let output = Command::new("python3")
+        .arg(script.path())
+        .args([url, &table, path])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !output.status.success() {
+        return Err(format!("the psycopg script failed ({})", output.status).into());
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let (Some(rows), Some(seconds)) = (answer["rows"].as_u64(), answer["seconds"].as_f64()) else {
+        return Err(format!("the psycopg script answered {answer}").into());
+    };
+    let sample = Sample {
+        rows,
+        seconds,
+        bytes_per_row: Some(bytes_per_row(url, &table)?),
+        peak_rss_over_input_mib: None,
+    };
+    admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
+    Ok(sample)
+}
+
+/// `replace_embeddings` of a type that holds as many rows already (loaded untimed by `Copy`),
+/// with other vectors for the same ids.
+fn replace(
+    url: &str,
+    args: &Args,
+    old: &[Embedding],
+    new: &[Embedding],
+) -> Result<Sample, Box<dyn Error>> {
+    let repo = open(url, "replace")?;
+    repo.load_embeddings(old, LoadMethod::Copy)?;
+    settle(url);
+    let pb = bar(args, "replace", new.len() as u64);
+    let report = repo
+        .replace_embeddings_with_progress(ENTITY_TYPE, new, &mut |done, _| pb.set_position(done))?;
+    pb.finish_and_clear();
+    let mut sample = Sample::timed(report.rows, report.elapsed);
+    sample.bytes_per_row = Some(repo_bytes_per_row(url, &repo)?);
+    drop_schema(url, repo)?;
+    Ok(sample)
 }
 
 /// A raw `COPY … TO STDOUT (FORMAT binary)` of the type's rows, read and thrown away: the
@@ -281,14 +513,64 @@ fn server_copy_out(url: &str, schema: &str) -> Result<(u64, Duration), Box<dyn E
 }
 
 fn measurement(method: &str, rows: u64, dim: usize, seconds: f64) -> Measurement {
+    let rows_per_s = rows as f64 / seconds;
     Measurement {
         method: method.to_owned(),
         rows,
         seconds,
-        rows_per_s: rows as f64 / seconds,
+        rows_per_s,
+        min_rows_per_s: rows_per_s,
+        max_rows_per_s: rows_per_s,
         mb_per_s: (rows * 4 * dim as u64) as f64 / seconds / 1e6,
         ratio_to_ceiling: f64::NAN,
+        bytes_per_row: None,
         peak_rss_over_input_mib: None,
+    }
+}
+
+/// The median of sorted values (the mean of the middle two for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// One method's rounds as one line: median, min and max rows/s, the median bytes per row,
+/// the highest peak RSS.
+fn summarize(method: &str, dim: usize, samples: &[Sample]) -> Measurement {
+    let rows = samples[0].rows;
+    let mut rates: Vec<f64> = samples.iter().map(|s| s.rows as f64 / s.seconds).collect();
+    rates.sort_by(f64::total_cmp);
+    let rate = median(&rates);
+    let mut m = measurement(method, rows, dim, rows as f64 / rate);
+    m.min_rows_per_s = rates[0];
+    m.max_rows_per_s = rates[rates.len() - 1];
+    let mut sizes: Vec<f64> = samples.iter().filter_map(|s| s.bytes_per_row).collect();
+    sizes.sort_by(f64::total_cmp);
+    m.bytes_per_row = (!sizes.is_empty()).then(|| median(&sizes));
+    m.peak_rss_over_input_mib = samples
+        .iter()
+        .filter_map(|s| s.peak_rss_over_input_mib)
+        .reduce(f64::max);
+    m
+}
+
+/// What every round works on.
+struct Inputs {
+    url: String,
+    methods: Vec<String>,
+    batch: Vec<Embedding>,
+    /// Other vectors for the same ids: what `replace` replaces `batch` with.
+    replacement: Vec<Embedding>,
+    copy_file: Option<CopyFile>,
+}
+
+impl Inputs {
+    fn wants(&self, method: &str) -> bool {
+        self.methods.iter().any(|m| m == method)
     }
 }
 
@@ -299,113 +581,160 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
     if args.crossover {
         return crossover(&url, args);
     }
-    let wants = |m: &str| args.methods.iter().any(|x| x == m);
+    let mut methods = args.methods.clone();
+    if methods.iter().any(|m| m == "psycopg_seed_schema") && !psycopg_ready(&url) {
+        methods.retain(|m| m != "psycopg_seed_schema");
+    }
     eprintln!("generating {} vectors of dimension {}", args.rows, args.dim);
-    let batch = make_batch(args.rows, args.dim);
-    let rows = batch.len() as u64;
-    let mut results = Vec::new();
+    let wants = |m: &str| methods.iter().any(|x| x == m);
+    let batch = make_batch(args.rows, args.dim, 42);
+    let replacement = if wants("replace") {
+        make_batch(args.rows, args.dim, 43)
+    } else {
+        Vec::new()
+    };
+    let copy_file = if wants("server_copy_file") || wants("psycopg_seed_schema") {
+        Some(CopyFile::write(&batch)?)
+    } else {
+        None
+    };
+    let inputs = Inputs {
+        url,
+        methods,
+        batch,
+        replacement,
+        copy_file,
+    };
+    let mut samples: HashMap<&'static str, Vec<Sample>> = HashMap::new();
+    for round in 1..=args.rounds {
+        eprintln!("round {round} of {}", args.rounds);
+        run_round(args, &inputs, &mut |method, sample| {
+            // Each round's figures, to judge the noise (stdout carries the summary).
+            eprintln!(
+                "  {method:<20} {:>7.3} s {:>9.0} rows/s",
+                sample.seconds,
+                sample.rows as f64 / sample.seconds
+            );
+            samples.entry(method).or_default().push(sample)
+        })?;
+    }
+    let mut results: Vec<Measurement> = ALL
+        .iter()
+        .filter_map(|m| samples.get(m).map(|s| summarize(m, args.dim, s)))
+        .collect();
+    set_ratios(&mut results);
+    Ok(results)
+}
 
-    if wants("server_copy_file") {
-        let path = write_copy_file(&batch)?;
-        let elapsed = server_copy_file(&url, &path);
-        let _ = std::fs::remove_file(&path);
-        results.push(measurement(
-            "server_copy_file",
-            rows,
-            args.dim,
-            elapsed?.as_secs_f64(),
-        ));
+/// Every selected method once.
+fn run_round(
+    args: &Args,
+    inputs: &Inputs,
+    record: &mut dyn FnMut(&'static str, Sample),
+) -> Result<(), Box<dyn Error>> {
+    let url = inputs.url.as_str();
+    let batch = &inputs.batch;
+    let rows = batch.len() as u64;
+    let copy_path = inputs.copy_file.as_ref().map(|f| f.path.as_str());
+
+    if let (true, Some(path)) = (inputs.wants("server_copy_file"), copy_path) {
+        record("server_copy_file", server_copy_file(url, path, args.dim)?);
     }
 
-    // The repository whose table later serves the reload and the reads.
+    // The repository whose table then serves the reload and the reads.
     let mut kept: Option<ModelRepository> = None;
     for method in LoadMethod::ALL {
-        if !wants(method.as_str()) {
+        if !inputs.wants(method.as_str()) {
             continue;
         }
-        let repo = open(&url, method.as_str())?;
-        settle(&url);
+        let repo = open(url, method.as_str())?;
+        settle(url);
         let input = current_rss();
         reset_peak_rss();
         let pb = bar(args, method.as_str(), rows);
         let report = repo
-            .load_embeddings_with_progress(&batch, method, &mut |done, _| pb.set_position(done))?;
+            .load_embeddings_with_progress(batch, method, &mut |done, _| pb.set_position(done))?;
         pb.finish_and_clear();
-        let mut m = measurement(
-            method.as_str(),
-            rows,
-            args.dim,
-            report.elapsed.as_secs_f64(),
-        );
-        m.peak_rss_over_input_mib = match (peak_rss(), input) {
+        let mut sample = Sample::timed(rows, report.elapsed);
+        sample.peak_rss_over_input_mib = match (peak_rss(), input) {
             (Some(peak), Some(input)) => Some(peak.saturating_sub(input) as f64 / 1048576.0),
             _ => None,
         };
-        results.push(m);
+        sample.bytes_per_row = Some(repo_bytes_per_row(url, &repo)?);
+        record(method.as_str(), sample);
         if method == LoadMethod::Copy || kept.is_none() {
             if let Some(old) = kept.replace(repo) {
-                drop_schema(&url, old)?;
+                drop_schema(url, old)?;
             }
         } else {
-            drop_schema(&url, repo)?;
+            drop_schema(url, repo)?;
         }
     }
 
-    let needs_table = ["upsert_reload", "read_stream", "server_copy_out"];
-    if needs_table.iter().any(|m| wants(m)) {
+    if ["upsert_reload", "read_stream", "server_copy_out"]
+        .iter()
+        .any(|m| inputs.wants(m))
+    {
         let repo = match kept.take() {
             Some(repo) => repo,
             None => {
-                let repo = open(&url, "reads")?;
-                repo.load_embeddings(&batch, LoadMethod::Copy)?;
+                let repo = open(url, "reads")?;
+                repo.load_embeddings(batch, LoadMethod::Copy)?;
                 repo
             }
         };
-        if wants("upsert_reload") {
-            settle(&url);
-            // What a user gets: batch_save_embeddings picks the path (no progress callback).
-            let report = repo.batch_save_embeddings(&batch)?;
-            results.push(measurement(
-                "upsert_reload",
-                rows,
-                args.dim,
-                report.elapsed.as_secs_f64(),
-            ));
-            // The reads below should not pay for the reload's dead tuples.
-            let schema = repo.config().schema_name().to_owned();
-            let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
-            c.batch_execute(&format!("VACUUM ANALYZE {schema}.embeddings"))?;
-        }
-        if wants("server_copy_out") {
-            let (_, elapsed) = server_copy_out(&url, repo.config().schema_name())?;
-            results.push(measurement(
-                "server_copy_out",
-                rows,
-                args.dim,
-                elapsed.as_secs_f64(),
-            ));
-        }
-        if wants("read_stream") {
-            let started = Instant::now();
-            let mut checksum = 0f64;
-            let n =
-                repo.for_each_embedding(ENTITY_TYPE, &mut |_, v| checksum += f64::from(v[0]))?;
-            let elapsed = started.elapsed();
-            std::hint::black_box(checksum);
-            results.push(measurement(
-                "read_stream",
-                n,
-                args.dim,
-                elapsed.as_secs_f64(),
-            ));
-        }
-        drop_schema(&url, repo)?;
+        reload_and_read(url, inputs, &repo, record)?;
+        drop_schema(url, repo)?;
     }
     if let Some(repo) = kept {
-        drop_schema(&url, repo)?;
+        drop_schema(url, repo)?;
     }
-    set_ratios(&mut results);
-    Ok(results)
+
+    if let (true, Some(path)) = (inputs.wants("psycopg_seed_schema"), copy_path) {
+        record("psycopg_seed_schema", psycopg_seed_schema(url, path)?);
+    }
+    if inputs.wants("replace") {
+        record("replace", replace(url, args, batch, &inputs.replacement)?);
+    }
+    Ok(())
+}
+
+/// `upsert_reload`, `server_copy_out` and `read_stream` on a table holding the batch.
+fn reload_and_read(
+    url: &str,
+    inputs: &Inputs,
+    repo: &ModelRepository,
+    record: &mut dyn FnMut(&'static str, Sample),
+) -> Result<(), Box<dyn Error>> {
+    let schema = repo.config().schema_name().to_owned();
+    if inputs.wants("upsert_reload") {
+        settle(url);
+        // What a user gets: batch_save_embeddings picks the path (no progress callback).
+        let report = repo.batch_save_embeddings(&inputs.batch)?;
+        let mut sample = Sample::timed(report.rows, report.elapsed);
+        // Measured before the VACUUM: the dead versions the reload leaves are its cost too.
+        sample.bytes_per_row = Some(repo_bytes_per_row(url, repo)?);
+        record("upsert_reload", sample);
+        // The reads below should not pay for the reload's dead tuples.
+        let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+        c.batch_execute(&format!("VACUUM ANALYZE {schema}.embeddings"))?;
+    }
+    if inputs.wants("server_copy_out") {
+        let (_, elapsed) = server_copy_out(url, &schema)?;
+        record(
+            "server_copy_out",
+            Sample::timed(inputs.batch.len() as u64, elapsed),
+        );
+    }
+    if inputs.wants("read_stream") {
+        let started = Instant::now();
+        let mut checksum = 0f64;
+        let n = repo.for_each_embedding(ENTITY_TYPE, &mut |_, v| checksum += f64::from(v[0]))?;
+        let elapsed = started.elapsed();
+        std::hint::black_box(checksum);
+        record("read_stream", Sample::timed(n, elapsed));
+    }
+    Ok(())
 }
 
 fn set_ratios(results: &mut [Measurement]) {
@@ -442,7 +771,7 @@ fn crossover(url: &str, args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>>
                 let mut times = Vec::new();
                 for rep in 0..reps {
                     let ty = format!("x_{n}_{method}_{rep}");
-                    let batch: Vec<Embedding> = make_batch(n, args.dim)
+                    let batch: Vec<Embedding> = make_batch(n, args.dim, 42)
                         .into_iter()
                         .map(|e| Embedding::new(ty.clone(), e.entity_id, e.vector))
                         .collect();
@@ -466,17 +795,30 @@ fn crossover(url: &str, args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>>
 }
 
 pub fn print_table(results: &[Measurement]) {
+    let w = results.iter().map(|m| m.method.len()).fold(6, usize::max);
     println!(
-        "{:<28} {:>9} {:>9} {:>12} {:>9} {:>9} {:>12}",
-        "method", "rows", "seconds", "rows/s", "MB/s", "ratio", "peak MiB+"
+        "{:<w$} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9}",
+        "method", "rows", "seconds", "rows/s", "min", "max", "MB/s", "ratio", "B/row", "peak MiB+"
     );
     for m in results {
         let peak = m
             .peak_rss_over_input_mib
             .map_or("-".to_owned(), |p| format!("{p:.1}"));
+        let size = m
+            .bytes_per_row
+            .map_or("-".to_owned(), |b| format!("{b:.0}"));
         println!(
-            "{:<28} {:>9} {:>9.3} {:>12.0} {:>9.1} {:>9.3} {:>12}",
-            m.method, m.rows, m.seconds, m.rows_per_s, m.mb_per_s, m.ratio_to_ceiling, peak
+            "{:<w$} {:>8} {:>8.3} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>7.3} {:>8} {:>9}",
+            m.method,
+            m.rows,
+            m.seconds,
+            m.rows_per_s,
+            m.min_rows_per_s,
+            m.max_rows_per_s,
+            m.mb_per_s,
+            m.ratio_to_ceiling,
+            size,
+            peak
         );
     }
 }

@@ -113,6 +113,14 @@ BEGIN
     END IF;
     EXECUTE format('CREATE UNIQUE INDEX IF NOT EXISTS %I ON %I (entity_type, entity_id)',
                    p_name || '_key', p_name);
+    -- ATTACH adopts an index as the partition of the parent's primary key only when it backs
+    -- a primary key itself; a bare unique index would be kept beside a second one that ATTACH
+    -- builds (a scan and a sort, and every later write maintaining both).
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = to_regclass(quote_ident(p_name)) AND contype = 'p') THEN
+        EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I PRIMARY KEY USING INDEX %I',
+                       p_name, p_name || '_key', p_name || '_key');
+    END IF;
     EXECUTE format('ALTER TABLE embeddings ATTACH PARTITION %I FOR VALUES IN (%L)', p_name, p_type);
     UPDATE embedding_types SET storage = p_name, updated_at = now() WHERE entity_type = p_type;
 END
@@ -213,6 +221,7 @@ LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     v_id integer;
     v_old text;
+    v_target text;
 BEGIN
     SELECT id, storage INTO STRICT v_id, v_old FROM embedding_types
     WHERE entity_type = p_type FOR UPDATE;
@@ -223,7 +232,12 @@ BEGIN
     END IF;
     EXECUTE format('CREATE UNIQUE INDEX %I ON %I (entity_type, entity_id)',
                    p_name || '_key', p_name);
+    -- Planner statistics from a small sample: the whole set is read for a full one (about a
+    -- third of a 100,000 x 384 refresh here), and keys, types and dimensions need no more.
+    v_target := current_setting('default_statistics_target');
+    PERFORM set_config('default_statistics_target', '10', true);
     EXECUTE format('ANALYZE %I', p_name);
+    PERFORM set_config('default_statistics_target', v_target, true);
     PERFORM embedding_lock_all();
     IF v_old IS NOT NULL AND to_regclass(quote_ident(v_old)) IS NOT NULL THEN
         EXECUTE format('DROP TABLE %I', v_old);

@@ -394,3 +394,83 @@ fn storage_per_row_stays_close_to_the_raw_vector_size() {
     // 1,536 raw bytes; the target is 1.15x of it, with room here for a small table's overhead.
     assert!(per_row < 1.25 * 1536.0, "{per_row} bytes per row");
 }
+
+/// Indexes of the storage tables of this schema, by table.
+fn storage_indexes(repo: &TestRepo) -> Vec<(String, String, bool)> {
+    repo.sql()
+        .query(
+            "SELECT t.relname::text, i.relname::text, x.indisprimary
+             FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid
+             WHERE t.relnamespace = current_schema()::regnamespace
+               AND t.relname ~ '^embeddings_[0-9]+_[0-9]+$' ORDER BY 1, 2",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// ATTACH adopts the storage's key index as its partition of the primary key, rather than
+/// building a second one beside it that every write would maintain too.
+#[test]
+fn each_type_storage_has_one_index_its_primary_key() {
+    let repo = TestRepo::new();
+    repo.batch_save_embeddings(&set("user", "u", 500, 8, 1.0))
+        .unwrap();
+    repo.replace_embeddings("item", &set("item", "i", 500, 8, 1.0))
+        .unwrap();
+    repo.replace_embeddings("user", &set("user", "v", 500, 8, 2.0))
+        .unwrap();
+    let indexes = storage_indexes(&repo);
+    let tables = storage_tables(&repo);
+    assert_eq!(tables.len(), 2, "{tables:?}");
+    assert_eq!(indexes.len(), 2, "{indexes:?}");
+    for (table, index, primary) in &indexes {
+        assert!(primary, "{table}: {index} is not its primary key");
+        assert_eq!(index, &format!("{table}_key"));
+    }
+}
+
+/// The planner has statistics of a refreshed type at once (from a small sample, and the
+/// session's statistics target is left as it was).
+#[test]
+fn a_refreshed_type_is_analyzed_in_its_refresh() {
+    let repo = TestRepo::new();
+    repo.replace_embeddings("user", &set("user", "u", 2_000, 8, 1.0))
+        .unwrap();
+    let tables = storage_tables(&repo);
+    let analyzed: i64 = repo
+        .sql()
+        .query_one(
+            "SELECT count(*) FROM pg_stats WHERE schemaname = current_schema()
+               AND tablename = $1 AND attname = 'entity_id'",
+            &[&tables[0]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(analyzed, 1, "{tables:?}");
+    let mut client = repo.sql();
+    let mut tx = client.transaction().unwrap();
+    tx.batch_execute("SET LOCAL default_statistics_target = 77")
+        .unwrap();
+    let storage: String = tx
+        .query_one("SELECT embedding_replace_begin('item', 2)", &[])
+        .unwrap()
+        .get(0);
+    tx.execute(
+        &format!("INSERT INTO {storage} (entity_type, entity_id, embeddings, dimension) VALUES ('item', 'i', '\\x0000803f0000803f', 2)"),
+        &[],
+    )
+    .unwrap();
+    tx.execute(
+        "SELECT embedding_replace_commit('item', $1, 2)",
+        &[&storage],
+    )
+    .unwrap();
+    let target: String = tx
+        .query_one("SHOW default_statistics_target", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(target, "77");
+}

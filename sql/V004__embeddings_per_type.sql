@@ -335,5 +335,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (4, 'V004__embeddings_per_type.sql', 'b95135010d7405b1e3a440f5f37aec122be22be7c25df99cf91a193027ca7d5b')
+    VALUES (4, 'V004__embeddings_per_type.sql', 'caea924d0b6537043f55171ba11510e7c2336af9e920e9826148dca1e06a973e')
     ON CONFLICT (version) DO NOTHING;

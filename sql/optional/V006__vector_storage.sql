@@ -168,6 +168,13 @@ BEGIN
     END IF;
     EXECUTE format('CREATE UNIQUE INDEX IF NOT EXISTS %I ON %I (entity_type, entity_id)',
                    p_name || '_key', p_name);
+    -- ATTACH adopts an index as the partition of the parent's primary key only when it backs
+    -- a primary key itself (else it builds a second one): see V004.
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = to_regclass(quote_ident(p_name)) AND contype = 'p') THEN
+        EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I PRIMARY KEY USING INDEX %I',
+                       p_name, p_name || '_key', p_name || '_key');
+    END IF;
     EXECUTE format('ALTER TABLE embeddings ATTACH PARTITION %I FOR VALUES IN (%L)', p_name, p_type);
     UPDATE embedding_types SET storage = p_name, updated_at = now() WHERE entity_type = p_type;
 END
@@ -258,7 +265,12 @@ BEGIN
     END IF;
     EXECUTE format('CREATE UNIQUE INDEX %I ON %I (entity_type, entity_id)',
                    p_name || '_key', p_name);
+    -- Planner statistics from a small sample (see V004).
+    PERFORM set_config('default_statistics_target', '10', true);
     EXECUTE format('ANALYZE %I', p_name);
+    PERFORM set_config('default_statistics_target',
+                       (SELECT reset_val FROM pg_settings WHERE name = 'default_statistics_target'),
+                       true);
     IF p_dim > 2000 THEN
         DELETE FROM embedding_vector_indexes WHERE entity_type = p_type;
         IF FOUND THEN
@@ -310,5 +322,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (6, 'V006__vector_storage.sql', '8952eb60944ec6ef470541c5df3b0319a6b22dae6d9ec75d5435001af018372b')
+    VALUES (6, 'V006__vector_storage.sql', '44a359081f0f04b2037868e66429615b3d1cd044b4e47ae05246984259c41114')
     ON CONFLICT (version) DO NOTHING;

@@ -252,6 +252,7 @@ CREATE OR REPLACE FUNCTION embedding_replace_commit(p_type text, p_name text, p_
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
+    v_target text := current_setting('default_statistics_target');
     v_id integer;
     v_old text;
     v_metric text;
@@ -268,9 +269,7 @@ BEGIN
     -- Planner statistics from a small sample (see V004).
     PERFORM set_config('default_statistics_target', '10', true);
     EXECUTE format('ANALYZE %I', p_name);
-    PERFORM set_config('default_statistics_target',
-                       (SELECT reset_val FROM pg_settings WHERE name = 'default_statistics_target'),
-                       true);
+    PERFORM set_config('default_statistics_target', v_target, true);
     IF p_dim > 2000 THEN
         DELETE FROM embedding_vector_indexes WHERE entity_type = p_type;
         IF FOUND THEN
@@ -322,5 +321,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (6, 'V006__vector_storage.sql', '44a359081f0f04b2037868e66429615b3d1cd044b4e47ae05246984259c41114')
+    VALUES (6, 'V006__vector_storage.sql', 'a14f490f924ad7977ea8781c7c321f04b63213409a2f0869b73c2d6f6e087a91')
     ON CONFLICT (version) DO NOTHING;

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use pg_model_repo::{Embedding, ModelRepository, RepoError, RepositoryConfig};
+use pg_model_repo::{Embedding, ModelRepository, RepoError, RepositoryConfig, VectorStorage};
 
 use crate::common::{self, assert_invalid, count, terminate_sessions, TestRepo};
 
@@ -436,7 +436,7 @@ fn each_type_storage_has_one_index_its_primary_key() {
 /// session's statistics target is left as it was).
 #[test]
 fn a_refreshed_type_is_analyzed_in_its_refresh() {
-    let repo = TestRepo::new();
+    let repo = TestRepo::with_config(|c| c.vector_storage(VectorStorage::Bytea));
     repo.replace_embeddings("user", &set("user", "u", 2_000, 8, 1.0))
         .unwrap();
     let tables = storage_tables(&repo);

@@ -83,6 +83,24 @@ impl RepoError {
         }
     }
 
+    /// The same error without a batch index: for calls that take one record, not a batch.
+    pub(crate) fn without_index(self) -> Self {
+        match self {
+            RepoError::DimensionMismatch {
+                entity_type,
+                expected,
+                actual,
+                ..
+            } => RepoError::DimensionMismatch {
+                entity_type,
+                expected,
+                actual,
+                index: None,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         RepoError::InvalidInput(msg.into())
     }

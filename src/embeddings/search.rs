@@ -106,21 +106,8 @@ impl ModelRepository {
             check_query(query, metric).map_err(|e| prefixed("query", e))?;
             let mut found = self
                 .search(call, entity_type, &[query], k, metric)
-                .map_err(|e| match e {
-                    // One query: no index to name.
-                    RepoError::DimensionMismatch {
-                        entity_type,
-                        expected,
-                        actual,
-                        ..
-                    } => RepoError::DimensionMismatch {
-                        entity_type,
-                        expected,
-                        actual,
-                        index: None,
-                    },
-                    other => other,
-                })?;
+                // One query: no index to name.
+                .map_err(RepoError::without_index)?;
             Ok(found.pop().unwrap_or_default())
         })
     }

@@ -320,20 +320,8 @@ fn save_one(
                     dimension: vector.len(),
                     first_index: 0,
                 }];
-                let created = ensure_types(conn.client(), &types).map_err(|e| match e {
-                    RepoError::DimensionMismatch {
-                        entity_type,
-                        expected,
-                        actual,
-                        ..
-                    } => RepoError::DimensionMismatch {
-                        entity_type,
-                        expected,
-                        actual,
-                        index: None,
-                    },
-                    other => other,
-                })?;
+                let created =
+                    ensure_types(conn.client(), &types).map_err(RepoError::without_index)?;
                 let saved = conn.client().execute(
                     UPSERT_ONE,
                     &[&entity_type, &entity_id, value.sql(), &dimension],

@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::error::Error;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -500,15 +500,7 @@ fn server_copy_out(url: &str, schema: &str) -> Result<(u64, Duration), Box<dyn E
         "COPY (SELECT entity_id, embeddings FROM embeddings WHERE entity_type = 'bench') \
          TO STDOUT (FORMAT binary)",
     )?;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut bytes = 0u64;
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        bytes += n as u64;
-    }
+    let bytes = std::io::copy(&mut reader, &mut std::io::sink())?;
     Ok((bytes, started.elapsed()))
 }
 

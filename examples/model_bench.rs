@@ -347,15 +347,7 @@ impl Bench<'_> {
             "COPY (SELECT data FROM ml_model_chunks WHERE model_name = 'bench' ORDER BY chunk_no) \
              TO STDOUT (FORMAT binary)",
         )?;
-        let mut buf = vec![0u8; 1 << 16];
-        let mut bytes = 0u64;
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            bytes += n as u64;
-        }
+        let bytes = std::io::copy(&mut reader, &mut std::io::sink())?;
         if bytes < self.args.mib << 20 {
             return Err(format!("COPY TO gave {bytes} bytes").into());
         }

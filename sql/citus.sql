@@ -1,28 +1,71 @@
--- Scale-out with Citus: run once on the coordinator, after the schema exists (V001__init.sql),
--- with the search_path set to the repository's schema:
---   psql -d mydb -c 'SET search_path TO ml' -f sql/citus.sql
+-- Scale-out with Citus: distributes a repository's tables on a Citus coordinator. The library
+-- runs this very file (embedded) at the end of its migrations when the database has the citus
+-- extension (RepositoryConfig::citus, CitusMode::Auto by default); run by hand, it does the
+-- same, once the schema exists (the V*.sql files, see V001__init.sql), idempotently:
+--   row-based:    psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'SET search_path TO ml' -f sql/citus.sql
+--   schema-based: psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'SET search_path TO ml' \
+--                      -c "SET pg_model_repo.citus_mode = 'schema'" -f sql/citus.sql
+-- A schema Citus already made a distributed schema (created while
+-- citus.enable_schema_based_sharding was on) is left as it is: every table in it already lives
+-- whole on one node.
 --
--- Every primary and unique key includes its table's distribution column (a test checks it
--- against the catalog), so these calls succeed unchanged. Model-keyed tables are co-located by
--- model_name so alias moves and cleanups stay single-shard transactions.
-
--- Small, read on every embedding write: a copy on every node.
-SELECT create_reference_table('embedding_types');
-
-SELECT create_distributed_table('ml_models', 'model_name');
-SELECT create_distributed_table('model_aliases', 'model_name', colocate_with => 'ml_models');
-SELECT create_distributed_table('model_alias_stack', 'model_name', colocate_with => 'ml_models');
-SELECT create_distributed_table('model_alias_history', 'model_name', colocate_with => 'ml_models');
-SELECT create_distributed_table('training_metrics', 'model_name', colocate_with => 'ml_models');
-
-SELECT create_distributed_table('embeddings', 'entity_id');
--- embeddings_staging (ParallelCopy's UNLOGGED staging) stays a local table on the coordinator:
--- its rows are merged into the distributed embeddings table by INSERT … SELECT.
-SELECT create_distributed_table('prediction_cache', 'cache_key');
--- pgvector (sql/V006) on Citus (designed for, not yet tested on a cluster): the extension
--- must exist in the same schema on the coordinator and every worker before the tables are
--- distributed. The exact search reads a type through the coordinator by COPY (SELECT …) TO
--- STDOUT and scores it in the client, so its answer is the exact global one; an indexed
--- search's ORDER BY distance LIMIT k runs on every shard and the coordinator merges the
--- per-shard top-k. A type's HNSW index is created on its partition, which Citus propagates to
--- the shards; DDL inside the SECURITY DEFINER functions needs citus.enable_ddl_propagation.
+-- Row-based: every primary and unique key includes its table's distribution column (a test
+-- checks it against the catalog). Model-keyed tables are co-located by model_name, so alias
+-- moves, chunked saves and cleanups stay single-shard transactions; embeddings and their
+-- quarantine by entity_id; the cache by its key (in a co-location group of its own: its key
+-- is COLLATE "C"); the type registry is a reference table, a copy on every node. The
+-- migration history and ParallelCopy's staging table stay local to the coordinator (the
+-- staging rows are merged into embeddings by INSERT ... SELECT through it, and the advisory
+-- locks that guard them are the coordinator's).
+--
+-- The model table's triggers (checksum, size, re-save; sql/V001, V002, V005) run on the shards:
+-- Citus needs citus.enable_unsafe_triggers to distribute a table that has triggers. It is set
+-- here for this transaction only; the triggers touch nothing but the row they fire for.
+DO $citus$
+DECLARE
+    v_schema text := current_schema();
+    v_mode text := coalesce(nullif(current_setting('pg_model_repo.citus_mode', true), ''), 'row');
+    v_table text;
+    v_column text;
+    v_with text;
+BEGIN
+    IF v_schema IS NULL THEN
+        RAISE invalid_schema_name USING MESSAGE = 'set the search_path to the repository''s schema first';
+    END IF;
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_dist_schema WHERE schemaid = quote_ident(v_schema)::regnamespace) THEN
+        RETURN;
+    END IF;
+    IF v_mode = 'schema' THEN
+        PERFORM citus_schema_distribute(quote_ident(v_schema)::regnamespace);
+        RETURN;
+    ELSIF v_mode <> 'row' THEN
+        RAISE invalid_parameter_value USING MESSAGE =
+            format('pg_model_repo.citus_mode is %L: use row or schema', v_mode);
+    END IF;
+    FOR v_table, v_column, v_with IN
+        SELECT * FROM (VALUES
+            ('embedding_types',       NULL,         NULL),
+            ('ml_models',             'model_name', 'default'),
+            ('ml_model_chunks',       'model_name', 'ml_models'),
+            ('model_aliases',         'model_name', 'ml_models'),
+            ('model_alias_stack',     'model_name', 'ml_models'),
+            ('model_alias_history',   'model_name', 'ml_models'),
+            ('training_metrics',      'model_name', 'ml_models'),
+            ('embeddings',            'entity_id',  'default'),
+            ('embeddings_quarantine', 'entity_id',  'embeddings'),
+            ('prediction_cache',      'cache_key',  'none')
+        ) AS t(name, distribution_column, colocate_with)
+    LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_dist_partition
+                              WHERE logicalrelid = format('%I.%I', v_schema, v_table)::regclass);
+        IF v_column IS NULL THEN
+            PERFORM create_reference_table(format('%I.%I', v_schema, v_table)::regclass);
+        ELSE
+            PERFORM create_distributed_table(format('%I.%I', v_schema, v_table)::regclass,
+                v_column, colocate_with => CASE WHEN v_with IN ('default', 'none') THEN v_with
+                                                ELSE format('%I.%I', v_schema, v_with) END);
+        END IF;
+    END LOOP;
+END
+$citus$;

@@ -89,7 +89,7 @@ mod validate;
 
 pub use cache::CacheStats;
 pub use db::config::{
-    RepositoryConfig, VectorStorage, DEFAULT_APPLICATION_NAME, DEFAULT_HNSW_EF_SEARCH,
+    CitusMode, RepositoryConfig, VectorStorage, DEFAULT_APPLICATION_NAME, DEFAULT_HNSW_EF_SEARCH,
     DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE, DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE,
     MODEL_CHUNK_SIZE_RANGE,
 };

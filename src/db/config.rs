@@ -81,6 +81,62 @@ impl std::str::FromStr for VectorStorage {
     }
 }
 
+/// Whether and how a repository distributes its tables on a database with the Citus
+/// extension (a coordinator of a Citus cluster). On a database without Citus only `Off` and
+/// `Auto` open; `Auto` then does nothing.
+///
+/// The mode is fixed when a schema is created: `open` and
+/// [`ModelRepository::migrate`](crate::ModelRepository::migrate) distribute the schema's tables
+/// as part of the migration, under the same advisory lock, and an interrupted distribution
+/// is finished by the next open. `sql/citus.sql` runs the same statements by hand.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CitusMode {
+    /// Follow the database: with the `citus` extension, a schema Citus made a distributed
+    /// schema (listed in `citus_schemas`, because `citus.enable_schema_based_sharding` was on
+    /// when it was created) is schema-based, any other schema row-based. Without the
+    /// extension, a plain PostgreSQL schema.
+    #[default]
+    Auto,
+    /// Never distribute: the tables stay local to the coordinator (a schema Citus already
+    /// distributed is used as it is).
+    Off,
+    /// Row-based: embeddings hash-distributed by entity id, the cache by key, the model
+    /// tables co-located by model name, the type registry a reference table on every node.
+    RowBased,
+    /// Schema-based sharding: the whole schema lives on one node (its own co-location
+    /// group), so many repositories spread over the cluster, one schema each.
+    SchemaBased,
+}
+
+impl CitusMode {
+    /// The setting's name: `auto`, `off`, `row`, `schema`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CitusMode::Auto => "auto",
+            CitusMode::Off => "off",
+            CitusMode::RowBased => "row",
+            CitusMode::SchemaBased => "schema",
+        }
+    }
+}
+
+impl std::str::FromStr for CitusMode {
+    type Err = RepoError;
+
+    /// Parses the names [`CitusMode::as_str`] gives (any case).
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            CitusMode::Auto,
+            CitusMode::Off,
+            CitusMode::RowBased,
+            CitusMode::SchemaBased,
+        ]
+        .into_iter()
+        .find(|v| v.as_str().eq_ignore_ascii_case(s.trim()))
+        .ok_or_else(|| RepoError::invalid(format!("unknown Citus mode {s:?} (auto, off, row, schema)")))
+    }
+}
+
 /// How to get pgvector, for errors that need it.
 pub(crate) const PGVECTOR_INSTALL_HINT: &str = "Install pgvector on the server (Debian/Ubuntu: \
     `apt-get install postgresql-<major>-pgvector`; from source: `git clone \
@@ -128,6 +184,7 @@ pub struct RepositoryConfig {
     pub(crate) stream_idle_timeout: Duration,
     pub(crate) tls_root_certificate: Option<std::path::PathBuf>,
     pub(crate) vector_storage: VectorStorage,
+    pub(crate) citus: CitusMode,
     pub(crate) hnsw_ef_search: u32,
 }
 
@@ -171,14 +228,16 @@ impl RepositoryConfig {
             stream_idle_timeout: Duration::from_secs(600),
             tls_root_certificate: None,
             vector_storage: VectorStorage::Auto,
+            citus: CitusMode::Auto,
             hnsw_ef_search: DEFAULT_HNSW_EF_SEARCH,
         }
     }
 
     /// Reads `DATABASE_URL` (required), `DB_POOL_SIZE`, `DB_MAX_OVERFLOW`, `DB_POOL_TIMEOUT`,
     /// `QUERY_TIMEOUT`, `CACHE_DEFAULT_TTL`, `CACHE_MAX_TTL` (durations in seconds, decimals
-    /// allowed), `ENABLE_METRICS` (true/false/1/0/yes/no/on/off), `MODEL_REPO_SCHEMA` and
-    /// `MODEL_REPO_VECTOR_STORAGE` (auto/bytea/pgvector).
+    /// allowed), `ENABLE_METRICS` (true/false/1/0/yes/no/on/off), `MODEL_REPO_SCHEMA`,
+    /// `MODEL_REPO_VECTOR_STORAGE` (auto/bytea/pgvector) and `MODEL_REPO_CITUS`
+    /// (auto/off/row/schema).
     ///
     /// A missing `DATABASE_URL` or a malformed value is `InvalidInput` naming the variable.
     ///
@@ -223,6 +282,11 @@ impl RepositoryConfig {
         if let Some(v) = var("MODEL_REPO_VECTOR_STORAGE") {
             config.vector_storage = v.parse().map_err(|_| {
                 RepoError::invalid(format!("MODEL_REPO_VECTOR_STORAGE is malformed: {v:?}"))
+            })?;
+        }
+        if let Some(v) = var("MODEL_REPO_CITUS") {
+            config.citus = v.parse().map_err(|_| {
+                RepoError::invalid(format!("MODEL_REPO_CITUS is malformed: {v:?}"))
             })?;
         }
         if let Some(v) = var("MODEL_REPO_SCHEMA") {
@@ -350,6 +414,13 @@ impl RepositoryConfig {
     /// How vectors are stored: see [`VectorStorage`]. Defaults to `VectorStorage::Auto`.
     pub fn vector_storage(mut self, storage: VectorStorage) -> Self {
         self.vector_storage = storage;
+        self
+    }
+
+    /// Whether and how the repository's tables are distributed on a Citus coordinator: see
+    /// [`CitusMode`]. Defaults to `CitusMode::Auto`.
+    pub fn citus(mut self, mode: CitusMode) -> Self {
+        self.citus = mode;
         self
     }
 
@@ -514,6 +585,7 @@ impl fmt::Debug for RepositoryConfig {
             .field("stream_idle_timeout", &self.stream_idle_timeout)
             .field("tls_root_certificate", &self.tls_root_certificate)
             .field("vector_storage", &self.vector_storage)
+            .field("citus", &self.citus)
             .field("hnsw_ef_search", &self.hnsw_ef_search)
             .finish()
     }

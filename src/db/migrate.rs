@@ -15,7 +15,8 @@ use postgres::{Client, GenericClient, Transaction};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::db::config::{RepositoryConfig, VectorStorage, PGVECTOR_INSTALL_HINT};
+use crate::db::citus::{self, Layout};
+use crate::db::config::{CitusMode, RepositoryConfig, VectorStorage, PGVECTOR_INSTALL_HINT};
 use crate::db::deadline::STATEMENT_GRACE;
 use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
@@ -125,6 +126,9 @@ pub struct MigrationReport {
     pub applied: Vec<String>,
     /// What taking over a schema built by the seed's Python code did, when this run did it.
     pub seed_takeover: Option<SeedTakeoverReport>,
+    /// How this run distributed the schema on a Citus coordinator (`"row"` or `"schema"`),
+    /// when it did (see [`CitusMode`](crate::CitusMode)).
+    pub distributed: Option<String>,
 }
 
 /// Creates the schema if absent and applies every pending migration in one transaction (a
@@ -135,7 +139,9 @@ pub struct MigrationReport {
 pub(crate) fn run(config: &RepositoryConfig) -> Result<MigrationReport> {
     config.validate()?;
     let mut conn = connect(config)?;
-    if pending(conn.client(), config.vector_storage)?.is_empty() {
+    if pending(conn.client(), config.vector_storage)?.is_empty()
+        && !undistributed(conn.client(), config)?
+    {
         return Ok(MigrationReport::default());
     }
     // Waiting for another process's migration is bounded by pool_timeout (server-side, and
@@ -162,12 +168,20 @@ pub(crate) fn run(config: &RepositoryConfig) -> Result<MigrationReport> {
             config.query_timeout.as_millis().max(1)
         ))
         .map_err(RepoError::from)
-        .and_then(|()| apply_pending(client, &config.schema, config.vector_storage, wait));
+        .and_then(|()| apply_pending(client, config, wait));
     let unlock = client.execute(UNLOCK, &[&key]);
     let report = outcome.map_err(|e| needs_owner(e, &config.schema))?;
     unlock?;
     log_report(&config.schema, &report);
     Ok(report)
+}
+
+/// Whether the database has Citus and the schema's tables are not yet distributed as the
+/// config asks (an error when it asks for Citus on a database without it).
+fn undistributed(client: &mut Client, config: &RepositoryConfig) -> Result<bool> {
+    let found = citus::inspect(client, &config.schema)?;
+    let layout = citus::layout(config.citus, &found, &config.schema)?;
+    Ok(citus::incomplete(layout, &found))
 }
 
 const LOCK: &str = "SELECT pg_advisory_lock($1)";
@@ -269,20 +283,23 @@ fn checksum(sql: &str) -> String {
 /// repositories' first opens), as it bounds the wait for this schema's migration lock.
 fn apply_pending(
     client: &mut Client,
-    schema: &str,
-    storage: VectorStorage,
+    config: &RepositoryConfig,
     wait: Duration,
 ) -> Result<MigrationReport> {
+    let schema = config.schema.as_str();
+    let storage = config.vector_storage;
     let mut tx = client.transaction()?;
-    tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {}; {CREATE_HISTORY}",
-        quote_ident(schema)
-    ))?;
+    let (layout, found) = create_schema(&mut tx, schema, config.citus)?;
     let pending = pending(&mut tx, storage)?;
+    let building = pending.first().is_some_and(|m| m.version == 1);
+    if layout != Layout::Local {
+        citus::before_migrations(&mut tx, schema, &found, building)?;
+    }
     let mut report = MigrationReport::default();
-    let mut takeover = match pending.first() {
-        Some(first) if first.version == 1 => seed_takeover::begin(&mut tx)?,
-        _ => None,
+    let mut takeover = if building {
+        seed_takeover::begin(&mut tx)?
+    } else {
+        None
     };
     for migration in pending {
         let applied = match migration.when {
@@ -305,8 +322,33 @@ fn apply_pending(
             }
         }
     }
+    if building || citus::incomplete(layout, &found) {
+        citus::distribute(&mut tx, schema, layout)?;
+        if layout != Layout::Local {
+            report.distributed = Some(layout.as_str().to_owned());
+        }
+    }
     tx.commit()?;
     Ok(report)
+}
+
+/// Creates the schema (of the kind the Citus mode asks for) and the history table if absent;
+/// returns the layout the schema is to have and what the database said of it.
+fn create_schema(
+    tx: &mut Transaction<'_>,
+    schema: &str,
+    mode: CitusMode,
+) -> Result<(Layout, citus::Found)> {
+    let has_citus = citus::inspect(tx, schema)?.citus;
+    if has_citus {
+        citus::before_create_schema(tx, mode)?;
+    }
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {}; {CREATE_HISTORY}",
+        quote_ident(schema)
+    ))?;
+    let found = citus::inspect(tx, schema)?;
+    Ok((citus::layout(mode, &found, schema)?, found))
 }
 
 fn apply(tx: &mut Transaction<'_>, migration: &Migration) -> Result<()> {

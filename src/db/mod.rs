@@ -4,6 +4,7 @@
 //! knows the repository handle or any feature module.
 
 pub(crate) mod binary_copy;
+pub(crate) mod citus;
 pub(crate) mod commit;
 pub(crate) mod config;
 pub(crate) mod counters;

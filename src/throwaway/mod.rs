@@ -11,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cluster;
 mod proxy;
 
 use std::net::TcpListener;
@@ -19,6 +20,7 @@ use std::process::{Command, Stdio};
 
 use crate::db::error::{RepoError, Result};
 
+pub use cluster::{ensure_citus_installed, ThrowawayCluster, CITUS_INSTALL_HINT};
 pub use proxy::LostReplyProxy;
 
 /// What to tell a user whose machine has no PostgreSQL binaries.

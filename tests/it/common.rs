@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use pg_model_repo::throwaway::{database_url_or_start, ThrowawayServer};
 use pg_model_repo::{ModelRepository, RepositoryConfig, VectorStorage};
 
 /// Settings for the throwaway server: room for many parallel tests, no fsync (tests need no
@@ -22,8 +21,10 @@ pub const TEST_SERVER_SETTINGS: &[(&str, &str)] = &[
 /// The server every test of the suite uses (tests that stop, restart or reconfigure a server
 /// start their own). Fails loudly (never skips) when neither `DATABASE_URL` nor local
 /// PostgreSQL binaries are available.
+#[cfg(not(feature = "citus"))]
 pub fn server_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
+    use pg_model_repo::throwaway::{database_url_or_start, ThrowawayServer};
     static SERVER: OnceLock<ThrowawayServer> = OnceLock::new();
     URL.get_or_init(|| {
         crate::logging::init();
@@ -35,6 +36,41 @@ pub fn server_url() -> String {
         url
     })
     .clone()
+}
+
+/// With the `citus` feature, the suite's server is the coordinator of a throwaway Citus cluster
+/// (two workers), whatever `DATABASE_URL` says. `MODEL_REPO_CITUS_MODE=schema` turns
+/// schema-based sharding on for every new schema (so `CitusMode::Auto` makes each test's
+/// schema a distributed schema); otherwise each test's schema is distributed row-based.
+#[cfg(feature = "citus")]
+pub fn server_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    static CLUSTER: OnceLock<pg_model_repo::throwaway::ThrowawayCluster> = OnceLock::new();
+    URL.get_or_init(|| {
+        crate::logging::init();
+        let mut settings = TEST_SERVER_SETTINGS.to_vec();
+        // Fewer shards than Citus's 32: each test creates a schema of its own.
+        settings.push(("citus.shard_count", "4"));
+        if citus_schema_based() {
+            settings.push(("citus.enable_schema_based_sharding", "on"));
+        }
+        let cluster = pg_model_repo::throwaway::ThrowawayCluster::start_with(2, &settings)
+            .unwrap_or_else(|e| panic!("no Citus cluster for the tests: {e}"));
+        let url = cluster.url();
+        let _ = CLUSTER.set(cluster);
+        url
+    })
+    .clone()
+}
+
+/// Whether the Citus suite runs schema-based (`MODEL_REPO_CITUS_MODE=schema`).
+#[cfg(feature = "citus")]
+pub fn citus_schema_based() -> bool {
+    match std::env::var("MODEL_REPO_CITUS_MODE").as_deref().map(str::trim) {
+        Ok("schema") => true,
+        Ok("row") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("MODEL_REPO_CITUS_MODE={other:?}: use row or schema"),
+    }
 }
 
 /// A schema name unique to this process and test.

@@ -1,0 +1,214 @@
+//! Citus: where a repository's tables live on a Citus coordinator, and the step of the
+//! migration that puts them there. The statements are `sql/citus.sql` itself (embedded), so
+//! the file people run by hand is exactly what the library runs.
+//!
+//! Row-based, every big table is hash-distributed over the workers; schema-based, the whole
+//! schema is one co-location group on one node. A schema created by the migration's first
+//! file cannot be distributed while it is created (V001 gives its sequence an owner, which
+//! Citus does not allow on a distributed sequence), so a new schema that Citus made a
+//! distributed schema is undistributed while it is empty, built, and distributed again, all
+//! in the migration's one transaction.
+
+use postgres::Transaction;
+
+use crate::db::config::CitusMode;
+use crate::db::error::{RepoError, Result};
+
+/// The statements that distribute a schema's tables (see the file's header).
+pub(crate) const CITUS_SQL: &str = include_str!("../../sql/citus.sql");
+
+/// The tables a row-based layout distributes (as `sql/citus.sql` lists them; a unit test
+/// keeps the two in step): all of them distributed means the layout is complete.
+pub(crate) const ROW_BASED_TABLES: &[&str] = &[
+    "embedding_types",
+    "ml_models",
+    "ml_model_chunks",
+    "model_aliases",
+    "model_alias_stack",
+    "model_alias_history",
+    "training_metrics",
+    "embeddings",
+    "embeddings_quarantine",
+    "prediction_cache",
+];
+
+/// Where a schema's tables are, or are to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// A plain PostgreSQL schema (no Citus, or `CitusMode::Off`).
+    Local,
+    /// Hash-distributed tables over the workers.
+    RowBased,
+    /// One distributed schema, whole on one node.
+    SchemaBased,
+}
+
+impl Layout {
+    /// The name `sql/citus.sql` takes in `pg_model_repo.citus_mode`, and the report's.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Layout::Local => "local",
+            Layout::RowBased => "row",
+            Layout::SchemaBased => "schema",
+        }
+    }
+}
+
+/// What the database says about Citus and one schema.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Found {
+    /// The `citus` extension exists in this database.
+    pub(crate) citus: bool,
+    /// The schema is a Citus distributed schema (in `pg_dist_schema`).
+    pub(crate) distributed_schema: bool,
+    /// How many of [`ROW_BASED_TABLES`] are distributed (or reference tables).
+    pub(crate) distributed_tables: usize,
+}
+
+const HAS_CITUS: &str = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')";
+
+const INSPECT_SCHEMA: &str = "SELECT
+        EXISTS (SELECT 1 FROM pg_catalog.pg_dist_schema s
+                JOIN pg_namespace n ON n.oid = s.schemaid WHERE n.nspname = $1),
+        (SELECT count(*) FROM pg_catalog.pg_dist_partition p
+         JOIN pg_class c ON c.oid = p.logicalrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = ANY($2))";
+
+/// Reads what [`Found`] holds (one query without Citus, two with it).
+pub(crate) fn inspect<C: postgres::GenericClient>(client: &mut C, schema: &str) -> Result<Found> {
+    let citus: bool = client.query_one(HAS_CITUS, &[])?.try_get(0)?;
+    if !citus {
+        return Ok(Found::default());
+    }
+    let tables: Vec<&str> = ROW_BASED_TABLES.to_vec();
+    let row = client.query_one(INSPECT_SCHEMA, &[&schema, &tables])?;
+    let distributed: i64 = row.try_get(1)?;
+    Ok(Found {
+        citus,
+        distributed_schema: row.try_get(0)?,
+        distributed_tables: usize::try_from(distributed).unwrap_or(0),
+    })
+}
+
+/// The layout `mode` asks for, given what the database says.
+pub(crate) fn layout(mode: CitusMode, found: &Found, schema: &str) -> Result<Layout> {
+    match (mode, found.citus) {
+        (CitusMode::Off, _) | (CitusMode::Auto, false) => Ok(Layout::Local),
+        (CitusMode::RowBased | CitusMode::SchemaBased, false) => Err(RepoError::invalid(format!(
+            "RepositoryConfig::citus({mode:?}), but this database has no citus extension: \
+             connect to a Citus coordinator (CREATE EXTENSION citus), or use CitusMode::Auto"
+        ))),
+        (CitusMode::Auto, true) if found.distributed_schema => Ok(Layout::SchemaBased),
+        (CitusMode::Auto, true) => Ok(Layout::RowBased),
+        (CitusMode::RowBased, true) if found.distributed_schema => {
+            Err(RepoError::Conflict(format!(
+                "schema {schema} is a Citus distributed schema (schema-based sharding); open it \
+                 with CitusMode::SchemaBased or CitusMode::Auto"
+            )))
+        }
+        (CitusMode::RowBased, true) => Ok(Layout::RowBased),
+        (CitusMode::SchemaBased, true) => Ok(Layout::SchemaBased),
+    }
+}
+
+/// Whether the schema's tables are not yet where `layout` puts them.
+pub(crate) fn incomplete(layout: Layout, found: &Found) -> bool {
+    match layout {
+        Layout::Local => false,
+        Layout::RowBased => found.distributed_tables < ROW_BASED_TABLES.len(),
+        Layout::SchemaBased => !found.distributed_schema,
+    }
+}
+
+/// Before the schema is created: makes `CREATE SCHEMA` give the kind of schema the mode asks
+/// for (a database may turn schema-based sharding on for every new schema).
+pub(crate) fn before_create_schema(tx: &mut Transaction<'_>, mode: CitusMode) -> Result<()> {
+    let sharding = match mode {
+        CitusMode::RowBased => "off",
+        CitusMode::SchemaBased => "on",
+        CitusMode::Auto | CitusMode::Off => return Ok(()),
+    };
+    tx.batch_execute(&format!(
+        "SET LOCAL citus.enable_schema_based_sharding = {sharding}"
+    ))?;
+    Ok(())
+}
+
+/// Before the migrations run on Citus: triggers may be created on distributed tables (they
+/// touch only their own row), and a distributed schema about to be built from its first file
+/// is undistributed while it is still empty (see the module doc).
+pub(crate) fn before_migrations(
+    tx: &mut Transaction<'_>,
+    schema: &str,
+    found: &Found,
+    building: bool,
+) -> Result<()> {
+    tx.batch_execute("SET LOCAL citus.enable_unsafe_triggers = on")?;
+    if building && found.distributed_schema {
+        tx.execute(
+            "SELECT citus_schema_undistribute(quote_ident($1)::regnamespace)",
+            &[&schema],
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `sql/citus.sql` for `layout` (idempotent: what is distributed already is left alone).
+pub(crate) fn distribute(tx: &mut Transaction<'_>, schema: &str, layout: Layout) -> Result<()> {
+    if layout == Layout::Local {
+        return Ok(());
+    }
+    log::info!(
+        "pg-model-repo: distributing schema {schema} on Citus ({}-based)",
+        layout.as_str()
+    );
+    tx.execute(
+        "SELECT set_config('pg_model_repo.citus_mode', $1, true)",
+        &[&layout.as_str()],
+    )?;
+    tx.batch_execute(CITUS_SQL)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_row_based_list_is_the_one_citus_sql_distributes() {
+        for table in ROW_BASED_TABLES {
+            assert!(
+                CITUS_SQL.contains(&format!("('{table}',")),
+                "sql/citus.sql does not list {table}"
+            );
+        }
+        let listed = CITUS_SQL
+            .lines()
+            .filter(|l| l.trim_start().starts_with("('"))
+            .count();
+        assert_eq!(listed, ROW_BASED_TABLES.len());
+    }
+
+    #[test]
+    fn forcing_a_mode_without_citus_is_refused() {
+        let none = Found::default();
+        assert_eq!(layout(CitusMode::Auto, &none, "s").unwrap(), Layout::Local);
+        assert_eq!(layout(CitusMode::Off, &none, "s").unwrap(), Layout::Local);
+        assert!(layout(CitusMode::RowBased, &none, "s").is_err());
+        assert!(layout(CitusMode::SchemaBased, &none, "s").is_err());
+        let schema = Found {
+            citus: true,
+            distributed_schema: true,
+            distributed_tables: 0,
+        };
+        assert_eq!(
+            layout(CitusMode::Auto, &schema, "s").unwrap(),
+            Layout::SchemaBased
+        );
+        assert!(matches!(
+            layout(CitusMode::RowBased, &schema, "s"),
+            Err(RepoError::Conflict(_))
+        ));
+    }
+}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cache::{Reaper, FLUSH_HITS};
+use crate::db::citus::{self, Layout};
 use crate::db::config::{RepositoryConfig, VectorStorage};
 use crate::db::counters::{AccessCounts, Buffer, Flush, FlushStatements};
 use crate::db::error::{RepoError, Result};
@@ -64,6 +65,8 @@ struct Inner {
     storage: StorageCell,
     /// Which entity types have HNSW indexes, as recently seen.
     index_cache: IndexCache,
+    /// Where the schema's tables are (plain, or distributed by Citus), as `open` found it.
+    layout: Layout,
 }
 
 impl Drop for Inner {
@@ -155,6 +158,7 @@ impl ModelRepository {
             config.schema,
             config.redacted_target()
         );
+        let layout = citus::current(pool.get()?.client(), &config.schema)?;
         let timings = Timings::new(config.enable_metrics, config.slow_query_threshold);
         let counts = Arc::new(AccessCounts::new(FlushStatements {
             cache_hits: FLUSH_HITS,
@@ -165,6 +169,7 @@ impl ModelRepository {
                 pool.clone(),
                 counts.clone(),
                 LEFTOVERS,
+                layout,
                 every,
             )?),
             None => None,
@@ -178,6 +183,7 @@ impl ModelRepository {
                 reaper,
                 storage,
                 index_cache: IndexCache::default(),
+                layout,
             }),
         })
     }
@@ -299,6 +305,11 @@ impl ModelRepository {
     /// What is known of the entity types' HNSW indexes.
     pub(crate) fn index_cache(&self) -> &IndexCache {
         &self.inner.index_cache
+    }
+
+    /// Where the schema's tables are (plain, or distributed by Citus), as `open` found it.
+    pub(crate) fn layout(&self) -> Layout {
+        self.inner.layout
     }
 
     /// The repository's access counters (cache lookups, model loads).

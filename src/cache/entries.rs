@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cache::glob::{Glob, SqlFilter};
+use crate::db::citus::Layout;
 use crate::db::commit;
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{PgConnection, Pool};
@@ -67,9 +68,9 @@ const SELECT_STATS: &str = "SELECT count(*)::int8,
 /// last hit, so no client clock is involved. Entries expired since are left alone (the reaper
 /// may hold them).
 pub(crate) const FLUSH_HITS: &str = "UPDATE prediction_cache AS c
-     SET access_count = c.access_count + u.hits,
-         last_accessed = GREATEST(c.last_accessed, now() - u.age_us * interval '1 microsecond')
-     FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(cache_key, hits, age_us)
+     SET access_count = c.access_count + u.hits, last_accessed = GREATEST(c.last_accessed, u.at)
+     FROM (SELECT cache_key, hits, now() - age_us * interval '1 microsecond' AS at
+           FROM unnest($1::text[], $2::int8[], $3::int8[]) AS l(cache_key, hits, age_us)) AS u
      WHERE c.cache_key = u.cache_key AND c.expires_at > now()";
 
 /// One bounded batch of expired rows, locked with SKIP LOCKED so that concurrent reapers
@@ -78,6 +79,14 @@ pub(crate) const FLUSH_HITS: &str = "UPDATE prediction_cache AS c
 const DELETE_EXPIRED_BATCH: &str = "DELETE FROM prediction_cache WHERE ctid = ANY(ARRAY(
          SELECT ctid FROM prediction_cache WHERE expires_at <= now()
          LIMIT $1 FOR UPDATE SKIP LOCKED))";
+
+/// The same on a row-based Citus cluster, which allows no `FOR UPDATE` across shards: the
+/// coordinator gathers a batch of expired keys from every shard, then each shard deletes its
+/// own, re-checking the expiry under the row lock, so an entry renewed in between is kept.
+const DELETE_EXPIRED_KEYS: &str = "DELETE FROM prediction_cache
+     WHERE cache_key IN (SELECT cache_key FROM prediction_cache WHERE expires_at <= now()
+                         LIMIT $1)
+       AND expires_at <= now()";
 
 impl ModelRepository {
     /// Stores `predictions` (serialized as CBOR) under `cache_key` for `ttl`, replacing any
@@ -203,7 +212,7 @@ impl ModelRepository {
     /// ```
     pub fn purge_expired_cache(&self) -> Result<u64> {
         self.timed("purge_expired_cache", |call| {
-            purge_expired(call.pool(), Retry::Idempotent, &|| false)
+            purge_expired(call.pool(), self.layout(), Retry::Idempotent, &|| false)
         })
     }
 
@@ -448,12 +457,21 @@ fn explain_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<Strin
 /// Deletes expired rows in batches of [`PURGE_BATCH`] until a batch comes back short (none
 /// left, or the rest is locked by another reaper), or `stop()` says so between batches.
 /// Each batch is retried per `retry` (deleting expired rows again is harmless).
-pub(crate) fn purge_expired(pool: &Pool, retry: Retry, stop: &dyn Fn() -> bool) -> Result<u64> {
+pub(crate) fn purge_expired(
+    pool: &Pool,
+    layout: Layout,
+    retry: Retry,
+    stop: &dyn Fn() -> bool,
+) -> Result<u64> {
+    let delete = match layout {
+        Layout::RowBased => DELETE_EXPIRED_KEYS,
+        Layout::Local | Layout::SchemaBased => DELETE_EXPIRED_BATCH,
+    };
     let mut total = 0;
     loop {
         // A tracked write: a batch whose commit reply was lost is counted once, or reported.
         let deleted = commit::run_once(pool, "purge_expired_cache", retry, |tx| {
-            Ok(tx.execute(DELETE_EXPIRED_BATCH, &[&PURGE_BATCH])?)
+            Ok(tx.execute(delete, &[&PURGE_BATCH])?)
         })?;
         total += deleted;
         if deleted < PURGE_BATCH as u64 || stop() {

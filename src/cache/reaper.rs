@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TryRecvError};
 
 use crate::cache::purge_expired;
+use crate::db::citus::Layout;
 use crate::db::counters::{AccessCounts, Flush};
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::Pool;
@@ -32,6 +33,7 @@ impl Reaper {
         pool: Pool,
         counts: Arc<AccessCounts>,
         leftovers: &'static [Leftover],
+        layout: Layout,
         interval: Duration,
     ) -> Result<Self> {
         let (shutdown, shutdown_rx) = bounded::<()>(0);
@@ -41,6 +43,7 @@ impl Reaper {
             pool,
             counts,
             leftovers,
+            layout,
             shutdown: shutdown_rx,
         };
         let thread = std::thread::Builder::new()
@@ -84,6 +87,7 @@ struct Task {
     pool: Pool,
     counts: Arc<AccessCounts>,
     leftovers: &'static [Leftover],
+    layout: Layout,
     shutdown: Receiver<()>,
 }
 
@@ -125,7 +129,7 @@ impl Task {
         let started = Instant::now();
         // No retry loop inside a tick: the next tick is the retry, and a stop request is not
         // kept waiting by backoff sleeps while the database is away.
-        match purge_expired(&self.pool, Retry::Never, &|| self.stopping()) {
+        match purge_expired(&self.pool, self.layout, Retry::Never, &|| self.stopping()) {
             Ok(0) => {}
             Ok(n) => log::debug!(
                 "pg-model-repo: reaper deleted {n} expired cache rows in {:?}",

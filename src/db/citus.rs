@@ -91,6 +91,19 @@ pub(crate) fn inspect<C: postgres::GenericClient>(client: &mut C, schema: &str) 
     })
 }
 
+/// Where the schema's tables are now (read by `open`: a few statements differ on a row-based
+/// cluster).
+pub(crate) fn current<C: postgres::GenericClient>(client: &mut C, schema: &str) -> Result<Layout> {
+    let found = inspect(client, schema)?;
+    Ok(if found.distributed_schema {
+        Layout::SchemaBased
+    } else if found.distributed_tables > 0 {
+        Layout::RowBased
+    } else {
+        Layout::Local
+    })
+}
+
 /// The layout `mode` asks for, given what the database says.
 pub(crate) fn layout(mode: CitusMode, found: &Found, schema: &str) -> Result<Layout> {
     match (mode, found.citus) {
@@ -145,11 +158,19 @@ pub(crate) fn before_migrations(
     building: bool,
 ) -> Result<()> {
     tx.batch_execute("SET LOCAL citus.enable_unsafe_triggers = on")?;
-    if building && found.distributed_schema {
-        tx.execute(
-            "SELECT citus_schema_undistribute(quote_ident($1)::regnamespace)",
-            &[&schema],
-        )?;
+    if building {
+        if found.distributed_schema {
+            tx.execute(
+                "SELECT citus_schema_undistribute(quote_ident($1)::regnamespace)",
+                &[&schema],
+            )?;
+        }
+        // Nothing of the new schema is distributed yet: its objects are created on the
+        // coordinator alone, and distributing the tables creates what the shards need (their
+        // trigger functions, sequences and the schema). Citus's propagation of some of the
+        // build's statements (a REVOKE on a function of a schema whose name needs quotes) is
+        // wrong, and the SECURITY DEFINER functions run on the coordinator only.
+        tx.batch_execute("SET LOCAL citus.enable_ddl_propagation = off")?;
     }
     Ok(())
 }
@@ -164,7 +185,8 @@ pub(crate) fn distribute(tx: &mut Transaction<'_>, schema: &str, layout: Layout)
         layout.as_str()
     );
     tx.execute(
-        "SELECT set_config('pg_model_repo.citus_mode', $1, true)",
+        "SELECT set_config('pg_model_repo.citus_mode', $1, true), \
+                set_config('citus.enable_ddl_propagation', 'on', true)",
         &[&layout.as_str()],
     )?;
     tx.batch_execute(CITUS_SQL)?;

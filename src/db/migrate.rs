@@ -75,6 +75,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/optional/V006__vector_storage.sql"),
         when: When::VectorStorage,
     },
+    Migration {
+        version: 7,
+        name: "V007__citus_ready.sql",
+        sql: include_str!("../../sql/V007__citus_ready.sql"),
+        when: When::Always,
+    },
 ];
 
 /// Has the schema stored any vector yet (quarantined ones included)?

@@ -20,6 +20,13 @@ pub(crate) mod tls;
 
 use sha2::{Digest, Sha256};
 
+/// `text` as an SQL string literal, for the few statements that take no parameters (COPY):
+/// always the `E'...'` form with quotes and backslashes doubled, so its meaning does not
+/// depend on `standard_conforming_strings`. `text` must hold no NUL (checked names never do).
+pub(crate) fn quote_literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 /// Lowercase hex SHA-256.
 pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
     to_hex(&Sha256::digest(bytes))

@@ -13,14 +13,19 @@ use crate::db::retry::Retry;
 /// live load or save leaves its staged rows unclaimed.
 pub(crate) const LEFTOVER_AGE: Duration = Duration::from_secs(60 * 60);
 
-/// One kind of leftover: `sql` takes `$1` (float8, the minimum age in seconds) and returns one
-/// int8 row, the number of leftovers it removed.
+/// One kind of leftover, in groups (a load's or a save's id) that a live owner keeps locked
+/// with a session advisory lock. The lock is tried by a statement of its own that reads no
+/// table, so that on a Citus cluster it runs on the coordinator, where the owners lock.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Leftover {
     /// What is removed, for the log.
     pub what: &'static str,
-    /// The statement that removes it.
-    pub sql: &'static str,
+    /// The ids (int8) of groups older than `$1` (float8, seconds).
+    pub candidates: &'static str,
+    /// Tries the advisory lock of group `$1` (int8) for the transaction: one bool.
+    pub try_lock: &'static str,
+    /// Removes group `$1`'s leftovers older than `$2` (float8, seconds).
+    pub delete: &'static str,
 }
 
 /// Removes every kind of leftover older than `min_age`; returns how many went. Each kind is
@@ -31,16 +36,10 @@ pub(crate) fn sweep(
     min_age: Duration,
     retry: Retry,
 ) -> Result<u64> {
-    let age = min_age.as_secs_f64();
     let mut removed = 0;
     let mut first_error = None;
     for leftover in leftovers {
-        let swept = pool.run("sweep_leftovers", retry, |conn| {
-            let statement = conn.prepare_cached(leftover.sql)?;
-            let n: i64 = conn.client().query_one(&statement, &[&age])?.try_get(0)?;
-            Ok(u64::try_from(n).unwrap_or(0))
-        });
-        match swept {
+        match sweep_one(pool, leftover, min_age, retry) {
             Ok(0) => {}
             Ok(n) => {
                 log::info!(
@@ -59,4 +58,32 @@ pub(crate) fn sweep(
         Some(e) => Err(e),
         None => Ok(removed),
     }
+}
+
+/// One kind: the groups old enough, then each group that no live owner holds, in a
+/// transaction of its own (the lock is held until its delete commits).
+fn sweep_one(pool: &Pool, leftover: &Leftover, min_age: Duration, retry: Retry) -> Result<u64> {
+    let age = min_age.as_secs_f64();
+    let groups: Vec<i64> = pool.run("sweep_leftovers", retry, |conn| {
+        let statement = conn.prepare_cached(leftover.candidates)?;
+        conn.client()
+            .query(&statement, &[&age])?
+            .iter()
+            .map(|row| Ok(row.try_get(0)?))
+            .collect()
+    })?;
+    let mut removed = 0;
+    for group in groups {
+        removed += pool.run("sweep_leftovers", retry, |conn| {
+            let mut tx = conn.client().transaction()?;
+            let free: bool = tx.query_one(leftover.try_lock, &[&group])?.try_get(0)?;
+            if !free {
+                return Ok(0);
+            }
+            let n = tx.execute(leftover.delete, &[&group, &age])?;
+            tx.commit()?;
+            Ok(n)
+        })?;
+    }
+    Ok(removed)
 }

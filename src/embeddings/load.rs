@@ -222,7 +222,7 @@ fn create_stage(storage: Storage) -> String {
     )
 }
 
-/// Upserts the staged rows. `updated_at = now()` moves it; `created_at` is left alone.
+/// Upserts the staged rows: `updated_at` moves to `now()`; `created_at` is left alone.
 const MERGE_STAGE: &str = concat!(
     insert_embeddings!(),
     "SELECT entity_type, entity_id, embeddings, dimension FROM pg_model_repo_embeddings_stage",

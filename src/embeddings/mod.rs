@@ -11,11 +11,13 @@ macro_rules! insert_embeddings {
     };
 }
 
-/// The upsert clause every embeddings write shares: `created_at` is kept, `updated_at` moves.
+/// The upsert clause every embeddings write shares: `created_at` is kept, `updated_at` moves
+/// (to the new row's default, `now()`: Citus allows no function call in `DO UPDATE SET`).
 macro_rules! on_key_update {
     () => {
         " ON CONFLICT (entity_type, entity_id) DO UPDATE \
-         SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, updated_at = now()"
+         SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, \
+         updated_at = EXCLUDED.updated_at"
     };
 }
 

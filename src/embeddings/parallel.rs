@@ -27,11 +27,11 @@ const UNLOCK_LOAD_IDS: &str =
 /// enough, and their load id not locked by a live load.
 pub(crate) const STAGED_ROWS: Leftover = Leftover {
     what: "staged embedding rows of dead ParallelCopy loads",
-    sql: "WITH gone AS (DELETE FROM embeddings_staging \
-              WHERE staged_at < now() - $1 * interval '1 second' \
-                AND pg_try_advisory_xact_lock(1886221873, (load_id % 2147483647)::int4) \
-              RETURNING 1) \
-          SELECT count(*) FROM gone",
+    candidates: "SELECT DISTINCT load_id FROM embeddings_staging \
+                 WHERE staged_at < now() - $1 * interval '1 second'",
+    try_lock: "SELECT pg_try_advisory_xact_lock(1886221873, ($1 % 2147483647)::int4)",
+    delete: "DELETE FROM embeddings_staging \
+             WHERE load_id = $1 AND staged_at < now() - $2 * interval '1 second'",
 };
 const MERGE_STAGED: &str = concat!(
     insert_embeddings!(),

@@ -9,7 +9,7 @@ use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::exact::Scorer;
 use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
-use crate::embeddings::store::{detect_storage, known_storage, open_stream, COPY_OUT_TYPE};
+use crate::embeddings::store::{detect_storage, known_storage, open_stream, copy_out_type};
 use crate::embeddings::types::Storage;
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
@@ -371,7 +371,7 @@ fn exact_search(
     }
     let started = std::time::Instant::now();
     let mut scorer = Scorer::new(metric, k, dimension, queries);
-    let mut reader = tx.copy_out(COPY_OUT_TYPE)?;
+    let mut reader = tx.copy_out(&copy_out_type(entity_type))?;
     let rows = scorer.score_stream(&mut reader, stream.storage)?;
     drop(reader);
     tx.commit()?;

@@ -70,17 +70,23 @@ const STORAGE_TYPE: &str = storage_type!();
 /// ACCESS EXCLUSIVE) then waits for the stream, so the rows come in the type read.
 const LOCK_FOR_STREAM: &str = "LOCK TABLE ONLY embeddings IN ACCESS SHARE MODE";
 
-/// The streaming read. COPY takes no parameters, so the type travels in a transaction-local
-/// setting instead of being spliced into the SQL. The same statement reads how vectors are
-/// stored and the type's registered dimension.
+/// Before a streaming read: how vectors are stored and the type's registered dimension.
 const SET_STREAM_TYPE: &str = concat!(
-    "SELECT set_config('pg_model_repo.entity_type', $1, true), (",
+    "SELECT (",
     storage_type!(),
     ") AS storage, (SELECT r.dimension FROM embedding_types r \
        WHERE r.entity_type = $1 AND r.storage IS NOT NULL) AS dimension"
 );
-pub(crate) const COPY_OUT_TYPE: &str = "COPY (SELECT entity_id, embeddings FROM embeddings \
-     WHERE entity_type = current_setting('pg_model_repo.entity_type')) TO STDOUT (FORMAT binary)";
+
+/// The streaming read of one type. COPY takes no parameters, so the (checked) type is a
+/// literal; a session setting would not reach the shards of a Citus cluster.
+pub(crate) fn copy_out_type(entity_type: &str) -> String {
+    format!(
+        "COPY (SELECT entity_id, embeddings FROM embeddings WHERE entity_type = {}) \
+         TO STDOUT (FORMAT binary)",
+        crate::db::quote_literal(entity_type)
+    )
+}
 
 /// How a stream's rows come: the storage they are decoded from, and the type's registered
 /// dimension (`None` for a type that is not registered).
@@ -90,7 +96,7 @@ pub(crate) struct StreamSetup {
     pub dimension: Option<usize>,
 }
 
-/// Prepares `tx` for [`COPY_OUT_TYPE`] of `entity_type`.
+/// Prepares `tx` for [`copy_out_type`] of `entity_type`.
 pub(crate) fn open_stream(tx: &mut Transaction<'_>, entity_type: &str) -> Result<StreamSetup> {
     tx.batch_execute(LOCK_FOR_STREAM)?;
     let row = tx.query_one(SET_STREAM_TYPE, &[&entity_type])?;
@@ -253,7 +259,7 @@ fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32
             .start()?;
         crate::db::pool::unbounded(&mut tx)?;
         let storage = open_stream(&mut tx, entity_type)?.storage;
-        let mut reader = tx.copy_out(COPY_OUT_TYPE)?;
+        let mut reader = tx.copy_out(&copy_out_type(entity_type))?;
         let mut delivered = 0u64;
         let result = read_rows(&mut reader, storage, &mut |id, v| {
             delivered += 1;

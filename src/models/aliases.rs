@@ -14,7 +14,8 @@ use crate::validate;
 
 const UPSERT_ALIAS: &str =
     "INSERT INTO model_aliases (model_name, alias, version) VALUES ($1, $2, $3)
-     ON CONFLICT (model_name, alias) DO UPDATE SET version = EXCLUDED.version, updated_at = now()";
+     ON CONFLICT (model_name, alias) DO UPDATE SET version = EXCLUDED.version,
+         updated_at = EXCLUDED.updated_at";
 
 const PUSH: &str = "INSERT INTO model_alias_stack (model_name, alias, version) VALUES ($1, $2, $3)";
 

@@ -59,7 +59,7 @@ const INSERT_INLINE: &str = concat!(
      ON CONFLICT (model_name, version) DO UPDATE SET
         model_data = EXCLUDED.model_data, metadata = EXCLUDED.metadata,
         checksum = EXCLUDED.checksum, is_active = true, save_seq = EXCLUDED.save_seq,
-        created_at = now(), load_count = 0, last_loaded_at = NULL,
+        created_at = EXCLUDED.created_at, load_count = 0, last_loaded_at = NULL,
         chunk_size = 0, chunk_count = 0, chunk_set = NULL
      WHERE NOT m.is_active RETURNING ",
     info_columns!()
@@ -73,10 +73,11 @@ const DELETE_REPLACED_CHUNKS: &str = "DELETE FROM ml_model_chunks c USING ml_mod
 /// Adds buffered loads to `load_count` and moves `last_loaded_at` (database clock); see
 /// `db::counters` for the parameters.
 pub(crate) const FLUSH_LOADS: &str = "UPDATE ml_models AS m
-     SET load_count = m.load_count + u.n,
-         last_loaded_at = GREATEST(m.last_loaded_at, now() - u.age_us * interval '1 microsecond')
-     FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(k, n, age_us)
-     WHERE m.model_name = (u.k::jsonb)->>0 AND m.version = (u.k::jsonb)->>1";
+     SET load_count = m.load_count + u.n, last_loaded_at = GREATEST(m.last_loaded_at, u.at)
+     FROM (SELECT (k::jsonb)->>0 AS model_name, (k::jsonb)->>1 AS version, n,
+                  now() - age_us * interval '1 microsecond' AS at
+           FROM unnest($1::text[], $2::int8[], $3::int8[]) AS l(k, n, age_us)) AS u
+     WHERE m.model_name = u.model_name AND m.version = u.version";
 
 impl ModelInfo {
     pub(crate) fn from_row(row: &Row) -> Result<Self> {
@@ -144,7 +145,8 @@ impl VersionRef {
                 format!(
                     "SELECT {columns} FROM ml_models m JOIN model_aliases a \
                      ON a.model_name = m.model_name AND a.version = m.version \
-                     WHERE m.model_name = $1 AND a.alias = $2 AND m.is_active {locking}"
+                     WHERE m.model_name = $1 AND a.model_name = $1 AND a.alias = $2 AND m.is_active \
+                     {locking}"
                 ),
                 Some(a),
             ),

@@ -40,7 +40,7 @@ impl ModelRepository {
     pub fn optimize_database(&self) -> Result<OptimizeReport> {
         self.timed("optimize_database", |call| {
             let started = Instant::now();
-            let purged = purge_expired(call.pool(), Retry::Idempotent, &|| false)?;
+            let purged = purge_expired(call.pool(), self.layout(), Retry::Idempotent, &|| false)?;
             let leftovers = sweep(call.pool(), LEFTOVERS, LEFTOVER_AGE, Retry::Idempotent)?;
             let session_setup = session_setup_sql(self.config());
             let tables = call.run(Retry::Idempotent, |conn| {

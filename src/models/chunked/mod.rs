@@ -94,19 +94,28 @@ impl Chunks {
     }
 }
 
+/// A chunk (`c`) that no stored version names.
+macro_rules! unpublished {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.model_name = c.model_name \
+         AND m.version = c.version AND m.chunk_set = c.chunk_set)"
+    };
+}
+
 /// Staged chunks of saves that died before they published or removed them: old enough, not
 /// part of any stored version, and their set not locked by a live save.
 pub(crate) const STAGED_CHUNKS: Leftover = Leftover {
     what: "staged model chunks of dead saves",
-    sql: concat!(
-        "WITH gone AS (DELETE FROM ml_model_chunks c \
-            WHERE c.staged_at < now() - $1 * interval '1 second' \
-              AND NOT EXISTS (SELECT 1 FROM ml_models m WHERE m.model_name = c.model_name \
-                  AND m.version = c.version AND m.chunk_set = c.chunk_set) \
-              AND pg_try_advisory_xact_lock(",
-        set_lock_key!("c.chunk_set"),
-        ") RETURNING 1) \
-         SELECT count(*) FROM gone"
+    candidates: concat!(
+        "SELECT DISTINCT c.chunk_set FROM ml_model_chunks c \
+         WHERE c.staged_at < now() - $1 * interval '1 second' AND ",
+        unpublished!()
+    ),
+    try_lock: concat!("SELECT pg_try_advisory_xact_lock(", set_lock_key!("$1"), ")"),
+    delete: concat!(
+        "DELETE FROM ml_model_chunks c \
+         WHERE c.chunk_set = $1 AND c.staged_at < now() - $2 * interval '1 second' AND ",
+        unpublished!()
     ),
 };
 

@@ -8,9 +8,12 @@
 -- worker, against the shard, where nextval() of ml_models_save_seq would come from the worker's
 -- own range of the sequence, far above every value the coordinator hands out: that version
 -- would stay "latest" for ever. A trigger that fires on a shard (its table is not ml_models
--- itself) takes the next save sequence of that model instead: one more than the model's
--- highest, read from the same shard, which holds every version of the model (ml_models is
--- distributed by model_name). On one server, and on the coordinator, nothing changes.
+-- itself) asks the coordinator for the next value (Citus's run_command_on_coordinator, over
+-- the cluster's own connections). Should the coordinator be out of reach from the worker (not
+-- in Citus's metadata), it takes one more than the model's highest save sequence, read from
+-- the same shard, which holds every version of the model (ml_models is distributed by
+-- model_name): right for this model until the coordinator's sequence catches up. On one
+-- server, and on the coordinator, nothing changes.
 
 CREATE OR REPLACE FUNCTION embedding_type_ensure(p_type text, p_dim integer,
                                                  OUT registered integer, OUT created boolean)
@@ -49,9 +52,19 @@ BEGIN
                 IF TG_TABLE_NAME = 'ml_models' THEN
                     NEW.save_seq := nextval(format('%I.ml_models_save_seq', TG_TABLE_SCHEMA)::regclass);
                 ELSE
-                    EXECUTE format('SELECT max(save_seq) + 1 FROM %I.%I WHERE model_name = $1',
-                                   TG_TABLE_SCHEMA, TG_TABLE_NAME)
-                        INTO NEW.save_seq USING NEW.model_name;
+                    BEGIN
+                        SELECT c.result::bigint INTO NEW.save_seq
+                        FROM run_command_on_coordinator(format('SELECT nextval(%L::regclass)',
+                                 format('%I.ml_models_save_seq', TG_TABLE_SCHEMA))) c
+                        WHERE c.success;
+                    EXCEPTION WHEN OTHERS THEN
+                        NEW.save_seq := NULL;
+                    END;
+                    IF NEW.save_seq IS NULL THEN
+                        EXECUTE format('SELECT max(save_seq) + 1 FROM %I.%I WHERE model_name = $1',
+                                       TG_TABLE_SCHEMA, TG_TABLE_NAME)
+                            INTO NEW.save_seq USING NEW.model_name;
+                    END IF;
                 END IF;
             END IF;
             IF NEW.created_at = OLD.created_at THEN
@@ -73,5 +86,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (7, 'V007__citus_ready.sql', 'b0866083682829b8c70a1082a09b39665d24cc5d554de9ef007a46c57ffc1948')
+    VALUES (7, 'V007__citus_ready.sql', '219be6c0ad24371ff45f3ab2539cab3038ebdba64a4ca54cb10dcda47703dfa7')
     ON CONFLICT (version) DO NOTHING;

@@ -67,11 +67,14 @@ const SELECT_STATS: &str = "SELECT count(*)::int8,
 /// Adds buffered hits; `last_accessed` becomes the database's `now()` minus the time since the
 /// last hit, so no client clock is involved. Entries expired since are left alone (the reaper
 /// may hold them).
-pub(crate) const FLUSH_HITS: &str = "UPDATE prediction_cache AS c
+/// (The times are computed in a materialized CTE, on the coordinator of a Citus cluster: see
+/// `FLUSH_LOADS`.)
+pub(crate) const FLUSH_HITS: &str = "WITH u AS MATERIALIZED (
+         SELECT cache_key, hits, now() - age_us * interval '1 microsecond' AS at
+         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS l(cache_key, hits, age_us))
+     UPDATE prediction_cache AS c
      SET access_count = c.access_count + u.hits, last_accessed = GREATEST(c.last_accessed, u.at)
-     FROM (SELECT cache_key, hits, now() - age_us * interval '1 microsecond' AS at
-           FROM unnest($1::text[], $2::int8[], $3::int8[]) AS l(cache_key, hits, age_us)) AS u
-     WHERE c.cache_key = u.cache_key AND c.expires_at > now()";
+     FROM u WHERE c.cache_key = u.cache_key AND c.expires_at > now()";
 
 /// One bounded batch of expired rows, locked with SKIP LOCKED so that concurrent reapers
 /// split the work and rows a writer is renewing are left to it; `ctid = ANY(ARRAY(...))` is a

@@ -148,6 +148,11 @@ pub(crate) fn before_create_schema(tx: &mut Transaction<'_>, mode: CitusMode) ->
     Ok(())
 }
 
+/// One database-wide lock (transaction-level) around distributing a schema: Citus's own
+/// metadata locks make concurrent `create_distributed_table` calls of different schemas
+/// deadlock (40P01), so first opens of several repositories at once take turns here.
+const DISTRIBUTION_LOCK: &str = "SELECT pg_advisory_xact_lock(7163041856271826961)";
+
 /// Before the migrations run on Citus: triggers may be created on distributed tables (they
 /// touch only their own row), and a distributed schema about to be built from its first file
 /// is undistributed while it is still empty (see the module doc).
@@ -159,6 +164,7 @@ pub(crate) fn before_migrations(
 ) -> Result<()> {
     tx.batch_execute("SET LOCAL citus.enable_unsafe_triggers = on")?;
     if building {
+        tx.batch_execute(DISTRIBUTION_LOCK)?;
         if found.distributed_schema {
             tx.execute(
                 "SELECT citus_schema_undistribute(quote_ident($1)::regnamespace)",
@@ -184,6 +190,7 @@ pub(crate) fn distribute(tx: &mut Transaction<'_>, schema: &str, layout: Layout)
         "pg-model-repo: distributing schema {schema} on Citus ({}-based)",
         layout.as_str()
     );
+    tx.batch_execute(DISTRIBUTION_LOCK)?;
     tx.execute(
         "SELECT set_config('pg_model_repo.citus_mode', $1, true), \
                 set_config('citus.enable_ddl_propagation', 'on', true)",

@@ -75,7 +75,9 @@ impl RepoError {
     /// and `InvalidInput` (class 22).
     pub fn code(&self) -> Option<&SqlState> {
         match self {
-            RepoError::Database(e) | RepoError::PermissionDenied { source: e, .. } => e.code(),
+            RepoError::Database(e) | RepoError::PermissionDenied { source: e, .. } => {
+                e.as_db_error().map(|db| interned(server_code(db)))
+            }
             RepoError::Conflict(m) | RepoError::Timeout(m) | RepoError::InvalidInput(m) => {
                 sqlstate_in(m).map(interned)
             }
@@ -248,13 +250,36 @@ fn describe_db_error(e: &postgres::Error) -> String {
         Some(db) => format!(
             "{} {SQLSTATE_OPEN}{}{SQLSTATE_CLOSE}",
             db.message(),
-            db.code().code()
+            server_code(db)
         ),
         None => match std::error::Error::source(e) {
             Some(cause) => format!("{e}: {cause}"),
             None => e.to_string(),
         },
     }
+}
+
+/// The SQLSTATE of a server error. A Citus coordinator relays an error that a worker raised
+/// during a COPY as XX000 (internal error, from its `ReportCopyError`) with the worker's
+/// message; the code that message stands for is restored for the constraint and data errors
+/// a load can meet, so they map as they do on one server.
+fn server_code(db: &postgres::error::DbError) -> &str {
+    const RELAYED: &[(&str, &str)] = &[
+        ("duplicate key value violates unique constraint", "23505"),
+        ("violates check constraint", "23514"),
+        ("violates not-null constraint", "23502"),
+        ("violates foreign key constraint", "23503"),
+        ("value too long for type", "22001"),
+        ("invalid input syntax", "22P02"),
+    ];
+    let code = db.code().code();
+    if code != "XX000" || db.routine() != Some("ReportCopyError") {
+        return code;
+    }
+    RELAYED
+        .iter()
+        .find(|(text, _)| db.message().contains(text))
+        .map_or(code, |(_, relayed)| relayed)
 }
 
 /// How a message carries the SQLSTATE of the server error it came from.
@@ -300,7 +325,7 @@ impl From<postgres::Error> for RepoError {
         if let Some(expired) = crate::db::deadline::expired_in(&e) {
             return RepoError::Timeout(expired.to_string());
         }
-        let Some(code) = e.code().map(|c| c.code().to_owned()) else {
+        let Some(code) = e.as_db_error().map(|db| server_code(db).to_owned()) else {
             return RepoError::Database(e);
         };
         let message = describe_db_error(&e);

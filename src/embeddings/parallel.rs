@@ -29,7 +29,7 @@ pub(crate) const STAGED_ROWS: Leftover = Leftover {
     what: "staged embedding rows of dead ParallelCopy loads",
     candidates: "SELECT DISTINCT load_id FROM embeddings_staging \
                  WHERE staged_at < now() - $1 * interval '1 second'",
-    try_lock: "SELECT pg_try_advisory_xact_lock(1886221873, ($1 % 2147483647)::int4)",
+    try_lock: "SELECT pg_try_advisory_xact_lock(1886221873, ($1::int8 % 2147483647)::int4)",
     delete: "DELETE FROM embeddings_staging \
              WHERE load_id = $1 AND staged_at < now() - $2 * interval '1 second'",
 };

@@ -72,12 +72,15 @@ const DELETE_REPLACED_CHUNKS: &str = "DELETE FROM ml_model_chunks c USING ml_mod
 
 /// Adds buffered loads to `load_count` and moves `last_loaded_at` (database clock); see
 /// `db::counters` for the parameters.
-pub(crate) const FLUSH_LOADS: &str = "UPDATE ml_models AS m
+/// The times are computed in a materialized CTE: on a Citus cluster the coordinator computes
+/// them, since the shards' `SET` may call no clock function on a column.
+pub(crate) const FLUSH_LOADS: &str = "WITH u AS MATERIALIZED (
+         SELECT (k::jsonb)->>0 AS model_name, (k::jsonb)->>1 AS version, n,
+                now() - age_us * interval '1 microsecond' AS at
+         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS l(k, n, age_us))
+     UPDATE ml_models AS m
      SET load_count = m.load_count + u.n, last_loaded_at = GREATEST(m.last_loaded_at, u.at)
-     FROM (SELECT (k::jsonb)->>0 AS model_name, (k::jsonb)->>1 AS version, n,
-                  now() - age_us * interval '1 microsecond' AS at
-           FROM unnest($1::text[], $2::int8[], $3::int8[]) AS l(k, n, age_us)) AS u
-     WHERE m.model_name = u.model_name AND m.version = u.version";
+     FROM u WHERE m.model_name = u.model_name AND m.version = u.version";
 
 impl ModelInfo {
     pub(crate) fn from_row(row: &Row) -> Result<Self> {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::db::citus::Layout;
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{Conn, PgConnection};
 use crate::monitor::{CheckResult, HealthReport, HealthStatus, TABLES};
@@ -12,7 +13,8 @@ use crate::repository::ModelRepository;
 impl ModelRepository {
     /// Checks the database ("database": a trivial query), every table ("tables"), the round
     /// trip time ("query_latency": Degraded above `slow_query_threshold`) and the pool
-    /// ("pool": connections, idle, waiting). Never panics and never waits longer than
+    /// ("pool": connections, idle, waiting); on a Citus coordinator also every worker
+    /// ("workers": each one's reachability from the coordinator; Unhealthy when one is not). Never panics and never waits longer than
     /// `pool_timeout`; with the server down the report is Unhealthy with the reason.
     ///
     /// ```no_run
@@ -56,6 +58,9 @@ impl ModelRepository {
         let latency = database.latency;
         checks.insert("database".to_owned(), database);
         checks.insert("tables".to_owned(), tables_check(&mut conn, deadline));
+        if self.layout() != Layout::Local {
+            checks.insert("workers".to_owned(), workers_check(&mut conn, deadline));
+        }
         let threshold = self.config().slow_query_threshold;
         let slow = latency > threshold;
         checks.insert(
@@ -138,7 +143,8 @@ fn unhealthy(check: &str, detail: String) -> HealthReport {
 
 fn overall_status(checks: &BTreeMap<String, CheckResult>) -> HealthStatus {
     let failed = |name: &str| checks.get(name).is_none_or(|c| !c.ok);
-    if failed("database") || failed("tables") {
+    let workers_failed = checks.get("workers").is_some_and(|c| !c.ok);
+    if failed("database") || failed("tables") || workers_failed {
         HealthStatus::Unhealthy
     } else if failed("query_latency") || failed("pool") {
         HealthStatus::Degraded
@@ -173,5 +179,45 @@ fn tables_check(conn: &mut PgConnection, deadline: Instant) -> CheckResult {
                 latency: started.elapsed(),
             }
         }
+    }
+}
+
+/// On a Citus coordinator: a trivial query on every active worker, through the coordinator's
+/// own connections, within what is left of the deadline.
+const WORKERS: &str = "SELECT nodename::text, nodeport::int4, success, result
+     FROM run_command_on_workers('SELECT 1') ORDER BY nodename, nodeport";
+
+fn workers_check(conn: &mut PgConnection, deadline: Instant) -> CheckResult {
+    let started = Instant::now();
+    let left_ms = deadline
+        .saturating_duration_since(started)
+        .as_millis()
+        .max(1);
+    let probe = |conn: &mut PgConnection| -> Result<(bool, String)> {
+        let mut tx = conn.client().transaction()?;
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {left_ms}"))?;
+        let rows = tx.query(WORKERS, &[])?;
+        let mut reachable = 0;
+        let mut failures = Vec::new();
+        for row in &rows {
+            let (host, port): (String, i32) = (row.try_get(0)?, row.try_get(1)?);
+            if row.try_get::<_, bool>(2)? {
+                reachable += 1;
+            } else {
+                failures.push(format!("{host}:{port}: {}", row.try_get::<_, String>(3)?));
+            }
+        }
+        tx.commit()?;
+        let mut detail = format!("{reachable} of {} workers reachable", rows.len());
+        if !failures.is_empty() {
+            detail.push_str(&format!(" ({})", failures.join("; ")));
+        }
+        Ok((failures.is_empty() && !rows.is_empty(), detail))
+    };
+    let (ok, detail) = probe(conn).unwrap_or_else(|e| (false, e.to_string()));
+    CheckResult {
+        ok,
+        detail,
+        latency: started.elapsed(),
     }
 }

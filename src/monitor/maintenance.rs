@@ -10,16 +10,11 @@ use crate::db::error::{RepoError, Result};
 use crate::db::pool::{quote_ident, session_setup_sql, PgConnection};
 use crate::db::retry::Retry;
 use crate::db::sweep::{sweep, LEFTOVER_AGE};
-use crate::monitor::stats::as_u64;
+use crate::db::citus::Layout;
+use crate::monitor::stats::{as_u64, table_facts};
 use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance, TABLES};
 use crate::repository::{ModelRepository, LEFTOVERS};
 
-/// Summed over the table's partitions, if it has any (`embeddings`: one per entity type).
-const DEAD_TUPLES: &str = "SELECT coalesce(sum(s.n_dead_tup), 0)::bigint,
-        coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint
-     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1))
-           UNION SELECT to_regclass($1)) t
-     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid";
 
 impl ModelRepository {
     /// Purges expired cache rows, then runs `VACUUM (ANALYZE)` on every table (outside any
@@ -46,7 +41,7 @@ impl ModelRepository {
             let tables = call.run(Retry::Idempotent, |conn| {
                 conn.unbounded_client()
                     .batch_execute("SET statement_timeout = 0")?;
-                let result = vacuum_all(conn);
+                let result = vacuum_all(conn, self.layout());
                 // Give the session back as the pool set it up.
                 let restore = conn.client().batch_execute(&session_setup);
                 if restore.is_err() {
@@ -98,7 +93,7 @@ const MAY_VACUUM_17: &str = "SELECT has_table_privilege(c.oid, 'MAINTAIN')
 /// skip it ("only table or database owner can vacuum it").
 pub(crate) const SKIPPED_NOT_OWNER: &str = "skipped (not owner)";
 
-fn vacuum_all(conn: &mut PgConnection) -> Result<Vec<TableMaintenance>> {
+fn vacuum_all(conn: &mut PgConnection, layout: Layout) -> Result<Vec<TableMaintenance>> {
     let client = conn.client();
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int4", &[])?
@@ -115,7 +110,7 @@ fn vacuum_all(conn: &mut PgConnection) -> Result<Vec<TableMaintenance>> {
             .query_opt(may_vacuum, &[table])?
             .map(|row| row.try_get(0))
             .transpose()?;
-        let (dead_before, bytes_before) = dead_tuples(client, table)?;
+        let (dead_before, bytes_before) = table_facts(client, layout, table)?;
         let started = Instant::now();
         let vacuumed = allowed == Some(true);
         if vacuumed {
@@ -124,7 +119,7 @@ fn vacuum_all(conn: &mut PgConnection) -> Result<Vec<TableMaintenance>> {
             skipped.push(*table);
         }
         let elapsed = started.elapsed();
-        let (dead_after, bytes_after) = dead_tuples(client, table)?;
+        let (dead_after, bytes_after) = table_facts(client, layout, table)?;
         report.push(TableMaintenance {
             table: (*table).to_owned(),
             action: if vacuumed {
@@ -151,10 +146,6 @@ fn vacuum_all(conn: &mut PgConnection) -> Result<Vec<TableMaintenance>> {
     Ok(report)
 }
 
-fn dead_tuples(client: &mut Client, table: &str) -> Result<(u64, u64)> {
-    let row = client.query_one(DEAD_TUPLES, &[&table])?;
-    Ok((as_u64(row.try_get(0)?), as_u64(row.try_get(1)?)))
-}
 
 fn server_statements(client: &mut Client) -> Result<ServerQueryStats> {
     let schema: Option<String> = client

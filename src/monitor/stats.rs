@@ -2,6 +2,7 @@
 
 use postgres::Client;
 
+use crate::db::citus::Layout;
 use crate::db::error::Result;
 use crate::db::retry::Retry;
 use crate::monitor::{EmbeddingsStats, EntityTypeStats, ModelStats, ModelStorageStats};
@@ -23,10 +24,29 @@ const EMBEDDING_STATS: &str = "SELECT e.entity_type, count(*) AS n,
      FROM embeddings e LEFT JOIN embedding_types t ON t.entity_type = e.entity_type
      GROUP BY e.entity_type, t.dimension ORDER BY e.entity_type";
 
-/// With indexes and TOAST, summed over the table's partitions if it has any.
-const TABLE_SIZE: &str = "SELECT sum(pg_total_relation_size(relid))::bigint \
-     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1)) \
-           UNION SELECT to_regclass($1)) t";
+/// A table's dead tuples and on-disk size (with indexes and TOAST), summed over its
+/// partitions if it has any (`embeddings`: one per entity type).
+const TABLE_FACTS: &str = "SELECT coalesce(sum(s.n_dead_tup), 0)::bigint,
+        coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint
+     FROM pg_partition_tree(to_regclass($1)) t
+     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid
+     WHERE t.isleaf";
+
+/// The same on a Citus coordinator, where a distributed table's rows live in its shards on
+/// the workers (the coordinator holds an empty shell): sizes by `citus_total_relation_size`,
+/// dead tuples read from every shard. Tables Citus does not distribute count as above.
+const CITUS_TABLE_FACTS: &str = "SELECT coalesce(sum(CASE WHEN p.logicalrelid IS NULL
+            THEN s.n_dead_tup
+            ELSE (SELECT sum(nullif(r.result, '')::bigint)
+                  FROM run_command_on_shards(t.relid::regclass,
+                      'SELECT n_dead_tup FROM pg_stat_all_tables WHERE relid = ''%s''::regclass') r
+                  WHERE r.success) END), 0)::bigint,
+        coalesce(sum(CASE WHEN p.logicalrelid IS NULL THEN pg_total_relation_size(t.relid)
+                          ELSE citus_total_relation_size(t.relid) END), 0)::bigint
+     FROM pg_partition_tree(to_regclass($1)) t
+     LEFT JOIN pg_dist_partition p ON p.logicalrelid = t.relid
+     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid
+     WHERE t.isleaf";
 
 impl ModelRepository {
     /// Per model: versions, active versions, bytes, latest version, loads (this repository's
@@ -43,6 +63,7 @@ impl ModelRepository {
         self.timed("get_model_storage_stats", |call| {
             // This repository's buffered loads count too.
             self.flush_counts()?;
+            let layout = self.layout();
             call.run(Retry::Idempotent, |conn| {
                 let client = conn.client();
                 let models = client
@@ -66,8 +87,8 @@ impl ModelRepository {
                     active_versions: models.iter().map(|m| m.active_versions).sum(),
                     total_bytes: models.iter().map(|m| m.total_bytes).sum(),
                     // Chunked models' bytes live in their own table.
-                    table_bytes: table_size(client, "ml_models")?
-                        + table_size(client, "ml_model_chunks")?,
+                    table_bytes: table_size(client, layout, "ml_models")?
+                        + table_size(client, layout, "ml_model_chunks")?,
                     models,
                 })
             })
@@ -86,6 +107,7 @@ impl ModelRepository {
     /// ```
     pub fn get_embeddings_stats(&self) -> Result<EmbeddingsStats> {
         self.timed("get_embeddings_stats", |call| {
+            let layout = self.layout();
             call.run(Retry::Idempotent, |conn| {
                 let client = conn.client();
                 let entity_types = client
@@ -105,7 +127,7 @@ impl ModelRepository {
                 Ok(EmbeddingsStats {
                     total_embeddings: entity_types.iter().map(|t| t.count).sum(),
                     total_bytes: entity_types.iter().map(|t| t.total_bytes).sum(),
-                    table_bytes: table_size(client, "embeddings")?,
+                    table_bytes: table_size(client, layout, "embeddings")?,
                     entity_types,
                 })
             })
@@ -117,7 +139,16 @@ pub(crate) fn as_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn table_size(client: &mut Client, table: &str) -> Result<u64> {
-    let size: Option<i64> = client.query_one(TABLE_SIZE, &[&table])?.try_get(0)?;
-    Ok(size.map_or(0, as_u64))
+fn table_size(client: &mut Client, layout: Layout, table: &str) -> Result<u64> {
+    Ok(table_facts(client, layout, table)?.1)
+}
+
+/// A table's dead tuples and bytes (see [`TABLE_FACTS`]), wherever its rows are.
+pub(crate) fn table_facts(client: &mut Client, layout: Layout, table: &str) -> Result<(u64, u64)> {
+    let sql = match layout {
+        Layout::Local => TABLE_FACTS,
+        Layout::RowBased | Layout::SchemaBased => CITUS_TABLE_FACTS,
+    };
+    let row = client.query_one(sql, &[&table])?;
+    Ok((as_u64(row.try_get(0)?), as_u64(row.try_get(1)?)))
 }

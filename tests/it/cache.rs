@@ -771,6 +771,12 @@ fn log_deletes(client: &mut postgres::Client) {
 }
 
 #[test]
+#[cfg_attr(
+    feature = "citus",
+    ignore = "counts deletes per session with a statement trigger on the cache table; Citus runs \
+              no trigger with transition tables on a distributed table (citus::the_reaper_\
+              deletes_expired_rows_on_every_shard covers the reaper there)"
+)]
 fn two_reapers_on_one_schema_cooperate() {
     let tick = Some(Duration::from_millis(50));
     let first = TestRepo::with_config(|c| c.reaper_interval(tick));

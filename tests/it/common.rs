@@ -73,6 +73,16 @@ pub fn citus_schema_based() -> bool {
     }
 }
 
+/// `sql` run below the triggers, as a disk fault would change data: in a transaction with
+/// `session_replication_role = replica`, which on a Citus cluster is passed on to the workers
+/// (where the triggers of distributed tables run).
+pub fn below_triggers(sql: &str) -> String {
+    format!(
+        "BEGIN; SET LOCAL citus.propagate_set_commands = 'local'; \
+         SET LOCAL session_replication_role = replica; {sql}; COMMIT;"
+    )
+}
+
 /// A schema name unique to this process and test.
 pub fn unique_schema(tag: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);

@@ -10,7 +10,7 @@ use pg_model_repo::throwaway::ThrowawayServer;
 use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig, VectorStorage};
 use serde_json::json;
 
-use crate::common::{psql, sha256_hex, TestRepo};
+use crate::common::{self, psql, sha256_hex, TestRepo};
 
 /// `pickle.dumps([0.5, 0.25], protocol=4)`: what the seed's Python cached.
 pub const PICKLED_LIST: &str =
@@ -173,11 +173,9 @@ fn bytes_changed_below_the_triggers_or_a_changed_checksum_still_read_as_corrupt(
     repo.save_model("m", "2", b"other", &json!({})).unwrap();
     let mut sql = repo.sql();
     // As a disk fault would: the triggers do not see it.
-    sql.batch_execute(
-        "SET session_replication_role = replica;
-         UPDATE ml_models SET model_data = 'tampered'::bytea WHERE version = '1';
-         SET session_replication_role = DEFAULT;",
-    )
+    sql.batch_execute(&common::below_triggers(
+        "UPDATE ml_models SET model_data = 'tampered'::bytea WHERE version = '1'",
+    ))
     .unwrap();
     assert!(matches!(
         repo.load_model("m", "1"),

@@ -628,7 +628,8 @@ fn connections_killed_midway_leave_nothing_half_written() {
         .query_one(
             &format!(
                 "SELECT count(*) FROM \"{schema}\".ml_model_chunks c WHERE NOT EXISTS (\
-                 SELECT 1 FROM \"{schema}\".ml_models m WHERE m.chunk_set = c.chunk_set)"
+                 SELECT 1 FROM \"{schema}\".ml_models m \
+                 WHERE m.model_name = c.model_name AND m.chunk_set = c.chunk_set)"
             ),
             &[],
         )

@@ -5,7 +5,7 @@ use std::io::{Cursor, Read};
 use pg_model_repo::{ModelRepository, RepoError};
 use serde_json::json;
 
-use crate::common::{assert_invalid, count, sha256_hex, TestRepo};
+use crate::common::{self, assert_invalid, count, sha256_hex, TestRepo};
 
 #[test]
 fn repository_handle_is_clone_send_and_sync() {
@@ -196,8 +196,7 @@ fn changed_bytes_are_reported_as_corrupt() {
         .batch_execute(
             // Below the triggers, as a disk fault would (an ordinary UPDATE of the bytes is a
             // re-save: the database recomputes the checksum).
-            "SET session_replication_role = replica;
-             UPDATE ml_models SET model_data = 'tampered'::bytea;",
+            &common::below_triggers("UPDATE ml_models SET model_data = 'tampered'::bytea"),
         )
         .unwrap();
     assert!(matches!(
@@ -490,10 +489,9 @@ fn a_checksum_cleared_by_hand_is_computed_on_load_and_guards_later_loads() {
     // Bytes that change under the checksum (a disk fault; an UPDATE the re-save trigger does
     // not see) now read as Corrupt.
     repo.sql()
-        .batch_execute(
-            "SET session_replication_role = replica; \
-             UPDATE ml_models SET model_data = '\\x00'",
-        )
+        .batch_execute(&common::below_triggers(
+            "UPDATE ml_models SET model_data = '\\x00'",
+        ))
         .unwrap();
     assert!(matches!(
         repo.load_model("m", "1"),

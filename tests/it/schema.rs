@@ -150,15 +150,16 @@ fn the_sql_files_run_with_psql_and_the_library_adopts_the_schema() {
     });
 }
 
-/// `create_distributed_table('table', 'column'` pairs from sql/citus.sql.
+/// The `('table', 'column', …)` rows of sql/citus.sql's list of distributed tables (reference
+/// tables, whose column is NULL, have no distribution column).
 fn distribution_columns() -> BTreeMap<String, String> {
     let text = include_str!("../../sql/citus.sql");
     text.lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .filter_map(|l| l.split("create_distributed_table(").nth(1))
-        .map(|args| {
-            let quoted: Vec<&str> = args.split('\'').collect();
-            (quoted[1].to_owned(), quoted[3].to_owned())
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("('"))
+        .filter_map(|l| {
+            let quoted: Vec<&str> = l.split('\'').collect();
+            (quoted.len() > 4).then(|| (quoted[1].to_owned(), quoted[3].to_owned()))
         })
         .collect()
 }

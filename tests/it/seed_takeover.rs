@@ -479,7 +479,8 @@ fn migrate_takes_over_a_database_the_seed_built_keeping_every_row() {
             "V001__init.sql",
             "V002__resave_recomputes_checksum.sql",
             "V004__embeddings_per_type.sql",
-            "V005__model_chunks.sql"
+            "V005__model_chunks.sql",
+            "V007__citus_ready.sql"
         ]
     );
     let takeover: &SeedTakeoverReport = report.seed_takeover.as_ref().unwrap();

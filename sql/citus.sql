@@ -12,8 +12,10 @@
 -- Row-based: every primary and unique key includes its table's distribution column (a test
 -- checks it against the catalog). Model-keyed tables are co-located by model_name, so alias
 -- moves, chunked saves and cleanups stay single-shard transactions; embeddings and their
--- quarantine by entity_id; the cache by its key (in a co-location group of its own: its key
--- is COLLATE "C"); the type registry is a reference table, a copy on every node. The
+-- quarantine by entity_id; the cache by its key (its key is COLLATE "C"). Each of the three
+-- is a co-location group of the repository's own, so that distributing or moving one
+-- repository never waits on another's. The type registry is a reference table, a copy on
+-- every node. The
 -- migration history and ParallelCopy's staging table stay local to the coordinator (the
 -- staging rows are merged into embeddings by INSERT ... SELECT through it, and the advisory
 -- locks that guard them are the coordinator's).
@@ -46,13 +48,13 @@ BEGIN
     FOR v_table, v_column, v_with IN
         SELECT * FROM (VALUES
             ('embedding_types',       NULL,         NULL),
-            ('ml_models',             'model_name', 'default'),
+            ('ml_models',             'model_name', 'none'),
             ('ml_model_chunks',       'model_name', 'ml_models'),
             ('model_aliases',         'model_name', 'ml_models'),
             ('model_alias_stack',     'model_name', 'ml_models'),
             ('model_alias_history',   'model_name', 'ml_models'),
             ('training_metrics',      'model_name', 'ml_models'),
-            ('embeddings',            'entity_id',  'default'),
+            ('embeddings',            'entity_id',  'none'),
             ('embeddings_quarantine', 'entity_id',  'embeddings'),
             ('prediction_cache',      'cache_key',  'none')
         ) AS t(name, distribution_column, colocate_with)
@@ -63,7 +65,7 @@ BEGIN
             PERFORM create_reference_table(format('%I.%I', v_schema, v_table)::regclass);
         ELSE
             PERFORM create_distributed_table(format('%I.%I', v_schema, v_table)::regclass,
-                v_column, colocate_with => CASE WHEN v_with IN ('default', 'none') THEN v_with
+                v_column, colocate_with => CASE WHEN v_with = 'none' THEN v_with
                                                 ELSE format('%I.%I', v_schema, v_with) END);
         END IF;
     END LOOP;

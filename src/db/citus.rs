@@ -9,6 +9,8 @@
 //! distributed schema is undistributed while it is empty, built, and distributed again, all
 //! in the migration's one transaction.
 
+use std::time::Duration;
+
 use postgres::Transaction;
 
 use crate::db::config::CitusMode;
@@ -153,6 +155,22 @@ pub(crate) fn before_create_schema(tx: &mut Transaction<'_>, mode: CitusMode) ->
 /// deadlock (40P01), so first opens of several repositories at once take turns here.
 const DISTRIBUTION_LOCK: &str = "SELECT pg_advisory_xact_lock(7163041856271826961)";
 
+/// Takes [`DISTRIBUTION_LOCK`], waiting at most `wait` (pool_timeout, as for the schema's
+/// migration lock: another repository's distribution may take longer than a statement).
+fn take_distribution_lock(tx: &mut Transaction<'_>, wait: Duration) -> Result<()> {
+    let before: String = tx.query_one("SHOW lock_timeout", &[])?.try_get(0)?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {}",
+        wait.as_millis().max(1)
+    ))?;
+    tx.batch_execute(DISTRIBUTION_LOCK)?;
+    tx.execute(
+        "SELECT set_config('lock_timeout', $1, true)",
+        &[&before],
+    )?;
+    Ok(())
+}
+
 /// Before the migrations run on Citus: triggers may be created on distributed tables (they
 /// touch only their own row), and a distributed schema about to be built from its first file
 /// is undistributed while it is still empty (see the module doc).
@@ -161,10 +179,11 @@ pub(crate) fn before_migrations(
     schema: &str,
     found: &Found,
     building: bool,
+    wait: Duration,
 ) -> Result<()> {
     tx.batch_execute("SET LOCAL citus.enable_unsafe_triggers = on")?;
     if building {
-        tx.batch_execute(DISTRIBUTION_LOCK)?;
+        take_distribution_lock(tx, wait)?;
         if found.distributed_schema {
             tx.execute(
                 "SELECT citus_schema_undistribute(quote_ident($1)::regnamespace)",
@@ -182,7 +201,12 @@ pub(crate) fn before_migrations(
 }
 
 /// Runs `sql/citus.sql` for `layout` (idempotent: what is distributed already is left alone).
-pub(crate) fn distribute(tx: &mut Transaction<'_>, schema: &str, layout: Layout) -> Result<()> {
+pub(crate) fn distribute(
+    tx: &mut Transaction<'_>,
+    schema: &str,
+    layout: Layout,
+    wait: Duration,
+) -> Result<()> {
     if layout == Layout::Local {
         return Ok(());
     }
@@ -190,7 +214,7 @@ pub(crate) fn distribute(tx: &mut Transaction<'_>, schema: &str, layout: Layout)
         "pg-model-repo: distributing schema {schema} on Citus ({}-based)",
         layout.as_str()
     );
-    tx.batch_execute(DISTRIBUTION_LOCK)?;
+    take_distribution_lock(tx, wait)?;
     tx.execute(
         "SELECT set_config('pg_model_repo.citus_mode', $1, true), \
                 set_config('citus.enable_ddl_propagation', 'on', true)",

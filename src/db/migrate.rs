@@ -299,7 +299,7 @@ fn apply_pending(
     let pending = pending(&mut tx, storage)?;
     let building = pending.first().is_some_and(|m| m.version == 1);
     if layout != Layout::Local {
-        citus::before_migrations(&mut tx, schema, &found, building)?;
+        citus::before_migrations(&mut tx, schema, &found, building, wait)?;
     }
     let mut report = MigrationReport::default();
     let mut takeover = if building {
@@ -329,7 +329,7 @@ fn apply_pending(
         }
     }
     if building || citus::incomplete(layout, &found) {
-        citus::distribute(&mut tx, schema, layout)?;
+        citus::distribute(&mut tx, schema, layout, wait)?;
         if layout != Layout::Local {
             report.distributed = Some(layout.as_str().to_owned());
         }

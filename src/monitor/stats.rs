@@ -28,9 +28,9 @@ const EMBEDDING_STATS: &str = "SELECT e.entity_type, count(*) AS n,
 /// partitions if it has any (`embeddings`: one per entity type).
 const TABLE_FACTS: &str = "SELECT coalesce(sum(s.n_dead_tup), 0)::bigint,
         coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint
-     FROM pg_partition_tree(to_regclass($1)) t
-     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid
-     WHERE t.isleaf";
+     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1))
+           UNION SELECT to_regclass($1)) t
+     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid";
 
 /// The same on a Citus coordinator, where a distributed table's rows live in its shards on
 /// the workers (the coordinator holds an empty shell): sizes by `citus_total_relation_size`,
@@ -43,10 +43,10 @@ const CITUS_TABLE_FACTS: &str = "SELECT coalesce(sum(CASE WHEN p.logicalrelid IS
                   WHERE r.success) END), 0)::bigint,
         coalesce(sum(CASE WHEN p.logicalrelid IS NULL THEN pg_total_relation_size(t.relid)
                           ELSE citus_total_relation_size(t.relid) END), 0)::bigint
-     FROM pg_partition_tree(to_regclass($1)) t
+     FROM (SELECT relid FROM pg_partition_tree(to_regclass($1))
+           UNION SELECT to_regclass($1)) t
      LEFT JOIN pg_dist_partition p ON p.logicalrelid = t.relid
-     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid
-     WHERE t.isleaf";
+     LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid";
 
 impl ModelRepository {
     /// Per model: versions, active versions, bytes, latest version, loads (this repository's

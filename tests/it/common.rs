@@ -73,14 +73,22 @@ pub fn citus_schema_based() -> bool {
     }
 }
 
-/// `sql` run below the triggers, as a disk fault would change data: in a transaction with
-/// `session_replication_role = replica`, which on a Citus cluster is passed on to the workers
-/// (where the triggers of distributed tables run).
-pub fn below_triggers(sql: &str) -> String {
-    format!(
-        "BEGIN; SET LOCAL citus.propagate_set_commands = 'local'; \
-         SET LOCAL session_replication_role = replica; {sql}; COMMIT;"
-    )
+/// SQL that runs `UPDATE ml_models {tail}` below the triggers, as a disk fault would change
+/// the data: with `session_replication_role = replica`. On a Citus cluster the triggers run
+/// on the workers, so there the update runs on every shard, on the worker that holds it.
+pub fn below_triggers(tail: &str) -> String {
+    if cfg!(feature = "citus") {
+        format!(
+            "DO $$ BEGIN IF EXISTS (SELECT 1 FROM run_command_on_shards('ml_models', \
+             $c$SET session_replication_role = replica; UPDATE %s {tail}$c$) WHERE NOT success) \
+             THEN RAISE EXCEPTION 'the update failed on a shard'; END IF; END $$"
+        )
+    } else {
+        format!(
+            "SET session_replication_role = replica; UPDATE ml_models {tail}; \
+             SET session_replication_role = DEFAULT;"
+        )
+    }
 }
 
 /// A schema name unique to this process and test.

@@ -174,7 +174,7 @@ fn bytes_changed_below_the_triggers_or_a_changed_checksum_still_read_as_corrupt(
     let mut sql = repo.sql();
     // As a disk fault would: the triggers do not see it.
     sql.batch_execute(&common::below_triggers(
-        "UPDATE ml_models SET model_data = 'tampered'::bytea WHERE version = '1'",
+        "SET model_data = 'tampered'::bytea WHERE version = '1'",
     ))
     .unwrap();
     assert!(matches!(

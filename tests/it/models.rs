@@ -196,7 +196,7 @@ fn changed_bytes_are_reported_as_corrupt() {
         .batch_execute(
             // Below the triggers, as a disk fault would (an ordinary UPDATE of the bytes is a
             // re-save: the database recomputes the checksum).
-            &common::below_triggers("UPDATE ml_models SET model_data = 'tampered'::bytea"),
+            &common::below_triggers("SET model_data = 'tampered'::bytea"),
         )
         .unwrap();
     assert!(matches!(
@@ -490,7 +490,7 @@ fn a_checksum_cleared_by_hand_is_computed_on_load_and_guards_later_loads() {
     // not see) now read as Corrupt.
     repo.sql()
         .batch_execute(&common::below_triggers(
-            "UPDATE ml_models SET model_data = '\\x00'",
+            "SET model_data = '\\x00'",
         ))
         .unwrap();
     assert!(matches!(

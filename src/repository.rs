@@ -281,6 +281,7 @@ impl ModelRepository {
         let call = Call {
             op,
             pool: &self.inner.pool,
+            layout: self.inner.layout,
         };
         let result = f(&call);
         self.record_timing(op, started, result.is_ok());
@@ -359,9 +360,15 @@ impl ModelRepository {
 pub(crate) struct Call<'a> {
     op: &'static str,
     pool: &'a Pool,
+    layout: Layout,
 }
 
 impl Call<'_> {
+    /// Where the schema's tables are (see [`ModelRepository::layout`]).
+    pub(crate) fn layout(&self) -> Layout {
+        self.layout
+    }
+
     /// Runs `f` on a pooled connection under this operation's name, retried per `retry`.
     pub(crate) fn run<T>(
         &self,

@@ -164,10 +164,7 @@ fn take_distribution_lock(tx: &mut Transaction<'_>, wait: Duration) -> Result<()
         wait.as_millis().max(1)
     ))?;
     tx.batch_execute(DISTRIBUTION_LOCK)?;
-    tx.execute(
-        "SELECT set_config('lock_timeout', $1, true)",
-        &[&before],
-    )?;
+    tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&before])?;
     Ok(())
 }
 

@@ -133,7 +133,9 @@ impl std::str::FromStr for CitusMode {
         ]
         .into_iter()
         .find(|v| v.as_str().eq_ignore_ascii_case(s.trim()))
-        .ok_or_else(|| RepoError::invalid(format!("unknown Citus mode {s:?} (auto, off, row, schema)")))
+        .ok_or_else(|| {
+            RepoError::invalid(format!("unknown Citus mode {s:?} (auto, off, row, schema)"))
+        })
     }
 }
 
@@ -285,9 +287,9 @@ impl RepositoryConfig {
             })?;
         }
         if let Some(v) = var("MODEL_REPO_CITUS") {
-            config.citus = v.parse().map_err(|_| {
-                RepoError::invalid(format!("MODEL_REPO_CITUS is malformed: {v:?}"))
-            })?;
+            config.citus = v
+                .parse()
+                .map_err(|_| RepoError::invalid(format!("MODEL_REPO_CITUS is malformed: {v:?}")))?;
         }
         if let Some(v) = var("MODEL_REPO_SCHEMA") {
             validate::schema_name("MODEL_REPO_SCHEMA", &v)?;

@@ -4,6 +4,7 @@
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::db::citus::Layout;
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
 use crate::db::retry::Retry;
@@ -38,6 +39,24 @@ const MERGE_STAGED: &str = concat!(
     "SELECT entity_type, entity_id, embeddings, dimension FROM embeddings_staging WHERE load_id = $1",
     on_key_update!()
 );
+/// The same for a Citus distributed schema, where pushing the `INSERT … SELECT` down to the
+/// node fails (Citus 13.2 deparses it with an empty partition-column test): the part is read
+/// first, in a materialized CTE, and then inserted through the coordinator.
+const MERGE_STAGED_VIA_COORDINATOR: &str = concat!(
+    "WITH part AS MATERIALIZED (SELECT entity_type, entity_id, embeddings, dimension \
+     FROM embeddings_staging WHERE load_id = $1) ",
+    insert_embeddings!(),
+    "SELECT entity_type, entity_id, embeddings, dimension FROM part",
+    on_key_update!()
+);
+
+/// The statement that merges one staged part into embeddings.
+fn merge_statement(layout: Layout) -> &'static str {
+    match layout {
+        Layout::SchemaBased => MERGE_STAGED_VIA_COORDINATOR,
+        Layout::Local | Layout::RowBased => MERGE_STAGED,
+    }
+}
 const CLEAR_STAGED: &str = "DELETE FROM embeddings_staging WHERE load_id = ANY($1)";
 
 /// Rows per part of a parallel load: small enough that merging starts early, large enough
@@ -88,6 +107,7 @@ pub(crate) fn load_parallel(
     let part_rows = records.len().div_ceil(streams * 4).max(PART_ROWS_MIN);
     let parts: Vec<&[Embedding]> = records.chunks(part_rows).collect();
     let wanted = streams.min(parts.len());
+    let merge = merge_statement(call.layout());
     call.run(Retry::Idempotent, |conn| {
         let ids: Vec<i64> = conn
             .client()
@@ -99,12 +119,13 @@ pub(crate) fn load_parallel(
         let started = std::time::Instant::now();
         let staged = catch_unwind(AssertUnwindSafe(|| {
             if extra.is_empty() {
-                stage_then_merge(conn, batch, &parts, &ids, storage, progress)
+                stage_then_merge(conn, batch, &parts, &ids, storage, merge, progress)
             } else {
                 let work = Staging {
                     parts: &parts,
                     ids: &ids,
                     storage,
+                    merge,
                 };
                 pipeline(pool, conn, &mut extra, batch, &work, progress)
             }
@@ -158,6 +179,7 @@ fn stage_then_merge(
     parts: &[&[Embedding]],
     ids: &[i64],
     storage: Storage,
+    merge: &str,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let mut done = 0;
@@ -166,7 +188,7 @@ fn stage_then_merge(
         done += rows.len() as u64;
     }
     in_load_transaction(conn, batch, |tx| {
-        let merge = tx.prepare(MERGE_STAGED)?;
+        let merge = tx.prepare(merge)?;
         for id in ids {
             tx.execute(&merge, &[id])?;
         }
@@ -185,7 +207,7 @@ fn pipeline(
     work: &Staging<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let (parts, ids) = (work.parts, work.ids);
+    let parts = work.parts;
     let (queue, next_part) = crossbeam_channel::unbounded::<usize>();
     for i in 0..parts.len() {
         let _ = queue.send(i);
@@ -210,7 +232,7 @@ fn pipeline(
         // before the scope does, so their parts are committed or gone when the staging is
         // cleared.
         let _stop = StopOnExit(&stop);
-        merge_as_staged(conn, batch, parts.len(), ids, &received, progress)
+        merge_as_staged(conn, batch, work, &received, progress)
     })
 }
 
@@ -219,6 +241,8 @@ struct Staging<'a> {
     parts: &'a [&'a [Embedding]],
     ids: &'a [i64],
     storage: Storage,
+    /// The statement that merges a staged part (see [`merge_statement`]).
+    merge: &'static str,
 }
 
 /// A COPY stream: stages parts from the queue until it is empty, stopped, or failing.
@@ -274,13 +298,13 @@ fn run_stream(
 fn merge_as_staged(
     conn: &mut PgConnection,
     batch: &CheckedBatch<'_>,
-    parts: usize,
-    ids: &[i64],
+    work: &Staging<'_>,
     events: &crossbeam_channel::Receiver<StreamEvent>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
+    let (parts, ids) = (work.parts.len(), work.ids);
     in_load_transaction(conn, batch, |tx| {
-        let merge = tx.prepare(MERGE_STAGED)?;
+        let merge = tx.prepare(work.merge)?;
         let (mut merged, mut sent) = (0, 0u64);
         while merged < parts {
             match events.recv() {

@@ -9,7 +9,7 @@ use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::exact::Scorer;
 use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
-use crate::embeddings::store::{detect_storage, known_storage, open_stream, copy_out_type};
+use crate::embeddings::store::{copy_out_type, detect_storage, known_storage, open_stream};
 use crate::embeddings::types::Storage;
 use crate::repository::{Call, ModelRepository};
 use crate::validate;

@@ -6,15 +6,14 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 
 use crate::cache::purge_expired;
+use crate::db::citus::Layout;
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::{quote_ident, session_setup_sql, PgConnection};
 use crate::db::retry::Retry;
 use crate::db::sweep::{sweep, LEFTOVER_AGE};
-use crate::db::citus::Layout;
 use crate::monitor::stats::{as_u64, table_facts};
 use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance, TABLES};
 use crate::repository::{ModelRepository, LEFTOVERS};
-
 
 impl ModelRepository {
     /// Purges expired cache rows, then runs `VACUUM (ANALYZE)` on every table (outside any
@@ -145,7 +144,6 @@ fn vacuum_all(conn: &mut PgConnection, layout: Layout) -> Result<Vec<TableMainte
     }
     Ok(report)
 }
-
 
 fn server_statements(client: &mut Client) -> Result<ServerQueryStats> {
     let schema: Option<String> = client

@@ -39,7 +39,8 @@ pub fn server_url() -> String {
 }
 
 /// With the `citus` feature, the suite's server is the coordinator of a throwaway Citus cluster
-/// (two workers), whatever `DATABASE_URL` says. `MODEL_REPO_CITUS_MODE=schema` turns
+/// (two workers), whatever `DATABASE_URL` says; `MODEL_REPO_CITUS_URL` names an existing
+/// coordinator instead. `MODEL_REPO_CITUS_MODE=schema` turns
 /// schema-based sharding on for every new schema (so `CitusMode::Auto` makes each test's
 /// schema a distributed schema); otherwise each test's schema is distributed row-based.
 #[cfg(feature = "citus")]
@@ -48,6 +49,11 @@ pub fn server_url() -> String {
     static CLUSTER: OnceLock<pg_model_repo::throwaway::ThrowawayCluster> = OnceLock::new();
     URL.get_or_init(|| {
         crate::logging::init();
+        if let Ok(url) = std::env::var("MODEL_REPO_CITUS_URL") {
+            if !url.trim().is_empty() {
+                return url;
+            }
+        }
         let mut settings = TEST_SERVER_SETTINGS.to_vec();
         // Fewer shards than Citus's 32: each test creates a schema of its own.
         settings.push(("citus.shard_count", "4"));
@@ -66,7 +72,10 @@ pub fn server_url() -> String {
 /// Whether the Citus suite runs schema-based (`MODEL_REPO_CITUS_MODE=schema`).
 #[cfg(feature = "citus")]
 pub fn citus_schema_based() -> bool {
-    match std::env::var("MODEL_REPO_CITUS_MODE").as_deref().map(str::trim) {
+    match std::env::var("MODEL_REPO_CITUS_MODE")
+        .as_deref()
+        .map(str::trim)
+    {
         Ok("schema") => true,
         Ok("row") | Ok("") | Err(_) => false,
         Ok(other) => panic!("MODEL_REPO_CITUS_MODE={other:?}: use row or schema"),
@@ -90,6 +99,13 @@ pub fn below_triggers(tail: &str) -> String {
         )
     }
 }
+
+/// Run before a test creates a schema by hand, as on plain PostgreSQL: on a Citus cluster
+/// that makes every new schema a distributed one (schema-based sharding on), this one stays
+/// a regular schema, so the files of sql/ run in it as they do on one server (V001 gives a
+/// sequence an owner, which Citus refuses in a distributed schema). On PostgreSQL without
+/// Citus the setting is an inert placeholder.
+pub const PLAIN_SCHEMA: &str = "SET citus.enable_schema_based_sharding = off;";
 
 /// A schema name unique to this process and test.
 pub fn unique_schema(tag: &str) -> String {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use pg_model_repo::{Embedding, ModelRepository, RepoError, RepositoryConfig, VectorStorage};
 
-use crate::common::{self, assert_invalid, count, terminate_sessions, TestRepo};
+use crate::common::{self, assert_invalid, count, terminate_sessions, TestRepo, PLAIN_SCHEMA};
 
 fn set(entity_type: &str, prefix: &str, n: usize, dim: usize, value: f32) -> Vec<Embedding> {
     (0..n)
@@ -287,7 +287,7 @@ fn v001_schema(schema: &str) {
     let mut admin = common::admin();
     admin
         .batch_execute(&format!(
-            "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
+            "{PLAIN_SCHEMA} CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
              CREATE TABLE model_repo_migrations (version integer PRIMARY KEY, name text NOT NULL,
                  checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
         ))

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::common::{
     self, admin, assert_invalid, config, count, sha256_hex, terminate_sessions, unique_schema,
-    url_with_app_name, TestRepo,
+    url_with_app_name, TestRepo, PLAIN_SCHEMA,
 };
 
 const CHUNK: u32 = 64 << 10;
@@ -790,7 +790,7 @@ fn the_migration_keeps_models_saved_before_it_readable() {
     let mut sql = admin();
     // The layout before V005: every earlier file, as psql (or an older library) applied them.
     sql.batch_execute(&format!(
-        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
+        "{PLAIN_SCHEMA} CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
     ))
     .unwrap();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");

@@ -489,9 +489,7 @@ fn a_checksum_cleared_by_hand_is_computed_on_load_and_guards_later_loads() {
     // Bytes that change under the checksum (a disk fault; an UPDATE the re-save trigger does
     // not see) now read as Corrupt.
     repo.sql()
-        .batch_execute(&common::below_triggers(
-            "SET model_data = '\\x00'",
-        ))
+        .batch_execute(&common::below_triggers("SET model_data = '\\x00'"))
         .unwrap();
     assert!(matches!(
         repo.load_model("m", "1"),

@@ -135,6 +135,8 @@ fn the_sql_files_run_with_psql_and_the_library_adopts_the_schema() {
             &url,
             &[
                 "-c",
+                common::PLAIN_SCHEMA,
+                "-c",
                 &format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
                 "-c",
                 &format!("SET search_path TO \"{schema}\""),

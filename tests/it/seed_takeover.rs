@@ -10,7 +10,7 @@ use pg_model_repo::{ModelRepository, RepoError, SeedTakeoverReport};
 use postgres::Client;
 use serde_json::{json, Value};
 
-use crate::common::{admin, config, drop_schema, sha256_hex, unique_schema};
+use crate::common::{admin, config, drop_schema, sha256_hex, unique_schema, PLAIN_SCHEMA};
 use crate::interop::{PICKLED_DICT, PICKLED_LIST};
 
 /// The seed document's DDL, verbatim ("Database Schema").
@@ -75,7 +75,7 @@ impl SeedSchema {
         let seed = SeedSchema { schema };
         seed.sql()
             .batch_execute(&format!(
-                "CREATE SCHEMA \"{s}\"; SET search_path TO \"{s}\";
+                "{PLAIN_SCHEMA} CREATE SCHEMA \"{s}\"; SET search_path TO \"{s}\";
                  CREATE FUNCTION uuid_generate_v4() RETURNS uuid LANGUAGE sql
                      AS 'SELECT gen_random_uuid()';
                  {SEED_DDL}",

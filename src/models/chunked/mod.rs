@@ -111,7 +111,11 @@ pub(crate) const STAGED_CHUNKS: Leftover = Leftover {
          WHERE c.staged_at < now() - $1 * interval '1 second' AND ",
         unpublished!()
     ),
-    try_lock: concat!("SELECT pg_try_advisory_xact_lock(", set_lock_key!("$1::int8"), ")"),
+    try_lock: concat!(
+        "SELECT pg_try_advisory_xact_lock(",
+        set_lock_key!("$1::int8"),
+        ")"
+    ),
     delete: concat!(
         "DELETE FROM ml_model_chunks c \
          WHERE c.chunk_set = $1 AND c.staged_at < now() - $2 * interval '1 second' AND ",

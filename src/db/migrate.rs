@@ -349,10 +349,20 @@ fn create_schema(
     if has_citus {
         citus::before_create_schema(tx, mode)?;
     }
-    tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {}; {CREATE_HISTORY}",
-        quote_ident(schema)
-    ))?;
+    // Only an absent schema is created (the schema's advisory lock keeps two processes from
+    // racing here): on Citus 13.2, CREATE SCHEMA IF NOT EXISTS of an existing schema while
+    // schema-based sharding is on registers it as a distributed schema, tables and all, though
+    // none of its tables is distributed.
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )?
+        .try_get(0)?;
+    if !exists {
+        tx.batch_execute(&format!("CREATE SCHEMA {}", quote_ident(schema)))?;
+    }
+    tx.batch_execute(CREATE_HISTORY)?;
     let found = citus::inspect(tx, schema)?;
     Ok((citus::layout(mode, &found, schema)?, found))
 }

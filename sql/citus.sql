@@ -1,10 +1,14 @@
 -- Scale-out with Citus: distributes a repository's tables on a Citus coordinator. The library
 -- runs this very file (embedded) at the end of its migrations when the database has the citus
 -- extension (RepositoryConfig::citus, CitusMode::Auto by default); run by hand, it does the
--- same, once the schema exists (the V*.sql files, see V001__init.sql), idempotently:
---   row-based:    psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'SET search_path TO ml' -f sql/citus.sql
---   schema-based: psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'SET search_path TO ml' \
---                      -c "SET pg_model_repo.citus_mode = 'schema'" -f sql/citus.sql
+-- same, idempotently. By hand, from the crate's root directory, on the coordinator: build the
+-- schema with the V*.sql files as V001__init.sql says, with schema-based sharding off for that
+-- session (V001 gives a sequence an owner, which Citus refuses in a distributed schema):
+--   cat sql/V*.sql | PGOPTIONS='-c citus.enable_schema_based_sharding=off' psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'CREATE SCHEMA IF NOT EXISTS ml' -c 'SET search_path TO ml' -f -
+-- then distribute it, row-based:
+--   psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'SET search_path TO ml' -f sql/citus.sql
+-- or schema-based (the whole schema on one node):
+--   psql -d mydb -v ON_ERROR_STOP=1 -1 -c 'SET search_path TO ml' -c "SET pg_model_repo.citus_mode = 'schema'" -f sql/citus.sql
 -- A schema Citus already made a distributed schema (created while
 -- citus.enable_schema_based_sharding was on) is left as it is: every table in it already lives
 -- whole on one node.

@@ -136,18 +136,23 @@ pub(crate) fn incomplete(layout: Layout, found: &Found) -> bool {
     }
 }
 
-/// Before the schema is created: makes `CREATE SCHEMA` give the kind of schema the mode asks
-/// for (a database may turn schema-based sharding on for every new schema).
-pub(crate) fn before_create_schema(tx: &mut Transaction<'_>, mode: CitusMode) -> Result<()> {
-    let sharding = match mode {
-        CitusMode::RowBased => "off",
-        CitusMode::SchemaBased => "on",
-        CitusMode::Auto | CitusMode::Off => return Ok(()),
-    };
-    tx.batch_execute(&format!(
-        "SET LOCAL citus.enable_schema_based_sharding = {sharding}"
-    ))?;
-    Ok(())
+/// Before a new schema is created on Citus: the mode it is to be built in (`Auto` becomes
+/// `SchemaBased` where this session would create a distributed schema), and `CREATE SCHEMA`
+/// made to create a plain one, which the end of the migration distributes. Built first and
+/// distributed once, the schema takes one co-location id (Citus places a schema's group on
+/// the worker its id picks, round-robin); a schema created distributed would take a second.
+pub(crate) fn mode_for_new_schema(tx: &mut Transaction<'_>, mode: CitusMode) -> Result<CitusMode> {
+    let sharding: Option<String> = tx
+        .query_one(
+            "SELECT current_setting('citus.enable_schema_based_sharding', true)",
+            &[],
+        )?
+        .try_get(0)?;
+    tx.batch_execute("SET LOCAL citus.enable_schema_based_sharding = off")?;
+    Ok(match mode {
+        CitusMode::Auto if sharding.as_deref() == Some("on") => CitusMode::SchemaBased,
+        other => other,
+    })
 }
 
 /// One database-wide lock (transaction-level) around distributing a schema: Citus's own

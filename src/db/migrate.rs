@@ -338,17 +338,15 @@ fn apply_pending(
     Ok(report)
 }
 
-/// Creates the schema (of the kind the Citus mode asks for) and the history table if absent;
-/// returns the layout the schema is to have and what the database said of it.
+/// Creates the schema and the history table if absent; returns the layout the schema is to
+/// have and what the database said of it. On Citus a new schema is always created as a plain
+/// schema, built, and distributed at the end (see `citus`): under `CitusMode::Auto` it is to
+/// be schema-based when this session would have made it a distributed schema.
 fn create_schema(
     tx: &mut Transaction<'_>,
     schema: &str,
-    mode: CitusMode,
+    mut mode: CitusMode,
 ) -> Result<(Layout, citus::Found)> {
-    let has_citus = citus::inspect(tx, schema)?.citus;
-    if has_citus {
-        citus::before_create_schema(tx, mode)?;
-    }
     // Only an absent schema is created (the schema's advisory lock keeps two processes from
     // racing here): on Citus 13.2, CREATE SCHEMA IF NOT EXISTS of an existing schema while
     // schema-based sharding is on registers it as a distributed schema, tables and all, though
@@ -360,6 +358,9 @@ fn create_schema(
         )?
         .try_get(0)?;
     if !exists {
+        if citus::inspect(tx, schema)?.citus {
+            mode = citus::mode_for_new_schema(tx, mode)?;
+        }
         tx.batch_execute(&format!("CREATE SCHEMA {}", quote_ident(schema)))?;
     }
     tx.batch_execute(CREATE_HISTORY)?;

@@ -100,13 +100,32 @@ impl ThrowawayCluster {
         &mut self.workers[index]
     }
 
+    /// Creates database `name` on every node, with Citus set up in it as in `postgres` (Citus
+    /// keeps its metadata per database). Its URLs are those of [`url`](Self::url) with
+    /// `dbname={name}`.
+    pub fn create_database(&self, name: &str) -> Result<()> {
+        crate::validate::schema_name("database", name)?;
+        for node in self.nodes() {
+            connect(node, "postgres")?.batch_execute(&format!("CREATE DATABASE \"{name}\""))?;
+        }
+        self.register_nodes_in(name)
+    }
+
+    fn nodes(&self) -> impl Iterator<Item = &ThrowawayServer> {
+        std::iter::once(&self.coordinator).chain(&self.workers)
+    }
+
+    fn register_nodes(&self) -> Result<()> {
+        self.register_nodes_in("postgres")
+    }
+
     /// Creates the extension on every node, then tells the coordinator where it and its
     /// workers are.
-    fn register_nodes(&self) -> Result<()> {
-        for node in std::iter::once(&self.coordinator).chain(&self.workers) {
-            connect(node)?.batch_execute("CREATE EXTENSION IF NOT EXISTS citus")?;
+    fn register_nodes_in(&self, database: &str) -> Result<()> {
+        for node in self.nodes() {
+            connect(node, database)?.batch_execute("CREATE EXTENSION IF NOT EXISTS citus")?;
         }
-        let mut coordinator = connect(&self.coordinator)?;
+        let mut coordinator = connect(&self.coordinator, database)?;
         coordinator.execute(
             "SELECT citus_set_coordinator_host('127.0.0.1', $1)",
             &[&i32::from(self.coordinator.port())],
@@ -121,8 +140,12 @@ impl ThrowawayCluster {
     }
 }
 
-fn connect(server: &ThrowawayServer) -> Result<Client> {
-    Ok(Client::connect(&server.url(), NoTls)?)
+fn connect(server: &ThrowawayServer, database: &str) -> Result<Client> {
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname={database}",
+        server.port()
+    );
+    Ok(Client::connect(&url, NoTls)?)
 }
 
 /// Whether the local PostgreSQL has Citus; the error says how to get it.

@@ -46,7 +46,6 @@ pub fn server_url() -> String {
 #[cfg(feature = "citus")]
 pub fn server_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
-    static CLUSTER: OnceLock<pg_model_repo::throwaway::ThrowawayCluster> = OnceLock::new();
     URL.get_or_init(|| {
         crate::logging::init();
         if let Ok(url) = std::env::var("MODEL_REPO_CITUS_URL") {
@@ -67,6 +66,16 @@ pub fn server_url() -> String {
         url
     })
     .clone()
+}
+
+#[cfg(feature = "citus")]
+static CLUSTER: OnceLock<pg_model_repo::throwaway::ThrowawayCluster> = OnceLock::new();
+
+/// The suite's throwaway cluster (none when `MODEL_REPO_CITUS_URL` names another).
+#[cfg(feature = "citus")]
+pub fn citus_cluster() -> Option<&'static pg_model_repo::throwaway::ThrowawayCluster> {
+    server_url();
+    CLUSTER.get()
 }
 
 /// Whether the Citus suite runs schema-based (`MODEL_REPO_CITUS_MODE=schema`).
@@ -276,4 +285,15 @@ pub fn psql(url: &str, args: &[&str]) {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The command documented in `file`'s header on the line that starts with `start`.
+pub fn documented_command(file: &str, start: &str) -> String {
+    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.lines()
+        .filter_map(|line| line.strip_prefix("--   "))
+        .find(|command| command.starts_with(start))
+        .unwrap_or_else(|| panic!("{file} documents no command starting with {start:?}"))
+        .to_owned()
 }

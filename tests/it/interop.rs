@@ -10,7 +10,7 @@ use pg_model_repo::throwaway::ThrowawayServer;
 use pg_model_repo::{ModelRepository, RepoError, RepositoryConfig, VectorStorage};
 use serde_json::json;
 
-use crate::common::{self, psql, sha256_hex, TestRepo};
+use crate::common::{self, documented_command, psql, sha256_hex, TestRepo};
 
 /// `pickle.dumps([0.5, 0.25], protocol=4)`: what the seed's Python cached.
 pub const PICKLED_LIST: &str =
@@ -279,17 +279,6 @@ fn role_config(role: &str, database: &str, schema: &str) -> RepositoryConfig {
         .max_overflow(2)
         .pool_timeout(Duration::from_secs(10))
         .reaper_interval(None)
-}
-
-/// The command documented in `file`'s header on the line that starts with `start`.
-fn documented_command(file: &str, start: &str) -> String {
-    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    text.lines()
-        .filter_map(|line| line.strip_prefix("--   "))
-        .find(|command| command.starts_with(start))
-        .unwrap_or_else(|| panic!("{file} documents no command starting with {start:?}"))
-        .to_owned()
 }
 
 /// Runs a documented shell command as written, from the crate's root, as `role` on the roles

@@ -8,6 +8,8 @@ mod logging;
 
 mod aliases;
 mod cache;
+#[cfg(feature = "citus")]
+mod citus;
 mod embedding_storage;
 mod embeddings;
 mod faults;

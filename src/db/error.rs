@@ -170,10 +170,19 @@ pub(crate) fn is_transient_db_error(e: &postgres::Error) -> bool {
         return true;
     }
     match e.code() {
-        Some(code) => is_transient_sqlstate(code.code()),
+        Some(code) => is_transient_sqlstate(code.code()) || is_lost_worker(e),
         // No SQLSTATE and not closed: an I/O or protocol failure on the socket.
         None => is_connection_failure(e),
     }
+}
+
+/// A Citus coordinator that could not reach a worker (down, restarting, or its connection
+/// lost) says so as XX000 "connection to the remote node … failed": the coordinator's own
+/// session is fine, and the same call may succeed once the worker is back.
+fn is_lost_worker(e: &postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code().code() == "XX000" && db.message().starts_with("connection to the remote node")
+    })
 }
 
 fn is_transient_sqlstate(code: &str) -> bool {

@@ -13,6 +13,8 @@ use pg_model_repo::{
 };
 use serde_json::json;
 
+use pg_model_repo::throwaway::{StopMode, ThrowawayCluster};
+
 use crate::common::{self, admin, documented_command, TestRepo};
 
 fn repo(mode: CitusMode) -> TestRepo {
@@ -371,4 +373,97 @@ fn sql_citus_sql_by_hand_distributes_as_the_library_does() {
         db.batch_execute("DROP SCHEMA ml CASCADE; DROP SCHEMA by_library CASCADE")
             .unwrap();
     }
+}
+
+/// Issue 15's faults, on a cluster of this test's own (a worker is stopped): a worker stopped
+/// in the middle of a load gives a typed error and leaves no row of the load on any worker
+/// (or, if the load committed, all of them); reads and the health check with the worker down
+/// fail typed and name it; once the worker is back, the repository works again without
+/// being reopened.
+#[test]
+fn a_worker_stopped_mid_load_and_mid_read_fails_typed_leaves_nothing_partial_and_recovers() {
+    crate::logging::init();
+    let mut cluster = ThrowawayCluster::start_with(2, common::TEST_SERVER_SETTINGS).unwrap();
+    let config = RepositoryConfig::new(cluster.url())
+        .schema("faults")
+        .citus(CitusMode::RowBased)
+        .pool_size(2)
+        .pool_timeout(Duration::from_secs(10))
+        .query_timeout(Duration::from_secs(10))
+        .reaper_interval(None);
+    let repo = ModelRepository::open(config).unwrap();
+    let kept = vectors("kept", 1000, 16);
+    repo.load_embeddings(&kept, LoadMethod::Copy).unwrap();
+    let batch = vectors("user", 60_000, 16);
+    let rows_on_workers = |cluster: &ThrowawayCluster| -> i64 {
+        let mut c = postgres::Client::connect(&cluster.url(), postgres::NoTls).unwrap();
+        // Prepared transactions a stopped worker missed are settled first (Citus does this
+        // in the background too).
+        c.batch_execute("SELECT recover_prepared_transactions()")
+            .unwrap();
+        c.query_one(
+            "SELECT count(*) FROM faults.embeddings WHERE entity_type = 'user'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    for method in [
+        LoadMethod::Copy,
+        LoadMethod::ParallelCopy,
+        LoadMethod::MultiRowInsert,
+    ] {
+        let mut stopped = false;
+        let result = repo.load_embeddings_with_progress(&batch, method, &mut |done, total| {
+            if !stopped && done * 3 >= total {
+                stopped = true;
+                cluster.worker_mut(1).stop(StopMode::Fast).unwrap();
+            }
+        });
+        assert!(stopped, "{method}: the load reported no progress");
+        match &result {
+            Ok(report) => log::info!("{method}: committed before the worker went: {report:?}"),
+            Err(e) => {
+                assert!(
+                    matches!(e, RepoError::Database(_) | RepoError::OutcomeUnknown(_)),
+                    "{method}: {e:?}"
+                );
+                log::info!("{method}: {e}");
+            }
+        }
+        // With the worker down, a read of the type fails typed, naming the worker.
+        let read = repo.for_each_embedding("user", &mut |_, _| {});
+        let err = read.expect_err("a read with a worker down");
+        assert!(matches!(err, RepoError::Database(_)), "{err:?}");
+        let health = repo.health_check();
+        assert_eq!(health.status, HealthStatus::Unhealthy, "{health:?}");
+        let workers = &health.checks["workers"];
+        let down = cluster.workers()[1].port().to_string();
+        assert!(!workers.ok && workers.detail.contains(&down), "{workers:?}");
+
+        cluster.worker_mut(1).start_again().unwrap();
+        let landed = rows_on_workers(&cluster);
+        match result {
+            Ok(_) => assert_eq!(landed, 60_000, "{method}"),
+            Err(_) => assert_eq!(landed, 0, "{method}: nothing partial"),
+        }
+        // The same repository works again: the load, then a full read.
+        repo.load_embeddings(&batch, method).unwrap();
+        let mut n = 0;
+        assert_eq!(
+            repo.for_each_embedding("user", &mut |_, _| n += 1).unwrap(),
+            60_000
+        );
+        assert_eq!(n, 60_000);
+        assert_eq!(repo.health_check().status, HealthStatus::Healthy);
+        assert_eq!(repo.drop_embedding_type("user").unwrap(), 60_000);
+    }
+    let ids: Vec<String> = kept.iter().map(|e| e.entity_id.clone()).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let back = repo.get_embeddings_many("kept", &ids).unwrap();
+    assert!(back
+        .iter()
+        .zip(&kept)
+        .all(|(got, e)| got.as_ref() == Some(&e.vector)));
+    repo.close();
 }

@@ -7,8 +7,16 @@
 //! cargo run --release --example load_bench -- [--rows 100000] [--dim 384] [--rounds 3]
 //!     [--methods server_copy_file,insert,multi_row_insert,copy,parallel_copy,
 //!                psycopg_seed_schema,replace,upsert_reload,server_copy_out,read_stream]
-//!     [--format table|json] [--plot FILE.svg] [--crossover]
+//!     [--format table|json] [--plot FILE.svg] [--crossover] [--citus]
 //! ```
+//!
+//! `--citus` runs every selected method (but `psycopg_seed_schema`) twice per round: on a
+//! throwaway single server, then through the coordinator of a throwaway Citus cluster (two
+//! workers, on this same machine) into the repository's distributed tables (row-based). The
+//! cluster's lines are named `citus:<method>`; their ratio is to the cluster's own ceiling
+//! (`citus:server_copy_file`: the coordinator's COPY of the same file into the same
+//! distributed table), and `ratio_to_single_server` compares each with the same method on the
+//! single server.
 //!
 //! Every round runs each selected method once, each in a fresh schema, with a CHECKPOINT
 //! before each timed load; a method's `rows_per_s` is its median over the rounds (min and max
@@ -34,7 +42,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pg_model_repo::throwaway::database_url_or_start;
+use pg_model_repo::throwaway::{database_url_or_start, ThrowawayCluster, ThrowawayServer};
 use pg_model_repo::{Embedding, LoadMethod, ModelRepository, RepositoryConfig};
 
 const ENTITY_TYPE: &str = "bench";
@@ -52,6 +60,8 @@ pub struct Args {
     pub crossover: bool,
     pub sizes: Vec<usize>,
     pub progress: bool,
+    /// Also through a throwaway Citus cluster's coordinator (see the module doc).
+    pub citus: bool,
 }
 
 /// Every measurement, in the order they are reported (the ceilings first). Within a round
@@ -82,6 +92,7 @@ impl Default for Args {
             crossover: false,
             sizes: vec![1, 10, 100, 300, 1000, 3000, 10_000],
             progress: true,
+            citus: false,
         }
     }
 }
@@ -105,6 +116,8 @@ pub struct Measurement {
     /// Table + indexes + TOAST on disk after the load, over the rows stored (the median over
     /// the rounds); `null` for reads.
     pub bytes_per_row: Option<f64>,
+    /// For a `citus:` line: its median against the same method's on the single server.
+    pub ratio_to_single_server: Option<f64>,
     #[serde(skip)]
     pub peak_rss_over_input_mib: Option<f64>,
 }
@@ -167,6 +180,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String
                     .collect::<Result<_, _>>()?
             }
             "--no-progress" => out.progress = false,
+            "--citus" => out.citus = true,
             // Passed by `cargo bench`.
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}")),
@@ -238,8 +252,10 @@ fn bytes_per_row(url: &str, table: &str) -> Result<f64, Box<dyn Error>> {
     Ok(bytes / rows.max(1) as f64)
 }
 
-fn repo_bytes_per_row(url: &str, repo: &ModelRepository) -> Result<f64, Box<dyn Error>> {
-    bytes_per_row(url, &format!("{}.embeddings", repo.config().schema_name()))
+/// The repository's own account of its table's size (summed over a cluster's shards).
+fn repo_bytes_per_row(repo: &ModelRepository) -> Result<f64, Box<dyn Error>> {
+    let stats = repo.get_embeddings_stats()?;
+    Ok(stats.table_bytes as f64 / stats.total_embeddings.max(1) as f64)
 }
 
 fn bar(args: &Args, label: &str, total: u64) -> ProgressBar {
@@ -326,7 +342,6 @@ impl Drop for CopyFile {
 /// rows route into that partition. Only the COPY is timed.
 fn server_copy_file(url: &str, path: &str, dim: usize) -> Result<Sample, Box<dyn Error>> {
     let repo = open(url, "ceiling")?;
-    let table = format!("{}.embeddings", repo.config().schema_name());
     let mut c = postgres::Client::connect(url, postgres::NoTls)?;
     c.batch_execute(&format!(
         "SET search_path TO {}",
@@ -347,7 +362,7 @@ fn server_copy_file(url: &str, path: &str, dim: usize) -> Result<Sample, Box<dyn
     )?;
     let mut sample = Sample::timed(rows, started.elapsed());
     drop(c);
-    sample.bytes_per_row = Some(bytes_per_row(url, &table)?);
+    sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
     drop_schema(url, repo)?;
     Ok(sample)
 }
@@ -485,7 +500,7 @@ fn replace(
         .replace_embeddings_with_progress(ENTITY_TYPE, new, &mut |done, _| pb.set_position(done))?;
     pb.finish_and_clear();
     let mut sample = Sample::timed(report.rows, report.elapsed);
-    sample.bytes_per_row = Some(repo_bytes_per_row(url, &repo)?);
+    sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
     drop_schema(url, repo)?;
     Ok(sample)
 }
@@ -516,6 +531,7 @@ fn measurement(method: &str, rows: u64, dim: usize, seconds: f64) -> Measurement
         mb_per_s: (rows * 4 * dim as u64) as f64 / seconds / 1e6,
         ratio_to_ceiling: f64::NAN,
         bytes_per_row: None,
+        ratio_to_single_server: None,
         peak_rss_over_input_mib: None,
     }
 }
@@ -567,12 +583,24 @@ impl Inputs {
 }
 
 /// Runs the benchmark and returns its measurements (write methods relative to
-/// `server_copy_file`, reads relative to `server_copy_out`).
+/// `server_copy_file`, reads relative to `server_copy_out`, each on its own target).
 pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
-    let (url, _server) = database_url_or_start(&[])?;
+    let (url, _server) = if args.citus {
+        // Both targets are throwaway servers on this machine, so they compare like for like.
+        let server = ThrowawayServer::start(&[])?;
+        (server.url(), Some(server))
+    } else {
+        database_url_or_start(&[])?
+    };
     if args.crossover {
         return crossover(&url, args);
     }
+    let cluster = if args.citus {
+        eprintln!("starting a throwaway Citus cluster (coordinator and two workers)");
+        Some(ThrowawayCluster::start(2)?)
+    } else {
+        None
+    };
     let mut methods = args.methods.clone();
     if methods.iter().any(|m| m == "psycopg_seed_schema") && !psycopg_ready(&url) {
         methods.retain(|m| m != "psycopg_seed_schema");
@@ -590,32 +618,71 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
     } else {
         None
     };
-    let inputs = Inputs {
+    let mut inputs = Inputs {
         url,
         methods,
         batch,
         replacement,
         copy_file,
     };
-    let mut samples: HashMap<&'static str, Vec<Sample>> = HashMap::new();
+    // The targets, as (url, prefix of their lines): psycopg into the seed's table only on
+    // the single server (the seed's table is not distributed).
+    let mut targets = vec![(inputs.url.clone(), "")];
+    if let Some(cluster) = &cluster {
+        targets.push((cluster.url(), "citus:"));
+    }
+    let single_methods = inputs.methods.clone();
+    let mut samples: HashMap<String, Vec<Sample>> = HashMap::new();
     for round in 1..=args.rounds {
         eprintln!("round {round} of {}", args.rounds);
-        run_round(args, &inputs, &mut |method, sample| {
-            // Each round's figures, to judge the noise (stdout carries the summary).
-            eprintln!(
-                "  {method:<20} {:>7.3} s {:>9.0} rows/s",
-                sample.seconds,
-                sample.rows as f64 / sample.seconds
-            );
-            samples.entry(method).or_default().push(sample)
-        })?;
+        for (url, prefix) in &targets {
+            inputs.url = url.clone();
+            inputs.methods = single_methods.clone();
+            if !prefix.is_empty() {
+                inputs.methods.retain(|m| m != "psycopg_seed_schema");
+            }
+            run_round(args, &inputs, &mut |method, sample| {
+                // Each round's figures, to judge the noise (stdout carries the summary).
+                eprintln!(
+                    "  {prefix}{method:<20} {:>7.3} s {:>9.0} rows/s",
+                    sample.seconds,
+                    sample.rows as f64 / sample.seconds
+                );
+                samples
+                    .entry(format!("{prefix}{method}"))
+                    .or_default()
+                    .push(sample)
+            })?;
+        }
     }
-    let mut results: Vec<Measurement> = ALL
-        .iter()
-        .filter_map(|m| samples.get(m).map(|s| summarize(m, args.dim, s)))
-        .collect();
-    set_ratios(&mut results);
+    let mut results: Vec<Measurement> = Vec::new();
+    for (_, prefix) in &targets {
+        let mut these: Vec<Measurement> = ALL
+            .iter()
+            .filter_map(|m| {
+                let name = format!("{prefix}{m}");
+                samples.get(&name).map(|s| summarize(&name, args.dim, s))
+            })
+            .collect();
+        set_ratios(&mut these, prefix);
+        results.extend(these);
+    }
+    set_single_server_ratios(&mut results);
     Ok(results)
+}
+
+/// Each `citus:` line against the same method on the single server.
+fn set_single_server_ratios(results: &mut [Measurement]) {
+    let single: HashMap<String, f64> = results
+        .iter()
+        .filter(|m| !m.method.starts_with("citus:"))
+        .map(|m| (m.method.clone(), m.rows_per_s))
+        .collect();
+    for m in results.iter_mut() {
+        if let Some(base) = m.method.strip_prefix("citus:").and_then(|b| single.get(b)) {
+            m.ratio_to_single_server = Some(m.rows_per_s / base);
+        }
+    }
 }
 
 /// Every selected method once.
@@ -652,7 +719,7 @@ fn run_round(
             (Some(peak), Some(input)) => Some(peak.saturating_sub(input) as f64 / 1048576.0),
             _ => None,
         };
-        sample.bytes_per_row = Some(repo_bytes_per_row(url, &repo)?);
+        sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
         record(method.as_str(), sample);
         if method == LoadMethod::Copy || kept.is_none() {
             if let Some(old) = kept.replace(repo) {
@@ -705,7 +772,7 @@ fn reload_and_read(
         let report = repo.batch_save_embeddings(&inputs.batch)?;
         let mut sample = Sample::timed(report.rows, report.elapsed);
         // Measured before the VACUUM: the dead versions the reload leaves are its cost too.
-        sample.bytes_per_row = Some(repo_bytes_per_row(url, repo)?);
+        sample.bytes_per_row = Some(repo_bytes_per_row(repo)?);
         record("upsert_reload", sample);
         // The reads below should not pay for the reload's dead tuples.
         let mut c = postgres::Client::connect(url, postgres::NoTls)?;
@@ -729,8 +796,9 @@ fn reload_and_read(
     Ok(())
 }
 
-fn set_ratios(results: &mut [Measurement]) {
+fn set_ratios(results: &mut [Measurement], prefix: &str) {
     let rate = |name: &str| {
+        let name = format!("{prefix}{name}");
         results
             .iter()
             .find(|m| m.method == name)
@@ -738,7 +806,8 @@ fn set_ratios(results: &mut [Measurement]) {
     };
     let (write_ceiling, read_ceiling) = (rate("server_copy_file"), rate("server_copy_out"));
     for m in results.iter_mut() {
-        let ceiling = if m.method == "read_stream" || m.method == "server_copy_out" {
+        let method = m.method.strip_prefix(prefix).unwrap_or(&m.method);
+        let ceiling = if method == "read_stream" || method == "server_copy_out" {
             read_ceiling
         } else {
             write_ceiling
@@ -789,8 +858,18 @@ fn crossover(url: &str, args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>>
 pub fn print_table(results: &[Measurement]) {
     let w = results.iter().map(|m| m.method.len()).fold(6, usize::max);
     println!(
-        "{:<w$} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9}",
-        "method", "rows", "seconds", "rows/s", "min", "max", "MB/s", "ratio", "B/row", "peak MiB+"
+        "{:<w$} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>8}",
+        "method",
+        "rows",
+        "seconds",
+        "rows/s",
+        "min",
+        "max",
+        "MB/s",
+        "ratio",
+        "B/row",
+        "peak MiB+",
+        "vs single"
     );
     for m in results {
         let peak = m
@@ -799,8 +878,11 @@ pub fn print_table(results: &[Measurement]) {
         let size = m
             .bytes_per_row
             .map_or("-".to_owned(), |b| format!("{b:.0}"));
+        let single = m
+            .ratio_to_single_server
+            .map_or("-".to_owned(), |r| format!("{r:.3}"));
         println!(
-            "{:<w$} {:>8} {:>8.3} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>7.3} {:>8} {:>9}",
+            "{:<w$} {:>8} {:>8.3} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>7.3} {:>8} {:>9} {:>8}",
             m.method,
             m.rows,
             m.seconds,
@@ -810,7 +892,8 @@ pub fn print_table(results: &[Measurement]) {
             m.mb_per_s,
             m.ratio_to_ceiling,
             size,
-            peak
+            peak,
+            single
         );
     }
 }

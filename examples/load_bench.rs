@@ -118,6 +118,10 @@ pub struct Measurement {
     pub bytes_per_row: Option<f64>,
     /// For a `citus:` line: its median against the same method's on the single server.
     pub ratio_to_single_server: Option<f64>,
+    /// For a `citus:` load: CPU microseconds per row the coordinator spent (median).
+    pub coordinator_cpu_us_per_row: Option<f64>,
+    /// For a `citus:` load: CPU microseconds per row all workers together spent (median).
+    pub workers_cpu_us_per_row: Option<f64>,
     #[serde(skip)]
     pub peak_rss_over_input_mib: Option<f64>,
 }
@@ -129,6 +133,8 @@ struct Sample {
     seconds: f64,
     bytes_per_row: Option<f64>,
     peak_rss_over_input_mib: Option<f64>,
+    /// CPU seconds the cluster's coordinator and its workers spent on the load.
+    cluster_cpu: Option<(f64, f64)>,
 }
 
 impl Sample {
@@ -138,8 +144,26 @@ impl Sample {
             seconds: elapsed.as_secs_f64(),
             bytes_per_row: None,
             peak_rss_over_input_mib: None,
+            cluster_cpu: None,
         }
     }
+}
+
+/// Reads the CPU seconds a Citus cluster's coordinator and workers have used so far.
+type CpuProbe<'a> = &'a dyn Fn() -> (f64, f64);
+
+/// `f`'s sample with the cluster CPU it cost, when there is a cluster to ask.
+fn with_cpu(
+    probe: Option<CpuProbe<'_>>,
+    f: impl FnOnce() -> Result<Sample, Box<dyn Error>>,
+) -> Result<Sample, Box<dyn Error>> {
+    let before = probe.map(|p| p());
+    let mut sample = f()?;
+    if let (Some(p), Some((c0, w0))) = (probe, before) {
+        let (c1, w1) = p();
+        sample.cluster_cpu = Some((c1 - c0, w1 - w0));
+    }
+    Ok(sample)
 }
 
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
@@ -479,6 +503,7 @@ fn psycopg_seed_schema(url: &str, path: &str) -> Result<Sample, Box<dyn Error>> 
         seconds,
         bytes_per_row: Some(bytes_per_row(url, &table)?),
         peak_rss_over_input_mib: None,
+        cluster_cpu: None,
     };
     admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
     Ok(sample)
@@ -532,6 +557,8 @@ fn measurement(method: &str, rows: u64, dim: usize, seconds: f64) -> Measurement
         ratio_to_ceiling: f64::NAN,
         bytes_per_row: None,
         ratio_to_single_server: None,
+        coordinator_cpu_us_per_row: None,
+        workers_cpu_us_per_row: None,
         peak_rss_over_input_mib: None,
     }
 }
@@ -563,12 +590,24 @@ fn summarize(method: &str, dim: usize, samples: &[Sample]) -> Measurement {
         .iter()
         .filter_map(|s| s.peak_rss_over_input_mib)
         .reduce(f64::max);
+    let per_row_us = |pick: fn((f64, f64)) -> f64| {
+        let mut v: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.cluster_cpu.map(|c| pick(c) * 1e6 / s.rows as f64))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| median(&v))
+    };
+    m.coordinator_cpu_us_per_row = per_row_us(|c| c.0);
+    m.workers_cpu_us_per_row = per_row_us(|c| c.1);
     m
 }
 
 /// What every round works on.
-struct Inputs {
+struct Inputs<'a> {
     url: String,
+    /// On the cluster's rounds: its CPU probe.
+    cpu: Option<CpuProbe<'a>>,
     methods: Vec<String>,
     batch: Vec<Embedding>,
     /// Other vectors for the same ids: what `replace` replaces `batch` with.
@@ -576,7 +615,7 @@ struct Inputs {
     copy_file: Option<CopyFile>,
 }
 
-impl Inputs {
+impl Inputs<'_> {
     fn wants(&self, method: &str) -> bool {
         self.methods.iter().any(|m| m == method)
     }
@@ -618,8 +657,19 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
     } else {
         None
     };
+    let probe = cluster.as_ref().map(|c| {
+        move || {
+            let coordinator = c.coordinator().cpu_seconds().unwrap_or(f64::NAN);
+            let workers = c
+                .workers()
+                .iter()
+                .map(|w| w.cpu_seconds().unwrap_or(f64::NAN));
+            (coordinator, workers.sum())
+        }
+    });
     let mut inputs = Inputs {
         url,
+        cpu: None,
         methods,
         batch,
         replacement,
@@ -637,6 +687,10 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         eprintln!("round {round} of {}", args.rounds);
         for (url, prefix) in &targets {
             inputs.url = url.clone();
+            inputs.cpu = match (prefix.is_empty(), &probe) {
+                (false, Some(p)) => Some(p as CpuProbe<'_>),
+                _ => None,
+            };
             inputs.methods = single_methods.clone();
             if !prefix.is_empty() {
                 inputs.methods.retain(|m| m != "psycopg_seed_schema");
@@ -697,7 +751,8 @@ fn run_round(
     let copy_path = inputs.copy_file.as_ref().map(|f| f.path.as_str());
 
     if let (true, Some(path)) = (inputs.wants("server_copy_file"), copy_path) {
-        record("server_copy_file", server_copy_file(url, path, args.dim)?);
+        let sample = with_cpu(inputs.cpu, || server_copy_file(url, path, args.dim))?;
+        record("server_copy_file", sample);
     }
 
     // The repository whose table then serves the reload and the reads.
@@ -711,10 +766,12 @@ fn run_round(
         let input = current_rss();
         reset_peak_rss();
         let pb = bar(args, method.as_str(), rows);
-        let report = repo
-            .load_embeddings_with_progress(batch, method, &mut |done, _| pb.set_position(done))?;
-        pb.finish_and_clear();
-        let mut sample = Sample::timed(rows, report.elapsed);
+        let mut sample = with_cpu(inputs.cpu, || {
+            let report = repo.load_embeddings_with_progress(batch, method, &mut |done, _| {
+                pb.set_position(done)
+            })?;
+            Ok(Sample::timed(rows, report.elapsed))
+        })?;
         sample.peak_rss_over_input_mib = match (peak_rss(), input) {
             (Some(peak), Some(input)) => Some(peak.saturating_sub(input) as f64 / 1048576.0),
             _ => None,
@@ -858,7 +915,7 @@ fn crossover(url: &str, args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>>
 pub fn print_table(results: &[Measurement]) {
     let w = results.iter().map(|m| m.method.len()).fold(6, usize::max);
     println!(
-        "{:<w$} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>8}",
+        "{:<w$} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>8} {:>9} {:>9}",
         "method",
         "rows",
         "seconds",
@@ -869,7 +926,9 @@ pub fn print_table(results: &[Measurement]) {
         "ratio",
         "B/row",
         "peak MiB+",
-        "vs single"
+        "vs single",
+        "coord us",
+        "work. us"
     );
     for m in results {
         let peak = m
@@ -881,8 +940,9 @@ pub fn print_table(results: &[Measurement]) {
         let single = m
             .ratio_to_single_server
             .map_or("-".to_owned(), |r| format!("{r:.3}"));
+        let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
         println!(
-            "{:<w$} {:>8} {:>8.3} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>7.3} {:>8} {:>9} {:>8}",
+            "{:<w$} {:>8} {:>8.3} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>7.3} {:>8} {:>9} {:>8} {:>9} {:>9}",
             m.method,
             m.rows,
             m.seconds,
@@ -893,7 +953,9 @@ pub fn print_table(results: &[Measurement]) {
             m.ratio_to_ceiling,
             size,
             peak,
-            single
+            single,
+            us(m.coordinator_cpu_us_per_row),
+            us(m.workers_cpu_us_per_row)
         );
     }
 }

@@ -161,6 +161,32 @@ impl ThrowawayServer {
         Ok(Frozen { pids })
     }
 
+    /// CPU seconds (user and system) the server has used so far: its postmaster, every child
+    /// that has exited (accounted to the postmaster), and every live child. The difference
+    /// of two readings is what the server spent in between, e.g. on a load.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let ticks = clock_ticks_per_second();
+        let mut total = 0.0;
+        for (i, pid) in self.processes()?.into_iter().enumerate() {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After "pid (comm) ": fields 14-17 are utime, stime, cutime, cstime (1-based).
+            let fields: Vec<f64> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| {
+                    rest.split_whitespace()
+                        .skip(11)
+                        .take(4)
+                        .filter_map(|f| f.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            // The children's totals only for the postmaster: its children are counted live.
+            let counted = if i == 0 { 4 } else { 2 };
+            total += fields.iter().take(counted).sum::<f64>();
+        }
+        Ok(total / ticks)
+    }
+
     /// The postmaster and its children.
     fn processes(&self) -> Result<Vec<u32>> {
         let pidfile = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))?;
@@ -354,6 +380,16 @@ fn find_bindir() -> Option<PathBuf> {
         .unwrap_or_default()
         .into_iter()
         .find(|dir| has_initdb(dir))
+}
+
+/// `getconf CLK_TCK` (100 on Linux unless configured otherwise).
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn is_root() -> bool {

@@ -364,7 +364,12 @@ impl Drop for CopyFile {
 /// in a fresh repository schema: the type is registered first (its empty partition with its
 /// CHECKs and key index), then the file is copied into the partitioned `embeddings`, whose
 /// rows route into that partition. Only the COPY is timed.
-fn server_copy_file(url: &str, path: &str, dim: usize) -> Result<Sample, Box<dyn Error>> {
+fn server_copy_file(
+    url: &str,
+    path: &str,
+    dim: usize,
+    cpu: Option<CpuProbe<'_>>,
+) -> Result<Sample, Box<dyn Error>> {
     let repo = open(url, "ceiling")?;
     let mut c = postgres::Client::connect(url, postgres::NoTls)?;
     c.batch_execute(&format!(
@@ -376,15 +381,17 @@ fn server_copy_file(url: &str, path: &str, dim: usize) -> Result<Sample, Box<dyn
         &[&ENTITY_TYPE, &(dim as i32)],
     )?;
     settle(url);
-    let started = Instant::now();
-    let rows = c.execute(
-        &format!(
-            "COPY embeddings ({COLUMNS}) FROM '{}' (FORMAT binary)",
-            path.replace('\'', "''")
-        ),
-        &[],
-    )?;
-    let mut sample = Sample::timed(rows, started.elapsed());
+    let mut sample = with_cpu(cpu, || {
+        let started = Instant::now();
+        let rows = c.execute(
+            &format!(
+                "COPY embeddings ({COLUMNS}) FROM '{}' (FORMAT binary)",
+                path.replace('\'', "''")
+            ),
+            &[],
+        )?;
+        Ok(Sample::timed(rows, started.elapsed()))
+    })?;
     drop(c);
     sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
     drop_schema(url, repo)?;
@@ -751,8 +758,10 @@ fn run_round(
     let copy_path = inputs.copy_file.as_ref().map(|f| f.path.as_str());
 
     if let (true, Some(path)) = (inputs.wants("server_copy_file"), copy_path) {
-        let sample = with_cpu(inputs.cpu, || server_copy_file(url, path, args.dim))?;
-        record("server_copy_file", sample);
+        record(
+            "server_copy_file",
+            server_copy_file(url, path, args.dim, inputs.cpu)?,
+        );
     }
 
     // The repository whose table then serves the reload and the reads.

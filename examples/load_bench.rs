@@ -19,7 +19,8 @@
 //! single server.
 //!
 //! Every round runs each selected method once, each in a fresh schema, with a CHECKPOINT
-//! before each timed load; a method's `rows_per_s` is its median over the rounds (min and max
+//! before each timed load (the ceiling's time includes creating the type's storage, as a
+//! library load of a new type does); a method's `rows_per_s` is its median over the rounds (min and max
 //! beside it), and its ratio is that median over the ceiling's median. `bytes_per_row` is the
 //! table's size on disk after the load (heap, indexes and TOAST, summed over partitions) over
 //! the rows it holds.
@@ -122,6 +123,8 @@ pub struct Measurement {
     pub coordinator_cpu_us_per_row: Option<f64>,
     /// For a `citus:` load: CPU microseconds per row all workers together spent (median).
     pub workers_cpu_us_per_row: Option<f64>,
+    /// For a `citus:` load: CPU microseconds per row this client process spent (median).
+    pub client_cpu_us_per_row: Option<f64>,
     #[serde(skip)]
     pub peak_rss_over_input_mib: Option<f64>,
 }
@@ -135,6 +138,8 @@ struct Sample {
     peak_rss_over_input_mib: Option<f64>,
     /// CPU seconds the cluster's coordinator and its workers spent on the load.
     cluster_cpu: Option<(f64, f64)>,
+    /// CPU seconds this process (the client) spent on it, where measured with the cluster's.
+    client_cpu: Option<f64>,
 }
 
 impl Sample {
@@ -145,8 +150,25 @@ impl Sample {
             bytes_per_row: None,
             peak_rss_over_input_mib: None,
             cluster_cpu: None,
+            client_cpu: None,
         }
     }
+}
+
+/// CPU seconds (user and system) this process has used, from /proc/self/stat.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let ticks: f64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|f| f.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(f64::NAN);
+    ticks / 100.0
 }
 
 /// Reads the CPU seconds a Citus cluster's coordinator and workers have used so far.
@@ -158,10 +180,12 @@ fn with_cpu(
     f: impl FnOnce() -> Result<Sample, Box<dyn Error>>,
 ) -> Result<Sample, Box<dyn Error>> {
     let before = probe.map(|p| p());
+    let own = own_cpu_seconds();
     let mut sample = f()?;
     if let (Some(p), Some((c0, w0))) = (probe, before) {
         let (c1, w1) = p();
         sample.cluster_cpu = Some((c1 - c0, w1 - w0));
+        sample.client_cpu = Some(own_cpu_seconds() - own);
     }
     Ok(sample)
 }
@@ -376,13 +400,16 @@ fn server_copy_file(
         "SET search_path TO {}",
         repo.config().schema_name()
     ))?;
-    c.query_one(
-        "SELECT * FROM embedding_type_ensure($1, $2)",
-        &[&ENTITY_TYPE, &(dim as i32)],
-    )?;
     settle(url);
     let mut sample = with_cpu(cpu, || {
+        // The same work as a library load of a new type: its storage is created first (a
+        // partition, on a cluster one per shard), then filled.
         let started = Instant::now();
+        c.query_one(
+            "SELECT * FROM embedding_type_ensure($1, $2)",
+            &[&ENTITY_TYPE, &(dim as i32)],
+        )?;
+        let registered = started.elapsed();
         let rows = c.execute(
             &format!(
                 "COPY embeddings ({COLUMNS}) FROM '{}' (FORMAT binary)",
@@ -390,7 +417,9 @@ fn server_copy_file(
             ),
             &[],
         )?;
-        Ok(Sample::timed(rows, started.elapsed()))
+        let elapsed = started.elapsed();
+        eprintln!("    (the type's storage took {registered:?} of {elapsed:?})");
+        Ok(Sample::timed(rows, elapsed))
     })?;
     drop(c);
     sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
@@ -511,6 +540,7 @@ fn psycopg_seed_schema(url: &str, path: &str) -> Result<Sample, Box<dyn Error>> 
         bytes_per_row: Some(bytes_per_row(url, &table)?),
         peak_rss_over_input_mib: None,
         cluster_cpu: None,
+        client_cpu: None,
     };
     admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
     Ok(sample)
@@ -566,6 +596,7 @@ fn measurement(method: &str, rows: u64, dim: usize, seconds: f64) -> Measurement
         ratio_to_single_server: None,
         coordinator_cpu_us_per_row: None,
         workers_cpu_us_per_row: None,
+        client_cpu_us_per_row: None,
         peak_rss_over_input_mib: None,
     }
 }
@@ -607,6 +638,12 @@ fn summarize(method: &str, dim: usize, samples: &[Sample]) -> Measurement {
     };
     m.coordinator_cpu_us_per_row = per_row_us(|c| c.0);
     m.workers_cpu_us_per_row = per_row_us(|c| c.1);
+    let mut client: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s.client_cpu.map(|c| c * 1e6 / s.rows as f64))
+        .collect();
+    client.sort_by(f64::total_cmp);
+    m.client_cpu_us_per_row = (!client.is_empty()).then(|| median(&client));
     m
 }
 

@@ -18,8 +18,8 @@
 -- moves, chunked saves and cleanups stay single-shard transactions; embeddings and their
 -- quarantine by entity_id; the cache by its key (its key is COLLATE "C"). Each of the three
 -- is a co-location group of the repository's own, so that distributing or moving one
--- repository never waits on another's. The type registry is a reference table, a copy on
--- every node. The
+-- repository never waits on another's. The type registry and the list of HNSW indexes (which
+-- refers to it) are reference tables, a copy on every node. The
 -- migration history and ParallelCopy's staging table stay local to the coordinator (the
 -- staging rows are merged into embeddings by INSERT ... SELECT through it, and the advisory
 -- locks that guard them are the coordinator's).
@@ -39,6 +39,20 @@ BEGIN
         RAISE invalid_schema_name USING MESSAGE = 'set the search_path to the repository''s schema first';
     END IF;
     PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- The functions that create, refresh and drop a type's storage read the distributed
+    -- embeddings table in parallel and then change the registry, a reference table that
+    -- another (the HNSW index list) refers to: Citus allows that only over one connection
+    -- per node, so they run in sequential mode (a setting of each function, for its call).
+    FOREACH v_table IN ARRAY ARRAY['embedding_type_ensure(text, integer)',
+            'embedding_type_forget(text)', 'embedding_replace_begin(text, integer)',
+            'embedding_replace_commit(text, text, integer)', 'embedding_type_drop(text)',
+            'embedding_vector_index_create(text, text)']
+    LOOP
+        IF to_regprocedure(format('%I.%s', v_schema, v_table)) IS NOT NULL THEN
+            EXECUTE format('ALTER FUNCTION %I.%s SET citus.multi_shard_modify_mode = sequential',
+                           v_schema, v_table);
+        END IF;
+    END LOOP;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_dist_schema WHERE schemaid = quote_ident(v_schema)::regnamespace) THEN
         RETURN;
     END IF;
@@ -52,6 +66,7 @@ BEGIN
     FOR v_table, v_column, v_with IN
         SELECT * FROM (VALUES
             ('embedding_types',       NULL,         NULL),
+            ('embedding_vector_indexes', NULL,      NULL),
             ('ml_models',             'model_name', 'none'),
             ('ml_model_chunks',       'model_name', 'ml_models'),
             ('model_aliases',         'model_name', 'ml_models'),
@@ -63,6 +78,8 @@ BEGIN
             ('prediction_cache',      'cache_key',  'none')
         ) AS t(name, distribution_column, colocate_with)
     LOOP
+        -- embedding_vector_indexes exists only where vectors use pgvector's type (V006).
+        CONTINUE WHEN to_regclass(format('%I.%I', v_schema, v_table)) IS NULL;
         CONTINUE WHEN EXISTS (SELECT 1 FROM pg_dist_partition
                               WHERE logicalrelid = format('%I.%I', v_schema, v_table)::regclass);
         IF v_column IS NULL THEN

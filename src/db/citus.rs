@@ -20,9 +20,11 @@ use crate::db::error::{RepoError, Result};
 pub(crate) const CITUS_SQL: &str = include_str!("../../sql/citus.sql");
 
 /// The tables a row-based layout distributes (as `sql/citus.sql` lists them; a unit test
-/// keeps the two in step): all of them distributed means the layout is complete.
+/// keeps the two in step): all of those that exist distributed means the layout is complete
+/// (`embedding_vector_indexes` exists only with pgvector storage).
 pub(crate) const ROW_BASED_TABLES: &[&str] = &[
     "embedding_types",
+    "embedding_vector_indexes",
     "ml_models",
     "ml_model_chunks",
     "model_aliases",
@@ -65,6 +67,8 @@ pub(crate) struct Found {
     pub(crate) distributed_schema: bool,
     /// How many of [`ROW_BASED_TABLES`] are distributed (or reference tables).
     pub(crate) distributed_tables: usize,
+    /// How many of [`ROW_BASED_TABLES`] exist in the schema.
+    pub(crate) tables: usize,
 }
 
 const HAS_CITUS: &str = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')";
@@ -75,7 +79,9 @@ const INSPECT_SCHEMA: &str = "SELECT
         (SELECT count(*) FROM pg_catalog.pg_dist_partition p
          JOIN pg_class c ON c.oid = p.logicalrelid
          JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = $1 AND c.relname = ANY($2))";
+         WHERE n.nspname = $1 AND c.relname = ANY($2)),
+        (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = ANY($2) AND c.relkind IN ('r', 'p'))";
 
 /// Reads what [`Found`] holds (one query without Citus, two with it).
 pub(crate) fn inspect<C: postgres::GenericClient>(client: &mut C, schema: &str) -> Result<Found> {
@@ -86,10 +92,12 @@ pub(crate) fn inspect<C: postgres::GenericClient>(client: &mut C, schema: &str) 
     let tables: Vec<&str> = ROW_BASED_TABLES.to_vec();
     let row = client.query_one(INSPECT_SCHEMA, &[&schema, &tables])?;
     let distributed: i64 = row.try_get(1)?;
+    let tables: i64 = row.try_get(2)?;
     Ok(Found {
         citus,
         distributed_schema: row.try_get(0)?,
         distributed_tables: usize::try_from(distributed).unwrap_or(0),
+        tables: usize::try_from(tables).unwrap_or(0),
     })
 }
 
@@ -131,7 +139,8 @@ pub(crate) fn layout(mode: CitusMode, found: &Found, schema: &str) -> Result<Lay
 pub(crate) fn incomplete(layout: Layout, found: &Found) -> bool {
     match layout {
         Layout::Local => false,
-        Layout::RowBased => found.distributed_tables < ROW_BASED_TABLES.len(),
+        // A schema not built yet has none of the tables: it is incomplete too.
+        Layout::RowBased => found.tables == 0 || found.distributed_tables < found.tables,
         Layout::SchemaBased => !found.distributed_schema,
     }
 }
@@ -256,6 +265,7 @@ mod tests {
             citus: true,
             distributed_schema: true,
             distributed_tables: 0,
+            tables: 0,
         };
         assert_eq!(
             layout(CitusMode::Auto, &schema, "s").unwrap(),

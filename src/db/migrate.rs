@@ -328,7 +328,8 @@ fn apply_pending(
             }
         }
     }
-    if building || citus::incomplete(layout, &found) {
+    // Read again: a migration may have added a table (pgvector's index list) to distribute.
+    if building || citus::incomplete(layout, &citus::inspect(&mut tx, schema)?) {
         citus::distribute(&mut tx, schema, layout, wait)?;
         if layout != Layout::Local {
             report.distributed = Some(layout.as_str().to_owned());

@@ -144,8 +144,7 @@ impl ModelRepository {
     ) -> Result<Option<T>> {
         self.timed("get_cached_predictions", |call| {
             validate_key(cache_key)?;
-            let bytes = self.lookup(call, cache_key)?;
-            bytes.map(|b| decode(cache_key, &b)).transpose()
+            self.lookup(call, cache_key)
         })
     }
 
@@ -321,17 +320,24 @@ impl ModelRepository {
             .map_err(|_| RepoError::invalid(format!("cache ttl {ttl:?} is too long")))
     }
 
-    /// The live entry's bytes, counting the hit or miss.
-    fn lookup(&self, call: &Call<'_>, cache_key: &str) -> Result<Option<Vec<u8>>> {
-        let bytes: Option<Vec<u8>> = call.run(Retry::Idempotent, |conn| {
+    /// The live entry's value, decoded straight from the row (its bytes are not copied),
+    /// counting the hit (even when the value does not decode) or the miss.
+    fn lookup<T: DeserializeOwned>(&self, call: &Call<'_>, cache_key: &str) -> Result<Option<T>> {
+        let mut found = None;
+        let value = call.run(Retry::Idempotent, |conn| {
+            found = None;
             let statement = conn.prepare_cached(SELECT_LIVE)?;
-            match conn.client().query_opt(&statement, &[&cache_key])? {
-                Some(row) => Ok(Some(row.try_get(0)?)),
+            let row = conn.client().query_opt(&statement, &[&cache_key])?;
+            found = Some(row.is_some());
+            match row {
+                Some(row) => Ok(Some(decode(cache_key, row.try_get(0)?)?)),
                 None => Ok(None),
             }
-        })?;
-        self.record_lookup(cache_key, bytes.is_some());
-        Ok(bytes)
+        });
+        if let Some(hit) = found {
+            self.record_lookup(cache_key, hit);
+        }
+        value
     }
 }
 

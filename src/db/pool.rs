@@ -469,13 +469,17 @@ impl Drop for Conn {
 impl std::ops::Deref for Conn {
     type Target = PgConnection;
     fn deref(&self) -> &PgConnection {
-        self.conn.as_ref().expect("a Conn holds its connection until dropped")
+        self.conn
+            .as_ref()
+            .expect("a Conn holds its connection until dropped")
     }
 }
 
 impl std::ops::DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        self.conn.as_mut().expect("a Conn holds its connection until dropped")
+        self.conn
+            .as_mut()
+            .expect("a Conn holds its connection until dropped")
     }
 }
 

@@ -149,15 +149,22 @@ impl AccessBuffer {
 
     /// Puts back counts whose flush failed, so the next flush carries them.
     fn restore(&self, counts: Drained) {
+        use std::collections::hash_map::Entry;
         let mut pending = lock(self.shards.local());
         for (key, c) in counts {
-            if pending.contains_key(&key) {
-                add(&mut pending, key, c);
-            } else if self.keys.load(Ordering::Relaxed) < MAX_BUFFERED_KEYS {
-                pending.insert(key, c);
-                self.keys.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.dropped.fetch_add(c.count, Ordering::Relaxed);
+            match pending.entry(key) {
+                Entry::Occupied(mut p) => {
+                    let p = p.get_mut();
+                    p.count += c.count;
+                    p.last = p.last.max(c.last);
+                }
+                Entry::Vacant(v) if self.keys.load(Ordering::Relaxed) < MAX_BUFFERED_KEYS => {
+                    v.insert(c);
+                    self.keys.fetch_add(1, Ordering::Relaxed);
+                }
+                Entry::Vacant(_) => {
+                    self.dropped.fetch_add(c.count, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Cache entries: CBOR values under string keys with a TTL judged by the database clock;
 //! reads, writes, glob deletes, purges of expired rows and the cache's statistics.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -362,12 +363,26 @@ fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// ciborium's default scratch size: text and byte strings up to this long are decoded through
+/// it, longer ones are read into their own allocation.
+const DECODE_SCRATCH: usize = 4096;
+
 /// The stored value must be exactly one CBOR item of type `T`: bytes left after it (another
 /// client's pickle, whose first byte reads as an empty CBOR array; a value with junk appended)
 /// are `Serialization`, never a silently shortened value.
 fn decode<T: DeserializeOwned>(cache_key: &str, bytes: &[u8]) -> Result<T> {
+    thread_local! {
+        /// ciborium's scratch space for short strings, reused: `from_reader` zeroes a fresh
+        /// 4 KiB on every call, which cost more than decoding a small value.
+        static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; DECODE_SCRATCH]);
+    }
     let mut rest = bytes;
-    let value = ciborium::de::from_reader(&mut rest).map_err(|e| {
+    let decoded = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => ciborium::de::from_reader_with_buffer(&mut rest, &mut scratch),
+        // Only a Deserialize impl that decodes a cached value itself gets here.
+        Err(_) => ciborium::de::from_reader(&mut rest),
+    });
+    let value = decoded.map_err(|e| {
         RepoError::Serialization(format!(
             "the value cached under {cache_key:?} does not decode as the requested type: {e}"
         ))

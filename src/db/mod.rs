@@ -15,6 +15,7 @@ pub(crate) mod pool;
 pub(crate) mod retry;
 pub(crate) mod seed_takeover;
 pub(crate) mod shard;
+pub(crate) mod static_key;
 pub(crate) mod sweep;
 pub(crate) mod timings;
 pub(crate) mod tls;

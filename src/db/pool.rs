@@ -29,6 +29,7 @@ use crate::db::config::{describe_target, RepositoryConfig};
 use crate::db::deadline::{Bounds, Watch, WatchGroup};
 use crate::db::error::{is_connection_failure, RepoError, Result};
 use crate::db::retry::{self, Policy, Retry};
+use crate::db::static_key::{StaticKey, StaticMap};
 use crate::db::tls::{take_opened_watch, WatchedConnect};
 
 /// How long a stale connection may take to prove it is alive before it is discarded (less
@@ -60,7 +61,8 @@ pub(crate) struct PgConnection {
     epoch: u64,
     /// The session epoch its settings and statements date from (see [`Pool::reset_sessions`]).
     session_epoch: u64,
-    statements: HashMap<&'static str, Statement>,
+    /// Keyed by the SQL's address: found without hashing its text on every call.
+    statements: StaticMap<Statement>,
     dynamic_statements: HashMap<String, Statement>,
     /// What the hung-server watchdog knows of this session.
     watch: Watch,
@@ -87,7 +89,7 @@ impl PgConnection {
             opened: Instant::now(),
             epoch: 0,
             session_epoch: 0,
-            statements: HashMap::new(),
+            statements: StaticMap::default(),
             dynamic_statements: HashMap::new(),
             watch,
             bounds,
@@ -119,11 +121,11 @@ impl PgConnection {
 
     /// A prepared statement for `sql`, prepared once per connection.
     pub(crate) fn prepare_cached(&mut self, sql: &'static str) -> Result<Statement> {
-        if let Some(statement) = self.statements.get(sql) {
+        if let Some(statement) = self.statements.get(&StaticKey(sql)) {
             return Ok(statement.clone());
         }
         let statement = self.client.prepare(sql)?;
-        self.statements.insert(sql, statement.clone());
+        self.statements.insert(StaticKey(sql), statement.clone());
         Ok(statement)
     }
 
@@ -389,8 +391,10 @@ fn maintenance_threads() -> Arc<scheduled_thread_pool::ScheduledThreadPool> {
         .clone()
 }
 
-/// A connection r2d2 counts as checked out.
-type Pooled = r2d2::PooledConnection<Manager>;
+/// A connection r2d2 counts as checked out, boxed once when it leaves r2d2: it then moves
+/// between the caller, its `Conn` and the parking slots as a pointer instead of a few hundred
+/// bytes each time.
+type Pooled = Box<r2d2::PooledConnection<Manager>>;
 
 /// The parking slots in front of r2d2 and what decides whether a returned connection may be
 /// parked. Held by the pool handles and by every checked-out [`Conn`]; when the last of them
@@ -568,7 +572,7 @@ impl Pool {
         let found = match self.unpark(self.parking.slots.take_own(), deadline) {
             Some(conn) => Ok(conn),
             None => match self.inner.try_get() {
-                Some(conn) => Ok(conn),
+                Some(conn) => Ok(Box::new(conn)),
                 None => self.wait(deadline, interruptible),
             },
         };
@@ -595,7 +599,7 @@ impl Pool {
             let left = deadline.saturating_duration_since(Instant::now());
             let slice = left.min(CHECKOUT_SLICE);
             let error = match self.inner.get_timeout(slice) {
-                Ok(conn) => break Ok(conn),
+                Ok(conn) => break Ok(Box::new(conn)),
                 Err(e) => e,
             };
             if error.to_string().contains(": ") || cause.is_none() {
@@ -652,7 +656,11 @@ impl Pool {
     pub(crate) fn try_get(&self) -> Option<Conn> {
         let deadline = Instant::now() + VALIDATION_TIMEOUT;
         let previous = CHECKOUT_DEADLINE.replace(Some(deadline));
-        let conn = self.inner.try_get().or_else(|| self.steal(deadline));
+        let conn = self
+            .inner
+            .try_get()
+            .map(Box::new)
+            .or_else(|| self.steal(deadline));
         CHECKOUT_DEADLINE.set(previous);
         conn.map(|conn| self.out(conn))
     }

@@ -3,13 +3,14 @@
 //! into its own shard (no lock shared between threads on the hot path); a snapshot adds the
 //! shards up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
 use crate::db::shard::Sharded;
+use crate::db::static_key::{StaticKey, StaticMap};
 
 /// Timings of one operation (a public method's name), since the repository was opened.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -111,8 +112,8 @@ impl OpStats {
     }
 }
 
-/// One shard's operations.
-type Ops = HashMap<&'static str, OpStats>;
+/// One shard's operations, keyed by the name's address (merged by name in a snapshot).
+type Ops = StaticMap<OpStats>;
 
 /// The registry: one entry per operation name and shard, so memory is bounded by the number of
 /// methods times the number of shards (at most one per CPU), whatever the traffic.
@@ -151,7 +152,7 @@ impl Timings {
             return;
         }
         lock(self.shards.local())
-            .entry(op)
+            .entry(StaticKey(op))
             .or_insert_with(OpStats::new)
             .record(elapsed, ok, slow);
     }
@@ -161,7 +162,7 @@ impl Timings {
         let mut all: BTreeMap<&str, OpStats> = BTreeMap::new();
         for shard in self.shards.iter() {
             for (name, stats) in lock(shard).iter() {
-                all.entry(name).or_insert_with(OpStats::new).merge(stats);
+                all.entry(name.0).or_insert_with(OpStats::new).merge(stats);
             }
         }
         all.iter().map(|(name, s)| s.snapshot(name)).collect()

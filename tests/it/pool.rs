@@ -125,12 +125,12 @@ fn a_thread_takes_the_connection_another_thread_parked_when_the_pool_is_full() {
         let (a, a_done) = caller(s, &repo);
         let (b, b_done) = caller(s, &repo);
         // The only connection is parked for whichever thread ran last, which stays alive: the
-        // other takes it at once rather than waiting for the pool (or for the sweep that
-        // returns connections their threads left).
+        // other takes it at once rather than waiting for the pool, or for the sweep that
+        // returns parked connections to it after 1-2 s.
         for _ in 0..5 {
             for (go, finished) in [(&a, &a_done), (&b, &b_done)] {
                 let took = turn(go, finished);
-                assert!(took < Duration::from_millis(500), "a call took {took:?}");
+                assert!(took < Duration::from_millis(900), "a call took {took:?}");
             }
         }
     });

@@ -407,7 +407,10 @@ fn print_rows(rows: &[Row], json: bool) {
         println!("{:<14} x{}: {}", r.method, r.threads, rounds.join(" "));
     }
     let find = |m: &str, t: usize| rows.iter().find(|r| r.method == m && r.threads == t);
-    println!("\nratios of medians (each round's ratio in brackets):");
+    println!(
+        "\nratios: of the medians; the median of each round's ratio (rounds run back to back, \
+         so a pair sees about the same load from others); each round's ratio"
+    );
     for (a, b) in [
         ("get_hit", "raw_select"),
         ("get_miss", "raw_select"),
@@ -415,17 +418,14 @@ fn print_rows(rows: &[Row], json: bool) {
     ] {
         for threads in 1..=MAX_THREADS {
             if let (Some(x), Some(y)) = (find(a, threads), find(b, threads)) {
-                let each: Vec<String> = x
-                    .rounds
-                    .iter()
-                    .zip(&y.rounds)
-                    .map(|(x, y)| format!("{:.2}", x / y))
-                    .collect();
+                let each: Vec<f64> = x.rounds.iter().zip(&y.rounds).map(|(x, y)| x / y).collect();
+                let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
                 println!(
-                    "{a} / {b}, {threads} thread{}: {:.2}x [{}]",
+                    "{a} / {b}, {threads} thread{}: {:.2}x; {:.2}x [{}]",
                     if threads == 1 { "" } else { "s" },
                     x.median_ops_per_s / y.median_ops_per_s,
-                    each.join(" ")
+                    median(&each),
+                    shown.join(" ")
                 );
             }
         }

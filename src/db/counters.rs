@@ -67,6 +67,14 @@ struct Pending {
     last: Instant,
 }
 
+impl Pending {
+    /// Adds `other`'s accesses of the same key to these.
+    fn absorb(&mut self, other: Pending) {
+        self.count += other.count;
+        self.last = self.last.max(other.last);
+    }
+}
+
 /// What the caller of [`AccessBuffer::record`] should do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Buffer {
@@ -139,7 +147,7 @@ impl AccessBuffer {
             let taken = std::mem::take(&mut *lock(shard));
             self.keys.fetch_sub(taken.len(), Ordering::Relaxed);
             for (key, c) in taken {
-                add(&mut merged, key, c);
+                merged.entry(key).and_modify(|p| p.absorb(c)).or_insert(c);
             }
         }
         let mut drained: Drained = merged.into_iter().collect();
@@ -153,11 +161,7 @@ impl AccessBuffer {
         let mut pending = lock(self.shards.local());
         for (key, c) in counts {
             match pending.entry(key) {
-                Entry::Occupied(mut p) => {
-                    let p = p.get_mut();
-                    p.count += c.count;
-                    p.last = p.last.max(c.last);
-                }
+                Entry::Occupied(mut p) => p.get_mut().absorb(c),
                 Entry::Vacant(v) if self.keys.load(Ordering::Relaxed) < MAX_BUFFERED_KEYS => {
                     v.insert(c);
                     self.keys.fetch_add(1, Ordering::Relaxed);
@@ -219,16 +223,6 @@ impl AccessBuffer {
             }
         }
     }
-}
-
-/// Adds `c` to the counts of `key` in `counts`.
-fn add(counts: &mut Counts, key: String, c: Pending) {
-    let p = counts.entry(key).or_insert(Pending {
-        count: 0,
-        last: c.last,
-    });
-    p.count += c.count;
-    p.last = p.last.max(c.last);
 }
 
 /// Cache lookups counted by the threads of one shard.

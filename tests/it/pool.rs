@@ -262,3 +262,45 @@ fn a_parked_connection_the_server_killed_is_never_handed_out_again() {
     repo.close();
     drop_schema(&schema);
 }
+
+#[test]
+fn connections_over_a_unix_domain_socket_work_as_over_tcp() {
+    use pg_model_repo::throwaway::ThrowawayServer;
+
+    let server = ThrowawayServer::start(&[]).expect("throwaway server");
+    let socket_dir = server.data_dir().parent().unwrap().to_owned();
+    let url = format!(
+        "host={} port={} user=postgres dbname=postgres application_name=pool_unix",
+        socket_dir.display(),
+        server.port()
+    );
+    let repo = ModelRepository::open(
+        RepositoryConfig::new(url)
+            .schema("unix_socket")
+            .pool_size(2)
+            .max_overflow(0)
+            .reaper_interval(None),
+    )
+    .expect("open over a Unix-domain socket");
+    repo.cache_predictions("k", &[1.5_f32], Duration::from_secs(60))
+        .unwrap();
+    let value: Option<Vec<f32>> = repo.get_cached_predictions("k").unwrap();
+    assert_eq!(value, Some(vec![1.5]));
+    let mut admin = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+    let (sessions, over_tcp): (i64, i64) = {
+        let row = admin
+            .query_one(
+                "SELECT count(*), count(client_addr) FROM pg_stat_activity
+                 WHERE application_name = 'pool_unix'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(sessions >= 1);
+    assert_eq!(
+        over_tcp, 0,
+        "every session of the repository is on the socket"
+    );
+    repo.close();
+}

@@ -5,6 +5,10 @@
 //! hit. Then the reaper: how fast one deletes a large number of expired rows, while a probe
 //! checks it never holds a lock on a live row.
 //!
+//! The library's methods go through one repository with the default pool, shared by the
+//! threads (each raw loop has its own connection per thread). Methods run in interleaved
+//! rounds; each round's ops/s is printed, and the ratios compare medians over rounds.
+//!
 //! ```text
 //! cargo run --release --example cache_bench -- [--seconds 2] [--rounds 4] [--reaper-rows 1000000]
 //!     [--methods get_hit,raw_select] [--threads 1,2] [--format json]
@@ -84,6 +88,9 @@ struct Row {
     ops: u64,
     seconds: f64,
     ops_per_s: f64,
+    /// Each round's ops/s, in order.
+    rounds: Vec<f64>,
+    median_ops_per_s: f64,
     p50_us: f64,
     p99_us: f64,
 }
@@ -98,6 +105,7 @@ struct Job<'a> {
     make: MakeOp<'a>,
     ops: u64,
     elapsed: Duration,
+    rounds: Vec<f64>,
     hist: Histogram<u64>,
 }
 
@@ -135,13 +143,22 @@ impl Job<'_> {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let mut elapsed = Duration::ZERO;
+        let (mut ops, mut elapsed) = (0, Duration::ZERO);
         for (n, e, h) in &results {
-            self.ops += n;
+            ops += n;
             elapsed = elapsed.max(*e);
             self.hist.add(h).unwrap();
         }
+        self.ops += ops;
         self.elapsed += elapsed;
+        let ops_per_s = ops as f64 / elapsed.as_secs_f64();
+        eprintln!(
+            "round {}: {} x{}: {ops_per_s:.0} ops/s",
+            self.rounds.len() + 1,
+            self.method,
+            self.threads
+        );
+        self.rounds.push(ops_per_s);
     }
 
     fn row(&self) -> Row {
@@ -152,9 +169,21 @@ impl Job<'_> {
             ops: self.ops,
             seconds: secs,
             ops_per_s: self.ops as f64 / secs,
+            rounds: self.rounds.clone(),
+            median_ops_per_s: median(&self.rounds),
             p50_us: self.hist.value_at_quantile(0.50) as f64,
             p99_us: self.hist.value_at_quantile(0.99) as f64,
         }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }
 
@@ -182,12 +211,8 @@ fn main() -> Result<()> {
         let mut admin = postgres::Client::connect(&url, postgres::NoTls)?;
         admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))?;
     }
-    let repo = ModelRepository::open(
-        RepositoryConfig::new(url.clone())
-            .schema(SCHEMA)
-            .pool_size(4)
-            .max_overflow(0),
-    )?;
+    // The default pool, shared by every thread of every method.
+    let repo = ModelRepository::open(RepositoryConfig::new(url.clone()).schema(SCHEMA))?;
     let value: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
     let mut admin = raw_client(&url);
     setup(&mut admin, &repo, &value)?;
@@ -290,6 +315,7 @@ fn main() -> Result<()> {
                     make,
                     ops: 0,
                     elapsed: Duration::ZERO,
+                    rounds: Vec::new(),
                     hist: new_histogram(),
                 });
             }
@@ -356,33 +382,53 @@ fn print_rows(rows: &[Row], json: bool) {
         return;
     }
     println!(
-        "{:<14} {:>7} {:>9} {:>8} {:>10} {:>9} {:>9}",
-        "method", "threads", "ops", "seconds", "ops/s", "p50 µs", "p99 µs"
+        "{:<14} {:>7} {:>9} {:>8} {:>10} {:>10} {:>17} {:>7} {:>7}",
+        "method", "threads", "ops", "seconds", "ops/s", "median", "min-max", "p50 µs", "p99 µs"
     );
     for r in rows {
+        let min = r.rounds.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = r.rounds.iter().copied().fold(0.0, f64::max);
         println!(
-            "{:<14} {:>7} {:>9} {:>8.2} {:>10.0} {:>9.0} {:>9.0}",
-            r.method, r.threads, r.ops, r.seconds, r.ops_per_s, r.p50_us, r.p99_us
+            "{:<14} {:>7} {:>9} {:>8.2} {:>10.0} {:>10.0} {:>17} {:>7.0} {:>7.0}",
+            r.method,
+            r.threads,
+            r.ops,
+            r.seconds,
+            r.ops_per_s,
+            r.median_ops_per_s,
+            format!("{min:.0}-{max:.0}"),
+            r.p50_us,
+            r.p99_us
         );
+    }
+    println!("\nper round (ops/s):");
+    for r in rows {
+        let rounds: Vec<String> = r.rounds.iter().map(|x| format!("{x:.0}")).collect();
+        println!("{:<14} x{}: {}", r.method, r.threads, rounds.join(" "));
     }
     let find = |m: &str, t: usize| rows.iter().find(|r| r.method == m && r.threads == t);
-    if let (Some(h1), Some(r1)) = (find("get_hit", 1), find("raw_select", 1)) {
-        println!(
-            "\nget_hit / raw_select, 1 thread:     {:.2}x",
-            h1.ops_per_s / r1.ops_per_s
-        );
-    }
-    if let (Some(h2), Some(r2)) = (find("get_hit", 2), find("raw_select", 2)) {
-        println!(
-            "get_hit / raw_select, 2 threads:    {:.2}x",
-            h2.ops_per_s / r2.ops_per_s
-        );
-    }
-    if let (Some(h2), Some(u2)) = (find("get_hit", 2), find("update_on_hit", 2)) {
-        println!(
-            "get_hit / update_on_hit, 2 threads: {:.2}x",
-            h2.ops_per_s / u2.ops_per_s
-        );
+    println!(
+        "\nratios: of the medians; the median of each round's ratio (rounds run back to back, \
+         so a pair sees about the same load from others); each round's ratio"
+    );
+    for (a, b) in [
+        ("get_hit", "raw_select"),
+        ("get_miss", "raw_select"),
+        ("get_hit", "update_on_hit"),
+    ] {
+        for threads in 1..=MAX_THREADS {
+            if let (Some(x), Some(y)) = (find(a, threads), find(b, threads)) {
+                let each: Vec<f64> = x.rounds.iter().zip(&y.rounds).map(|(x, y)| x / y).collect();
+                let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
+                println!(
+                    "{a} / {b}, {threads} thread{}: {:.2}x; {:.2}x [{}]",
+                    if threads == 1 { "" } else { "s" },
+                    x.median_ops_per_s / y.median_ops_per_s,
+                    median(&each),
+                    shown.join(" ")
+                );
+            }
+        }
     }
 }
 

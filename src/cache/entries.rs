@@ -1,6 +1,7 @@
 //! Cache entries: CBOR values under string keys with a TTL judged by the database clock;
 //! reads, writes, glob deletes, purges of expired rows and the cache's statistics.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -156,8 +157,7 @@ impl ModelRepository {
     ) -> Result<Option<T>> {
         self.timed("get_cached_predictions", |call| {
             validate_key(cache_key)?;
-            let bytes = self.lookup(call, cache_key)?;
-            bytes.map(|b| decode(cache_key, &b)).transpose()
+            self.lookup(call, cache_key)
         })
     }
 
@@ -333,17 +333,24 @@ impl ModelRepository {
             .map_err(|_| RepoError::invalid(format!("cache ttl {ttl:?} is too long")))
     }
 
-    /// The live entry's bytes, counting the hit or miss.
-    fn lookup(&self, call: &Call<'_>, cache_key: &str) -> Result<Option<Vec<u8>>> {
-        let bytes: Option<Vec<u8>> = call.run(Retry::Idempotent, |conn| {
+    /// The live entry's value, decoded straight from the row (its bytes are not copied),
+    /// counting the hit (even when the value does not decode) or the miss.
+    fn lookup<T: DeserializeOwned>(&self, call: &Call<'_>, cache_key: &str) -> Result<Option<T>> {
+        let mut found = None;
+        let value = call.run(Retry::Idempotent, |conn| {
+            found = None;
             let statement = conn.prepare_cached(SELECT_LIVE)?;
-            match conn.client().query_opt(&statement, &[&cache_key])? {
-                Some(row) => Ok(Some(row.try_get(0)?)),
+            let row = conn.client().query_opt(&statement, &[&cache_key])?;
+            found = Some(row.is_some());
+            match row {
+                Some(row) => Ok(Some(decode(cache_key, row.try_get(0)?)?)),
                 None => Ok(None),
             }
-        })?;
-        self.record_lookup(cache_key, bytes.is_some());
-        Ok(bytes)
+        });
+        if let Some(hit) = found {
+            self.record_lookup(cache_key, hit);
+        }
+        value
     }
 }
 
@@ -368,12 +375,26 @@ fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// ciborium's default scratch size: text and byte strings up to this long are decoded through
+/// it, longer ones are read into their own allocation.
+const DECODE_SCRATCH: usize = 4096;
+
 /// The stored value must be exactly one CBOR item of type `T`: bytes left after it (another
 /// client's pickle, whose first byte reads as an empty CBOR array; a value with junk appended)
 /// are `Serialization`, never a silently shortened value.
 fn decode<T: DeserializeOwned>(cache_key: &str, bytes: &[u8]) -> Result<T> {
+    thread_local! {
+        /// ciborium's scratch space for short strings, reused: `from_reader` zeroes a fresh
+        /// 4 KiB on every call, which cost more than decoding a small value.
+        static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; DECODE_SCRATCH]);
+    }
     let mut rest = bytes;
-    let value = ciborium::de::from_reader(&mut rest).map_err(|e| {
+    let decoded = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => ciborium::de::from_reader_with_buffer(&mut rest, &mut scratch),
+        // Only a Deserialize impl that decodes a cached value itself gets here.
+        Err(_) => ciborium::de::from_reader(&mut rest),
+    });
+    let value = decoded.map_err(|e| {
         RepoError::Serialization(format!(
             "the value cached under {cache_key:?} does not decode as the requested type: {e}"
         ))

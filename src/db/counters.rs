@@ -9,14 +9,15 @@
 //! can ask; its counts are never written twice.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::db::commit::{self, Checkout, Outcome, Status};
 use crate::db::error::{RepoError, Result};
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
+use crate::db::shard::Sharded;
 
 /// Distinct keys buffered before a flush is asked for early. Large enough that a hot working
 /// set is counted in memory between reaper ticks (each early flush is an UPDATE of that many
@@ -66,6 +67,14 @@ struct Pending {
     last: Instant,
 }
 
+impl Pending {
+    /// Adds `other`'s accesses of the same key to these.
+    fn absorb(&mut self, other: Pending) {
+        self.count += other.count;
+        self.last = self.last.max(other.last);
+    }
+}
+
 /// What the caller of [`AccessBuffer::record`] should do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Buffer {
@@ -81,27 +90,37 @@ type Drained = Vec<(String, Pending)>;
 /// A flush whose COMMIT reply was lost: its transaction id and the counts it carried.
 type InDoubt = (i64, Drained);
 
-/// Key -> (count, time of the last access), bounded.
+/// One shard's counts: key -> (count, time of the last access).
+type Counts = HashMap<String, Pending>;
+
+/// Key -> (count, time of the last access), bounded. Each thread counts into its own shard
+/// (no lock shared between threads on the hot path); a drain merges the shards.
 #[derive(Debug, Default)]
 struct AccessBuffer {
-    pending: Mutex<HashMap<String, Pending>>,
+    shards: Sharded<Mutex<Counts>>,
+    /// Keys over all shards (a key two threads counted is two).
+    keys: AtomicUsize,
     /// Flushes whose outcome is not known yet: their transaction id and counts.
     in_doubt: Mutex<Vec<InDoubt>>,
     /// Accesses not buffered because the buffer was full.
     dropped: AtomicU64,
 }
 
+fn lock(counts: &Mutex<Counts>) -> MutexGuard<'_, Counts> {
+    counts.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl AccessBuffer {
     /// Counts one access of `key`.
     fn record(&self, key: &str) -> Buffer {
         let now = Instant::now();
-        let mut pending = self.lock();
+        let mut pending = lock(self.shards.local());
         if let Some(p) = pending.get_mut(key) {
             p.count += 1;
             p.last = now;
             return Buffer::Fine;
         }
-        if pending.len() >= MAX_BUFFERED_KEYS {
+        if self.keys.load(Ordering::Relaxed) >= MAX_BUFFERED_KEYS {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Buffer::FlushSoon;
         }
@@ -112,35 +131,44 @@ impl AccessBuffer {
                 last: now,
             },
         );
-        if pending.len() >= FLUSH_SOON_KEYS {
+        // Counted under the shard's lock, so a drain never takes a key it has not counted.
+        if self.keys.fetch_add(1, Ordering::Relaxed) + 1 >= FLUSH_SOON_KEYS {
             Buffer::FlushSoon
         } else {
             Buffer::Fine
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes the buffered counts, sorted by key (a stable lock order for concurrent flushes).
+    /// Takes the buffered counts, merged over the shards and sorted by key (a stable lock
+    /// order for concurrent flushes).
     fn drain(&self) -> Drained {
-        let mut drained: Vec<_> = std::mem::take(&mut *self.lock()).into_iter().collect();
+        let mut merged = Counts::new();
+        for shard in self.shards.iter() {
+            let taken = std::mem::take(&mut *lock(shard));
+            self.keys.fetch_sub(taken.len(), Ordering::Relaxed);
+            for (key, c) in taken {
+                merged.entry(key).and_modify(|p| p.absorb(c)).or_insert(c);
+            }
+        }
+        let mut drained: Drained = merged.into_iter().collect();
         drained.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         drained
     }
 
     /// Puts back counts whose flush failed, so the next flush carries them.
     fn restore(&self, counts: Drained) {
-        let mut pending = self.lock();
+        use std::collections::hash_map::Entry;
+        let mut pending = lock(self.shards.local());
         for (key, c) in counts {
-            if let Some(p) = pending.get_mut(&key) {
-                p.count += c.count;
-                p.last = p.last.max(c.last);
-            } else if pending.len() < MAX_BUFFERED_KEYS {
-                pending.insert(key, c);
-            } else {
-                self.dropped.fetch_add(c.count, Ordering::Relaxed);
+            match pending.entry(key) {
+                Entry::Occupied(mut p) => p.get_mut().absorb(c),
+                Entry::Vacant(v) if self.keys.load(Ordering::Relaxed) < MAX_BUFFERED_KEYS => {
+                    v.insert(c);
+                    self.keys.fetch_add(1, Ordering::Relaxed);
+                }
+                Entry::Vacant(_) => {
+                    self.dropped.fetch_add(c.count, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -148,16 +176,21 @@ impl AccessBuffer {
     /// Buffered keys not yet flushed.
     #[cfg(test)]
     fn pending_keys(&self) -> usize {
-        self.lock().len()
+        self.shards.iter().map(|shard| lock(shard).len()).sum()
     }
 
     /// (accesses, keys) not yet written, and accesses whose flush is in doubt.
     fn unwritten(&self) -> (u64, usize, u64) {
-        let pending = self.lock();
+        let (mut accesses, mut keys) = (0, 0);
+        for shard in self.shards.iter() {
+            let pending = lock(shard);
+            accesses += pending.values().map(|p| p.count).sum::<u64>();
+            keys += pending.len();
+        }
         let doubt = self.in_doubt.lock().unwrap_or_else(|p| p.into_inner());
         (
-            pending.values().map(|p| p.count).sum(),
-            pending.len(),
+            accesses,
+            keys,
             doubt
                 .iter()
                 .flat_map(|(_, counts)| counts.iter().map(|(_, p)| p.count))
@@ -192,11 +225,17 @@ impl AccessBuffer {
     }
 }
 
+/// Cache lookups counted by the threads of one shard.
+#[derive(Debug, Default)]
+struct Lookups {
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
 /// What is counted and how it is written: the one access-count type of the repository.
 #[derive(Debug)]
 pub(crate) struct AccessCounts {
-    hits: AtomicU64,
-    misses: AtomicU64,
+    lookups: Sharded<Lookups>,
     cache_hits: Counted,
     model_loads: Counted,
 }
@@ -227,8 +266,7 @@ impl AccessCounts {
             buffer: AccessBuffer::default(),
         };
         AccessCounts {
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            lookups: Sharded::default(),
             cache_hits: counted("flush_cache_hits", statements.cache_hits),
             model_loads: counted("flush_model_loads", statements.model_loads),
         }
@@ -236,13 +274,13 @@ impl AccessCounts {
 
     /// A cache lookup that found a live entry under `key`.
     pub(crate) fn record_hit(&self, key: &str) -> Buffer {
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.lookups.local().hits.fetch_add(1, Ordering::Relaxed);
         self.cache_hits.buffer.record(key)
     }
 
     /// A cache lookup that found nothing live.
     pub(crate) fn record_miss(&self) {
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.lookups.local().misses.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A load of one model version.
@@ -253,10 +291,12 @@ impl AccessCounts {
 
     /// Cache (hits, misses) since the repository was opened.
     pub(crate) fn lookups(&self) -> (u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-        )
+        self.lookups.iter().fold((0, 0), |(hits, misses), l| {
+            (
+                hits + l.hits.load(Ordering::Relaxed),
+                misses + l.misses.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Writes both buffers; both are attempted unless the first timed out, and the first
@@ -387,5 +427,43 @@ mod tests {
         assert_eq!(c.pending_keys(), 0);
         c.restore(drained);
         assert_eq!(c.pending_keys(), MAX_BUFFERED_KEYS);
+    }
+
+    #[test]
+    fn counts_from_many_threads_merge_per_key() {
+        let c = AccessCounts::new(FlushStatements {
+            cache_hits: "",
+            model_loads: "",
+        });
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let c = &c;
+                s.spawn(move || {
+                    for i in 0..100 {
+                        c.record_hit(if i % 2 == 0 { "shared" } else { "other" });
+                        if t == 0 {
+                            c.record_miss();
+                        }
+                    }
+                    c.record_hit(&format!("own{t}"));
+                });
+            }
+        });
+        assert_eq!(c.lookups(), (404, 100));
+        let drained = c.cache_hits.buffer.drain();
+        let counts: Vec<(&str, u64)> = drained.iter().map(|(k, p)| (k.as_str(), p.count)).collect();
+        assert_eq!(
+            counts,
+            [
+                ("other", 200),
+                ("own0", 1),
+                ("own1", 1),
+                ("own2", 1),
+                ("own3", 1),
+                ("shared", 200)
+            ]
+        );
+        assert_eq!(c.cache_hits.buffer.keys.load(Ordering::Relaxed), 0);
+        assert_eq!(c.cache_hits.buffer.unwritten(), (0, 0, 0));
     }
 }

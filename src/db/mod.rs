@@ -3,6 +3,7 @@
 //! migrations, the error type, timings, TLS and the binary COPY wire format. Nothing here
 //! knows the repository handle or any feature module.
 
+pub(crate) mod affinity;
 pub(crate) mod binary_copy;
 pub(crate) mod citus;
 pub(crate) mod commit;
@@ -14,6 +15,8 @@ pub(crate) mod migrate;
 pub(crate) mod pool;
 pub(crate) mod retry;
 pub(crate) mod seed_takeover;
+pub(crate) mod shard;
+pub(crate) mod static_key;
 pub(crate) mod sweep;
 pub(crate) mod timings;
 pub(crate) mod tls;

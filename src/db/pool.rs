@@ -1,38 +1,68 @@
-//! The connection pool: r2d2 over our own connection manager, which sets each session up
-//! (search_path, timeouts, application_name), caches prepared statements, and never hands a
-//! broken connection out again. Every connection is watched (`db::deadline`) while it is
+//! The connection pool: r2d2 over our connection manager, with a thread-affine parking slot
+//! in front of it (`db::affinity`).
+//!
+//! r2d2_postgres's `PostgresConnectionManager` makes the connections, from the parsed settings
+//! and our TLS connector (`db::tls::WatchedConnect`, which wraps every socket for the
+//! hung-server watchdog of `db::deadline` and hands each connection's watch back). Our manager
+//! wraps it with what it lacks: the session setup (search_path, timeouts), a prepared
+//! statement cache, the poison flag, the failure and session epochs, and validation bounded by
+//! the checkout's deadline (r2d2_postgres validates with an unbounded query, and its
+//! `has_broken` misses a backend killed while idle). Every connection is watched while it is
 //! checked out or logging in, so a hung server costs a caller its bound, never a hang.
+//!
+//! Checkout order: the connection this thread returned last (parked in its slot: the same
+//! backend stays with the same thread, and nobody else is touched), then an idle one from
+//! r2d2, then one parked by another thread, then a wait on r2d2. A parked connection counts as
+//! checked out for r2d2, so while anyone waits, returned connections go back to r2d2 (which
+//! wakes a waiter) instead of being parked, and waiters look at the slots between slices.
 
-use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use postgres::{Client, Statement, Transaction};
+use r2d2_postgres::PostgresConnectionManager;
 
+use crate::db::affinity::Slots;
 use crate::db::config::{describe_target, RepositoryConfig};
 use crate::db::deadline::{Bounds, Watch, WatchGroup};
 use crate::db::error::{is_connection_failure, RepoError, Result};
 use crate::db::retry::{self, Policy, Retry};
-use crate::db::tls::Connector;
+use crate::db::static_key::{StaticKey, StaticMap};
+use crate::db::tls::{take_opened_watch, WatchedConnect};
 
 /// How long a stale connection may take to prove it is alive before it is discarded (less
 /// when the checkout's own time runs out first).
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A waiting checkout looks at the pool's closing flag this often.
+/// A waiting checkout looks at the pool's closing flag and at the parking slots this often.
 const CHECKOUT_SLICE: Duration = Duration::from_millis(100);
+
+/// Connections are closed and replaced after this long (r2d2 ages idle ones; a parked one is
+/// retired when it comes back).
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+/// Idle connections beyond min_idle are closed after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// How often connections parked by threads that did not come back for them (idle threads,
+/// threads that ended) return to r2d2: after one to two of these.
+const PARKING_SWEEP: Duration = Duration::from_secs(1);
 
 /// One pooled session.
 pub(crate) struct PgConnection {
     client: Client,
     poisoned: bool,
+    /// Past [`MAX_LIFETIME`]: r2d2 closes it instead of keeping it.
+    retired: bool,
+    opened: Instant,
     /// The failure epoch this connection was last known good in (see [`PoolShared`]).
     epoch: u64,
     /// The session epoch its settings and statements date from (see [`Pool::reset_sessions`]).
     session_epoch: u64,
-    statements: HashMap<&'static str, Statement>,
+    /// Keyed by the SQL's address: found without hashing its text on every call.
+    statements: StaticMap<Statement>,
     dynamic_statements: HashMap<String, Statement>,
     /// What the hung-server watchdog knows of this session.
     watch: Watch,
@@ -50,26 +80,16 @@ impl Drop for PgConnection {
 const DYNAMIC_STATEMENTS: usize = 128;
 
 impl PgConnection {
-    /// Opens one watched session with our settings: its login is bounded by `bounds.login`.
-    fn open(
-        connector: &Connector,
-        pg: &postgres::Config,
-        session_setup: &str,
-        bounds: Bounds,
-        group: Option<&WatchGroup>,
-    ) -> Result<Self> {
-        let watch = Watch::new();
-        if let Some(group) = group {
-            group.add(&watch);
-        }
-        watch.arm(bounds.login);
-        let client = connector.connect(pg, &watch)?;
+    /// Sets up a session just logged in, still armed with its login bound, and disarms it.
+    fn set_up(client: Client, watch: Watch, bounds: Bounds, session_setup: &str) -> Result<Self> {
         let mut conn = PgConnection {
             client,
             poisoned: false,
+            retired: false,
+            opened: Instant::now(),
             epoch: 0,
             session_epoch: 0,
-            statements: HashMap::new(),
+            statements: StaticMap::default(),
             dynamic_statements: HashMap::new(),
             watch,
             bounds,
@@ -101,11 +121,11 @@ impl PgConnection {
 
     /// A prepared statement for `sql`, prepared once per connection.
     pub(crate) fn prepare_cached(&mut self, sql: &'static str) -> Result<Statement> {
-        if let Some(statement) = self.statements.get(sql) {
+        if let Some(statement) = self.statements.get(&StaticKey(sql)) {
             return Ok(statement.clone());
         }
         let statement = self.client.prepare(sql)?;
-        self.statements.insert(sql, statement.clone());
+        self.statements.insert(StaticKey(sql), statement.clone());
         Ok(statement)
     }
 
@@ -133,6 +153,11 @@ impl PgConnection {
     /// watchdog cut it.
     pub(crate) fn is_broken(&self) -> bool {
         self.poisoned || self.client.is_closed() || self.watch.fired()
+    }
+
+    /// True when the pool must not keep this session: broken, or retired by age.
+    fn is_done(&self) -> bool {
+        self.retired || self.is_broken()
     }
 }
 
@@ -178,30 +203,64 @@ impl std::fmt::Debug for PgConnection {
 /// connection failure bumps the epoch, and only connections last known good in an older epoch
 /// are validated on checkout; after a mass kill every stale connection is weeded out once,
 /// while healthy traffic pays nothing.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PoolShared {
     epoch: AtomicU64,
     /// Bumped when every session must run its setup again and forget its statements.
     session_epoch: AtomicU64,
-    /// Callers waiting for a connection right now.
-    waiting: AtomicU64,
-    /// Set by [`Pool::begin_close`]: waiting checkouts give up.
-    closing: AtomicBool,
+    /// What every session runs when it opens, and again after a session epoch.
+    session_setup: String,
     /// Every connection of the pool, so closing can cut those still checked out.
     watches: WatchGroup,
+}
+
+impl PoolShared {
+    fn new(session_setup: String) -> Self {
+        PoolShared {
+            epoch: AtomicU64::new(0),
+            session_epoch: AtomicU64::new(0),
+            session_setup,
+            watches: WatchGroup::default(),
+        }
+    }
+
+    /// Brings a session up to date before it is handed out: its setup again after a session
+    /// epoch, and a liveness check (within `deadline`, if any) when it was last known good
+    /// before the latest connection failure.
+    fn revalidate(&self, conn: &mut PgConnection, deadline: Option<Instant>) -> Result<()> {
+        let session_epoch = self.session_epoch.load(Ordering::Acquire);
+        if conn.session_epoch < session_epoch {
+            conn.statements.clear();
+            conn.dynamic_statements.clear();
+            conn.client.batch_execute(&self.session_setup)?;
+            conn.session_epoch = session_epoch;
+        }
+        let current = self.epoch.load(Ordering::Acquire);
+        if conn.epoch >= current {
+            return Ok(());
+        }
+        let left = deadline.map_or(VALIDATION_TIMEOUT, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        conn.client
+            .is_valid(VALIDATION_TIMEOUT.min(left).max(Duration::from_millis(1)))?;
+        conn.epoch = current;
+        Ok(())
+    }
 }
 
 thread_local! {
     /// When the checkout running on this thread must be done: r2d2 validates stale
     /// connections inside its checkout, and that validation must not outlast it.
-    static CHECKOUT_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    static CHECKOUT_DEADLINE: std::cell::Cell<Option<Instant>> =
+        const { std::cell::Cell::new(None) };
 }
 
-/// Our r2d2 connection manager.
+/// Our r2d2 connection manager: r2d2_postgres's makes the connections, this one sets them up
+/// and judges them.
 pub(crate) struct Manager {
-    pg: postgres::Config,
-    connector: Connector,
-    session_setup: String,
+    postgres: PostgresConnectionManager<WatchedConnect>,
+    target: String,
     bounds: Bounds,
     shared: Arc<PoolShared>,
 }
@@ -209,21 +268,45 @@ pub(crate) struct Manager {
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manager")
-            .field("target", &describe_target(&self.pg))
+            .field("target", &self.target)
             .finish_non_exhaustive()
     }
 }
 
 impl Manager {
-    fn new(config: &RepositoryConfig, shared: Arc<PoolShared>) -> Result<Self> {
+    /// A manager for `config`; its connections join `group` when there is one.
+    fn new(
+        config: &RepositoryConfig,
+        shared: Arc<PoolShared>,
+        group: Option<WatchGroup>,
+    ) -> Result<Self> {
         let pg = config.pg_config()?;
+        let bounds = Bounds::for_config(config, &pg);
+        let (settings, connect) = config.connector()?.watched(&pg, bounds.login, group);
         Ok(Manager {
-            bounds: Bounds::for_config(config, &pg),
-            pg,
-            connector: config.connector()?,
-            session_setup: session_setup_sql(config),
+            postgres: PostgresConnectionManager::new(settings, connect),
+            target: describe_target(&pg),
+            bounds,
             shared,
         })
+    }
+
+    /// Opens one watched session with our settings: its login is bounded by `bounds.login`.
+    fn open(&self) -> Result<PgConnection> {
+        let client = r2d2::ManageConnection::connect(&self.postgres);
+        // Taken whether or not the login succeeded, so that it never outlives this call.
+        let watch = take_opened_watch();
+        let client = client?;
+        let watch = watch.unwrap_or_else(|| {
+            // r2d2_postgres clones our connector on the thread that connects; if a version
+            // ever did not, the session would still work, without a client-side deadline.
+            log::error!(
+                "pg-model-repo: a connection to {} was opened without its watch",
+                self.target
+            );
+            Watch::new()
+        });
+        PgConnection::set_up(client, watch, self.bounds, &self.shared.session_setup)
     }
 }
 
@@ -252,16 +335,10 @@ pub(crate) fn session_setup_sql(config: &RepositoryConfig) -> String {
 /// Opens one watched session with our settings, outside any pool (migrations, tests,
 /// tools); it is armed with its stream bound until dropped.
 pub(crate) fn connect(config: &RepositoryConfig) -> Result<PgConnection> {
-    let pg = config.pg_config()?;
-    let bounds = Bounds::for_config(config, &pg);
-    let conn = PgConnection::open(
-        &config.connector()?,
-        &pg,
-        &session_setup_sql(config),
-        bounds,
-        None,
-    )?;
-    conn.watch.arm(bounds.stream);
+    let shared = Arc::new(PoolShared::new(session_setup_sql(config)));
+    let manager = Manager::new(config, shared, None)?;
+    let conn = manager.open()?;
+    conn.watch.arm(conn.bounds.stream);
     Ok(conn)
 }
 
@@ -272,41 +349,18 @@ impl r2d2::ManageConnection for Manager {
     fn connect(&self) -> Result<PgConnection> {
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         let session_epoch = self.shared.session_epoch.load(Ordering::Acquire);
-        let mut conn = PgConnection::open(
-            &self.connector,
-            &self.pg,
-            &self.session_setup,
-            self.bounds,
-            Some(&self.shared.watches),
-        )?;
+        let mut conn = self.open()?;
         conn.epoch = epoch;
         conn.session_epoch = session_epoch;
         Ok(conn)
     }
 
     fn is_valid(&self, conn: &mut PgConnection) -> Result<()> {
-        let session_epoch = self.shared.session_epoch.load(Ordering::Acquire);
-        if conn.session_epoch < session_epoch {
-            conn.statements.clear();
-            conn.dynamic_statements.clear();
-            conn.client.batch_execute(&self.session_setup)?;
-            conn.session_epoch = session_epoch;
-        }
-        let current = self.shared.epoch.load(Ordering::Acquire);
-        if conn.epoch >= current {
-            return Ok(());
-        }
-        let left = CHECKOUT_DEADLINE.get().map_or(VALIDATION_TIMEOUT, |d| {
-            d.saturating_duration_since(Instant::now())
-        });
-        conn.client
-            .is_valid(VALIDATION_TIMEOUT.min(left).max(Duration::from_millis(1)))?;
-        conn.epoch = current;
-        Ok(())
+        self.shared.revalidate(conn, CHECKOUT_DEADLINE.get())
     }
 
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
-        conn.is_broken()
+        conn.is_done()
     }
 }
 
@@ -337,39 +391,108 @@ fn maintenance_threads() -> Arc<scheduled_thread_pool::ScheduledThreadPool> {
         .clone()
 }
 
-/// A checked-out session, watched while it is out; returns to the pool on drop unless
-/// broken.
-pub(crate) struct Conn(r2d2::PooledConnection<Manager>);
+/// A connection r2d2 counts as checked out, boxed once when it leaves r2d2: it then moves
+/// between the caller, its `Conn` and the parking slots as a pointer instead of a few hundred
+/// bytes each time.
+type Pooled = Box<r2d2::PooledConnection<Manager>>;
+
+/// The parking slots in front of r2d2 and what decides whether a returned connection may be
+/// parked. Held by the pool handles and by every checked-out [`Conn`]; when the last of them
+/// goes, whatever is parked returns to r2d2.
+#[derive(Debug, Default)]
+struct Parking {
+    slots: Slots<Pooled>,
+    /// Callers waiting on r2d2 for a connection right now.
+    waiting: AtomicU64,
+    /// Set by [`Pool::begin_close`]: waiting checkouts give up.
+    closing: AtomicBool,
+}
+
+impl Parking {
+    /// Takes back a connection returned by its caller: parked in the calling thread's slot,
+    /// unless someone waits on r2d2 (who would not see it there), the pool is closing, or the
+    /// connection is done for; then r2d2 gets it (and drops it if it is done for).
+    fn park(&self, conn: Pooled) {
+        let mut conn = conn;
+        if conn.opened.elapsed() >= MAX_LIFETIME {
+            conn.retired = true;
+        }
+        if conn.is_done() || self.waiting.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        if self.slots.park(conn).is_err() {
+            return;
+        }
+        // Pairs with the fence in `Pool::wait`: either a waiter that counted itself after the
+        // check above sees this connection in the slots, or we see the waiter here.
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            drop(self.slots.take_own());
+        }
+    }
+}
+
+impl Drop for Parking {
+    fn drop(&mut self) {
+        drop(self.slots.close());
+    }
+}
+
+/// Returns connections parked by threads that did not come back for them, every
+/// [`PARKING_SWEEP`], on the shared maintenance threads, until the pool is gone.
+fn start_parking_sweep(parking: Weak<Parking>) {
+    maintenance_threads().execute_at_dynamic_rate(PARKING_SWEEP, move || {
+        let parking = parking.upgrade()?;
+        let stale = parking.slots.sweep();
+        if !stale.is_empty() {
+            log::debug!(
+                "pg-model-repo: {} parked connections went back to the pool",
+                stale.len()
+            );
+        }
+        Some(PARKING_SWEEP)
+    });
+}
+
+/// A checked-out session, watched while it is out; on drop it is parked for the thread that
+/// drops it, or returns to r2d2 (see [`Parking::park`]).
+pub(crate) struct Conn {
+    conn: Option<Pooled>,
+    parking: Arc<Parking>,
+}
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.0.watch.disarm();
+        if let Some(conn) = self.conn.take() {
+            conn.watch.disarm();
+            self.parking.park(conn);
+        }
     }
 }
 
 impl std::ops::Deref for Conn {
     type Target = PgConnection;
     fn deref(&self) -> &PgConnection {
-        &self.0
+        self.conn
+            .as_ref()
+            .expect("a Conn holds its connection until dropped")
     }
 }
 
 impl std::ops::DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.0
+        self.conn
+            .as_mut()
+            .expect("a Conn holds its connection until dropped")
     }
 }
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl Conn {
-    fn out(conn: r2d2::PooledConnection<Manager>) -> Self {
-        conn.watch.arm(conn.bounds.statement);
-        Conn(conn)
+        match &self.conn {
+            Some(conn) => conn.fmt(f),
+            None => f.write_str("Conn(returned)"),
+        }
     }
 }
 
@@ -378,6 +501,7 @@ impl Conn {
 pub(crate) struct Pool {
     inner: r2d2::Pool<Manager>,
     shared: Arc<PoolShared>,
+    parking: Arc<Parking>,
 }
 
 /// A snapshot of the pool's occupancy.
@@ -386,7 +510,8 @@ pub(crate) struct Pool {
 pub struct PoolState {
     /// Open connections, idle or in use.
     pub connections: u32,
-    /// Open connections waiting in the pool.
+    /// Open connections not in use (waiting in the pool, or parked for the thread that used
+    /// them last).
     pub idle: u32,
     /// The most connections the pool opens (pool_size + max_overflow).
     pub max_size: u32,
@@ -398,20 +523,26 @@ impl Pool {
     /// Builds the pool without waiting for its connections (they open in the background and on
     /// demand).
     pub(crate) fn new(config: &RepositoryConfig) -> Result<Self> {
-        let shared = Arc::new(PoolShared::default());
-        let manager = Manager::new(config, shared.clone())?;
+        let shared = Arc::new(PoolShared::new(session_setup_sql(config)));
+        let manager = Manager::new(config, shared.clone(), Some(shared.watches.clone()))?;
         let max_size = config.pool_size.saturating_add(config.max_overflow).max(1);
         let inner = r2d2::Pool::builder()
             .max_size(max_size)
             .min_idle(Some(config.pool_size.min(max_size)))
             .connection_timeout(config.pool_timeout)
             .test_on_check_out(true)
-            .max_lifetime(Some(Duration::from_secs(30 * 60)))
-            .idle_timeout(Some(Duration::from_secs(10 * 60)))
+            .max_lifetime(Some(MAX_LIFETIME))
+            .idle_timeout(Some(IDLE_TIMEOUT))
             .error_handler(Box::new(LogErrors))
             .thread_pool(maintenance_threads())
             .build_unchecked(manager);
-        Ok(Pool { inner, shared })
+        let parking = Arc::new(Parking::default());
+        start_parking_sweep(Arc::downgrade(&parking));
+        Ok(Pool {
+            inner,
+            shared,
+            parking,
+        })
     }
 
     /// A connection within pool_timeout, else `RepoError::Timeout`.
@@ -434,50 +565,112 @@ impl Pool {
     }
 
     fn checkout(&self, deadline: Instant, interruptible: bool) -> Result<Conn> {
-        let started = Instant::now();
-        self.shared.waiting.fetch_add(1, Ordering::AcqRel);
+        if interruptible && self.parking.closing.load(Ordering::Acquire) {
+            return Err(RepoError::pool_timeout("the repository is closing"));
+        }
         let previous = CHECKOUT_DEADLINE.replace(Some(deadline));
+        let found = match self.unpark(self.parking.slots.take_own(), deadline) {
+            Some(conn) => Ok(conn),
+            None => match self.inner.try_get() {
+                Some(conn) => Ok(Box::new(conn)),
+                None => self.wait(deadline, interruptible),
+            },
+        };
+        CHECKOUT_DEADLINE.set(previous);
+        found.map(|conn| self.out(conn))
+    }
+
+    /// Waits for a connection: one parked by another thread, or one from r2d2 (returned, or
+    /// newly opened).
+    fn wait(&self, deadline: Instant, interruptible: bool) -> Result<Pooled> {
+        let started = Instant::now();
+        self.parking.waiting.fetch_add(1, Ordering::AcqRel);
+        // Pairs with the fence in `Parking::park` (see there).
+        fence(Ordering::SeqCst);
         // r2d2 reports the last connection error once; keep it across slices.
         let mut cause: Option<r2d2::Error> = None;
         let result = loop {
-            if interruptible && self.shared.closing.load(Ordering::Acquire) {
+            if interruptible && self.parking.closing.load(Ordering::Acquire) {
                 break Err(RepoError::pool_timeout("the repository is closing"));
             }
+            if let Some(conn) = self.steal(deadline) {
+                break Ok(conn);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            let slice = if interruptible {
-                left.min(CHECKOUT_SLICE)
-            } else {
-                left
-            };
+            let slice = left.min(CHECKOUT_SLICE);
             let error = match self.inner.get_timeout(slice) {
-                Ok(conn) => break Ok(conn),
+                Ok(conn) => break Ok(Box::new(conn)),
                 Err(e) => e,
             };
             if error.to_string().contains(": ") || cause.is_none() {
                 cause = Some(error);
             }
-            let waited = started.elapsed();
             if left <= slice {
+                let waited = started.elapsed();
                 let cause = cause.map(|e| format!(": {e}")).unwrap_or_default();
                 break Err(RepoError::pool_timeout(format!("waited {waited:?}{cause}")));
             }
         };
-        CHECKOUT_DEADLINE.set(previous);
-        self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-        result.map(Conn::out)
+        self.parking.waiting.fetch_sub(1, Ordering::AcqRel);
+        result
     }
 
-    /// An idle connection right now, or `None` without waiting: for extra connections taken
-    /// while one is already held (waiting there could deadlock a small pool).
+    /// A connection parked by any thread, if one is usable.
+    fn steal(&self, deadline: Instant) -> Option<Pooled> {
+        loop {
+            let conn = self.parking.slots.take_any()?;
+            if let Some(conn) = self.unpark(Some(conn), deadline) {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// A parked connection, brought up to date as r2d2 does on checkout; `None` if it is done
+    /// for (it then goes back to r2d2, which closes it).
+    fn unpark(&self, conn: Option<Pooled>, deadline: Instant) -> Option<Pooled> {
+        let mut conn = conn?;
+        if conn.is_done() {
+            return None;
+        }
+        match self.shared.revalidate(&mut conn, Some(deadline)) {
+            Ok(()) => Some(conn),
+            Err(e) => {
+                log::warn!("pg-model-repo: a parked connection failed its check: {e}");
+                conn.poison();
+                None
+            }
+        }
+    }
+
+    fn out(&self, conn: Pooled) -> Conn {
+        conn.watch.arm(conn.bounds.statement);
+        Conn {
+            conn: Some(conn),
+            parking: self.parking.clone(),
+        }
+    }
+
+    /// An idle or parked connection right now, or `None` without waiting: for extra
+    /// connections taken while one is already held (waiting there could deadlock a small
+    /// pool).
     pub(crate) fn try_get(&self) -> Option<Conn> {
-        self.inner.try_get().map(Conn::out)
+        let deadline = Instant::now() + VALIDATION_TIMEOUT;
+        let previous = CHECKOUT_DEADLINE.replace(Some(deadline));
+        let conn = self
+            .inner
+            .try_get()
+            .map(Box::new)
+            .or_else(|| self.steal(deadline));
+        CHECKOUT_DEADLINE.set(previous);
+        conn.map(|conn| self.out(conn))
     }
 
-    /// The repository is closing: ordinary checkouts fail (waiting ones within a slice), and
-    /// connections still checked out (the reaper's) are cut at `cut_at` if their work is not
-    /// done by then.
+    /// The repository is closing: ordinary checkouts fail (waiting ones within a slice),
+    /// parked connections go back to r2d2 and nothing is parked any more, and connections
+    /// still checked out (the reaper's) are cut at `cut_at` if their work is not done by then.
     pub(crate) fn begin_close(&self, cut_at: Instant) {
-        self.shared.closing.store(true, Ordering::Release);
+        self.parking.closing.store(true, Ordering::Release);
+        drop(self.parking.slots.close());
         self.shared.watches.cut_armed_at(cut_at);
     }
 
@@ -536,14 +729,15 @@ impl Pool {
         self.inner.connection_timeout()
     }
 
-    /// Connections open and idle right now.
+    /// Connections open and idle (parked ones included) right now.
     pub(crate) fn state(&self) -> PoolState {
         let s = self.inner.state();
+        let parked = u32::try_from(self.parking.slots.parked()).unwrap_or(u32::MAX);
         PoolState {
             connections: s.connections,
-            idle: s.idle_connections,
+            idle: s.idle_connections.saturating_add(parked),
             max_size: self.inner.max_size(),
-            waiting: self.shared.waiting.load(Ordering::Acquire),
+            waiting: self.parking.waiting.load(Ordering::Acquire),
         }
     }
 }

@@ -1,11 +1,16 @@
 //! The per-operation timing registry every public call reports to: exact counts, totals and
-//! maxima, percentiles from a bounded histogram, and a slow-call warning.
+//! maxima, percentiles from a bounded histogram, and a slow-call warning. Each thread records
+//! into its own shard (no lock shared between threads on the hot path); a snapshot adds the
+//! shards up.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+
+use crate::db::shard::Sharded;
+use crate::db::static_key::{StaticKey, StaticMap};
 
 /// Timings of one operation (a public method's name), since the repository was opened.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -51,8 +56,8 @@ impl OpStats {
             slow: 0,
             total: Duration::ZERO,
             max: Duration::ZERO,
-            // 1 µs .. 1 hour at 3 significant digits: a fixed ~100 KiB per operation name,
-            // whatever the traffic.
+            // 1 µs .. 1 hour at 3 significant digits: a fixed ~100 KiB per operation name and
+            // shard, whatever the traffic.
             micros: Histogram::new_with_bounds(1, 3_600_000_000, 3).ok(),
         }
     }
@@ -66,6 +71,23 @@ impl OpStats {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         if let Some(histogram) = &mut self.micros {
             histogram.saturating_record(micros.max(1));
+        }
+    }
+
+    /// Adds `other`'s calls to these.
+    fn merge(&mut self, other: &OpStats) {
+        self.count += other.count;
+        self.errors += other.errors;
+        self.slow += other.slow;
+        self.total += other.total;
+        self.max = self.max.max(other.max);
+        match (&mut self.micros, &other.micros) {
+            (Some(mine), Some(theirs)) => {
+                // Same bounds on both sides: adding cannot fail.
+                let _ = mine.add(theirs);
+            }
+            (None, Some(theirs)) => self.micros = Some(theirs.clone()),
+            (_, None) => {}
         }
     }
 
@@ -90,11 +112,15 @@ impl OpStats {
     }
 }
 
-/// The registry: one entry per operation name, so memory is bounded by the number of methods.
+/// One shard's operations, keyed by the name's address (merged by name in a snapshot).
+type Ops = StaticMap<OpStats>;
+
+/// The registry: one entry per operation name and shard, so memory is bounded by the number of
+/// methods times the number of shards (at most one per CPU), whatever the traffic.
 pub(crate) struct Timings {
     enabled: bool,
     slow_threshold: Duration,
-    ops: Mutex<BTreeMap<&'static str, OpStats>>,
+    shards: Sharded<Mutex<Ops>>,
 }
 
 impl std::fmt::Debug for Timings {
@@ -111,7 +137,7 @@ impl Timings {
         Timings {
             enabled,
             slow_threshold,
-            ops: Mutex::new(BTreeMap::new()),
+            shards: Sharded::default(),
         }
     }
 
@@ -125,22 +151,56 @@ impl Timings {
         if !self.enabled {
             return;
         }
-        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        ops.entry(op)
+        lock(self.shards.local())
+            .entry(StaticKey(op))
             .or_insert_with(OpStats::new)
             .record(elapsed, ok, slow);
     }
 
     /// Every operation's figures, sorted by name.
     pub(crate) fn snapshot(&self) -> Vec<QueryMetric> {
-        let ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        ops.iter().map(|(name, s)| s.snapshot(name)).collect()
+        let mut all: BTreeMap<&str, OpStats> = BTreeMap::new();
+        for shard in self.shards.iter() {
+            for (name, stats) in lock(shard).iter() {
+                all.entry(name.0).or_insert_with(OpStats::new).merge(stats);
+            }
+        }
+        all.iter().map(|(name, s)| s.snapshot(name)).collect()
     }
+}
+
+fn lock(ops: &Mutex<Ops>) -> MutexGuard<'_, Ops> {
+    ops.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calls_from_many_threads_add_up() {
+        let t = Timings::new(true, Duration::from_secs(1));
+        std::thread::scope(|s| {
+            for i in 0..6u64 {
+                let t = &t;
+                s.spawn(move || {
+                    for _ in 0..100 {
+                        t.record("op", Duration::from_micros(10 + i), i != 0);
+                    }
+                    t.record("other", Duration::from_millis(2), true);
+                });
+            }
+        });
+        let all = t.snapshot();
+        let names: Vec<&str> = all.iter().map(|m| m.query_type.as_str()).collect();
+        assert_eq!(names, ["op", "other"]);
+        let op = &all[0];
+        assert_eq!((op.count, op.errors), (600, 100));
+        assert_eq!(op.total, Duration::from_micros(100 * (60 + 15)));
+        assert_eq!(op.max, Duration::from_micros(15));
+        assert_eq!(op.p50, Duration::from_micros(12));
+        assert_eq!(all[1].count, 6);
+    }
 
     #[test]
     fn counts_totals_and_maxima_are_exact() {

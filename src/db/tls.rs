@@ -2,25 +2,28 @@
 //! URL asks for `sslmode=require` or a root certificate is configured. Without the feature a
 //! request for TLS is an error, never a silent plaintext connection.
 //!
-//! Every TCP connection's socket is wrapped in a [`Watched`] stream from its first byte (login
-//! included), so the watchdog of `db::deadline` can cut it. tokio-postgres hands its socket to
-//! the TLS connector only, so we ask it for "direct" TLS and do the PostgreSQL negotiation
-//! (SSLRequest, then rustls or plaintext) ourselves; the server sees the same bytes as from
-//! any client. tokio-postgres offers no such hook on Unix-domain sockets: those connect as
-//! before, without a client-side deadline.
+//! r2d2_postgres's `PostgresConnectionManager` makes the connections with our
+//! [`WatchedConnect`] as its TLS connector. Every TCP connection's socket is wrapped in a
+//! [`Watched`] stream from its first byte (login included), so the watchdog of `db::deadline`
+//! can cut it. tokio-postgres hands its socket to the TLS connector only, so we ask it for
+//! "direct" TLS and do the PostgreSQL negotiation (SSLRequest, then rustls or plaintext)
+//! ourselves; the server sees the same bytes as from any client. tokio-postgres offers no such
+//! hook on plaintext Unix-domain sockets: those connect without a client-side deadline.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use postgres::config::{Host, SslMode, SslNegotiation};
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
-use postgres::{Client, NoTls, Socket};
+use postgres::Socket;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::db::config::RepositoryConfig;
-use crate::db::deadline::{Watch, Watched};
+use crate::db::deadline::{Watch, WatchGroup, Watched};
 use crate::db::error::{RepoError, Result};
 
 /// Opens sessions for one configuration.
@@ -54,41 +57,68 @@ impl Connector {
         tls_connector(config)
     }
 
-    /// Connects with this connector, every byte (login included) seen by `watch`.
-    pub(crate) fn connect(
+    /// What r2d2_postgres's `PostgresConnectionManager` connects with: the settings to hand
+    /// it and the [`WatchedConnect`] that wraps each new socket. Each connection's watch is
+    /// armed with `login` until the login is done, and joins `group` when there is one.
+    pub(crate) fn watched(
         &self,
         pg: &postgres::Config,
-        watch: &Watch,
-    ) -> std::result::Result<Client, postgres::Error> {
+        login: Duration,
+        group: Option<WatchGroup>,
+    ) -> (postgres::Config, WatchedConnect) {
         let tcp_only =
             !pg.get_hosts().is_empty() && pg.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
-        if !tcp_only {
-            return match self {
-                Connector::Plain => pg.connect(NoTls),
+        let mut settings = pg.clone();
+        let negotiate = if tcp_only {
+            // "Direct" TLS: tokio-postgres hands us the raw socket before its first byte, and
+            // we negotiate (or not) ourselves.
+            settings
+                .ssl_mode(SslMode::Require)
+                .ssl_negotiation(SslNegotiation::Direct);
+            match self {
+                Connector::Plain => Negotiate::Plain,
                 #[cfg(feature = "tls")]
-                Connector::Rustls(tls) => pg.connect(tls.clone()),
-            };
-        }
-        let negotiate = match self {
-            Connector::Plain => Negotiate::Plain,
-            #[cfg(feature = "tls")]
-            Connector::Rustls(tls) => match pg.get_ssl_mode() {
-                SslMode::Disable => Negotiate::Plain,
-                mode => Negotiate::Tls {
-                    required: mode != SslMode::Prefer,
-                    tls: tls.clone(),
+                Connector::Rustls(tls) => match pg.get_ssl_mode() {
+                    SslMode::Disable => Negotiate::Plain,
+                    mode => Negotiate::Tls {
+                        required: mode != SslMode::Prefer,
+                        tls: tls.clone(),
+                    },
                 },
-            },
+            }
+        } else {
+            // Unix-domain sockets: tokio-postgres negotiates itself, and hands us a socket
+            // only once the server agreed to TLS (which PostgreSQL never does on a Unix
+            // socket); plaintext sockets are not watched.
+            match self {
+                Connector::Plain => {
+                    settings.ssl_mode(SslMode::Disable);
+                    Negotiate::Plain
+                }
+                #[cfg(feature = "tls")]
+                Connector::Rustls(tls) => Negotiate::Agreed { tls: tls.clone() },
+            }
         };
-        let mut direct = pg.clone();
-        direct
-            .ssl_mode(SslMode::Require)
-            .ssl_negotiation(SslNegotiation::Direct);
-        direct.connect(WatchedConnect {
-            watch: watch.clone(),
+        let connect = WatchedConnect {
+            watch: Watch::new(),
+            login,
+            group,
             negotiate,
-        })
+        };
+        (settings, connect)
     }
+}
+
+thread_local! {
+    /// The watch of the connection this thread is opening (see [`WatchedConnect`]'s `Clone`).
+    static OPENING: RefCell<Option<Watch>> = const { RefCell::new(None) };
+}
+
+/// The watch of the connection the calling thread opened last through a [`WatchedConnect`]
+/// clone, if not taken yet: r2d2_postgres keeps the connector's clone inside the client it
+/// returns, so the watch comes back this way.
+pub(crate) fn take_opened_watch() -> Option<Watch> {
+    OPENING.with(|w| w.borrow_mut().take())
 }
 
 /// What to do on a fresh socket before the startup message.
@@ -102,21 +132,68 @@ enum Negotiate {
         required: bool,
         tls: tokio_postgres_rustls::MakeRustlsConnect,
     },
+    /// The server already agreed to TLS (tokio-postgres asked): the handshake.
+    #[cfg(feature = "tls")]
+    Agreed {
+        tls: tokio_postgres_rustls::MakeRustlsConnect,
+    },
 }
 
-/// Our stand-in for a TLS connector: it receives the raw socket, wraps it in a watched
-/// stream and negotiates what the configuration asks for.
-struct WatchedConnect {
+/// Our stand-in for a TLS connector, which r2d2_postgres's manager clones for every
+/// connection it opens: it receives the raw socket, wraps it in a watched stream and
+/// negotiates what the configuration asks for.
+///
+/// Every clone is a new connection, so cloning makes a fresh [`Watch`] (armed with the login
+/// bound, in the pool's group) and leaves a handle to it for the cloning thread, which takes it
+/// with [`take_opened_watch`] once the connection is made: the manager clones and connects on
+/// the thread that asked, and the client it returns keeps the clone out of reach.
+pub(crate) struct WatchedConnect {
     watch: Watch,
+    login: Duration,
+    group: Option<WatchGroup>,
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     negotiate: Negotiate,
 }
 
+impl Clone for WatchedConnect {
+    fn clone(&self) -> Self {
+        let watch = Watch::new();
+        if let Some(group) = &self.group {
+            group.add(&watch);
+        }
+        watch.arm(self.login);
+        OPENING.with(|w| *w.borrow_mut() = Some(watch.clone()));
+        WatchedConnect {
+            watch,
+            login: self.login,
+            group: self.group.clone(),
+            negotiate: self.negotiate.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for WatchedConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let negotiate = match &self.negotiate {
+            Negotiate::Plain => "Plain",
+            #[cfg(feature = "tls")]
+            Negotiate::Tls { .. } => "Tls",
+            #[cfg(feature = "tls")]
+            Negotiate::Agreed { .. } => "Agreed",
+        };
+        f.debug_struct("WatchedConnect")
+            .field("negotiate", &negotiate)
+            .field("login", &self.login)
+            .finish_non_exhaustive()
+    }
+}
+
 /// [`WatchedConnect`] for one host.
-struct WatchedConnectHost {
+pub(crate) struct WatchedConnectHost {
     watch: Watch,
+    /// TLS: whether to send the SSLRequest first, whether a refusal fails, the handshake.
     #[cfg(feature = "tls")]
-    tls: Option<(bool, RustlsConnect)>,
+    tls: Option<(bool, bool, RustlsConnect)>,
 }
 
 #[cfg(feature = "tls")]
@@ -137,7 +214,14 @@ impl MakeTlsConnect<Socket> for WatchedConnect {
             tls: match &mut self.negotiate {
                 Negotiate::Plain => None,
                 Negotiate::Tls { required, tls } => Some((
+                    true,
                     *required,
+                    MakeTlsConnect::<Watched<Socket>>::make_tls_connect(tls, _domain)
+                        .map_err(io::Error::other)?,
+                )),
+                Negotiate::Agreed { tls } => Some((
+                    false,
+                    true,
                     MakeTlsConnect::<Watched<Socket>>::make_tls_connect(tls, _domain)
                         .map_err(io::Error::other)?,
                 )),
@@ -154,24 +238,28 @@ impl TlsConnect<Socket> for WatchedConnectHost {
     fn connect(self, socket: Socket) -> Self::Future {
         let stream = self.watch.stream(socket);
         #[cfg(feature = "tls")]
-        if let Some((required, tls)) = self.tls {
-            return Box::pin(negotiate_tls(stream, required, tls));
+        if let Some((request, required, tls)) = self.tls {
+            return Box::pin(negotiate_tls(stream, request, required, tls));
         }
         Box::pin(std::future::ready(Ok(Stream::Plain(stream))))
     }
 }
 
-/// The PostgreSQL TLS negotiation: an SSLRequest, then TLS on 'S', plaintext on 'N' (unless
-/// TLS is required).
+/// The PostgreSQL TLS negotiation: an SSLRequest (unless `request` is false: already
+/// agreed), then TLS on 'S', plaintext on 'N' (unless TLS is required).
 #[cfg(feature = "tls")]
 async fn negotiate_tls(
     mut stream: Watched<Socket>,
+    request: bool,
     required: bool,
     tls: RustlsConnect,
 ) -> io::Result<Stream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     /// Length 8, then the SSLRequest code 80877103.
     const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    if !request {
+        return Ok(Stream::Tls(Box::new(tls.connect(stream).await?)));
+    }
     stream.write_all(&SSL_REQUEST).await?;
     let mut answer = [0u8];
     stream.read_exact(&mut answer).await?;
@@ -186,7 +274,7 @@ async fn negotiate_tls(
 }
 
 /// A connection's stream: plaintext or TLS, always watched underneath.
-enum Stream {
+pub(crate) enum Stream {
     Plain(Watched<Socket>),
     #[cfg(feature = "tls")]
     Tls(Box<RustlsStream>),

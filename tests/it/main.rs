@@ -19,6 +19,7 @@ mod large_models;
 mod lost_replies;
 mod models;
 mod monitor;
+mod pool;
 mod schema;
 mod search;
 #[cfg(feature = "pgvector")]

@@ -11,8 +11,12 @@
 //!
 //! ```text
 //! cargo run --release --example cache_bench -- [--seconds 2] [--rounds 4] [--reaper-rows 1000000]
-//!     [--methods get_hit,raw_select] [--threads 1,2] [--format json]
+//!     [--methods get_hit,raw_select] [--threads 1,2] [--format json] [--citus]
 //! ```
+//!
+//! `--citus` measures every method on a throwaway single server and, in the same interleaved
+//! rounds, through the coordinator of a throwaway Citus cluster (two workers on this machine,
+//! the cache hash-distributed by key); the reaper is measured on the single server only.
 //!
 //! Uses `DATABASE_URL` if set (the schema `cache_bench` is dropped and recreated), otherwise a
 //! throwaway server with default settings (fsync on, so a write per hit pays a WAL flush).
@@ -22,7 +26,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use pg_model_repo::throwaway::database_url_or_start;
+use pg_model_repo::throwaway::{database_url_or_start, ThrowawayCluster, ThrowawayServer};
 use pg_model_repo::{ModelRepository, RepositoryConfig, Result};
 
 const SCHEMA: &str = "cache_bench";
@@ -47,6 +51,8 @@ struct Args {
     threads: Vec<usize>,
     reaper_rows: i64,
     json: bool,
+    /// Also through a throwaway Citus cluster's coordinator (the cache distributed by key).
+    citus: bool,
 }
 
 fn parse_args() -> Args {
@@ -57,6 +63,7 @@ fn parse_args() -> Args {
         threads: vec![1, 2],
         reaper_rows: 1_000_000,
         json: false,
+        citus: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -75,6 +82,7 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--format" => args.json = value() == "json",
+            "--citus" => args.citus = true,
             other => panic!("unknown argument {other:?}"),
         }
     }
@@ -83,6 +91,8 @@ fn parse_args() -> Args {
 
 #[derive(serde::Serialize)]
 struct Row {
+    /// `server` (one PostgreSQL) or `citus` (through a cluster's coordinator).
+    target: &'static str,
     method: &'static str,
     threads: usize,
     ops: u64,
@@ -100,6 +110,7 @@ type MakeOp<'a> = Box<dyn Fn(usize) -> Op + Sync + 'a>;
 
 /// One method at one thread count, measured over several interleaved rounds.
 struct Job<'a> {
+    target: &'static str,
     method: &'static str,
     threads: usize,
     make: MakeOp<'a>,
@@ -153,8 +164,9 @@ impl Job<'_> {
         self.elapsed += elapsed;
         let ops_per_s = ops as f64 / elapsed.as_secs_f64();
         eprintln!(
-            "round {}: {} x{}: {ops_per_s:.0} ops/s",
+            "round {}: {} {} x{}: {ops_per_s:.0} ops/s",
             self.rounds.len() + 1,
+            self.target,
             self.method,
             self.threads
         );
@@ -164,6 +176,7 @@ impl Job<'_> {
     fn row(&self) -> Row {
         let secs = self.elapsed.as_secs_f64();
         Row {
+            target: self.target,
             method: self.method,
             threads: self.threads,
             ops: self.ops,
@@ -175,6 +188,117 @@ impl Job<'_> {
             p99_us: self.hist.value_at_quantile(0.99) as f64,
         }
     }
+}
+
+/// The jobs of one target: every wanted method at every thread count.
+fn target_jobs<'a>(
+    args: &Args,
+    target: &'static str,
+    url: &'a str,
+    repo: &'a ModelRepository,
+    value: &'a [f32],
+    next_group: Arc<Vec<AtomicU64>>,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Vec<Job<'a>> {
+    let mut jobs = Vec::new();
+    for &threads in &args.threads {
+        assert!(
+            (1..=MAX_THREADS).contains(&threads),
+            "--threads takes 1..={MAX_THREADS}"
+        );
+        let slot_base = if threads == 1 { 0 } else { MAX_THREADS };
+        let (repo_ref, groups) = (repo, next_group.clone());
+        let makers: Vec<(&'static str, MakeOp<'_>)> = vec![
+            (
+                "raw_select",
+                Box::new(move |t| {
+                    let mut c = raw_client(url);
+                    let st = c.prepare(RAW_SELECT).unwrap();
+                    Box::new(move |i| {
+                        let row = c.query_opt(&st, &[&hit_key(i, t)])?;
+                        assert!(row.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "get_hit",
+                Box::new(move |t| {
+                    let r = repo.clone();
+                    Box::new(move |i| {
+                        let v: Option<Vec<f32>> = r.get_cached_predictions(&hit_key(i, t))?;
+                        assert!(v.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "get_miss",
+                Box::new(move |t| {
+                    let r = repo.clone();
+                    Box::new(move |i| {
+                        let v: Option<Vec<f32>> =
+                            r.get_cached_predictions(&format!("miss:{t}:{i}"))?;
+                        assert!(v.is_none());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "update_on_hit",
+                Box::new(move |t| {
+                    let mut c = raw_client(url);
+                    let st = c.prepare(UPDATE_ON_HIT).unwrap();
+                    Box::new(move |i| {
+                        let row = c.query_opt(&st, &[&hit_key(i, t)])?;
+                        assert!(row.is_some());
+                        Ok(())
+                    })
+                }),
+            ),
+            (
+                "set",
+                Box::new(move |t| {
+                    let r = repo.clone();
+                    let v = value.to_vec();
+                    Box::new(move |i| {
+                        let key = format!("set:{t}:{}", i % HIT_KEYS);
+                        r.cache_predictions(&key, &v, Duration::from_secs(3600))
+                    })
+                }),
+            ),
+            (
+                "clear_prefix",
+                Box::new(move |t| {
+                    let r = repo_ref.clone();
+                    let slot = slot_base + t;
+                    let groups = groups.clone();
+                    Box::new(move |_| {
+                        let g = groups[slot].fetch_add(1, Ordering::Relaxed);
+                        assert!(g < GROUPS_PER_SLOT, "clear_prefix ran out of groups");
+                        let n = r.clear_cache(&format!("clr:{slot}:{g}:*"))?;
+                        assert_eq!(n, CLEAR_GROUP_SIZE);
+                        Ok(())
+                    })
+                }),
+            ),
+        ];
+        for (method, make) in makers {
+            if wanted(method) {
+                jobs.push(Job {
+                    target,
+                    method,
+                    threads,
+                    make,
+                    ops: 0,
+                    elapsed: Duration::ZERO,
+                    rounds: Vec::new(),
+                    hist: new_histogram(),
+                });
+            }
+        }
+    }
+    jobs
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -206,120 +330,48 @@ fn hit_key(i: u64, t: usize) -> String {
 fn main() -> Result<()> {
     let _ = env_logger::builder().is_test(false).try_init();
     let args = parse_args();
-    let (url, _server) = database_url_or_start(&[])?;
-    {
-        let mut admin = postgres::Client::connect(&url, postgres::NoTls)?;
-        admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))?;
+    let (url, _server) = if args.citus {
+        // Both targets are throwaway servers on this machine, so they compare like for like.
+        let server = ThrowawayServer::start(&[])?;
+        (server.url(), Some(server))
+    } else {
+        database_url_or_start(&[])?
+    };
+    let cluster = if args.citus {
+        eprintln!("starting a throwaway Citus cluster (coordinator and two workers)");
+        Some(ThrowawayCluster::start(2)?)
+    } else {
+        None
+    };
+    let mut targets: Vec<(&'static str, String)> = vec![("server", url.clone())];
+    if let Some(cluster) = &cluster {
+        targets.push(("citus", cluster.url()));
     }
-    // The default pool, shared by every thread of every method.
-    let repo = ModelRepository::open(RepositoryConfig::new(url.clone()).schema(SCHEMA))?;
-    let value: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
-    let mut admin = raw_client(&url);
-    setup(&mut admin, &repo, &value)?;
-
     let wanted = |m: &str| args.methods.is_empty() || args.methods.iter().any(|w| w == m);
-    if wanted("clear_prefix") {
-        populate_clear_groups(&mut admin)?;
-    }
-    // Each clear_prefix operation clears the next unused group of its thread.
-    let next_group: Arc<Vec<AtomicU64>> =
-        Arc::new((0..2 * MAX_THREADS).map(|_| AtomicU64::new(0)).collect());
-    let mut jobs: Vec<Job<'_>> = Vec::new();
-    for &threads in &args.threads {
-        assert!(
-            (1..=MAX_THREADS).contains(&threads),
-            "--threads takes 1..={MAX_THREADS}"
-        );
-        let slot_base = if threads == 1 { 0 } else { MAX_THREADS };
-        let (repo_ref, groups) = (&repo, next_group.clone());
-        let makers: Vec<(&'static str, MakeOp<'_>)> = vec![
-            (
-                "raw_select",
-                Box::new(|t| {
-                    let mut c = raw_client(&url);
-                    let st = c.prepare(RAW_SELECT).unwrap();
-                    Box::new(move |i| {
-                        let row = c.query_opt(&st, &[&hit_key(i, t)])?;
-                        assert!(row.is_some());
-                        Ok(())
-                    })
-                }),
-            ),
-            (
-                "get_hit",
-                Box::new(|t| {
-                    let r = repo.clone();
-                    Box::new(move |i| {
-                        let v: Option<Vec<f32>> = r.get_cached_predictions(&hit_key(i, t))?;
-                        assert!(v.is_some());
-                        Ok(())
-                    })
-                }),
-            ),
-            (
-                "get_miss",
-                Box::new(|t| {
-                    let r = repo.clone();
-                    Box::new(move |i| {
-                        let v: Option<Vec<f32>> =
-                            r.get_cached_predictions(&format!("miss:{t}:{i}"))?;
-                        assert!(v.is_none());
-                        Ok(())
-                    })
-                }),
-            ),
-            (
-                "update_on_hit",
-                Box::new(|t| {
-                    let mut c = raw_client(&url);
-                    let st = c.prepare(UPDATE_ON_HIT).unwrap();
-                    Box::new(move |i| {
-                        let row = c.query_opt(&st, &[&hit_key(i, t)])?;
-                        assert!(row.is_some());
-                        Ok(())
-                    })
-                }),
-            ),
-            (
-                "set",
-                Box::new(|t| {
-                    let r = repo.clone();
-                    let v = value.clone();
-                    Box::new(move |i| {
-                        let key = format!("set:{t}:{}", i % HIT_KEYS);
-                        r.cache_predictions(&key, &v, Duration::from_secs(3600))
-                    })
-                }),
-            ),
-            (
-                "clear_prefix",
-                Box::new(move |t| {
-                    let r = repo_ref.clone();
-                    let slot = slot_base + t;
-                    let groups = groups.clone();
-                    Box::new(move |_| {
-                        let g = groups[slot].fetch_add(1, Ordering::Relaxed);
-                        assert!(g < GROUPS_PER_SLOT, "clear_prefix ran out of groups");
-                        let n = r.clear_cache(&format!("clr:{slot}:{g}:*"))?;
-                        assert_eq!(n, CLEAR_GROUP_SIZE);
-                        Ok(())
-                    })
-                }),
-            ),
-        ];
-        for (method, make) in makers {
-            if wanted(method) {
-                jobs.push(Job {
-                    method,
-                    threads,
-                    make,
-                    ops: 0,
-                    elapsed: Duration::ZERO,
-                    rounds: Vec::new(),
-                    hist: new_histogram(),
-                });
-            }
+    let value: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
+    // Per target: the default pool, shared by every thread of every method.
+    let mut repos = Vec::new();
+    for (_, url) in &targets {
+        {
+            let mut admin = postgres::Client::connect(url, postgres::NoTls)?;
+            admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))?;
         }
+        let repo = ModelRepository::open(RepositoryConfig::new(url.clone()).schema(SCHEMA))?;
+        let mut admin = raw_client(url);
+        setup(&mut admin, &repo, &value)?;
+        if wanted("clear_prefix") {
+            populate_clear_groups(&mut admin)?;
+        }
+        repos.push(repo);
+    }
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    for ((target, url), repo) in targets.iter().zip(&repos) {
+        // Each clear_prefix operation clears the next unused group of its thread.
+        let next_group: Arc<Vec<AtomicU64>> =
+            Arc::new((0..2 * MAX_THREADS).map(|_| AtomicU64::new(0)).collect());
+        jobs.extend(target_jobs(
+            &args, target, url, repo, &value, next_group, &wanted,
+        ));
     }
     // Interleaved rounds: on a shared machine, load from others drifts; every method sees
     // the same drift instead of one method catching a quiet or a busy moment.
@@ -331,7 +383,9 @@ fn main() -> Result<()> {
     }
     let rows: Vec<Row> = jobs.iter().map(Job::row).collect();
     drop(jobs);
-    repo.close();
+    for repo in repos {
+        repo.close();
+    }
     print_rows(&rows, args.json);
     if args.reaper_rows > 0 {
         let line = reap(&url, args.reaper_rows)?;
@@ -382,14 +436,24 @@ fn print_rows(rows: &[Row], json: bool) {
         return;
     }
     println!(
-        "{:<14} {:>7} {:>9} {:>8} {:>10} {:>10} {:>17} {:>7} {:>7}",
-        "method", "threads", "ops", "seconds", "ops/s", "median", "min-max", "p50 µs", "p99 µs"
+        "{:<7} {:<14} {:>7} {:>9} {:>8} {:>10} {:>10} {:>17} {:>7} {:>7}",
+        "target",
+        "method",
+        "threads",
+        "ops",
+        "seconds",
+        "ops/s",
+        "median",
+        "min-max",
+        "p50 µs",
+        "p99 µs"
     );
     for r in rows {
         let min = r.rounds.iter().copied().fold(f64::INFINITY, f64::min);
         let max = r.rounds.iter().copied().fold(0.0, f64::max);
         println!(
-            "{:<14} {:>7} {:>9} {:>8.2} {:>10.0} {:>10.0} {:>17} {:>7.0} {:>7.0}",
+            "{:<7} {:<14} {:>7} {:>9} {:>8.2} {:>10.0} {:>10.0} {:>17} {:>7.0} {:>7.0}",
+            r.target,
             r.method,
             r.threads,
             r.ops,
@@ -404,24 +468,39 @@ fn print_rows(rows: &[Row], json: bool) {
     println!("\nper round (ops/s):");
     for r in rows {
         let rounds: Vec<String> = r.rounds.iter().map(|x| format!("{x:.0}")).collect();
-        println!("{:<14} x{}: {}", r.method, r.threads, rounds.join(" "));
+        println!(
+            "{:<7} {:<14} x{}: {}",
+            r.target,
+            r.method,
+            r.threads,
+            rounds.join(" ")
+        );
     }
-    let find = |m: &str, t: usize| rows.iter().find(|r| r.method == m && r.threads == t);
+    let find = |target: &str, m: &str, t: usize| {
+        rows.iter()
+            .find(|r| r.target == target && r.method == m && r.threads == t)
+    };
     println!(
         "\nratios: of the medians; the median of each round's ratio (rounds run back to back, \
          so a pair sees about the same load from others); each round's ratio"
     );
-    for (a, b) in [
-        ("get_hit", "raw_select"),
-        ("get_miss", "raw_select"),
-        ("get_hit", "update_on_hit"),
-    ] {
+    let pairs = [
+        ("server", "get_hit", "server", "raw_select"),
+        ("server", "get_miss", "server", "raw_select"),
+        ("server", "get_hit", "server", "update_on_hit"),
+        ("citus", "get_hit", "citus", "raw_select"),
+        ("citus", "get_miss", "citus", "raw_select"),
+        ("citus", "get_hit", "server", "get_hit"),
+        ("citus", "raw_select", "server", "raw_select"),
+        ("citus", "set", "server", "set"),
+    ];
+    for (ta, a, tb, b) in pairs {
         for threads in 1..=MAX_THREADS {
-            if let (Some(x), Some(y)) = (find(a, threads), find(b, threads)) {
+            if let (Some(x), Some(y)) = (find(ta, a, threads), find(tb, b, threads)) {
                 let each: Vec<f64> = x.rounds.iter().zip(&y.rounds).map(|(x, y)| x / y).collect();
                 let shown: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
                 println!(
-                    "{a} / {b}, {threads} thread{}: {:.2}x; {:.2}x [{}]",
+                    "{ta} {a} / {tb} {b}, {threads} thread{}: {:.2}x; {:.2}x [{}]",
                     if threads == 1 { "" } else { "s" },
                     x.median_ops_per_s / y.median_ops_per_s,
                     median(&each),

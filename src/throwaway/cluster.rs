@@ -29,15 +29,14 @@ pub const CITUS_INSTALL_HINT: &str = "the Citus extension is not installed for t
     https://github.com/citusdata/citus; in this workspace: \
     `bash ../shared/tools/install-pg-extensions.sh citus`)";
 
-/// Settings every node of a throwaway cluster gets.
+/// Settings every node of a throwaway cluster gets (durability as PostgreSQL's defaults, so
+/// benchmarks compare it with a throwaway single server like for like; tests pass their
+/// faster settings to [`ThrowawayCluster::start_with`]).
 const NODE_SETTINGS: &[(&str, &str)] = &[
     ("shared_preload_libraries", "citus"),
     // Two-phase commit of writes that span nodes.
     ("max_prepared_transactions", "100"),
     ("max_connections", "300"),
-    ("fsync", "off"),
-    ("synchronous_commit", "off"),
-    ("full_page_writes", "off"),
     // The coordinator opens connections to the workers per shard group of a query; keep the
     // cluster's own traffic modest on a small machine.
     ("citus.max_adaptive_executor_pool_size", "4"),

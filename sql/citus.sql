@@ -34,6 +34,7 @@ DECLARE
     v_table text;
     v_column text;
     v_with text;
+    v_function regprocedure;
 BEGIN
     IF v_schema IS NULL THEN
         RAISE invalid_schema_name USING MESSAGE = 'set the search_path to the repository''s schema first';
@@ -52,6 +53,16 @@ BEGIN
             EXECUTE format('ALTER FUNCTION %I.%s SET citus.multi_shard_modify_mode = sequential',
                            v_schema, v_table);
         END IF;
+    END LOOP;
+    -- pgvector's conversions (V006) run inside statements that the workers execute: every
+    -- node needs them.
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        WHERE p.pronamespace = quote_ident(v_schema)::regnamespace
+          AND p.proname IN ('embedding_bytes_to_vector', 'embedding_vector_to_bytes')
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_object o WHERE o.objid = p.oid)
+    LOOP
+        PERFORM create_distributed_function(v_function);
     END LOOP;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_dist_schema WHERE schemaid = quote_ident(v_schema)::regnamespace) THEN
         RETURN;
@@ -80,8 +91,12 @@ BEGIN
     LOOP
         -- embedding_vector_indexes exists only where vectors use pgvector's type (V006).
         CONTINUE WHEN to_regclass(format('%I.%I', v_schema, v_table)) IS NULL;
+        -- Done: hash-distributed, or a reference table. (A table with a foreign key to a
+        -- reference table becomes a "Citus local table" by itself; it is made a reference
+        -- table here: Citus locks every local table of the database on each DDL statement.)
         CONTINUE WHEN EXISTS (SELECT 1 FROM pg_dist_partition
-                              WHERE logicalrelid = format('%I.%I', v_schema, v_table)::regclass);
+                              WHERE logicalrelid = format('%I.%I', v_schema, v_table)::regclass
+                                AND (partmethod = 'h' OR repmodel = 't'));
         IF v_column IS NULL THEN
             PERFORM create_reference_table(format('%I.%I', v_schema, v_table)::regclass);
         ELSE

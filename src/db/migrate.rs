@@ -174,7 +174,7 @@ pub(crate) fn run(config: &RepositoryConfig) -> Result<MigrationReport> {
             config.query_timeout.as_millis().max(1)
         ))
         .map_err(RepoError::from)
-        .and_then(|()| apply_pending(client, config, wait));
+        .and_then(|()| apply_with_retries(client, config, wait));
     let unlock = client.execute(UNLOCK, &[&key]);
     let report = outcome.map_err(|e| needs_owner(e, &config.schema))?;
     unlock?;
@@ -283,6 +283,40 @@ fn checksum(sql: &str) -> String {
         })
         .collect();
     hex_sha256(statements.join("\n").as_bytes())
+}
+
+/// How many times a migration that lost a deadlock is run again.
+const DEADLOCK_ATTEMPTS: u32 = 4;
+
+/// [`apply_pending`], run again (it is one transaction, rolled back whole) when it lost a
+/// deadlock or a serialization failure: on a Citus coordinator DDL takes locks across the
+/// database (Citus's metadata, its local tables), so another session's DDL can deadlock with
+/// a migration that touches nothing of it.
+fn apply_with_retries(
+    client: &mut Client,
+    config: &RepositoryConfig,
+    wait: Duration,
+) -> Result<MigrationReport> {
+    let mut attempt = 1;
+    loop {
+        match apply_pending(client, config, wait) {
+            Err(e)
+                if attempt < DEADLOCK_ATTEMPTS
+                    && matches!(e.code().map(|c| c.code()), Some("40P01" | "40001")) =>
+            {
+                log::warn!(
+                    "pg-model-repo: the migration of schema {} lost a deadlock (attempt \
+                     {attempt} of {DEADLOCK_ATTEMPTS}); running it again: {e}",
+                    config.schema
+                );
+                std::thread::sleep(Duration::from_millis(
+                    50 * u64::from(attempt) + fastrand::u64(0..50),
+                ));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// `wait` bounds the optional conversion's wait for the database-wide extension lock (other

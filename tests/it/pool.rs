@@ -224,7 +224,7 @@ fn a_parked_connection_the_server_killed_is_never_handed_out_again() {
         let parked = last_used_backend(app);
         let mut admin = admin();
         let killed: bool = admin
-            .query_one("SELECT pg_terminate_backend($1)", &[&parked])
+            .query_one("SELECT pg_terminate_backend($1::int4)", &[&parked])
             .unwrap()
             .get(0);
         assert!(killed);

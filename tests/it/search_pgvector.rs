@@ -402,6 +402,11 @@ fn hnsw_indexes(repo: &TestRepo, entity_type: &str) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    feature = "citus",
+    ignore = "reads the plan and the index's scan count on the coordinator; on a cluster each \
+              shard holds a few hundred rows, which its planner sorts instead of scanning HNSW"
+)]
 fn an_hnsw_index_serves_its_metric_and_explain_shows_it() {
     let repo = pgvector_repo();
     // Enough rows that the planner prefers the index to sorting a scan.
@@ -522,7 +527,10 @@ fn a_full_refresh_rebuilds_the_types_indexes_and_a_drop_forgets_them() {
     let plan = repo
         .explain_nearest_embeddings("doc", &q, 5, Metric::Cosine)
         .unwrap();
-    assert!(plan.contains("_hnsw_cosine"), "{plan}");
+    // (On a Citus cluster each shard's few hundred rows are sorted, not searched by HNSW.)
+    if !cfg!(feature = "citus") {
+        assert!(plan.contains("_hnsw_cosine"), "{plan}");
+    }
     assert_eq!(
         repo.nearest_embeddings("doc", &q, 5, Metric::Cosine)
             .unwrap()

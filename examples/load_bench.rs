@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pg_model_repo::throwaway::{database_url_or_start, ThrowawayCluster, ThrowawayServer};
-use pg_model_repo::{Embedding, LoadMethod, ModelRepository, RepositoryConfig};
+use pg_model_repo::{Embedding, LoadMethod, ModelRepository, RepositoryConfig, VectorStorage};
 
 const ENTITY_TYPE: &str = "bench";
 const COLUMNS: &str = "entity_type, entity_id, embeddings, dimension";
@@ -260,11 +260,14 @@ fn open(url: &str, tag: &str) -> Result<ModelRepository, Box<dyn Error>> {
     let schema = schema_name(tag);
     let mut admin = postgres::Client::connect(url, postgres::NoTls)?;
     admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
+    // BYTEA: the ceiling's COPY file holds the vectors as bytes, in the library's BYTEA
+    // layout (where pgvector is installed, a new schema would use its type).
     let config = RepositoryConfig::new(url)
         .schema(&schema)
         .pool_size(4)
         .max_overflow(4)
-        .reaper_interval(None);
+        .reaper_interval(None)
+        .vector_storage(VectorStorage::Bytea);
     Ok(ModelRepository::open(config)?)
 }
 

@@ -43,7 +43,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pg_model_repo::throwaway::{database_url_or_start, ThrowawayCluster, ThrowawayServer};
+use pg_model_repo::throwaway::{
+    database_url_or_start, process_cpu_seconds, ThrowawayCluster, ThrowawayServer,
+};
 use pg_model_repo::{Embedding, LoadMethod, ModelRepository, RepositoryConfig, VectorStorage};
 
 const ENTITY_TYPE: &str = "bench";
@@ -155,22 +157,6 @@ impl Sample {
     }
 }
 
-/// CPU seconds (user and system) this process has used, from /proc/self/stat.
-fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let ticks: f64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|f| f.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(f64::NAN);
-    ticks / 100.0
-}
-
 /// Reads the CPU seconds a Citus cluster's coordinator and workers have used so far.
 type CpuProbe<'a> = &'a dyn Fn() -> (f64, f64);
 
@@ -180,12 +166,12 @@ fn with_cpu(
     f: impl FnOnce() -> Result<Sample, Box<dyn Error>>,
 ) -> Result<Sample, Box<dyn Error>> {
     let before = probe.map(|p| p());
-    let own = own_cpu_seconds();
+    let own = process_cpu_seconds(std::process::id(), false);
     let mut sample = f()?;
     if let (Some(p), Some((c0, w0))) = (probe, before) {
         let (c1, w1) = p();
         sample.cluster_cpu = Some((c1 - c0, w1 - w0));
-        sample.client_cpu = Some(own_cpu_seconds() - own);
+        sample.client_cpu = Some(process_cpu_seconds(std::process::id(), false) - own);
     }
     Ok(sample)
 }

@@ -66,19 +66,29 @@ impl std::str::FromStr for VectorStorage {
 
     /// Parses the names [`VectorStorage::as_str`] gives (any case).
     fn from_str(s: &str) -> Result<Self> {
-        [
-            VectorStorage::Auto,
-            VectorStorage::Bytea,
-            VectorStorage::Pgvector,
-        ]
-        .into_iter()
-        .find(|v| v.as_str().eq_ignore_ascii_case(s.trim()))
-        .ok_or_else(|| {
-            RepoError::invalid(format!(
-                "unknown vector storage {s:?} (auto, bytea, pgvector)"
-            ))
-        })
+        parse_named(
+            s,
+            "vector storage",
+            &[
+                VectorStorage::Auto,
+                VectorStorage::Bytea,
+                VectorStorage::Pgvector,
+            ],
+            VectorStorage::as_str,
+        )
     }
+}
+
+/// The one of `all` whose `name` is `s` (any case, blanks around ignored); otherwise
+/// `InvalidInput` listing the names: "unknown {what} \"x\" (a, b, c)".
+fn parse_named<T: Copy>(s: &str, what: &str, all: &[T], name: fn(T) -> &'static str) -> Result<T> {
+    all.iter()
+        .copied()
+        .find(|v| name(*v).eq_ignore_ascii_case(s.trim()))
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|v| name(*v)).collect();
+            RepoError::invalid(format!("unknown {what} {s:?} ({})", names.join(", ")))
+        })
 }
 
 /// Whether and how a repository distributes its tables on a database with the Citus
@@ -125,17 +135,17 @@ impl std::str::FromStr for CitusMode {
 
     /// Parses the names [`CitusMode::as_str`] gives (any case).
     fn from_str(s: &str) -> Result<Self> {
-        [
-            CitusMode::Auto,
-            CitusMode::Off,
-            CitusMode::RowBased,
-            CitusMode::SchemaBased,
-        ]
-        .into_iter()
-        .find(|v| v.as_str().eq_ignore_ascii_case(s.trim()))
-        .ok_or_else(|| {
-            RepoError::invalid(format!("unknown Citus mode {s:?} (auto, off, row, schema)"))
-        })
+        parse_named(
+            s,
+            "Citus mode",
+            &[
+                CitusMode::Auto,
+                CitusMode::Off,
+                CitusMode::RowBased,
+                CitusMode::SchemaBased,
+            ],
+            CitusMode::as_str,
+        )
     }
 }
 

@@ -156,10 +156,7 @@ fn overall_status(checks: &BTreeMap<String, CheckResult>) -> HealthStatus {
 /// Reads one row of every table, within what is left of the deadline.
 fn tables_check(conn: &mut PgConnection, deadline: Instant) -> CheckResult {
     let started = Instant::now();
-    let left_ms = deadline
-        .saturating_duration_since(started)
-        .as_millis()
-        .max(1);
+    let left_ms = millis_left(deadline, started);
     let mut sql = format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {left_ms};");
     for table in TABLES {
         sql.push_str(&format!("SELECT 1 FROM {table} LIMIT 1;"));
@@ -189,10 +186,7 @@ const WORKERS: &str = "SELECT nodename::text, nodeport::int4, success, result
 
 fn workers_check(conn: &mut PgConnection, deadline: Instant) -> CheckResult {
     let started = Instant::now();
-    let left_ms = deadline
-        .saturating_duration_since(started)
-        .as_millis()
-        .max(1);
+    let left_ms = millis_left(deadline, started);
     let probe = |conn: &mut PgConnection| -> Result<(bool, String)> {
         let mut tx = conn.client().transaction()?;
         tx.batch_execute(&format!("SET LOCAL statement_timeout = {left_ms}"))?;
@@ -220,4 +214,9 @@ fn workers_check(conn: &mut PgConnection, deadline: Instant) -> CheckResult {
         detail,
         latency: started.elapsed(),
     }
+}
+
+/// Milliseconds from `now` to `deadline`, at least 1 (a statement_timeout of 0 is none).
+fn millis_left(deadline: Instant, now: Instant) -> u128 {
+    deadline.saturating_duration_since(now).as_millis().max(1)
 }

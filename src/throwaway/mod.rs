@@ -165,26 +165,13 @@ impl ThrowawayServer {
     /// that has exited (accounted to the postmaster), and every live child. The difference
     /// of two readings is what the server spent in between, e.g. on a load.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        let ticks = clock_ticks_per_second();
-        let mut total = 0.0;
-        for (i, pid) in self.processes()?.into_iter().enumerate() {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // After "pid (comm) ": fields 14-17 are utime, stime, cutime, cstime (1-based).
-            let fields: Vec<f64> = stat
-                .rsplit_once(')')
-                .map(|(_, rest)| {
-                    rest.split_whitespace()
-                        .skip(11)
-                        .take(4)
-                        .filter_map(|f| f.parse().ok())
-                        .collect()
-                })
-                .unwrap_or_default();
+        Ok(self
+            .processes()?
+            .into_iter()
+            .enumerate()
             // The children's totals only for the postmaster: its children are counted live.
-            let counted = if i == 0 { 4 } else { 2 };
-            total += fields.iter().take(counted).sum::<f64>();
-        }
-        Ok(total / ticks)
+            .map(|(i, pid)| process_cpu_seconds(pid, i == 0))
+            .sum())
     }
 
     /// The postmaster and its children.
@@ -382,14 +369,35 @@ fn find_bindir() -> Option<PathBuf> {
         .find(|dir| has_initdb(dir))
 }
 
-/// `getconf CLK_TCK` (100 on Linux unless configured otherwise).
+/// CPU seconds (user and system) process `pid` has used so far, from `/proc/<pid>/stat`,
+/// with those of its exited children when `children` (0 for a process that is gone).
+pub fn process_cpu_seconds(pid: u32, children: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After "pid (comm) ": fields 14-17 are utime, stime, cutime, cstime (1-based).
+    let ticks: f64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(if children { 4 } else { 2 })
+                .filter_map(|f| f.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    ticks / clock_ticks_per_second()
+}
+
+/// `getconf CLK_TCK` (100 on Linux unless configured otherwise), asked once.
 fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 fn is_root() -> bool {

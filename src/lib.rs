@@ -79,6 +79,7 @@
 mod cache;
 mod db;
 mod embeddings;
+mod error;
 mod models;
 mod monitor;
 mod repository;
@@ -93,7 +94,6 @@ pub use db::config::{
     DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE, DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE,
     MODEL_CHUNK_SIZE_RANGE,
 };
-pub use db::error::{RepoError, Result};
 pub use db::migrate::MigrationReport;
 pub use db::pool::PoolState;
 pub use db::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
@@ -101,6 +101,7 @@ pub use db::timings::QueryMetric;
 pub use embeddings::{
     BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,
 };
+pub use error::{ErrorDetail, RepoError, Result, TimeoutDetail, TimeoutKind};
 pub use models::ModelInfo;
 pub use monitor::{
     CheckResult, EmbeddingsStats, EntityTypeStats, HealthReport, HealthStatus, ModelStats,

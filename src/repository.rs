@@ -8,13 +8,13 @@ use crate::cache::{Reaper, FLUSH_HITS};
 use crate::db::citus::{self, Layout};
 use crate::db::config::{RepositoryConfig, VectorStorage};
 use crate::db::counters::{AccessCounts, Buffer, Flush, FlushStatements};
-use crate::db::error::{RepoError, Result};
 use crate::db::migrate::{self, MigrationReport};
 use crate::db::pool::{PgConnection, Pool, PoolState};
 use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
 use crate::db::timings::{QueryMetric, Timings};
 use crate::embeddings::{self, IndexCache, Storage, StorageCell};
+use crate::error::{RepoError, Result};
 use crate::models::FLUSH_LOADS;
 
 /// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.

@@ -5,8 +5,8 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
-use crate::db::error::{RepoError, Result};
 use crate::db::retry::Retry;
+use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
 use crate::validate;
 

@@ -1,7 +1,7 @@
 //! Input rules shared by every area: identifiers, name lengths counted in characters (as
 //! PostgreSQL's varchar counts them), blank and NUL checks, metadata objects.
 
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// The most serialized metadata a model may carry.
 pub const MAX_METADATA_BYTES: usize = 1 << 20;
@@ -99,7 +99,7 @@ pub(crate) fn metadata(value: &serde_json::Value) -> Result<usize> {
         return Err(RepoError::invalid("metadata must be a JSON object"));
     }
     let text = serde_json::to_string(value)
-        .map_err(|e| RepoError::Serialization(format!("metadata: {e}")))?;
+        .map_err(|e| RepoError::serialization(format!("metadata: {e}"), e))?;
     if text.len() > MAX_METADATA_BYTES {
         return Err(RepoError::invalid(format!(
             "metadata is {} bytes serialized; the limit is {MAX_METADATA_BYTES}",

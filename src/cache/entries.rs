@@ -10,9 +10,9 @@ use serde::Serialize;
 use crate::cache::glob::{Glob, SqlFilter};
 use crate::db::citus::Layout;
 use crate::db::commit;
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{PgConnection, Pool};
 use crate::db::retry::Retry;
+use crate::error::{ErrorDetail, RepoError, Result};
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
@@ -371,7 +371,7 @@ fn validate_key(cache_key: &str) -> Result<()> {
 fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     ciborium::ser::into_writer(value, &mut bytes)
-        .map_err(|e| RepoError::Serialization(format!("cannot encode the value as CBOR: {e}")))?;
+        .map_err(|e| RepoError::serialization("cannot encode the value as CBOR", e))?;
     Ok(bytes)
 }
 
@@ -395,17 +395,20 @@ fn decode<T: DeserializeOwned>(cache_key: &str, bytes: &[u8]) -> Result<T> {
         Err(_) => ciborium::de::from_reader(&mut rest),
     });
     let value = decoded.map_err(|e| {
-        RepoError::Serialization(format!(
-            "the value cached under {cache_key:?} does not decode as the requested type: {e}"
-        ))
+        RepoError::serialization(
+            format!(
+                "the value cached under {cache_key:?} does not decode as the requested type: {e}"
+            ),
+            e,
+        )
     })?;
     if !rest.is_empty() {
-        return Err(RepoError::Serialization(format!(
+        return Err(RepoError::Serialization(ErrorDetail::new(format!(
             "the value cached under {cache_key:?} is not one CBOR item: {} of its {} bytes \
              follow the first item (written by another client?)",
             rest.len(),
             bytes.len()
-        )));
+        ))));
     }
     Ok(value)
 }

@@ -2,7 +2,7 @@
 //! translated to SQL: a byte-order range on the key for the literal prefix, plus an anchored
 //! PostgreSQL regular expression for the rest. The pattern only ever travels as a parameter.
 
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// The longest pattern accepted, in characters: room for a 512-character key with every
 /// character escaped or spelled as a class, and a bound on the regex the server compiles.

@@ -13,10 +13,10 @@ use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TryRecvError};
 use crate::cache::purge_expired;
 use crate::db::citus::Layout;
 use crate::db::counters::{AccessCounts, Flush};
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
 use crate::db::sweep::{sweep, Leftover, LEFTOVER_AGE};
+use crate::error::{RepoError, Result};
 
 /// The handle the repository keeps: dropping the shutdown sender is the stop signal.
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// The signature, the flags field and the header extension length.
 pub(crate) const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -93,7 +93,7 @@ impl<'a> RowReader<'a> {
         let mut header = [0u8; 19];
         read_exact(reader, &mut header)?;
         if &header[..11] != SIGNATURE {
-            return Err(RepoError::Corrupt("not a binary COPY stream".into()));
+            return Err(RepoError::corrupt("not a binary COPY stream"));
         }
         let extension = u32::from_be_bytes([header[15], header[16], header[17], header[18]]);
         std::io::copy(&mut reader.take(u64::from(extension)), &mut std::io::sink())
@@ -112,7 +112,7 @@ impl<'a> RowReader<'a> {
         match i16::from_be_bytes(count) {
             -1 => return Ok(None),
             n if n as usize == self.fields.len() => {}
-            n => return Err(RepoError::Corrupt(format!("COPY row with {n} fields"))),
+            n => return Err(RepoError::corrupt(format!("COPY row with {n} fields"))),
         }
         for buf in &mut self.fields {
             read_field(self.reader, buf)?;
@@ -125,8 +125,7 @@ fn read_field(reader: &mut dyn Read, buf: &mut Vec<u8>) -> Result<()> {
     let mut len = [0u8; 4];
     read_exact(reader, &mut len)?;
     let len = i32::from_be_bytes(len);
-    let len =
-        usize::try_from(len).map_err(|_| RepoError::Corrupt("NULL in a NOT NULL column".into()))?;
+    let len = usize::try_from(len).map_err(|_| RepoError::corrupt("NULL in a NOT NULL column"))?;
     buf.resize(len, 0);
     read_exact(reader, buf)
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use postgres::Transaction;
 
 use crate::db::config::CitusMode;
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// The statements that distribute a schema's tables (see the file's header).
 pub(crate) const CITUS_SQL: &str = include_str!("../../sql/citus.sql");
@@ -128,7 +128,7 @@ pub(crate) fn layout(mode: CitusMode, found: &Found, schema: &str) -> Result<Lay
         (CitusMode::Auto, true) if found.distributed_schema => Ok(Layout::SchemaBased),
         (CitusMode::Auto, true) => Ok(Layout::RowBased),
         (CitusMode::RowBased, true) if found.distributed_schema => {
-            Err(RepoError::Conflict(format!(
+            Err(RepoError::conflict(format!(
                 "schema {schema} is a Citus distributed schema (schema-based sharding); open it \
                  with CitusMode::SchemaBased or CitusMode::Auto"
             )))

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use postgres::Transaction;
 
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{Conn, PgConnection, Pool};
 use crate::db::retry::{self, Policy, Retry};
+use crate::error::{ErrorDetail, RepoError, Result};
 
 /// Assigns the transaction its id (a 64-bit, epoch-extended xid) before anything is written.
 const TXID: &str = "SELECT txid_current()";
@@ -140,10 +140,10 @@ pub(crate) fn run_once<T>(
 
 /// The error of a write whose outcome cannot be established.
 pub(crate) fn unknown(op: &str, xid: i64, cause: &RepoError) -> RepoError {
-    RepoError::OutcomeUnknown(format!(
+    RepoError::OutcomeUnknown(ErrorDetail::new(format!(
         "{op}: COMMIT was sent but its reply was lost ({cause}), and the server could not say \
          whether it took effect; `SELECT txid_status({xid})` tells once it answers"
-    ))
+    )))
 }
 
 fn check_out(pool: &Pool, checkout: Checkout) -> Result<Conn> {

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 use crate::validate;
 
 /// The largest single BYTEA value that binary COPY really takes: 1 GiB - 1 MiB. Models
@@ -716,7 +716,7 @@ mod tests {
         ] {
             let err = from(&[("DATABASE_URL", "postgres://u@h/db"), (name, bad)]).unwrap_err();
             match err {
-                RepoError::InvalidInput(m) => assert!(m.contains(name), "{m}"),
+                RepoError::InvalidInput(m) => assert!(m.message().contains(name), "{m}"),
                 other => panic!("{name}: {other:?}"),
             }
         }

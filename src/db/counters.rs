@@ -14,10 +14,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::db::commit::{self, Checkout, Outcome, Status};
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
 use crate::db::shard::Sharded;
+use crate::error::{RepoError, Result};
 
 /// Distinct keys buffered before a flush is asked for early. Large enough that a hot working
 /// set is counted in memory between reaper ticks (each early flush is an UPDATE of that many

@@ -1,7 +1,7 @@
 //! Client-side deadlines for a hung server or network. Every connection's bytes pass through a
 //! [`Watched`] stream; one shared watchdog thread cuts a connection whose caller has waited on
 //! a silent server for longer than the connection's bound, and the cut surfaces as an I/O
-//! error ([`Expired`]) that the pool maps to `RepoError::Timeout` and never reuses.
+//! error ([`ConnectionCut`]) that the pool maps to `RepoError::Timeout` and never reuses.
 //!
 //! Why client-side: against a frozen server (SIGSTOP) or a black-holed network the kernel still
 //! ACKs data and keepalives, so TCP keepalive and tcp_user_timeout never fire, statement_timeout
@@ -27,6 +27,7 @@ use postgres::tls::{ChannelBinding, TlsStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::db::config::RepositoryConfig;
+use crate::error::ConnectionCut;
 
 /// How often the watchdog looks at armed connections: the margin on every bound.
 pub(crate) const TICK: Duration = Duration::from_millis(50);
@@ -67,35 +68,6 @@ impl Bounds {
     }
 }
 
-/// Why a connection was cut; the source of the I/O error its caller sees.
-#[derive(Clone, Debug)]
-pub(crate) struct Expired {
-    /// How long the caller had been waiting on a silent server.
-    pub waited: Duration,
-    /// The bound it passed, or `None` when the call's own deadline passed.
-    pub bound: Option<Duration>,
-}
-
-impl std::fmt::Display for Expired {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.bound {
-            Some(bound) => write!(
-                f,
-                "no reply from the server for {:.1?} (bound {bound:?}); the connection was cut \
-                 and discarded (a write it carried may or may not have taken effect)",
-                self.waited
-            ),
-            None => write!(
-                f,
-                "the call's deadline passed while it waited for the server; the connection was \
-                 cut and discarded (a write it carried may or may not have taken effect)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for Expired {}
-
 /// The watched connection's state, shared by its stream (on the client's runtime), the
 /// connection's owner (arming and disarming) and the watchdog thread.
 #[derive(Debug, Default)]
@@ -110,7 +82,7 @@ struct State {
     polls: AtomicU64,
     killed: AtomicBool,
     /// What the cut was about, for the error (set before `killed`).
-    expired: Mutex<Option<Expired>>,
+    expired: Mutex<Option<ConnectionCut>>,
     /// The waker of the last poll that found nothing to do.
     waker: Mutex<Option<Waker>>,
     /// The watchdog's own bookkeeping.
@@ -152,7 +124,7 @@ impl State {
         if !self.killed.load(Ordering::Acquire) {
             return None;
         }
-        let why = lock(&self.expired).clone().unwrap_or(Expired {
+        let why = lock(&self.expired).clone().unwrap_or(ConnectionCut {
             waited: Duration::ZERO,
             bound: None,
         });
@@ -177,7 +149,7 @@ impl State {
         }
     }
 
-    fn kill(&self, why: Expired) {
+    fn kill(&self, why: ConnectionCut) {
         log::debug!("pg-model-repo: watchdog: {why}");
         *lock(&self.expired) = Some(why);
         self.killed.store(true, Ordering::Release);
@@ -193,7 +165,7 @@ impl State {
         let progress = self.progress_ms.load(Ordering::Relaxed);
         let cut_at = self.cut_at_ms.load(Ordering::Relaxed);
         if cut_at != 0 && now >= cut_at {
-            self.kill(Expired {
+            self.kill(ConnectionCut {
                 waited: Duration::from_millis(now.saturating_sub(progress)),
                 bound: None,
             });
@@ -228,7 +200,7 @@ impl State {
             let waited = now.saturating_sub(since.max(progress));
             if waited >= bound && self.progress_ms.load(Ordering::Relaxed) == progress {
                 drop(probe);
-                self.kill(Expired {
+                self.kill(ConnectionCut {
                     waited: Duration::from_millis(waited),
                     bound: Some(Duration::from_millis(bound)),
                 });
@@ -294,7 +266,7 @@ impl Watch {
     pub(crate) fn closing(&self, broken: bool) {
         if broken {
             if !self.fired() {
-                self.0.kill(Expired {
+                self.0.kill(ConnectionCut {
                     waited: Duration::ZERO,
                     bound: None,
                 });
@@ -477,28 +449,10 @@ impl Watchdog {
     }
 }
 
-/// Finds the [`Expired`] behind an error, if the watchdog cut its connection.
-pub(crate) fn expired_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Expired> {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(expired) = e.downcast_ref::<Expired>() {
-            return Some(expired);
-        }
-        if let Some(inner) = e
-            .downcast_ref::<io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<Expired>())
-        {
-            return Some(inner);
-        }
-        next = e.source();
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::connection_cut_in;
 
     #[test]
     fn an_armed_connection_nobody_waits_on_is_never_cut() {
@@ -521,6 +475,6 @@ mod tests {
         let e = watch.0.expired().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("deadline"), "{e}");
         let io = watch.0.expired().unwrap();
-        assert!(expired_in(&io).is_some());
+        assert!(connection_cut_in(&io).is_some());
     }
 }

@@ -18,10 +18,10 @@ use sha2::{Digest, Sha256};
 use crate::db::citus::{self, Layout};
 use crate::db::config::{CitusMode, RepositoryConfig, VectorStorage, PGVECTOR_INSTALL_HINT};
 use crate::db::deadline::STATEMENT_GRACE;
-use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
 use crate::db::pool::{connect, quote_ident};
 use crate::db::seed_takeover::{self, SeedTakeoverReport};
+use crate::error::{RepoError, Result};
 
 /// One numbered DDL file.
 struct Migration {
@@ -196,9 +196,8 @@ const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
 /// A lock wait past pool_timeout, said as what it is.
 fn waited_for_migration(error: RepoError, schema: &str, wait: Duration) -> RepoError {
     match error {
-        RepoError::Timeout(m) => RepoError::Timeout(format!(
-            "waited pool_timeout ({wait:?}) for another process's migration of schema \
-             {schema:?}: {m}"
+        RepoError::Timeout(_) => error.with_context(format_args!(
+            "waited pool_timeout ({wait:?}) for another process's migration of schema {schema:?}"
         )),
         other => other,
     }
@@ -264,7 +263,7 @@ fn check_unchanged(migration: &Migration, recorded: &str) -> Result<()> {
     if recorded == checksum || earlier {
         return Ok(());
     }
-    Err(RepoError::Conflict(format!(
+    Err(RepoError::conflict(format!(
         "migration {} was edited after it was applied (recorded checksum {recorded}, file {checksum})",
         migration.name
     )))
@@ -537,7 +536,7 @@ pub(crate) fn check_applied(client: &mut Client, schema: &str) -> Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
-    Err(RepoError::NotFound(describe_missing(
+    Err(RepoError::not_found(describe_missing(
         client, schema, &pending,
     )?))
 }

@@ -10,7 +10,6 @@ pub(crate) mod commit;
 pub(crate) mod config;
 pub(crate) mod counters;
 pub(crate) mod deadline;
-pub(crate) mod error;
 pub(crate) mod migrate;
 pub(crate) mod pool;
 pub(crate) mod retry;

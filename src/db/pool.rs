@@ -27,10 +27,10 @@ use r2d2_postgres::PostgresConnectionManager;
 use crate::db::affinity::Slots;
 use crate::db::config::{describe_target, RepositoryConfig};
 use crate::db::deadline::{Bounds, Watch, WatchGroup};
-use crate::db::error::{is_connection_failure, RepoError, Result};
 use crate::db::retry::{self, Policy, Retry};
 use crate::db::static_key::{StaticKey, StaticMap};
 use crate::db::tls::{take_opened_watch, WatchedConnect};
+use crate::error::{is_connection_failure, RepoError, Result};
 
 /// How long a stale connection may take to prove it is alive before it is discarded (less
 /// when the checkout's own time runs out first).

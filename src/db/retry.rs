@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// How a call may be repeated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use postgres::{GenericClient, Transaction};
 use serde::Serialize;
 
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// What taking over the seed's tables did.
 #[non_exhaustive]
@@ -269,7 +269,7 @@ pub(crate) fn begin(tx: &mut Transaction<'_>) -> Result<Option<Takeover>> {
         .flat_map(|(table, shape)| table.differences(shape))
         .collect();
     if !problems.is_empty() {
-        return Err(RepoError::Conflict(format!(
+        return Err(RepoError::conflict(format!(
             "the schema looks like the seed's Python repository (uuid id keys) but differs from \
              its DDL, so it was left unchanged: {}",
             problems.join("; ")

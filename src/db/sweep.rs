@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use crate::db::error::Result;
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
+use crate::error::Result;
 
 /// How old a leftover must be before the sweep removes it: far longer than any step of a
 /// live load or save leaves its staged rows unclaimed.

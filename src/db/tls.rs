@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::db::config::RepositoryConfig;
 use crate::db::deadline::{Watch, WatchGroup, Watched};
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// Opens sessions for one configuration.
 #[derive(Clone)]

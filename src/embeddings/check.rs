@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use crate::db::error::{RepoError, Result};
 use crate::embeddings::encode::on_cpu_pool;
 use crate::embeddings::types::Embedding;
+use crate::error::{RepoError, Result};
 use crate::validate;
 
 /// Limits from API.md, "Conventions".
@@ -47,7 +47,7 @@ pub(crate) fn check_vector(vector: &[f32]) -> Result<()> {
 /// Prefixes an error with the batch index it belongs to.
 pub(crate) fn at_index(index: usize, error: RepoError) -> RepoError {
     match error {
-        RepoError::InvalidInput(m) => RepoError::InvalidInput(format!("record {index}: {m}")),
+        RepoError::InvalidInput(_) => error.with_context(format_args!("record {index}")),
         other => other,
     }
 }

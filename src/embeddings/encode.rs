@@ -8,8 +8,8 @@ use postgres::Transaction;
 use rayon::prelude::*;
 
 use crate::db::binary_copy::{self, io_error};
-use crate::db::error::Result;
 use crate::embeddings::types::{Embedding, Storage};
+use crate::error::Result;
 
 /// Encoded bytes per chunk: what one channel slot holds.
 const CHUNK_BYTES: usize = 2 << 20;

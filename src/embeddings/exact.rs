@@ -18,10 +18,10 @@ use std::io::Read;
 use rayon::prelude::*;
 
 use crate::db::binary_copy::RowReader;
-use crate::db::error::{RepoError, Result};
 use crate::embeddings::encode::on_cpu_pool;
 use crate::embeddings::search::{Metric, Neighbor};
 use crate::embeddings::types::Storage;
+use crate::error::{RepoError, Result};
 
 /// Vector bytes per block: large enough that a block amortizes the matrix product's setup and
 /// the hand-over between threads, small enough to stay in cache-friendly sizes.
@@ -317,10 +317,10 @@ fn read_blocks(
     let mut count = 0u64;
     while let Some(fields) = rows.next_row()? {
         let id = std::str::from_utf8(&fields[0])
-            .map_err(|e| RepoError::Corrupt(format!("entity_id is not UTF-8: {e}")))?;
+            .map_err(|e| RepoError::corrupt(format!("entity_id is not UTF-8: {e}")))?;
         storage.decode_into(&fields[1], &mut vector)?;
         if vector.len() != dim {
-            return Err(RepoError::Corrupt(format!(
+            return Err(RepoError::corrupt(format!(
                 "entity {id:?} has {} values; its type's dimension is {dim}",
                 vector.len()
             )));

@@ -7,7 +7,6 @@ use std::time::Instant;
 use postgres::Transaction;
 use rayon::slice::ParallelSliceMut;
 
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{at_index, check_batch, CheckedBatch};
@@ -18,6 +17,7 @@ use crate::embeddings::store::with_storage;
 use crate::embeddings::types::{
     check_storage_dimension, vector_bytes, BatchReport, Embedding, LoadMethod, Storage, VectorParam,
 };
+use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
 
 /// Rows per statement of `MultiRowInsert`.

@@ -5,7 +5,6 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::db::citus::Layout;
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
 use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
@@ -13,6 +12,7 @@ use crate::embeddings::check::CheckedBatch;
 use crate::embeddings::encode::{copy_in, cpu_threads, COLUMNS};
 use crate::embeddings::load::in_load_transaction;
 use crate::embeddings::types::{Embedding, Storage};
+use crate::error::{RepoError, Result};
 use crate::repository::Call;
 
 /// One load id per part of a parallel load, each locked (a session advisory lock) by the

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use postgres::GenericClient;
 
-use crate::db::error::{RepoError, Result};
 use crate::embeddings::check::TypeDim;
+use crate::error::{RepoError, Result};
 
 const REGISTERED_DIMENSIONS: &str = "SELECT r.entity_type::text, r.dimension \
      FROM embedding_types r WHERE r.entity_type = ANY($1::text[]) AND r.storage IS NOT NULL";
@@ -93,7 +93,7 @@ pub(crate) fn check_registry<C: GenericClient>(
     let names: Vec<&str> = types.iter().map(|t| t.entity_type).collect();
     let known = registered(client, &names)?;
     if let Some(gone) = types.iter().find(|t| !known.contains_key(t.entity_type)) {
-        return Err(RepoError::Conflict(format!(
+        return Err(RepoError::conflict(format!(
             "entity type {:?} was dropped while this write was under way",
             gone.entity_type
         )));

@@ -8,13 +8,13 @@ use std::time::Instant;
 
 use postgres::Transaction;
 
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, quote_ident, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{at_index, check_batch, check_key, check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::encode::{copy_in, copy_in_iter, COLUMNS};
 use crate::embeddings::store::{known_storage, with_storage};
 use crate::embeddings::types::{check_storage_dimension, BatchReport, Embedding, Storage};
+use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
 use crate::validate;
 
@@ -145,7 +145,7 @@ impl ModelRepository {
             let mut first_run = true;
             with_storage(self.storage(), call, |storage| {
                 if !std::mem::take(&mut first_run) {
-                    return Err(RepoError::Conflict(format!(
+                    return Err(RepoError::conflict(format!(
                         "this schema's vectors changed storage to {} during the refresh; \
                          nothing was replaced, try again",
                         storage.sql_type()
@@ -309,7 +309,7 @@ fn copy_rows(
 fn duplicate_as_invalid(error: RepoError) -> RepoError {
     match error {
         RepoError::Conflict(m) => {
-            RepoError::invalid(format!("duplicate entity_id in a full refresh: {m}"))
+            RepoError::InvalidInput(m.with_context("duplicate entity_id in a full refresh"))
         }
         other => other,
     }

@@ -3,7 +3,6 @@
 //! anything else is answered exactly by streaming the type once (`exact`).
 
 use crate::db::config::PGVECTOR_INSTALL_HINT;
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{unbounded, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
@@ -11,6 +10,7 @@ use crate::embeddings::exact::Scorer;
 use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
 use crate::embeddings::store::{copy_out_type, detect_storage, known_storage, open_stream};
 use crate::embeddings::types::Storage;
+use crate::error::{RepoError, Result};
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
@@ -177,7 +177,7 @@ impl ModelRepository {
             });
             self.index_cache().forget(entity_type);
             if !built? {
-                return Err(RepoError::NotFound(format!(
+                return Err(RepoError::not_found(format!(
                     "entity type {entity_type:?} has no vectors to index"
                 )));
             }
@@ -337,7 +337,7 @@ fn check_queries(entity_type: &str, queries: &[&[f32]], metric: Metric) -> Resul
 
 fn prefixed(what: &str, error: RepoError) -> RepoError {
     match error {
-        RepoError::InvalidInput(m) => RepoError::InvalidInput(format!("{what}: {m}")),
+        RepoError::InvalidInput(_) => error.with_context(what),
         other => other,
     }
 }

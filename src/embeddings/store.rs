@@ -7,7 +7,6 @@ use std::io::Read;
 use postgres::{GenericClient, Transaction};
 
 use crate::db::binary_copy::RowReader;
-use crate::db::error::{interrupted_after, RepoError, Result};
 use crate::db::pool::PoisonOnPanic;
 use crate::db::retry::Retry;
 use crate::embeddings::check::{
@@ -18,6 +17,7 @@ use crate::embeddings::registry::ensure_types;
 use crate::embeddings::types::{
     check_storage_dimension, decode_column, Storage, StorageCell, VectorParam,
 };
+use crate::error::{interrupted_after, RepoError, Result};
 use crate::repository::{Call, ModelRepository};
 use crate::validate;
 
@@ -285,7 +285,7 @@ fn read_rows(
     let mut count = 0u64;
     while let Some(fields) = rows.next_row()? {
         let id = std::str::from_utf8(&fields[0])
-            .map_err(|e| RepoError::Corrupt(format!("entity_id is not UTF-8: {e}")))?;
+            .map_err(|e| RepoError::corrupt(format!("entity_id is not UTF-8: {e}")))?;
         storage.decode_into(&fields[1], &mut vector)?;
         f(id, &vector);
         count += 1;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use postgres::types::ToSql;
 
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// One entity's vector, as a batch load takes it.
 #[derive(Clone, Debug, PartialEq)]
@@ -127,7 +127,7 @@ impl Storage {
         match type_name {
             "bytea" => Ok(Storage::Bytea),
             "vector" => Ok(Storage::Vector),
-            other => Err(RepoError::Corrupt(format!(
+            other => Err(RepoError::corrupt(format!(
                 "embeddings.embeddings has type {other}; expected bytea or vector"
             ))),
         }
@@ -228,7 +228,7 @@ pub(crate) fn decode_column(row: &postgres::Row, index: usize) -> Result<Option<
 /// Decodes pgvector's binary format (int16 dimension, int16 unused, big-endian float4s).
 fn decode_vector_into(bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
     let corrupt = || {
-        RepoError::Corrupt(format!(
+        RepoError::corrupt(format!(
             "a stored vector of {} bytes is not in pgvector's binary format",
             bytes.len()
         ))
@@ -259,7 +259,7 @@ pub(crate) fn vector_bytes(vector: &[f32]) -> Vec<u8> {
 /// Decodes stored bytes into `out` (cleared first).
 pub(crate) fn decode_into(bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
     if bytes.len() % 4 != 0 {
-        return Err(RepoError::Corrupt(format!(
+        return Err(RepoError::corrupt(format!(
             "a stored vector has {} bytes, not a multiple of 4",
             bytes.len()
         )));

@@ -6,8 +6,8 @@ use std::time::SystemTime;
 
 use postgres::Transaction;
 
-use crate::db::error::{RepoError, Result};
 use crate::db::retry::Retry;
+use crate::error::{RepoError, Result};
 use crate::models::versions::VersionRef;
 use crate::repository::ModelRepository;
 use crate::validate;
@@ -74,7 +74,7 @@ impl ModelRepository {
                 let literal: String = target
                     .select(&mut tx, model_name, "m.version", "FOR SHARE")?
                     .ok_or_else(|| {
-                        RepoError::NotFound(format!(
+                        RepoError::not_found(format!(
                             "no active version {version:?} of model {model_name:?}"
                         ))
                     })?
@@ -215,7 +215,7 @@ fn pop_to_active(tx: &mut Transaction<'_>, model_name: &str, alias: &str) -> Res
         .query_opt(CURRENT_FOR_UPDATE, &[&model_name, &alias])?
         .is_none()
     {
-        return Err(RepoError::NotFound(format!(
+        return Err(RepoError::not_found(format!(
             "model {model_name:?} has no alias {alias:?}"
         )));
     }
@@ -229,7 +229,7 @@ fn pop_to_active(tx: &mut Transaction<'_>, model_name: &str, alias: &str) -> Res
         }
     }
     let Some(row) = below else {
-        return Err(RepoError::NotFound(format!(
+        return Err(RepoError::not_found(format!(
             "alias {alias:?} of model {model_name:?} has no earlier active version to roll back to"
         )));
     };

@@ -9,11 +9,11 @@ use postgres::{IsolationLevel, Transaction};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::db::error::interrupted_after;
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::PoisonOnPanic;
 use crate::db::retry::Retry;
 use crate::db::to_hex;
+use crate::error::interrupted_after;
+use crate::error::{RepoError, Result};
 use crate::models::chunked::{save_chunked, stream_chunks, ChunkReader, ChunkSource, Layout};
 use crate::models::versions::{store_model, ModelInfo, SaveRequest, VersionRef, STORED_COLUMNS};
 use crate::repository::ModelRepository;

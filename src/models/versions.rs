@@ -8,9 +8,9 @@ use postgres::types::ToSql;
 use postgres::{GenericClient, IsolationLevel, Row};
 use serde_json::Value;
 
-use crate::db::error::{RepoError, Result};
 use crate::db::hex_sha256;
 use crate::db::retry::Retry;
+use crate::error::{RepoError, Result};
 use crate::models::aliases::drop_aliases_to;
 use crate::models::chunked::{
     delete_released, layout_columns, release_sets, save_chunked, stream_chunks, ChunkSource,
@@ -520,7 +520,7 @@ pub(crate) fn store_model(
             Some(info) => info,
             // Someone saved the same version between our check and our insert.
             None => compare_with_stored(&mut tx, request)?.ok_or_else(|| {
-                RepoError::Conflict(format!(
+                RepoError::conflict(format!(
                     "{}/{} was saved concurrently",
                     request.model_name, request.version
                 ))
@@ -550,7 +550,7 @@ pub(crate) fn compare_with_stored<C: GenericClient>(
     if stored.checksum == request.checksum && stored.size_bytes == request.size && same_metadata {
         return Ok(Some(stored));
     }
-    Err(RepoError::Conflict(format!(
+    Err(RepoError::conflict(format!(
         "{}/{} is already saved with different {}",
         request.model_name,
         request.version,
@@ -607,7 +607,7 @@ pub(crate) fn verify_checksum(info: &ModelInfo, actual: &str) -> Result<()> {
     if info.checksum.is_empty() || info.checksum.eq_ignore_ascii_case(actual) {
         return Ok(());
     }
-    Err(RepoError::Corrupt(format!(
+    Err(RepoError::corrupt(format!(
         "{}/{}: stored checksum {} but the bytes hash to {actual}",
         info.model_name, info.version, info.checksum
     )))

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::db::citus::Layout;
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{Conn, PgConnection};
+use crate::error::{RepoError, Result};
 use crate::monitor::{CheckResult, HealthReport, HealthStatus, TABLES};
 use crate::repository::ModelRepository;
 

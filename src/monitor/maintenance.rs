@@ -7,10 +7,10 @@ use postgres::Client;
 
 use crate::cache::purge_expired;
 use crate::db::citus::Layout;
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{quote_ident, session_setup_sql, PgConnection};
 use crate::db::retry::Retry;
 use crate::db::sweep::{sweep, LEFTOVER_AGE};
+use crate::error::{RepoError, Result};
 use crate::monitor::stats::{as_u64, table_facts};
 use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance, TABLES};
 use crate::repository::{ModelRepository, LEFTOVERS};

@@ -3,8 +3,8 @@
 use postgres::Client;
 
 use crate::db::citus::Layout;
-use crate::db::error::Result;
 use crate::db::retry::Retry;
+use crate::error::Result;
 use crate::monitor::{EmbeddingsStats, EntityTypeStats, ModelStats, ModelStorageStats};
 use crate::repository::ModelRepository;
 

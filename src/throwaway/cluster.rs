@@ -17,7 +17,7 @@ use std::process::Command;
 use postgres::{Client, NoTls};
 
 use super::{find_bindir, ThrowawayServer, INSTALL_HINT};
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 /// What to tell a user whose PostgreSQL has no Citus.
 pub const CITUS_INSTALL_HINT: &str = "the Citus extension is not installed for this \
@@ -59,8 +59,8 @@ impl ThrowawayCluster {
     /// As [`start`](Self::start), with extra `postgresql.conf` settings for every node.
     pub fn start_with(workers: usize, settings: &[(&str, &str)]) -> Result<Self> {
         if workers == 0 {
-            return Err(RepoError::InvalidInput(
-                "a Citus cluster needs at least one worker".into(),
+            return Err(RepoError::invalid(
+                "a Citus cluster needs at least one worker",
             ));
         }
         ensure_citus_installed()?;
@@ -149,14 +149,14 @@ fn connect(server: &ThrowawayServer, database: &str) -> Result<Client> {
 
 /// Whether the local PostgreSQL has Citus; the error says how to get it.
 pub fn ensure_citus_installed() -> Result<()> {
-    let bindir = find_bindir().ok_or_else(|| RepoError::NotFound(INSTALL_HINT.to_owned()))?;
+    let bindir = find_bindir().ok_or_else(|| RepoError::not_found(INSTALL_HINT))?;
     if citus_library_dirs(&bindir)
         .iter()
         .any(|dir| dir.join("citus.so").is_file())
     {
         Ok(())
     } else {
-        Err(RepoError::NotFound(CITUS_INSTALL_HINT.to_owned()))
+        Err(RepoError::not_found(CITUS_INSTALL_HINT))
     }
 }
 

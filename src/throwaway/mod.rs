@@ -18,7 +18,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::db::error::{RepoError, Result};
+use crate::error::{RepoError, Result};
 
 pub use cluster::{ensure_citus_installed, ThrowawayCluster, CITUS_INSTALL_HINT};
 pub use proxy::LostReplyProxy;
@@ -83,7 +83,7 @@ impl ThrowawayServer {
     /// Initializes and starts a server with extra `postgresql.conf` settings (e.g.
     /// `("max_connections", "300")`). As root, the server runs as the `postgres` user.
     pub fn start(settings: &[(&str, &str)]) -> Result<Self> {
-        let bindir = find_bindir().ok_or_else(|| RepoError::NotFound(INSTALL_HINT.to_owned()))?;
+        let bindir = find_bindir().ok_or_else(|| RepoError::not_found(INSTALL_HINT))?;
         let run_as = if is_root() { Some("postgres") } else { None };
         let dir = make_dir(run_as)?;
         let mut server = ThrowawayServer {

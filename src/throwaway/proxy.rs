@@ -7,7 +7,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::db::error::Result;
+use crate::error::Result;
 
 /// The proxy; connections through [`url`](Self::url) reach the server, and the next
 /// [`lose_next_commit_replies`](Self::lose_next_commit_replies) commit replies never return.

@@ -287,7 +287,7 @@ fn decoding_as_the_wrong_type_is_a_serialization_error() {
     )
     .unwrap();
     match repo.get_cached_predictions::<Vec<f32>>("text") {
-        Err(RepoError::Serialization(msg)) => assert!(msg.contains("text"), "{msg}"),
+        Err(RepoError::Serialization(msg)) => assert!(msg.message().contains("text"), "{msg}"),
         other => panic!("expected Serialization, got {other:?}"),
     }
     assert!(matches!(

@@ -152,7 +152,7 @@ fn an_iterator_refresh_streams_and_checks_every_record() {
         Embedding::new("user", format!("t{i:06}"), vec![1.0; dim])
     });
     match repo.replace_embeddings_iter("user", &mut rows) {
-        Err(RepoError::InvalidInput(m)) => assert!(m.contains("record 25000"), "{m}"),
+        Err(RepoError::InvalidInput(m)) => assert!(m.message().contains("record 25000"), "{m}"),
         other => panic!("expected InvalidInput, got {other:?}"),
     }
     assert_eq!(count(&repo, "embeddings"), 20_000);

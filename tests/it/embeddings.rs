@@ -61,7 +61,7 @@ fn assert_mismatch<T: std::fmt::Debug>(
 fn assert_invalid_at<T: std::fmt::Debug>(result: pg_model_repo::Result<T>, index: usize) {
     match result {
         Err(RepoError::InvalidInput(m)) => {
-            assert!(m.contains(&format!("record {index}:")), "{m}")
+            assert!(m.message().contains(&format!("record {index}:")), "{m}")
         }
         other => panic!("expected InvalidInput at record {index}, got {other:?}"),
     }
@@ -289,7 +289,7 @@ fn every_bad_record_fails_its_batch_by_every_method_naming_its_index() {
             let result = repo.load_embeddings(&b, method);
             match &result {
                 Err(RepoError::InvalidInput(m)) => {
-                    assert!(m.contains("record 4999:"), "{what}: {m}")
+                    assert!(m.message().contains("record 4999:"), "{what}: {m}")
                 }
                 other => panic!("{what} by {method}: {other:?}"),
             }

@@ -427,7 +427,9 @@ fn a_corrupted_chunk_is_corrupt_naming_the_chunk() {
         let streamed = repo.load_model_to_writer("m", "1", &mut HashingSink::default());
         for result in [loaded.map(|_| ()), streamed.map(|_| ())] {
             match result {
-                Err(RepoError::Corrupt(m)) => assert!(m.contains("chunk 13 of 20"), "{m}"),
+                Err(RepoError::Corrupt(m)) => {
+                    assert!(m.message().contains("chunk 13 of 20"), "{m}")
+                }
                 other => panic!("expected Corrupt, got {other:?}"),
             }
         }

@@ -170,7 +170,7 @@ fn an_outcome_the_server_cannot_be_asked_about_is_outcome_unknown_and_settles_la
     let deleted = t.losing_one(|| repo.delete_model("m", "1"));
     match &deleted {
         Err(e @ RepoError::OutcomeUnknown(m)) => {
-            assert!(m.contains("txid_status"), "{m}");
+            assert!(m.message().contains("txid_status"), "{m}");
             assert!(!e.is_transient());
         }
         other => panic!("expected OutcomeUnknown, got {other:?}"),

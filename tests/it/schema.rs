@@ -434,7 +434,7 @@ fn a_schema_starting_with_pg_is_invalid_and_runs_no_sql() {
     for name in ["pg_x", "pg_catalog", "pg_"] {
         let result = ModelRepository::open(config(name));
         match &result {
-            Err(RepoError::InvalidInput(m)) => assert!(m.contains("pg_"), "{m}"),
+            Err(RepoError::InvalidInput(m)) => assert!(m.message().contains("pg_"), "{m}"),
             other => panic!("{name}: {other:?}"),
         }
     }
@@ -496,8 +496,8 @@ fn hostile_settings_are_invalid_input_naming_the_setting_before_any_io() {
         let result = ModelRepository::open(adjust(config(&schema)));
         match &result {
             Err(RepoError::InvalidInput(m)) => {
-                assert!(m.starts_with(setting), "{setting}: {m}");
-                assert!(m.contains("within"), "the range is named: {m}");
+                assert!(m.message().starts_with(setting), "{setting}: {m}");
+                assert!(m.message().contains("within"), "the range is named: {m}");
             }
             other => panic!("{setting}: {other:?}"),
         }

@@ -280,7 +280,7 @@ fn bad_searches_are_invalid_input_or_dimension_mismatch() {
     }
     let with_nan = vec![vec![1.0, 0.0], vec![1.0, f32::NAN]];
     match repo.nearest_embeddings_many("pt", &with_nan, 5, Metric::L2) {
-        Err(RepoError::InvalidInput(m)) => assert!(m.contains("query 1"), "{m}"),
+        Err(RepoError::InvalidInput(m)) => assert!(m.message().contains("query 1"), "{m}"),
         other => panic!("expected InvalidInput, got {other:?}"),
     }
     let zero = vec![vec![1.0, 0.0], vec![0.0, 0.0]];
@@ -317,7 +317,10 @@ fn an_index_needs_pgvector_and_says_how_to_install_it() {
     plane(&repo);
     match repo.create_vector_index("pt", Metric::L2) {
         Err(RepoError::InvalidInput(m)) => {
-            assert!(m.contains("pgvector") && m.contains("install"), "{m}")
+            assert!(
+                m.message().contains("pgvector") && m.message().contains("install"),
+                "{m}"
+            )
         }
         other => panic!("expected InvalidInput, got {other:?}"),
     }

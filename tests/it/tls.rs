@@ -13,7 +13,7 @@ fn without_the_tls_feature_a_tls_request_is_a_clear_error() {
         RepositoryConfig::new("host=127.0.0.1 user=postgres").tls_root_certificate("/ca.pem"),
     ] {
         match ModelRepository::open(config) {
-            Err(RepoError::InvalidInput(m)) => assert!(m.contains("tls"), "{m}"),
+            Err(RepoError::InvalidInput(m)) => assert!(m.message().contains("tls"), "{m}"),
             other => panic!("expected InvalidInput, got {other:?}"),
         }
     }

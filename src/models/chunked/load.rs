@@ -11,9 +11,9 @@ use crossbeam_channel::{Receiver, Sender};
 use postgres::{IsolationLevel, Row, Transaction};
 use sha2::{Digest, Sha256};
 
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{unbounded, Conn, Pool};
 use crate::db::to_hex;
+use crate::error::{RepoError, Result};
 use crate::models::chunked::Chunks;
 use crate::models::versions::ModelInfo;
 
@@ -186,11 +186,11 @@ impl Fetch<'_> {
                 self.info.model_name, self.info.version, self.chunks.count, range.start, range.end
             )
         };
-        let row = row.ok_or_else(|| RepoError::Corrupt(format!("{} is missing", what())))?;
+        let row = row.ok_or_else(|| RepoError::corrupt(format!("{} is missing", what())))?;
         let data: &[u8] = row.try_get("data")?;
         let checksum: &str = row.try_get("checksum")?;
         if data.len() as u64 != range.end - range.start {
-            return Err(RepoError::Corrupt(format!(
+            return Err(RepoError::corrupt(format!(
                 "{} holds {} bytes",
                 what(),
                 data.len()
@@ -198,7 +198,7 @@ impl Fetch<'_> {
         }
         let actual = to_hex(&Sha256::digest(data));
         if !checksum.eq_ignore_ascii_case(&actual) {
-            return Err(RepoError::Corrupt(format!(
+            return Err(RepoError::corrupt(format!(
                 "{}: stored checksum {checksum} but the bytes hash to {actual}",
                 what()
             )));

@@ -8,10 +8,10 @@ mod save;
 
 use postgres::{Row, Transaction};
 
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::begin_unbounded;
 use crate::db::retry::Retry;
 use crate::db::sweep::Leftover;
+use crate::error::{RepoError, Result};
 use crate::repository::Call;
 
 pub(crate) use load::stream_chunks;
@@ -66,7 +66,7 @@ impl Layout {
             (Some(set), Ok(size), Ok(count)) if size > 0 => {
                 Ok(Layout::Chunked(Chunks { set, size, count }))
             }
-            _ => Err(RepoError::Corrupt(format!(
+            _ => Err(RepoError::corrupt(format!(
                 "chunking facts make no sense: {count} chunks of {size} bytes in set {set:?}"
             ))),
         }

@@ -11,10 +11,10 @@ use postgres::Client;
 use sha2::{Digest, Sha256};
 
 use crate::db::binary_copy::{self, io_error};
-use crate::db::error::{RepoError, Result};
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, PoisonOnPanic, Pool};
 use crate::db::retry::Retry;
 use crate::db::to_hex;
+use crate::error::{RepoError, Result};
 use crate::models::chunked::{delete_sets, set_lock_key, Chunks, DELETE_UNREFERENCED_SET};
 use crate::models::versions::{compare_with_stored, info_columns, ModelInfo, SaveRequest};
 use crate::repository::Call;
@@ -622,7 +622,7 @@ fn publish(client: &mut Client, request: &SaveRequest<'_>, staged: &Staged) -> R
         Some(row) => ModelInfo::from_row(&row)?,
         // Saved concurrently between the comparison and the insert.
         None => compare_with_stored(&mut tx, &request)?.ok_or_else(|| {
-            RepoError::Conflict(format!(
+            RepoError::conflict(format!(
                 "{}/{} was saved concurrently",
                 request.model_name, request.version
             ))

@@ -115,3 +115,18 @@ pub use validate::MAX_METADATA_BYTES;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The examples of docs/cache.md, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/cache.md")]
+pub struct CacheDoctests;
+
+/// The examples of docs/embeddings.md, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/embeddings.md")]
+pub struct EmbeddingsDoctests;
+
+/// The examples of docs/migrating-from-python.md, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/migrating-from-python.md")]
+pub struct MigratingFromPythonDoctests;

@@ -83,6 +83,7 @@ mod error;
 mod models;
 mod monitor;
 mod repository;
+mod schema;
 #[cfg(all(unix, feature = "throwaway"))]
 pub mod throwaway;
 mod training;
@@ -94,10 +95,10 @@ pub use db::config::{
     DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE, DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE,
     MODEL_CHUNK_SIZE_RANGE,
 };
-pub use db::migrate::MigrationReport;
+pub use schema::migrate::MigrationReport;
 pub use db::pool::PoolState;
-pub use db::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
-pub use db::timings::QueryMetric;
+pub use schema::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
+pub use monitor::timings::QueryMetric;
 pub use embeddings::{
     BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,
 };

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cache::glob::{Glob, SqlFilter};
-use crate::db::citus::Layout;
+use crate::schema::citus::Layout;
 use crate::db::commit;
 use crate::db::pool::{PgConnection, Pool};
 use crate::db::retry::Retry;

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender, TryRecvError};
 
 use crate::cache::purge_expired;
-use crate::db::citus::Layout;
-use crate::db::counters::{AccessCounts, Flush};
+use crate::schema::citus::Layout;
+use crate::monitor::counters::{AccessCounts, Flush};
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
-use crate::db::sweep::{sweep, Leftover, LEFTOVER_AGE};
+use crate::schema::sweep::{sweep, Leftover, LEFTOVER_AGE};
 use crate::error::{RepoError, Result};
 
 /// The handle the repository keeps: dropping the shutdown sender is the stop signal.

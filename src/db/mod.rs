@@ -1,23 +1,17 @@
-//! The plumbing every feature stands on: configuration, the connection pool (with checkout,
-//! retry and failure handling), the hung-server watchdog, commits whose reply may be lost,
-//! migrations, the error type, timings, TLS and the binary COPY wire format. Nothing here
-//! knows the repository handle or any feature module.
+//! Connection plumbing every feature stands on: the connection settings, the pool (with
+//! checkout, retry and failure handling) and its thread-affine slots, the hung-server watchdog
+//! (`deadline`), TLS, commits whose reply may be lost, retries, the per-call wrapper (`call`)
+//! and the binary COPY wire format. Nothing here knows the repository handle or any feature.
 
 pub(crate) mod affinity;
 pub(crate) mod binary_copy;
-pub(crate) mod citus;
 pub(crate) mod commit;
 pub(crate) mod config;
-pub(crate) mod counters;
 pub(crate) mod deadline;
-pub(crate) mod migrate;
 pub(crate) mod pool;
 pub(crate) mod retry;
-pub(crate) mod seed_takeover;
 pub(crate) mod shard;
 pub(crate) mod static_key;
-pub(crate) mod sweep;
-pub(crate) mod timings;
 pub(crate) mod tls;
 
 use sha2::{Digest, Sha256};

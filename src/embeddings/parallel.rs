@@ -4,10 +4,10 @@
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::db::citus::Layout;
+use crate::schema::citus::Layout;
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
 use crate::db::retry::Retry;
-use crate::db::sweep::Leftover;
+use crate::schema::sweep::Leftover;
 use crate::embeddings::check::CheckedBatch;
 use crate::embeddings::encode::{copy_in, cpu_threads, COLUMNS};
 use crate::embeddings::load::in_load_transaction;

@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::db::citus::Layout;
+use crate::schema::citus::Layout;
 use crate::db::pool::{Conn, PgConnection};
+use crate::schema::tables;
 use crate::error::{RepoError, Result};
-use crate::monitor::{CheckResult, HealthReport, HealthStatus, TABLES};
+use crate::monitor::{CheckResult, HealthReport, HealthStatus};
 use crate::repository::ModelRepository;
 
 impl ModelRepository {
@@ -158,14 +159,14 @@ fn tables_check(conn: &mut PgConnection, deadline: Instant) -> CheckResult {
     let started = Instant::now();
     let left_ms = millis_left(deadline, started);
     let mut sql = format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {left_ms};");
-    for table in TABLES {
+    for table in tables::every_schema_has() {
         sql.push_str(&format!("SELECT 1 FROM {table} LIMIT 1;"));
     }
     sql.push_str("COMMIT");
     match conn.client().batch_execute(&sql) {
         Ok(()) => CheckResult {
             ok: true,
-            detail: format!("{} tables readable", TABLES.len()),
+            detail: format!("{} tables readable", tables::every_schema_has().count()),
             latency: started.elapsed(),
         },
         Err(e) => {

@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 
 use crate::cache::purge_expired;
-use crate::db::citus::Layout;
+use crate::schema::citus::Layout;
 use crate::db::pool::{quote_ident, session_setup_sql, PgConnection};
 use crate::db::retry::Retry;
-use crate::db::sweep::{sweep, LEFTOVER_AGE};
+use crate::schema::sweep::{sweep, LEFTOVER_AGE};
+use crate::schema::tables;
 use crate::error::{RepoError, Result};
 use crate::monitor::stats::{as_u64, table_facts};
-use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance, TABLES};
+use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance};
 use crate::repository::{ModelRepository, LEFTOVERS};
 
 impl ModelRepository {
@@ -102,11 +103,11 @@ fn vacuum_all(conn: &mut PgConnection, layout: Layout) -> Result<Vec<TableMainte
     } else {
         MAY_VACUUM
     };
-    let mut report = Vec::with_capacity(TABLES.len());
+    let mut report = Vec::with_capacity(tables::every_schema_has().count());
     let mut skipped = Vec::new();
-    for table in TABLES {
+    for table in tables::every_schema_has() {
         let allowed: Option<bool> = client
-            .query_opt(may_vacuum, &[table])?
+            .query_opt(may_vacuum, &[&table])?
             .map(|row| row.try_get(0))
             .transpose()?;
         let (dead_before, bytes_before) = table_facts(client, layout, table)?;
@@ -115,12 +116,12 @@ fn vacuum_all(conn: &mut PgConnection, layout: Layout) -> Result<Vec<TableMainte
         if vacuumed {
             client.batch_execute(&format!("VACUUM (ANALYZE) {table}"))?;
         } else {
-            skipped.push(*table);
+            skipped.push(table);
         }
         let elapsed = started.elapsed();
         let (dead_after, bytes_after) = table_facts(client, layout, table)?;
         report.push(TableMaintenance {
-            table: (*table).to_owned(),
+            table: table.to_owned(),
             action: if vacuumed {
                 "VACUUM (ANALYZE)"
             } else {
@@ -168,7 +169,7 @@ fn server_statements(client: &mut Client) -> Result<ServerQueryStats> {
          ORDER BY total_exec_time DESC LIMIT 25",
         quote_ident(&schema)
     );
-    let tables = format!("\\m({})\\M", TABLES.join("|"));
+    let tables = format!("\\m({})\\M", tables::every_schema_has().collect::<Vec<_>>().join("|"));
     let rows = match client.query(sql.as_str(), &[&tables]) {
         Ok(rows) => rows,
         // Installed but not preloaded (55000), or not readable by this role.

@@ -1,10 +1,12 @@
 //! Monitoring and maintenance: the health check (`health`), storage and embedding statistics
-//! (`stats`), VACUUM ANALYZE and the server's own statement statistics (`maintenance`). The
-//! per-operation timings registry is plumbing (`db::timings`); this folder reads it.
+//! (`stats`), VACUUM ANALYZE and the server's own statement statistics (`maintenance`), the
+//! per-operation timings (`timings`) and the buffered access counts (`counters`).
 
+pub(crate) mod counters;
 mod health;
 mod maintenance;
 mod stats;
+pub(crate) mod timings;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -13,19 +15,6 @@ use serde::Serialize;
 
 #[allow(unused_imports)] // named in doc links
 use crate::repository::ModelRepository;
-
-/// Every table the repository owns, in the order maintenance visits them.
-pub(crate) const TABLES: &[&str] = &[
-    "ml_models",
-    "ml_model_chunks",
-    "model_aliases",
-    "model_alias_stack",
-    "model_alias_history",
-    "training_metrics",
-    "embedding_types",
-    "embeddings",
-    "prediction_cache",
-];
 
 /// Overall health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

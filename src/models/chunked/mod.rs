@@ -10,7 +10,7 @@ use postgres::{Row, Transaction};
 
 use crate::db::pool::begin_unbounded;
 use crate::db::retry::Retry;
-use crate::db::sweep::Leftover;
+use crate::schema::sweep::Leftover;
 use crate::error::{RepoError, Result};
 use crate::repository::Call;
 

@@ -15,26 +15,10 @@ use postgres::Transaction;
 
 use crate::db::config::CitusMode;
 use crate::error::{RepoError, Result};
+use crate::schema::tables;
 
 /// The statements that distribute a schema's tables (see the file's header).
 pub(crate) const CITUS_SQL: &str = include_str!("../../sql/citus.sql");
-
-/// The tables a row-based layout distributes (as `sql/citus.sql` lists them; a unit test
-/// keeps the two in step): all of those that exist distributed means the layout is complete
-/// (`embedding_vector_indexes` exists only with pgvector storage).
-pub(crate) const ROW_BASED_TABLES: &[&str] = &[
-    "embedding_types",
-    "embedding_vector_indexes",
-    "ml_models",
-    "ml_model_chunks",
-    "model_aliases",
-    "model_alias_stack",
-    "model_alias_history",
-    "training_metrics",
-    "embeddings",
-    "embeddings_quarantine",
-    "prediction_cache",
-];
 
 /// Where a schema's tables are, or are to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,11 +49,11 @@ pub(crate) struct Found {
     pub(crate) citus: bool,
     /// The schema is a Citus distributed schema (in `pg_dist_schema`).
     pub(crate) distributed_schema: bool,
-    /// How many of [`ROW_BASED_TABLES`] are hash-distributed or reference tables (a "Citus
+    /// How many of [`tables::TABLES`] are hash-distributed or reference tables (a "Citus
     /// local table", which Citus makes of a table with a foreign key to a reference table, is
     /// not yet where the layout wants it).
     pub(crate) distributed_tables: usize,
-    /// How many of [`ROW_BASED_TABLES`] exist in the schema.
+    /// How many of [`tables::TABLES`] exist in the schema.
     pub(crate) tables: usize,
 }
 
@@ -92,7 +76,7 @@ pub(crate) fn inspect<C: postgres::GenericClient>(client: &mut C, schema: &str) 
     if !citus {
         return Ok(Found::default());
     }
-    let tables: Vec<&str> = ROW_BASED_TABLES.to_vec();
+    let tables: Vec<&str> = tables::names().collect();
     let row = client.query_one(INSPECT_SCHEMA, &[&schema, &tables])?;
     let distributed: i64 = row.try_get(1)?;
     let tables: i64 = row.try_get(2)?;
@@ -244,7 +228,7 @@ mod tests {
 
     #[test]
     fn the_row_based_list_is_the_one_citus_sql_distributes() {
-        for table in ROW_BASED_TABLES {
+        for table in tables::names() {
             assert!(
                 CITUS_SQL.contains(&format!("('{table}',")),
                 "sql/citus.sql does not list {table}"
@@ -254,7 +238,7 @@ mod tests {
             .lines()
             .filter(|l| l.trim_start().starts_with("('"))
             .count();
-        assert_eq!(listed, ROW_BASED_TABLES.len());
+        assert_eq!(listed, tables::TABLES.len());
     }
 
     #[test]

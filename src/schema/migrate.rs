@@ -15,12 +15,12 @@ use postgres::{Client, GenericClient, Transaction};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::db::citus::{self, Layout};
+use crate::schema::citus::{self, Layout};
 use crate::db::config::{CitusMode, RepositoryConfig, VectorStorage, PGVECTOR_INSTALL_HINT};
 use crate::db::deadline::STATEMENT_GRACE;
 use crate::db::hex_sha256;
 use crate::db::pool::{connect, quote_ident};
-use crate::db::seed_takeover::{self, SeedTakeoverReport};
+use crate::schema::seed_takeover::{self, SeedTakeoverReport};
 use crate::error::{RepoError, Result};
 
 /// One numbered DDL file.

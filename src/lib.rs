@@ -77,6 +77,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod cache;
+mod config;
 mod db;
 mod embeddings;
 mod error;
@@ -90,25 +91,28 @@ mod training;
 mod validate;
 
 pub use cache::CacheStats;
-pub use db::config::{
-    CitusMode, RepositoryConfig, VectorStorage, DEFAULT_APPLICATION_NAME, DEFAULT_HNSW_EF_SEARCH,
-    DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE, DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE,
-    MODEL_CHUNK_SIZE_RANGE,
-};
-pub use schema::migrate::MigrationReport;
+pub use config::RepositoryConfig;
+pub use db::config::DEFAULT_APPLICATION_NAME;
 pub use db::pool::PoolState;
-pub use schema::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
-pub use monitor::timings::QueryMetric;
+pub use embeddings::DEFAULT_HNSW_EF_SEARCH;
 pub use embeddings::{
     BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,
 };
 pub use error::{ErrorDetail, RepoError, Result, TimeoutDetail, TimeoutKind};
 pub use models::ModelInfo;
+pub use models::{
+    DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE, DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE,
+    MODEL_CHUNK_SIZE_RANGE,
+};
+pub use monitor::timings::QueryMetric;
 pub use monitor::{
     CheckResult, EmbeddingsStats, EntityTypeStats, HealthReport, HealthStatus, ModelStats,
     ModelStorageStats, OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance,
 };
 pub use repository::ModelRepository;
+pub use schema::migrate::MigrationReport;
+pub use schema::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
+pub use schema::settings::{CitusMode, VectorStorage};
 pub use training::TrainingMetricsRecord;
 pub use validate::MAX_METADATA_BYTES;
 

@@ -1,25 +1,23 @@
-//! The `ModelRepository` handle: opening (migrations, pool), the call wrapper every operation
-//! goes through (timing, pool checkout, retries), and the shutdown order of the last clone.
+//! The `ModelRepository` handle: opening (migrations, pool, what each feature registers), the
+//! timing of every public call, and the shutdown order of the last clone. It knows the features
+//! only through their registration functions and what they register.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cache::{Reaper, FLUSH_HITS};
-use crate::schema::citus::{self, Layout};
-use crate::db::config::{RepositoryConfig, VectorStorage};
+use crate::config::RepositoryConfig;
+use crate::db::background::{Chore, Reaper};
+use crate::db::call::Call;
+use crate::db::layout::Layout;
+use crate::db::pool::{Pool, PoolState};
+use crate::error::Result;
 use crate::monitor::counters::{AccessCounts, Buffer, Flush, FlushStatements};
-use crate::schema::migrate::{self, MigrationReport};
-use crate::db::pool::{PgConnection, Pool, PoolState};
-use crate::db::retry::Retry;
-use crate::schema::sweep::Leftover;
 use crate::monitor::timings::{QueryMetric, Timings};
-use crate::embeddings::{self, IndexCache, Storage, StorageCell};
-use crate::error::{RepoError, Result};
-use crate::models::FLUSH_LOADS;
-
-/// Every kind of leftover the sweep removes (see `db::sweep`), declared by the features.
-pub(crate) const LEFTOVERS: &[Leftover] =
-    &[crate::embeddings::STAGED_ROWS, crate::models::STAGED_CHUNKS];
+use crate::schema::citus;
+use crate::schema::migrate::{self, MigrationReport, Target};
+use crate::schema::sweep::{Leftover, Sweep};
 
 /// How long after a close starts the reaper's statement in flight, if any, is cut.
 const CLOSE_REAPER_CUT: Duration = Duration::from_millis(800);
@@ -27,6 +25,56 @@ const CLOSE_REAPER_CUT: Duration = Duration::from_millis(800);
 /// When a close's last flush of the buffered access counts must be done: the close returns
 /// shortly after, whatever the server's state.
 const CLOSE_FLUSH_DEADLINE: Duration = Duration::from_millis(2200);
+
+/// Every feature's registration, called in this order by `open`.
+const FEATURES: &[fn(&mut Registration<'_>) -> Result<()>] = &[
+    crate::cache::register,
+    crate::models::register,
+    crate::embeddings::register,
+];
+
+/// What a feature asks of the repository when it opens: statements that write its buffered
+/// access counts, leftovers of its dead work for the sweep, chores for the background thread,
+/// and state kept per repository.
+pub(crate) struct Registration<'a> {
+    /// The repository's settings.
+    pub(crate) config: &'a RepositoryConfig,
+    /// The repository's pool, for checks at open.
+    pub(crate) pool: &'a Pool,
+    /// Where the schema's tables are.
+    pub(crate) layout: Layout,
+    flushes: FlushStatements,
+    leftovers: Vec<Leftover>,
+    chores: Vec<Arc<dyn Chore>>,
+    state: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+}
+
+impl Registration<'_> {
+    /// The statement that adds buffered cache hits to their rows.
+    pub(crate) fn flush_cache_hits(&mut self, sql: &'static str) {
+        self.flushes.cache_hits = sql;
+    }
+
+    /// The statement that adds buffered model loads to their rows.
+    pub(crate) fn flush_model_loads(&mut self, sql: &'static str) {
+        self.flushes.model_loads = sql;
+    }
+
+    /// A kind of leftover the sweep removes (background tick, `optimize_database`).
+    pub(crate) fn leftover(&mut self, leftover: Leftover) {
+        self.leftovers.push(leftover);
+    }
+
+    /// Work for every background tick.
+    pub(crate) fn chore(&mut self, chore: impl Chore + 'static) {
+        self.chores.push(Arc::new(chore));
+    }
+
+    /// State the feature reads back with [`ModelRepository::state`].
+    pub(crate) fn state<T: Any + Send + Sync>(&mut self, value: T) {
+        self.state.insert(TypeId::of::<T>(), Box::new(value));
+    }
+}
 
 /// A repository of models, embeddings, training metrics and cached predictions in one
 /// PostgreSQL schema.
@@ -61,12 +109,12 @@ struct Inner {
     counts: Arc<AccessCounts>,
     /// The background thread, unless `reaper_interval(None)`.
     reaper: Option<Reaper>,
-    /// How the schema stores vectors (BYTEA or pgvector), as last seen.
-    storage: StorageCell,
-    /// Which entity types have HNSW indexes, as recently seen.
-    index_cache: IndexCache,
     /// Where the schema's tables are (plain, or distributed by Citus), as `open` found it.
     layout: Layout,
+    /// Every kind of leftover the features registered.
+    leftovers: Vec<Leftover>,
+    /// The features' per-repository state, by type.
+    state: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
 }
 
 impl Drop for Inner {
@@ -87,14 +135,14 @@ impl Drop for Inner {
                 log::warn!(
                     "pg-model-repo: close of schema {} could not write the buffered access \
                      counts ({e}): {}",
-                    self.config.schema,
+                    self.config.schema_name(),
                     self.counts.unwritten()
                 );
             }
         }
         log::debug!(
             "pg-model-repo: closed schema {} in {:?}",
-            self.config.schema,
+            self.config.schema_name(),
             started.elapsed()
         );
     }
@@ -130,48 +178,55 @@ impl ModelRepository {
     /// ```
     pub fn open(config: RepositoryConfig) -> Result<Self> {
         config.validate()?;
-        if config.auto_migrate {
-            migrate::run(&config)?;
+        if config.migrations.auto_migrate {
+            migrate::apply_migrations(&migration_target(&config))?;
         }
-        let pool = Pool::new(&config)?;
-        // How vectors are stored is read on first use, except where the setting insists on
-        // pgvector and open may not convert.
-        let storage = StorageCell::default();
-        if !config.auto_migrate {
+        let pool = Pool::new(&config.sessions())?;
+        let layout = {
             let mut conn = pool.get()?;
-            migrate::check_applied(conn.client(), &config.schema)?;
-            if config.vector_storage == VectorStorage::Pgvector {
-                let found = embeddings::detect_storage(conn.client())?;
-                if found == Storage::Bytea {
-                    return Err(RepoError::invalid(format!(
-                        "vector_storage(Pgvector), but schema {} stores vectors as BYTEA and \
-                         auto_migrate(false) runs no DDL: convert it with \
-                         ModelRepository::migrate",
-                        config.schema
-                    )));
-                }
-                storage.set(found);
+            if !config.migrations.auto_migrate {
+                migrate::check_applied(conn.client(), config.schema_name())?;
             }
+            citus::current(conn.client(), config.schema_name())?
+        };
+        let mut registration = Registration {
+            config: &config,
+            pool: &pool,
+            layout,
+            flushes: FlushStatements::default(),
+            leftovers: Vec::new(),
+            chores: Vec::new(),
+            state: HashMap::new(),
+        };
+        for register in FEATURES {
+            register(&mut registration)?;
         }
+        let Registration {
+            flushes,
+            leftovers,
+            chores,
+            state,
+            ..
+        } = registration;
         log::info!(
             "pg-model-repo: opened schema {} on {}",
-            config.schema,
+            config.schema_name(),
             config.redacted_target()
         );
-        let layout = citus::current(pool.get()?.client(), &config.schema)?;
-        let timings = Timings::new(config.enable_metrics, config.slow_query_threshold);
-        let counts = Arc::new(AccessCounts::new(FlushStatements {
-            cache_hits: FLUSH_HITS,
-            model_loads: FLUSH_LOADS,
-        }));
+        let timings = Timings::new(
+            config.monitor.enable_metrics,
+            config.monitor.slow_query_threshold,
+        );
+        let counts = Arc::new(AccessCounts::new(flushes));
         let reaper = match config.reaper_interval {
-            Some(every) => Some(Reaper::start(
-                pool.clone(),
-                counts.clone(),
-                LEFTOVERS,
-                layout,
-                every,
-            )?),
+            Some(every) => {
+                // Hit counts first (so they land before their rows may expire), then the
+                // features' chores, then the sweep.
+                let mut all: Vec<Arc<dyn Chore>> = vec![counts.clone()];
+                all.extend(chores);
+                all.push(Arc::new(Sweep::new(leftovers.clone())));
+                Some(Reaper::start(pool.clone(), all, counts.clone(), every)?)
+            }
             None => None,
         };
         Ok(ModelRepository {
@@ -181,9 +236,9 @@ impl ModelRepository {
                 timings,
                 counts,
                 reaper,
-                storage,
-                index_cache: IndexCache::default(),
                 layout,
+                leftovers,
+                state,
             }),
         })
     }
@@ -209,7 +264,7 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn migrate(config: &RepositoryConfig) -> Result<()> {
-        migrate::run(config).map(|_| ())
+        Self::migrate_with_report(config).map(|_| ())
     }
 
     /// [`migrate`](Self::migrate), returning what it did: the files applied and, when the
@@ -228,7 +283,8 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn migrate_with_report(config: &RepositoryConfig) -> Result<MigrationReport> {
-        migrate::run(config)
+        config.validate()?;
+        migrate::apply_migrations(&migration_target(config))
     }
 
     /// Closes this handle. On the last clone it flushes buffered counters, stops and joins the
@@ -278,11 +334,7 @@ impl ModelRepository {
         f: impl FnOnce(&Call<'_>) -> Result<T>,
     ) -> Result<T> {
         let started = Instant::now();
-        let call = Call {
-            op,
-            pool: &self.inner.pool,
-            layout: self.inner.layout,
-        };
+        let call = Call::new(op, &self.inner.pool, self.inner.layout);
         let result = f(&call);
         self.record_timing(op, started, result.is_ok());
         result
@@ -298,19 +350,23 @@ impl ModelRepository {
         &self.inner.pool
     }
 
-    /// How the schema stores vectors, as last seen (see `embeddings::with_storage`).
-    pub(crate) fn storage(&self) -> &StorageCell {
-        &self.inner.storage
-    }
-
-    /// What is known of the entity types' HNSW indexes.
-    pub(crate) fn index_cache(&self) -> &IndexCache {
-        &self.inner.index_cache
-    }
-
     /// Where the schema's tables are (plain, or distributed by Citus), as `open` found it.
     pub(crate) fn layout(&self) -> Layout {
         self.inner.layout
+    }
+
+    /// Every kind of leftover the features registered (see `schema::sweep`).
+    pub(crate) fn leftovers(&self) -> &[Leftover] {
+        &self.inner.leftovers
+    }
+
+    /// The state a feature registered at open.
+    pub(crate) fn state<T: Any>(&self) -> &T {
+        self.inner
+            .state
+            .get(&TypeId::of::<T>())
+            .and_then(|value| value.downcast_ref())
+            .expect("every feature registers its state when the repository opens")
     }
 
     /// The repository's access counters (cache lookups, model loads).
@@ -355,42 +411,10 @@ impl ModelRepository {
     }
 }
 
-/// One public operation in progress: its name (for retries' logs) and the pool it runs on.
-#[derive(Debug)]
-pub(crate) struct Call<'a> {
-    op: &'static str,
-    pool: &'a Pool,
-    layout: Layout,
-}
-
-impl Call<'_> {
-    /// Where the schema's tables are (see [`ModelRepository::layout`]).
-    pub(crate) fn layout(&self) -> Layout {
-        self.layout
-    }
-
-    /// Runs `f` on a pooled connection under this operation's name, retried per `retry`.
-    pub(crate) fn run<T>(
-        &self,
-        retry: Retry,
-        f: impl FnMut(&mut PgConnection) -> Result<T>,
-    ) -> Result<T> {
-        self.pool.run(self.op, retry, f)
-    }
-
-    /// Runs `f` in one transaction whose commit survives a lost reply: after one, the server
-    /// says whether it committed (then `f`'s answer stands) or not (then it is retried);
-    /// when it cannot say, the call fails with `RepoError::OutcomeUnknown`. For writes whose
-    /// answer (a count, a bool) or effect would be wrong if repeated blindly.
-    pub(crate) fn run_once<T>(
-        &self,
-        f: impl FnMut(&mut postgres::Transaction<'_>) -> Result<T>,
-    ) -> Result<T> {
-        crate::db::commit::run_once(self.pool, self.op, Retry::Idempotent, f)
-    }
-
-    /// The pool, for work that spans several connections.
-    pub(crate) fn pool(&self) -> &Pool {
-        self.pool
+/// What the migrations of `config` work on.
+fn migration_target(config: &RepositoryConfig) -> Target<'_> {
+    Target {
+        connection: &config.connection,
+        settings: &config.migrations,
     }
 }

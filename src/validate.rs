@@ -1,6 +1,8 @@
 //! Input rules shared by every area: identifiers, name lengths counted in characters (as
 //! PostgreSQL's varchar counts them), blank and NUL checks, metadata objects.
 
+use std::time::Duration;
+
 use crate::error::{RepoError, Result};
 
 /// The most serialized metadata a model may carry.
@@ -123,6 +125,26 @@ fn contains_nul(value: &serde_json::Value) -> bool {
         }
         _ => false,
     }
+}
+
+/// A setting's count: `InvalidInput` naming the setting unless `min <= n <= max`.
+pub(crate) fn count_within(name: &str, n: u32, min: u32, max: u32) -> Result<()> {
+    if (min..=max).contains(&n) {
+        return Ok(());
+    }
+    Err(RepoError::invalid(format!(
+        "{name} is {n}; it must be within {min}..={max}"
+    )))
+}
+
+/// A setting's duration: `InvalidInput` naming the setting unless `min <= d <= max`.
+pub(crate) fn duration_within(name: &str, d: Duration, min: Duration, max: Duration) -> Result<()> {
+    if (min..=max).contains(&d) {
+        return Ok(());
+    }
+    Err(RepoError::invalid(format!(
+        "{name} is {d:?}; it must be within {min:?}..={max:?}"
+    )))
 }
 
 #[cfg(test)]

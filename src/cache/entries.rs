@@ -8,12 +8,14 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cache::glob::{Glob, SqlFilter};
-use crate::schema::citus::Layout;
+use crate::db::background::Chore;
+use crate::db::call::Call;
 use crate::db::commit;
+use crate::db::layout::Layout;
 use crate::db::pool::{PgConnection, Pool};
 use crate::db::retry::Retry;
 use crate::error::{ErrorDetail, RepoError, Result};
-use crate::repository::{Call, ModelRepository};
+use crate::repository::ModelRepository;
 use crate::validate;
 
 /// The longest cache key, in characters (the column is `varchar(512)`).
@@ -134,7 +136,7 @@ impl ModelRepository {
         cache_key: &str,
         predictions: &T,
     ) -> Result<()> {
-        self.cache_predictions(cache_key, predictions, self.config().cache_default_ttl)
+        self.cache_predictions(cache_key, predictions, self.config().cache.default_ttl)
     }
 
     /// The value cached under `cache_key`, or `None` if there is none or it has expired (by
@@ -322,7 +324,7 @@ impl ModelRepository {
     /// The TTL in whole microseconds (rounded up, so a tiny TTL still lies in the future),
     /// checked against (0, cache_max_ttl].
     fn ttl_micros(&self, ttl: Duration) -> Result<i64> {
-        let max = self.config().cache_max_ttl;
+        let max = self.config().cache.max_ttl;
         if ttl.is_zero() || ttl > max {
             return Err(RepoError::invalid(format!(
                 "cache ttl {ttl:?} must be greater than zero and at most cache_max_ttl ({max:?})"
@@ -481,10 +483,28 @@ fn explain_matching(conn: &mut PgConnection, filter: &SqlFilter) -> Result<Strin
     Ok(lines.join("\n"))
 }
 
+/// The background thread's chore: expired rows deleted at every tick.
+#[derive(Debug)]
+pub(crate) struct PurgeExpired {
+    pub(crate) layout: Layout,
+}
+
+impl Chore for PurgeExpired {
+    fn what(&self) -> &'static str {
+        "delete expired cache rows"
+    }
+
+    fn run(&self, pool: &Pool, stopping: &dyn Fn() -> bool) -> Result<u64> {
+        // No retry loop inside a tick: the next tick is the retry, and a stop request is not
+        // kept waiting by backoff sleeps while the database is away.
+        purge_expired(pool, self.layout, Retry::Never, stopping)
+    }
+}
+
 /// Deletes expired rows in batches of [`PURGE_BATCH`] until a batch comes back short (none
 /// left, or the rest is locked by another reaper), or `stop()` says so between batches.
 /// Each batch is retried per `retry` (deleting expired rows again is harmless).
-pub(crate) fn purge_expired(
+fn purge_expired(
     pool: &Pool,
     layout: Layout,
     retry: Retry,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use postgres::tls::{ChannelBinding, TlsStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::db::config::RepositoryConfig;
+use crate::db::config::ConnectionConfig;
 use crate::error::ConnectionCut;
 
 /// How often the watchdog looks at armed connections: the margin on every bound.
@@ -56,7 +56,7 @@ pub(crate) struct Bounds {
 }
 
 impl Bounds {
-    pub(crate) fn for_config(config: &RepositoryConfig, pg: &postgres::Config) -> Self {
+    pub(crate) fn for_config(config: &ConnectionConfig, pg: &postgres::Config) -> Self {
         Bounds {
             statement: config.query_timeout.saturating_add(STATEMENT_GRACE),
             stream: config.stream_idle_timeout,

@@ -4,10 +4,13 @@
 //! and the binary COPY wire format. Nothing here knows the repository handle or any feature.
 
 pub(crate) mod affinity;
+pub(crate) mod background;
 pub(crate) mod binary_copy;
+pub(crate) mod call;
 pub(crate) mod commit;
 pub(crate) mod config;
 pub(crate) mod deadline;
+pub(crate) mod layout;
 pub(crate) mod pool;
 pub(crate) mod retry;
 pub(crate) mod shard;

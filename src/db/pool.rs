@@ -25,7 +25,7 @@ use postgres::{Client, Statement, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
 
 use crate::db::affinity::Slots;
-use crate::db::config::{describe_target, RepositoryConfig};
+use crate::db::config::{describe_target, ConnectionConfig};
 use crate::db::deadline::{Bounds, Watch, WatchGroup};
 use crate::db::retry::{self, Policy, Retry};
 use crate::db::static_key::{StaticKey, StaticMap};
@@ -276,7 +276,7 @@ impl std::fmt::Debug for Manager {
 impl Manager {
     /// A manager for `config`; its connections join `group` when there is one.
     fn new(
-        config: &RepositoryConfig,
+        config: &ConnectionConfig,
         shared: Arc<PoolShared>,
         group: Option<WatchGroup>,
     ) -> Result<Self> {
@@ -313,9 +313,9 @@ impl Manager {
 /// The statements every new session runs: our schema first on the search path, then the
 /// schema of the pgvector extension where the database has it (its `vector` type and
 /// operators resolve there, wherever it was installed); the query timeout as both
-/// statement_timeout and lock_timeout; and HNSW's ef_search (a placeholder setting until
-/// pgvector is loaded, harmless where it never is).
-pub(crate) fn session_setup_sql(config: &RepositoryConfig) -> String {
+/// statement_timeout and lock_timeout; then the settings the features ask for (HNSW's
+/// ef_search: a placeholder setting until pgvector is loaded, harmless where it never is).
+pub(crate) fn session_setup_sql(config: &ConnectionConfig) -> String {
     let timeout_ms = config.query_timeout.as_millis().max(1);
     // The schema name is a checked identifier ([A-Za-z_][A-Za-z0-9_]*): safe in a literal.
     format!(
@@ -324,17 +324,20 @@ pub(crate) fn session_setup_sql(config: &RepositoryConfig) -> String {
              (SELECT quote_ident(n.nspname) FROM pg_extension e \
               JOIN pg_namespace n ON n.oid = e.extnamespace \
               WHERE e.extname = 'vector' AND n.nspname <> '{name}')), false); \
-         SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}; \
-         SET hnsw.ef_search = {ef_search}",
+         SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}{extra}",
         schema = quote_ident(&config.schema),
         name = config.schema,
-        ef_search = config.hnsw_ef_search,
+        extra = config
+            .session_settings
+            .iter()
+            .map(|(name, value)| format!("; SET {name} = {value}"))
+            .collect::<String>(),
     )
 }
 
 /// Opens one watched session with our settings, outside any pool (migrations, tests,
 /// tools); it is armed with its stream bound until dropped.
-pub(crate) fn connect(config: &RepositoryConfig) -> Result<PgConnection> {
+pub(crate) fn connect(config: &ConnectionConfig) -> Result<PgConnection> {
     let shared = Arc::new(PoolShared::new(session_setup_sql(config)));
     let manager = Manager::new(config, shared, None)?;
     let conn = manager.open()?;
@@ -522,7 +525,7 @@ pub struct PoolState {
 impl Pool {
     /// Builds the pool without waiting for its connections (they open in the background and on
     /// demand).
-    pub(crate) fn new(config: &RepositoryConfig) -> Result<Self> {
+    pub(crate) fn new(config: &ConnectionConfig) -> Result<Self> {
         let shared = Arc::new(PoolShared::new(session_setup_sql(config)));
         let manager = Manager::new(config, shared.clone(), Some(shared.watches.clone()))?;
         let max_size = config.pool_size.saturating_add(config.max_overflow).max(1);
@@ -724,7 +727,12 @@ impl Pool {
         self.shared.session_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The configured checkout timeout (pool_timeout).
+    /// The statements every new session of this pool runs (to restore a session's settings).
+    pub(crate) fn session_setup(&self) -> &str {
+        &self.shared.session_setup
+    }
+
+    /// How long a checkout waits for a connection (pool_timeout).
     pub(crate) fn timeout(&self) -> Duration {
         self.inner.connection_timeout()
     }

@@ -22,7 +22,7 @@ use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use postgres::Socket;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::db::config::RepositoryConfig;
+use crate::db::config::ConnectionConfig;
 use crate::db::deadline::{Watch, WatchGroup, Watched};
 use crate::error::{RepoError, Result};
 
@@ -48,7 +48,7 @@ impl std::fmt::Debug for Connector {
 
 impl Connector {
     /// The connector `config` asks for.
-    pub(crate) fn for_config(config: &RepositoryConfig, pg: &postgres::Config) -> Result<Self> {
+    pub(crate) fn for_config(config: &ConnectionConfig, pg: &postgres::Config) -> Result<Self> {
         let wants_tls =
             pg.get_ssl_mode() == SslMode::Require || config.tls_root_certificate.is_some();
         if !wants_tls {
@@ -335,7 +335,7 @@ impl TlsStream for Stream {
 }
 
 #[cfg(not(feature = "tls"))]
-fn tls_connector(_config: &RepositoryConfig) -> Result<Connector> {
+fn tls_connector(_config: &ConnectionConfig) -> Result<Connector> {
     Err(RepoError::invalid(
         "TLS was requested (sslmode=require or a root certificate), but this build has no TLS \
          support: enable the `tls` feature of pg-model-repo; refusing to connect in plaintext",
@@ -343,7 +343,7 @@ fn tls_connector(_config: &RepositoryConfig) -> Result<Connector> {
 }
 
 #[cfg(feature = "tls")]
-fn tls_connector(config: &RepositoryConfig) -> Result<Connector> {
+fn tls_connector(config: &ConnectionConfig) -> Result<Connector> {
     use std::sync::Arc;
 
     let mut roots = rustls::RootCertStore::empty();

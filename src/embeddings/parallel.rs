@@ -4,16 +4,16 @@
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::schema::citus::Layout;
+use crate::db::call::Call;
+use crate::db::layout::Layout;
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
 use crate::db::retry::Retry;
-use crate::schema::sweep::Leftover;
 use crate::embeddings::check::CheckedBatch;
 use crate::embeddings::encode::{copy_in, cpu_threads, COLUMNS};
 use crate::embeddings::load::in_load_transaction;
 use crate::embeddings::types::{Embedding, Storage};
 use crate::error::{RepoError, Result};
-use crate::repository::Call;
+use crate::schema::sweep::Leftover;
 
 /// One load id per part of a parallel load, each locked (a session advisory lock) by the
 /// loading connection until the load ends: the leftover sweep skips a live load's rows however

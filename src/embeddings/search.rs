@@ -2,7 +2,7 @@
 //! path: an HNSW index of the type for that metric (pgvector, see `index`) answers in SQL;
 //! anything else is answered exactly by streaming the type once (`exact`).
 
-use crate::db::config::PGVECTOR_INSTALL_HINT;
+use crate::db::call::Call;
 use crate::db::pool::{unbounded, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
@@ -11,7 +11,8 @@ use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_
 use crate::embeddings::store::{copy_out_type, detect_storage, known_storage, open_stream};
 use crate::embeddings::types::Storage;
 use crate::error::{RepoError, Result};
-use crate::repository::{Call, ModelRepository};
+use crate::repository::ModelRepository;
+use crate::schema::settings::PGVECTOR_INSTALL_HINT;
 use crate::validate;
 
 /// The most neighbours one search returns.
@@ -253,7 +254,7 @@ impl ModelRepository {
         k: usize,
         metric: Metric,
     ) -> Result<Option<Vec<Vec<Neighbor>>>> {
-        let ef_search = self.config().hnsw_ef_search as usize;
+        let ef_search = self.config().embeddings.hnsw_ef_search as usize;
         let cache = self.index_cache();
         call.run(Retry::Idempotent, |conn| {
             let mut fresh = false;

@@ -7,6 +7,7 @@ use std::io::Read;
 use postgres::{GenericClient, Transaction};
 
 use crate::db::binary_copy::RowReader;
+use crate::db::call::Call;
 use crate::db::pool::PoisonOnPanic;
 use crate::db::retry::Retry;
 use crate::embeddings::check::{
@@ -18,7 +19,7 @@ use crate::embeddings::types::{
     check_storage_dimension, decode_column, Storage, StorageCell, VectorParam,
 };
 use crate::error::{interrupted_after, RepoError, Result};
-use crate::repository::{Call, ModelRepository};
+use crate::repository::ModelRepository;
 use crate::validate;
 
 /// The one-round-trip save of a vector whose type is registered: nothing is written (and the

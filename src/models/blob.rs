@@ -50,11 +50,14 @@ impl ModelRepository {
         self.timed("save_model_from_reader", |call| {
             let request = self.check_save(model_name, version, metadata, 0)?;
             let config = self.config();
-            let mut chunks =
-                ChunkReader::new(reader, config.model_chunk_size, config.max_model_size);
+            let mut chunks = ChunkReader::new(
+                reader,
+                config.models.chunk_size,
+                config.models.max_model_size,
+            );
             let mut read = vec![Vec::new()];
             chunks.fill(&mut read[0])?;
-            if read[0].len() == config.model_chunk_size as usize {
+            if read[0].len() == config.models.chunk_size as usize {
                 let mut next = Vec::new();
                 chunks.fill(&mut next)?;
                 if !next.is_empty() {
@@ -101,7 +104,7 @@ impl ModelRepository {
             validate::model_name(model_name)?;
             let vref = VersionRef::parse(version)?;
             let mut written = 0u64;
-            let streams = self.config().model_streams as usize;
+            let streams = self.config().models.streams as usize;
             let loaded = call.run(Retry::Idempotent, |conn| {
                 // The caller's writer runs mid-transaction: a panic in it poisons the session.
                 let mut conn = PoisonOnPanic(conn);

@@ -6,8 +6,23 @@
 mod aliases;
 mod blob;
 mod chunked;
+mod settings;
 mod versions;
 
-pub(crate) use chunked::STAGED_CHUNKS;
+pub(crate) use settings::ModelSettings;
+pub use settings::{
+    DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE, DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE,
+    MODEL_CHUNK_SIZE_RANGE,
+};
 pub use versions::ModelInfo;
-pub(crate) use versions::FLUSH_LOADS;
+
+use crate::error::Result;
+use crate::repository::Registration;
+
+/// What the models ask of the repository: their load counts written by the background
+/// thread, and staged chunks of dead saves swept.
+pub(crate) fn register(registration: &mut Registration<'_>) -> Result<()> {
+    registration.flush_model_loads(versions::FLUSH_LOADS);
+    registration.leftover(chunked::STAGED_CHUNKS);
+    Ok(())
+}

@@ -8,6 +8,7 @@ use postgres::types::ToSql;
 use postgres::{GenericClient, IsolationLevel, Row};
 use serde_json::Value;
 
+use crate::db::call::Call;
 use crate::db::hex_sha256;
 use crate::db::retry::Retry;
 use crate::error::{RepoError, Result};
@@ -16,7 +17,7 @@ use crate::models::chunked::{
     delete_released, layout_columns, release_sets, save_chunked, stream_chunks, ChunkSource,
     ChunkedSave, Layout,
 };
-use crate::repository::{Call, ModelRepository};
+use crate::repository::ModelRepository;
 use crate::validate;
 
 /// One stored model version, without its bytes.
@@ -229,7 +230,7 @@ impl ModelRepository {
                 checksum: hex_sha256(data),
                 ..request
             };
-            if data.len() as u64 <= u64::from(self.config().model_chunk_size) {
+            if data.len() as u64 <= u64::from(self.config().models.chunk_size) {
                 return store_model(call, &request, data);
             }
             save_chunked(call, &self.chunked_save(&request), ChunkSource::Slice(data))
@@ -240,8 +241,8 @@ impl ModelRepository {
     pub(crate) fn chunked_save<'a>(&self, request: &'a SaveRequest<'a>) -> ChunkedSave<'a> {
         ChunkedSave {
             request,
-            chunk_size: self.config().model_chunk_size,
-            streams: self.config().model_streams as usize,
+            chunk_size: self.config().models.chunk_size,
+            streams: self.config().models.streams as usize,
         }
     }
 
@@ -267,7 +268,7 @@ impl ModelRepository {
     }
 
     pub(crate) fn check_model_size(&self, size: u64) -> Result<()> {
-        let max = self.config().max_model_size;
+        let max = self.config().models.max_model_size;
         if size > max {
             return Err(RepoError::invalid(format!(
                 "model is {size} bytes; max_model_size is {max}"
@@ -325,7 +326,7 @@ impl ModelRepository {
         validate::model_name(model_name)?;
         let vref = VersionRef::parse(version)?;
         let columns = format!("{STORED_COLUMNS}, m.model_data");
-        let streams = self.config().model_streams as usize;
+        let streams = self.config().models.streams as usize;
         let found = call.run(Retry::Idempotent, |conn| {
             // One snapshot for the row and, for a chunked version, every chunk stream.
             let mut tx = conn

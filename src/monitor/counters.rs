@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::db::background::Chore;
 use crate::db::commit::{self, Checkout, Outcome, Status};
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
@@ -249,8 +250,10 @@ struct Counted {
 }
 
 /// Statements that write buffered counts: `$1 text[]` (keys), `$2 int8[]` (counts), `$3
-/// int8[]` (microseconds since the last access, so the database clock stamps it).
-#[derive(Clone, Copy, Debug)]
+/// int8[]` (microseconds since the last access, so the database clock stamps it). Registered
+/// by the features that count; a buffer no feature registered stays empty and is never
+/// written.
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct FlushStatements {
     /// Adds hits to the cache rows (keys are cache keys).
     pub cache_hits: &'static str,
@@ -327,6 +330,18 @@ impl AccessCounts {
         let (hits, _, hits_doubt) = self.cache_hits.buffer.unwritten();
         let (loads, _, loads_doubt) = self.model_loads.buffer.unwritten();
         hits + hits_doubt + loads + loads_doubt == 0
+    }
+}
+
+/// The background thread's first chore: the buffers written at every tick, and whenever a
+/// buffer fills up (the reaper's wake-up).
+impl Chore for AccessCounts {
+    fn what(&self) -> &'static str {
+        "flush buffered access counts"
+    }
+
+    fn run(&self, pool: &Pool, _stopping: &dyn Fn() -> bool) -> Result<u64> {
+        self.flush(pool, Flush::Background).map(|()| 0)
     }
 }
 

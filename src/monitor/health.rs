@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::schema::citus::Layout;
+use crate::db::layout::Layout;
 use crate::db::pool::{Conn, PgConnection};
-use crate::schema::tables;
 use crate::error::{RepoError, Result};
 use crate::monitor::{CheckResult, HealthReport, HealthStatus};
 use crate::repository::ModelRepository;
+use crate::schema::tables;
 
 impl ModelRepository {
     /// Checks the database ("database": a trivial query), every table ("tables"), the round
@@ -62,7 +62,7 @@ impl ModelRepository {
         if self.layout() != Layout::Local {
             checks.insert("workers".to_owned(), workers_check(&mut conn, deadline));
         }
-        let threshold = self.config().slow_query_threshold;
+        let threshold = self.config().monitor.slow_query_threshold;
         let slow = latency > threshold;
         checks.insert(
             "query_latency".to_owned(),

@@ -5,16 +5,15 @@ use std::time::{Duration, Instant};
 
 use postgres::Client;
 
-use crate::cache::purge_expired;
-use crate::schema::citus::Layout;
-use crate::db::pool::{quote_ident, session_setup_sql, PgConnection};
+use crate::db::layout::Layout;
+use crate::db::pool::{quote_ident, PgConnection};
 use crate::db::retry::Retry;
-use crate::schema::sweep::{sweep, LEFTOVER_AGE};
-use crate::schema::tables;
 use crate::error::{RepoError, Result};
 use crate::monitor::stats::{as_u64, table_facts};
 use crate::monitor::{OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance};
-use crate::repository::{ModelRepository, LEFTOVERS};
+use crate::repository::ModelRepository;
+use crate::schema::sweep::{sweep, LEFTOVER_AGE};
+use crate::schema::tables;
 
 impl ModelRepository {
     /// Purges expired cache rows, then runs `VACUUM (ANALYZE)` on every table (outside any
@@ -35,15 +34,20 @@ impl ModelRepository {
     pub fn optimize_database(&self) -> Result<OptimizeReport> {
         self.timed("optimize_database", |call| {
             let started = Instant::now();
-            let purged = purge_expired(call.pool(), self.layout(), Retry::Idempotent, &|| false)?;
-            let leftovers = sweep(call.pool(), LEFTOVERS, LEFTOVER_AGE, Retry::Idempotent)?;
-            let session_setup = session_setup_sql(self.config());
+            let purged = self.purge_expired_cache()?;
+            let leftovers = sweep(
+                call.pool(),
+                self.leftovers(),
+                LEFTOVER_AGE,
+                Retry::Idempotent,
+            )?;
+            let session_setup = call.pool().session_setup();
             let tables = call.run(Retry::Idempotent, |conn| {
                 conn.unbounded_client()
                     .batch_execute("SET statement_timeout = 0")?;
                 let result = vacuum_all(conn, self.layout());
                 // Give the session back as the pool set it up.
-                let restore = conn.client().batch_execute(&session_setup);
+                let restore = conn.client().batch_execute(session_setup);
                 if restore.is_err() {
                     conn.poison();
                 }
@@ -169,7 +173,10 @@ fn server_statements(client: &mut Client) -> Result<ServerQueryStats> {
          ORDER BY total_exec_time DESC LIMIT 25",
         quote_ident(&schema)
     );
-    let tables = format!("\\m({})\\M", tables::every_schema_has().collect::<Vec<_>>().join("|"));
+    let tables = format!(
+        "\\m({})\\M",
+        tables::every_schema_has().collect::<Vec<_>>().join("|")
+    );
     let rows = match client.query(sql.as_str(), &[&tables]) {
         Ok(rows) => rows,
         // Installed but not preloaded (55000), or not readable by this role.

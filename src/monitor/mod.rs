@@ -13,6 +13,39 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::db::config::MAX_WAIT;
+use crate::error::Result;
+use crate::validate::duration_within;
+
+/// The monitor's settings (see the setters of `RepositoryConfig`).
+#[derive(Clone, Debug)]
+pub(crate) struct MonitorSettings {
+    /// Whether per-operation timings are recorded.
+    pub(crate) enable_metrics: bool,
+    /// Operations slower than this log a warning; a slower health probe is Degraded.
+    pub(crate) slow_query_threshold: Duration,
+}
+
+impl Default for MonitorSettings {
+    fn default() -> Self {
+        MonitorSettings {
+            enable_metrics: true,
+            slow_query_threshold: Duration::from_secs(1),
+        }
+    }
+}
+
+impl MonitorSettings {
+    pub(crate) fn validate(&self) -> Result<()> {
+        duration_within(
+            "slow_query_threshold",
+            self.slow_query_threshold,
+            Duration::ZERO,
+            MAX_WAIT,
+        )
+    }
+}
+
 #[allow(unused_imports)] // named in doc links
 use crate::repository::ModelRepository;
 

@@ -2,7 +2,7 @@
 
 use postgres::Client;
 
-use crate::schema::citus::Layout;
+use crate::db::layout::Layout;
 use crate::db::retry::Retry;
 use crate::error::Result;
 use crate::monitor::{EmbeddingsStats, EntityTypeStats, ModelStats, ModelStorageStats};

@@ -13,34 +13,13 @@ use std::time::Duration;
 
 use postgres::Transaction;
 
-use crate::db::config::CitusMode;
+use crate::db::layout::Layout;
 use crate::error::{RepoError, Result};
+use crate::schema::settings::CitusMode;
 use crate::schema::tables;
 
 /// The statements that distribute a schema's tables (see the file's header).
 pub(crate) const CITUS_SQL: &str = include_str!("../../sql/citus.sql");
-
-/// Where a schema's tables are, or are to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Layout {
-    /// A plain PostgreSQL schema (no Citus, or `CitusMode::Off`).
-    Local,
-    /// Hash-distributed tables over the workers.
-    RowBased,
-    /// One distributed schema, whole on one node.
-    SchemaBased,
-}
-
-impl Layout {
-    /// The name `sql/citus.sql` takes in `pg_model_repo.citus_mode`, and the report's.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Layout::Local => "local",
-            Layout::RowBased => "row",
-            Layout::SchemaBased => "schema",
-        }
-    }
-}
 
 /// What the database says about Citus and one schema.
 #[derive(Clone, Copy, Debug, Default)]

@@ -15,13 +15,15 @@ use postgres::{Client, GenericClient, Transaction};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::schema::citus::{self, Layout};
-use crate::db::config::{CitusMode, RepositoryConfig, VectorStorage, PGVECTOR_INSTALL_HINT};
+use crate::db::config::ConnectionConfig;
 use crate::db::deadline::STATEMENT_GRACE;
 use crate::db::hex_sha256;
+use crate::db::layout::Layout;
 use crate::db::pool::{connect, quote_ident};
-use crate::schema::seed_takeover::{self, SeedTakeoverReport};
 use crate::error::{RepoError, Result};
+use crate::schema::citus;
+use crate::schema::seed_takeover::{self, SeedTakeoverReport};
+use crate::schema::settings::{CitusMode, MigrationSettings, VectorStorage, PGVECTOR_INSTALL_HINT};
 
 /// One numbered DDL file.
 struct Migration {
@@ -137,15 +139,22 @@ pub struct MigrationReport {
     pub distributed: Option<String>,
 }
 
+/// What a migration run works on: the connection (with the schema's name) and what the schema
+/// should be. Its settings were checked by the caller.
+#[derive(Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub(crate) connection: &'a ConnectionConfig,
+    pub(crate) settings: &'a MigrationSettings,
+}
+
 /// Creates the schema if absent and applies every pending migration in one transaction (a
 /// failure changes nothing). When nothing is pending it runs no DDL and takes no lock, so an
 /// application role without DDL rights can open a migrated schema. Safe when several
 /// processes run it at once: they queue on the schema's advisory lock, and the later ones find
 /// nothing left to do.
-pub(crate) fn run(config: &RepositoryConfig) -> Result<MigrationReport> {
-    config.validate()?;
-    let mut conn = connect(config)?;
-    if pending(conn.client(), config.vector_storage)?.is_empty()
+pub(crate) fn apply_migrations(config: &Target<'_>) -> Result<MigrationReport> {
+    let mut conn = connect(config.connection)?;
+    if pending(conn.client(), config.settings.vector_storage)?.is_empty()
         && !undistributed(conn.client(), config)?
     {
         return Ok(MigrationReport::default());
@@ -153,40 +162,41 @@ pub(crate) fn run(config: &RepositoryConfig) -> Result<MigrationReport> {
     // Waiting for another process's migration is bounded by pool_timeout (server-side, and
     // by the watchdog should the server hang), never by query_timeout: a migration may well
     // take longer than one statement should.
-    let wait = config.pool_timeout;
+    let wait = config.connection.pool_timeout;
     conn.watch().set_bound(
         config
+            .connection
             .stream_idle_timeout
             .max(wait.saturating_add(STATEMENT_GRACE)),
     );
     let client = conn.client();
     // DDL may take long on a big table; only lock waits stay bounded.
     client.batch_execute("SET statement_timeout = 0")?;
-    let key = lock_key(&config.schema);
+    let key = lock_key(&config.connection.schema);
     client.batch_execute(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))?;
     client
         .execute(LOCK, &[&key])
-        .map_err(|e| waited_for_migration(e.into(), &config.schema, wait))?;
+        .map_err(|e| waited_for_migration(e.into(), &config.connection.schema, wait))?;
     // The DDL's own lock waits (on tables applications use) stay bounded by query_timeout.
     let outcome = client
         .batch_execute(&format!(
             "SET lock_timeout = {}",
-            config.query_timeout.as_millis().max(1)
+            config.connection.query_timeout.as_millis().max(1)
         ))
         .map_err(RepoError::from)
         .and_then(|()| apply_with_retries(client, config, wait));
     let unlock = client.execute(UNLOCK, &[&key]);
-    let report = outcome.map_err(|e| needs_owner(e, &config.schema))?;
+    let report = outcome.map_err(|e| needs_owner(e, &config.connection.schema))?;
     unlock?;
-    log_report(&config.schema, &report);
+    log_report(&config.connection.schema, &report);
     Ok(report)
 }
 
 /// Whether the database has Citus and the schema's tables are not yet distributed as the
 /// config asks (an error when it asks for Citus on a database without it).
-fn undistributed(client: &mut Client, config: &RepositoryConfig) -> Result<bool> {
-    let found = citus::inspect(client, &config.schema)?;
-    let layout = citus::layout(config.citus, &found, &config.schema)?;
+fn undistributed(client: &mut Client, config: &Target<'_>) -> Result<bool> {
+    let found = citus::inspect(client, &config.connection.schema)?;
+    let layout = citus::layout(config.settings.citus, &found, &config.connection.schema)?;
     Ok(citus::incomplete(layout, &found))
 }
 
@@ -293,7 +303,7 @@ const DEADLOCK_ATTEMPTS: u32 = 4;
 /// a migration that touches nothing of it.
 fn apply_with_retries(
     client: &mut Client,
-    config: &RepositoryConfig,
+    config: &Target<'_>,
     wait: Duration,
 ) -> Result<MigrationReport> {
     let mut attempt = 1;
@@ -306,7 +316,7 @@ fn apply_with_retries(
                 log::warn!(
                     "pg-model-repo: the migration of schema {} lost a deadlock (attempt \
                      {attempt} of {DEADLOCK_ATTEMPTS}); running it again: {e}",
-                    config.schema
+                    config.connection.schema
                 );
                 std::thread::sleep(Duration::from_millis(
                     50 * u64::from(attempt) + fastrand::u64(0..50),
@@ -322,13 +332,13 @@ fn apply_with_retries(
 /// repositories' first opens), as it bounds the wait for this schema's migration lock.
 fn apply_pending(
     client: &mut Client,
-    config: &RepositoryConfig,
+    config: &Target<'_>,
     wait: Duration,
 ) -> Result<MigrationReport> {
-    let schema = config.schema.as_str();
-    let storage = config.vector_storage;
+    let schema = config.connection.schema.as_str();
+    let storage = config.settings.vector_storage;
     let mut tx = client.transaction()?;
-    let (layout, found) = create_schema(&mut tx, schema, config.citus)?;
+    let (layout, found) = create_schema(&mut tx, schema, config.settings.citus)?;
     let pending = pending(&mut tx, storage)?;
     let building = pending.first().is_some_and(|m| m.version == 1);
     if layout != Layout::Local {

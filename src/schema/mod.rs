@@ -6,5 +6,6 @@
 pub(crate) mod citus;
 pub(crate) mod migrate;
 pub(crate) mod seed_takeover;
+pub(crate) mod settings;
 pub(crate) mod sweep;
 pub(crate) mod tables;

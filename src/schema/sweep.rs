@@ -1,10 +1,11 @@
 //! Leftovers of work that died midway (a process killed during a `ParallelCopy`, a full
 //! refresh or a chunked model save) are removed by one sweep, by age, run by the reaper tick
-//! and by `optimize_database`. Each feature declares its leftovers next to its tables; the
-//! repository lists them.
+//! and by `optimize_database`. Each feature declares its leftovers next to its tables and
+//! registers them when the repository opens.
 
 use std::time::Duration;
 
+use crate::db::background::Chore;
 use crate::db::pool::Pool;
 use crate::db::retry::Retry;
 use crate::error::Result;
@@ -26,6 +27,30 @@ pub(crate) struct Leftover {
     pub try_lock: &'static str,
     /// Removes group `$1`'s leftovers older than `$2` (float8, seconds).
     pub delete: &'static str,
+}
+
+/// The background thread's chore: every registered kind of leftover older than
+/// [`LEFTOVER_AGE`] removed at each tick.
+#[derive(Debug)]
+pub(crate) struct Sweep {
+    leftovers: Vec<Leftover>,
+}
+
+impl Sweep {
+    pub(crate) fn new(leftovers: Vec<Leftover>) -> Self {
+        Sweep { leftovers }
+    }
+}
+
+impl Chore for Sweep {
+    fn what(&self) -> &'static str {
+        "sweep leftovers"
+    }
+
+    fn run(&self, pool: &Pool, _stopping: &dyn Fn() -> bool) -> Result<u64> {
+        // Errors are logged inside, per kind; the next tick tries again.
+        Ok(sweep(pool, &self.leftovers, LEFTOVER_AGE, Retry::Never).unwrap_or(0))
+    }
 }
 
 /// Removes every kind of leftover older than `min_age`; returns how many went. Each kind is

@@ -8,11 +8,11 @@ mod save;
 
 use postgres::{Row, Transaction};
 
+use crate::db::call::Call;
 use crate::db::pool::begin_unbounded;
 use crate::db::retry::Retry;
-use crate::schema::sweep::Leftover;
 use crate::error::{RepoError, Result};
-use crate::repository::Call;
+use crate::schema::sweep::Leftover;
 
 pub(crate) use load::stream_chunks;
 pub(crate) use save::{save_chunked, ChunkReader, ChunkSource, ChunkedSave};

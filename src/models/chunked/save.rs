@@ -11,13 +11,13 @@ use postgres::Client;
 use sha2::{Digest, Sha256};
 
 use crate::db::binary_copy::{self, io_error};
+use crate::db::call::Call;
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, PoisonOnPanic, Pool};
 use crate::db::retry::Retry;
 use crate::db::to_hex;
 use crate::error::{RepoError, Result};
 use crate::models::chunked::{delete_sets, set_lock_key, Chunks, DELETE_UNREFERENCED_SET};
 use crate::models::versions::{compare_with_stored, info_columns, ModelInfo, SaveRequest};
-use crate::repository::Call;
 
 /// A new chunk set id, locked (session advisory lock) by this connection while the save lives.
 const OPEN_SET: &str = concat!(

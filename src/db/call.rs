@@ -1,0 +1,54 @@
+//! One public operation in progress: its name (for retries' logs and timings), the pool it runs
+//! on and where the schema's tables are. The handle makes one per call; features run their
+//! statements through it.
+
+use crate::db::commit;
+use crate::db::layout::Layout;
+use crate::db::pool::{PgConnection, Pool};
+use crate::db::retry::Retry;
+use crate::error::Result;
+
+/// One public operation in progress.
+#[derive(Debug)]
+pub(crate) struct Call<'a> {
+    op: &'static str,
+    pool: &'a Pool,
+    layout: Layout,
+}
+
+impl<'a> Call<'a> {
+    /// The operation `op` on `pool`.
+    pub(crate) fn new(op: &'static str, pool: &'a Pool, layout: Layout) -> Self {
+        Call { op, pool, layout }
+    }
+
+    /// Where the schema's tables are (plain, or distributed by Citus).
+    pub(crate) fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Runs `f` on a pooled connection under this operation's name, retried per `retry`.
+    pub(crate) fn run<T>(
+        &self,
+        retry: Retry,
+        f: impl FnMut(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        self.pool.run(self.op, retry, f)
+    }
+
+    /// Runs `f` in one transaction whose commit survives a lost reply: after one, the server
+    /// says whether it committed (then `f`'s answer stands) or not (then it is retried);
+    /// when it cannot say, the call fails with `RepoError::OutcomeUnknown`. For writes whose
+    /// answer (a count, a bool) or effect would be wrong if repeated blindly.
+    pub(crate) fn run_once<T>(
+        &self,
+        f: impl FnMut(&mut postgres::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        commit::run_once(self.pool, self.op, Retry::Idempotent, f)
+    }
+
+    /// The pool, for work that spans several connections.
+    pub(crate) fn pool(&self) -> &'a Pool {
+        self.pool
+    }
+}

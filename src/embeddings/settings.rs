@@ -1,0 +1,38 @@
+//! The embeddings' settings: how many candidates an HNSW search keeps.
+
+use crate::error::{RepoError, Result};
+
+/// pgvector's default `hnsw.ef_search` is 40; searches here default to more candidates, for
+/// a recall@10 above 0.95 on clustered data (docs/embeddings.md).
+pub const DEFAULT_HNSW_EF_SEARCH: u32 = 100;
+
+/// The embeddings' settings (see the setters of `RepositoryConfig`).
+#[derive(Clone, Debug)]
+pub(crate) struct EmbeddingSettings {
+    pub(crate) hnsw_ef_search: u32,
+}
+
+impl Default for EmbeddingSettings {
+    fn default() -> Self {
+        EmbeddingSettings {
+            hnsw_ef_search: DEFAULT_HNSW_EF_SEARCH,
+        }
+    }
+}
+
+impl EmbeddingSettings {
+    /// What every session sets: the search's candidate count.
+    pub(crate) fn session_settings(&self) -> Vec<(&'static str, String)> {
+        vec![("hnsw.ef_search", self.hnsw_ef_search.to_string())]
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !(1..=1000).contains(&self.hnsw_ef_search) {
+            return Err(RepoError::invalid(format!(
+                "hnsw_ef_search must be within 1..=1000, not {}",
+                self.hnsw_ef_search
+            )));
+        }
+        Ok(())
+    }
+}

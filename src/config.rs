@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::cache::CacheSettings;
 use crate::db::config::{ConnectionConfig, MAX_WAIT};
+use crate::db::tls::Connector;
 use crate::embeddings::EmbeddingSettings;
 use crate::error::{RepoError, Result};
 use crate::models::ModelSettings;
@@ -196,7 +197,7 @@ impl RepositoryConfig {
     }
 
     /// The largest model accepted, in bytes; a larger one is `InvalidInput` and nothing of it
-    /// is stored. Defaults to 64 GiB ([`DEFAULT_MAX_MODEL_SIZE`]).
+    /// is stored. Defaults to 64 GiB ([`DEFAULT_MAX_MODEL_SIZE`](crate::DEFAULT_MAX_MODEL_SIZE)).
     pub fn max_model_size(mut self, bytes: u64) -> Self {
         self.models.max_model_size = bytes;
         self
@@ -206,7 +207,7 @@ impl RepositoryConfig {
     /// chunks of this size in `ml_model_chunks`, written and read over several connections.
     /// It also bounds memory: a streaming save or load holds a few chunks per stream at a time.
     /// Stored models keep the chunk size they were saved with. Must be within
-    /// [`MODEL_CHUNK_SIZE_RANGE`]. Defaults to 4 MiB ([`DEFAULT_MODEL_CHUNK_SIZE`]).
+    /// [`MODEL_CHUNK_SIZE_RANGE`](crate::MODEL_CHUNK_SIZE_RANGE). Defaults to 4 MiB ([`DEFAULT_MODEL_CHUNK_SIZE`](crate::DEFAULT_MODEL_CHUNK_SIZE)).
     pub fn model_chunk_size(mut self, bytes: u32) -> Self {
         self.models.chunk_size = bytes;
         self
@@ -214,7 +215,7 @@ impl RepositoryConfig {
 
     /// How many connections one save or load of a chunked model uses at once (1..=16). The
     /// extra ones are taken only if idle in the pool, never waited for, so a busy pool gives
-    /// fewer. Defaults to 2 ([`DEFAULT_MODEL_STREAMS`]).
+    /// fewer. Defaults to 2 ([`DEFAULT_MODEL_STREAMS`](crate::DEFAULT_MODEL_STREAMS)).
     pub fn model_streams(mut self, n: u32) -> Self {
         self.models.streams = n;
         self
@@ -254,7 +255,7 @@ impl RepositoryConfig {
 
     /// `hnsw.ef_search` of every session: how many candidates an HNSW search keeps (more is
     /// slower and closer to exact; at least k are needed for k results). Must be within
-    /// 1..=1000 (pgvector's range). Defaults to [`DEFAULT_HNSW_EF_SEARCH`] (100).
+    /// 1..=1000 (pgvector's range). Defaults to [`DEFAULT_HNSW_EF_SEARCH`](crate::DEFAULT_HNSW_EF_SEARCH) (100).
     pub fn hnsw_ef_search(mut self, candidates: u32) -> Self {
         self.embeddings.hnsw_ef_search = candidates;
         self
@@ -275,7 +276,9 @@ impl RepositoryConfig {
         }
         self.monitor.validate()?;
         self.models.validate()?;
-        self.embeddings.validate()
+        self.embeddings.validate()?;
+        // How sessions connect (plaintext or TLS), checked against the build's features.
+        Connector::for_config(&self.connection, &self.connection.pg_config()?).map(|_| ())
     }
 
     /// The connection settings, with the session settings the features ask for.

@@ -51,19 +51,22 @@
 //!
 //! # Module map
 //!
-//! Arrows point down: the handle composes the features, the features use the plumbing, and
-//! the plumbing never names the handle.
+//! Arrows point down: the handle composes the features, the features use the schema and the
+//! plumbing, the plumbing never names a feature. `error` and `validate` are leaves every layer
+//! uses.
 //!
 //! | module | owns |
 //! |---|---|
-//! | `repository` | the [`ModelRepository`] handle: open/close, drop order, the call wrapper (timing, operation name) |
-//! | `models/` | versions and checksums, blob streaming, chunked storage of large models over parallel streams, aliases (stack and history) |
-//! | `embeddings/` | types and validation, the dimension registry, single and streaming reads, load plans, COPY rows, `ParallelCopy`, similarity search (exact scoring, HNSW indexes) |
-//! | `cache/` | entries (CBOR, TTL), Redis globs, the reaper thread |
+//! | `repository` | the [`ModelRepository`] handle: open (migrations, pool, each feature's registration), the timing of every call, the close order |
+//! | `config` | [`RepositoryConfig`]: the public setters, the environment, one validation; each concept keeps its own settings |
+//! | `models/` | versions and checksums, references (`latest`, `@alias`), blob streaming, chunked storage over parallel streams, aliases (stack and history), the models' settings |
+//! | `embeddings/` | types and validation, the dimension registry, the shared SQL, single and streaming reads, load plans, COPY rows, `ParallelCopy`, full refreshes, similarity search (exact scoring, HNSW indexes) |
+//! | `cache/` | entries (CBOR, TTL), Redis globs, the expiry chore of the background thread |
 //! | `training` | training metrics |
-//! | `monitor/` | health, storage statistics, maintenance |
-//! | `db/` | plumbing: config, pool (checkout with retry), retry, migrations, errors, timings, access counters, TLS, the binary COPY format, the hung-server watchdog (`deadline`), commits whose reply may be lost (`commit`) |
-//! | `validate` | input rules shared by every area (names, lengths, metadata) |
+//! | `monitor/` | per-operation timings, buffered access counts, health, storage statistics, maintenance |
+//! | `schema/` | migrations and the SQL they embed, the seed takeover, Citus distribution, the one table list, the leftovers sweep, the schema's settings |
+//! | `db/` | connection plumbing: connection settings, pool (checkout with retry) and thread-affine slots, retry, the per-call wrapper, the background thread, TLS, the binary COPY format, the hung-server watchdog (`deadline`), commits whose reply may be lost (`commit`), the tables' layout |
+//! | `error`, `validate` | [`RepoError`] with typed causes; input rules shared by every area (names, lengths, metadata, settings' ranges) |
 //! | `throwaway` | throwaway PostgreSQL servers for tests and examples, which can be frozen, and a proxy that loses commit replies (feature `throwaway`, unix) |
 //!
 //! # Output types
@@ -74,7 +77,12 @@
 //! reports such as [`ModelStorageStats`] or [`PoolState`]) are `#[non_exhaustive]`, so fields
 //! can be added.
 
-#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
 
 mod cache;
 mod config;

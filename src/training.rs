@@ -63,11 +63,11 @@ impl ModelRepository {
             validate::model_name(model_name)?;
             validate::name("version", version, validate::VERSION_MAX)?;
             let document = metrics_document(metrics)?;
-            let seq: i64 = call.run(Retry::Idempotent, |conn| {
+            let seq: i64 = call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(NEXT_SEQ)?;
                 Ok(conn.client().query_one(&statement, &[])?.try_get(0)?)
             })?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(INSERT)?;
                 conn.client()
                     .execute(&statement, &[&model_name, &version, &document, &seq])?;
@@ -97,7 +97,7 @@ impl ModelRepository {
         self.timed("get_training_metrics", |call| {
             validate::model_name(model_name)?;
             validate::name("version", version, validate::VERSION_MAX)?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_NEWEST)?;
                 let Some(row) = conn
                     .client()
@@ -130,7 +130,7 @@ impl ModelRepository {
     ) -> Result<Vec<TrainingMetricsRecord>> {
         self.timed("get_training_metrics_history", |call| {
             validate::model_name(model_name)?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_HISTORY)?;
                 let mut history = Vec::new();
                 for row in conn.client().query(&statement, &[&model_name])? {

@@ -201,7 +201,7 @@ impl ModelRepository {
     pub fn explain_clear_cache(&self, pattern: &str) -> Result<String> {
         let filter = Glob::parse(pattern)?.to_sql_filter();
         self.pool()
-            .run("explain_clear_cache", Retry::Idempotent, |conn| {
+            .with_conn("explain_clear_cache", Retry::Idempotent, |conn| {
                 explain_matching(conn, &filter)
             })
     }
@@ -235,7 +235,7 @@ impl ModelRepository {
     pub fn get_cache_statistics(&self) -> Result<CacheStats> {
         self.timed("get_cache_statistics", |call| {
             self.flush_counts()?;
-            let row = call.run(Retry::Idempotent, |conn| {
+            let row = call.with_conn(Retry::Idempotent, |conn| {
                 Ok(conn.client().query_one(SELECT_STATS, &[])?)
             })?;
             let total = non_negative(row.try_get(0)?);
@@ -273,7 +273,7 @@ impl ModelRepository {
     pub fn cache_ttl(&self, cache_key: &str) -> Result<Option<Duration>> {
         self.timed("cache_ttl", |call| {
             validate_key(cache_key)?;
-            let micros: Option<i64> = call.run(Retry::Idempotent, |conn| {
+            let micros: Option<i64> = call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_TTL)?;
                 match conn.client().query_opt(&statement, &[&cache_key])? {
                     Some(row) => Ok(Some(row.try_get(0)?)),
@@ -339,7 +339,7 @@ impl ModelRepository {
     /// counting the hit (even when the value does not decode) or the miss.
     fn lookup<T: DeserializeOwned>(&self, call: &Call<'_>, cache_key: &str) -> Result<Option<T>> {
         let mut found = None;
-        let value = call.run(Retry::Idempotent, |conn| {
+        let value = call.with_conn(Retry::Idempotent, |conn| {
             found = None;
             let statement = conn.prepare_cached(SELECT_LIVE)?;
             let row = conn.client().query_opt(&statement, &[&cache_key])?;
@@ -357,7 +357,7 @@ impl ModelRepository {
 }
 
 fn store(call: &Call<'_>, cache_key: &str, bytes: &[u8], ttl_us: i64) -> Result<()> {
-    call.run(Retry::Idempotent, |conn| {
+    call.with_conn(Retry::Idempotent, |conn| {
         let statement = conn.prepare_cached(UPSERT)?;
         conn.client()
             .execute(&statement, &[&cache_key, &bytes, &ttl_us])?;
@@ -494,7 +494,7 @@ impl Chore for PurgeExpired {
         "delete expired cache rows"
     }
 
-    fn run(&self, pool: &Pool, stopping: &dyn Fn() -> bool) -> Result<u64> {
+    fn work(&self, pool: &Pool, stopping: &dyn Fn() -> bool) -> Result<u64> {
         // No retry loop inside a tick: the next tick is the retry, and a stop request is not
         // kept waiting by backoff sleeps while the database is away.
         purge_expired(pool, self.layout, Retry::Never, stopping)

@@ -21,7 +21,7 @@ pub(crate) trait Chore: Send + Sync {
 
     /// One tick's work, without retries (the next tick is the retry): how many rows it
     /// touched. `stopping` turns true when the repository closes; long work checks it.
-    fn run(&self, pool: &Pool, stopping: &dyn Fn() -> bool) -> Result<u64>;
+    fn work(&self, pool: &Pool, stopping: &dyn Fn() -> bool) -> Result<u64>;
 }
 
 /// The handle the repository keeps: dropping the shutdown sender is the stop signal.
@@ -134,7 +134,7 @@ impl Task {
     /// Runs one chore; errors go to the log (the next tick tries again).
     fn run_chore(&self, chore: &dyn Chore) {
         let started = Instant::now();
-        match chore.run(&self.pool, &|| self.stopping()) {
+        match chore.work(&self.pool, &|| self.stopping()) {
             Ok(0) => {}
             Ok(n) => log::debug!(
                 "pg-model-repo: reaper: {} touched {n} rows in {:?}",

@@ -28,12 +28,12 @@ impl<'a> Call<'a> {
     }
 
     /// Runs `f` on a pooled connection under this operation's name, retried per `retry`.
-    pub(crate) fn run<T>(
+    pub(crate) fn with_conn<T>(
         &self,
         retry: Retry,
         f: impl FnMut(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        self.pool.run(self.op, retry, f)
+        self.pool.with_conn(self.op, retry, f)
     }
 
     /// Runs `f` in one transaction whose commit survives a lost reply: after one, the server

@@ -84,7 +84,7 @@ pub(crate) fn run_tracked<T>(
     checkout: Checkout,
     mut work: impl FnMut(&mut Transaction<'_>) -> Result<T>,
 ) -> Result<Outcome<T>> {
-    retry::run(op, retry, Policy::default(), || {
+    retry::with_retries(op, retry, Policy::default(), || {
         let mut conn = check_out(pool, checkout)?;
         match attempt(&mut conn, &mut work) {
             Ok(value) => Ok(Outcome::Committed(value)),
@@ -191,24 +191,25 @@ fn attempt<T>(
 pub(crate) fn status(pool: &Pool, xid: i64, checkout: Checkout) -> Result<Status> {
     let started = Instant::now();
     loop {
-        let found = retry::run("txid_status", Retry::Idempotent, Policy::default(), || {
-            let mut conn = check_out(pool, checkout)?;
-            let row = conn.client().query_one(TXID_STATUS, &[&xid]);
-            let status: Option<String> = match row.and_then(|r| r.try_get(0)) {
-                Ok(status) => status,
-                Err(e) => {
-                    let e = RepoError::from(e);
-                    pool.note_failure(&mut conn, &e);
-                    return Err(e);
-                }
-            };
-            Ok(match status.as_deref() {
-                Some("committed") => Status::Committed,
-                Some("aborted") => Status::Aborted,
-                Some("in progress") => Status::InProgress,
-                _ => Status::Forgotten,
-            })
-        })?;
+        let found =
+            retry::with_retries("txid_status", Retry::Idempotent, Policy::default(), || {
+                let mut conn = check_out(pool, checkout)?;
+                let row = conn.client().query_one(TXID_STATUS, &[&xid]);
+                let status: Option<String> = match row.and_then(|r| r.try_get(0)) {
+                    Ok(status) => status,
+                    Err(e) => {
+                        let e = RepoError::from(e);
+                        pool.note_failure(&mut conn, &e);
+                        return Err(e);
+                    }
+                };
+                Ok(match status.as_deref() {
+                    Some("committed") => Status::Committed,
+                    Some("aborted") => Status::Aborted,
+                    Some("in progress") => Status::InProgress,
+                    _ => Status::Forgotten,
+                })
+            })?;
         let out_of_time = started.elapsed() >= IN_PROGRESS_WAIT
             || matches!(checkout, Checkout::Until(d) if Instant::now() + IN_PROGRESS_POLL >= d);
         if found != Status::InProgress || out_of_time {

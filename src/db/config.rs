@@ -74,13 +74,7 @@ impl ConnectionConfig {
             self.stream_idle_timeout,
             ms,
             MAX_WAIT,
-        )?;
-        self.connector().map(|_| ())
-    }
-
-    /// How sessions connect (plaintext or TLS), checked against the build's features.
-    pub(crate) fn connector(&self) -> Result<crate::db::tls::Connector> {
-        crate::db::tls::Connector::for_config(self, &self.pg_config()?)
+        )
     }
 
     /// The parsed connection settings, with our application_name unless the URL gives one.

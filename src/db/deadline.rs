@@ -408,7 +408,7 @@ impl Watchdog {
         let thread = self.thread.get_or_init(|| {
             let spawned = std::thread::Builder::new()
                 .name("pg-model-repo-watchdog".to_owned())
-                .spawn(move || self.run());
+                .spawn(move || self.watch_forever());
             match spawned {
                 Ok(handle) => Some(handle.thread().clone()),
                 Err(e) => {
@@ -424,7 +424,7 @@ impl Watchdog {
         }
     }
 
-    fn run(&self) {
+    fn watch_forever(&self) {
         loop {
             let live: Vec<Arc<State>> = {
                 let mut states = lock(&self.states);

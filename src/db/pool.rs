@@ -21,7 +21,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use postgres::{Client, Statement, Transaction};
+use postgres::{Client, IsolationLevel, Statement, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
 
 use crate::db::affinity::Slots;
@@ -29,7 +29,7 @@ use crate::db::config::{describe_target, ConnectionConfig};
 use crate::db::deadline::{Bounds, Watch, WatchGroup};
 use crate::db::retry::{self, Policy, Retry};
 use crate::db::static_key::{StaticKey, StaticMap};
-use crate::db::tls::{take_opened_watch, WatchedConnect};
+use crate::db::tls::{take_opened_watch, Connector, WatchedConnect};
 use crate::error::{is_connection_failure, RepoError, Result};
 
 /// How long a stale connection may take to prove it is alive before it is discarded (less
@@ -282,7 +282,8 @@ impl Manager {
     ) -> Result<Self> {
         let pg = config.pg_config()?;
         let bounds = Bounds::for_config(config, &pg);
-        let (settings, connect) = config.connector()?.watched(&pg, bounds.login, group);
+        let (settings, connect) =
+            Connector::for_config(config, &pg)?.watched(&pg, bounds.login, group);
         Ok(Manager {
             postgres: PostgresConnectionManager::new(settings, connect),
             target: describe_target(&pg),
@@ -705,13 +706,13 @@ impl Pool {
 
     /// Runs `f` on a pooled connection, repeating it on transient failures when `retry`
     /// allows. A connection that failed is poisoned and never reused.
-    pub(crate) fn run<T>(
+    pub(crate) fn with_conn<T>(
         &self,
         op: &str,
         retry: Retry,
         mut f: impl FnMut(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        retry::run(op, retry, Policy::default(), || {
+        retry::with_retries(op, retry, Policy::default(), || {
             let mut conn = self.get()?;
             let result = f(&mut conn);
             if let Err(e) = &result {
@@ -765,6 +766,32 @@ pub(crate) fn unbounded(tx: &mut Transaction<'_>) -> Result<()> {
 /// `stream_idle_timeout` on this connection (see [`PgConnection::unbounded_client`]).
 pub(crate) fn begin_unbounded(conn: &mut PgConnection) -> Result<Transaction<'_>> {
     let mut tx = conn.unbounded_client().transaction()?;
+    unbounded(&mut tx)?;
+    Ok(tx)
+}
+
+/// Begins a read-only REPEATABLE READ transaction without statement_timeout: one snapshot
+/// for every read of a stream, the watchdog waiting `stream_idle_timeout`. With `snapshot`,
+/// the transaction joins that exported snapshot (another session's, so that several
+/// connections read the same state).
+pub(crate) fn begin_snapshot<'c>(
+    conn: &'c mut PgConnection,
+    snapshot: Option<&str>,
+) -> Result<Transaction<'c>> {
+    let mut tx = conn
+        .unbounded_client()
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()?;
+    if let Some(id) = snapshot {
+        // Must come before any other statement of the transaction. The id is the server's
+        // own (hex digits and dashes), quoted all the same.
+        tx.batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT '{}'",
+            id.replace('\'', "''")
+        ))?;
+    }
     unbounded(&mut tx)?;
     Ok(tx)
 }

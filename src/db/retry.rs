@@ -55,7 +55,7 @@ pub(crate) fn is_retryable(error: &RepoError) -> bool {
 }
 
 /// Runs `attempt` until it succeeds, fails for good, or the budget is spent.
-pub(crate) fn run<T>(
+pub(crate) fn with_retries<T>(
     operation: &str,
     retry: Retry,
     policy: Policy,
@@ -107,7 +107,7 @@ mod tests {
     #[test]
     fn non_transient_errors_are_not_retried() {
         let mut calls = 0;
-        let r: Result<()> = run("t", Retry::Idempotent, quick(), || {
+        let r: Result<()> = with_retries("t", Retry::Idempotent, quick(), || {
             calls += 1;
             Err(RepoError::invalid("bad"))
         });
@@ -118,7 +118,7 @@ mod tests {
     #[test]
     fn timeouts_are_not_retried_even_when_transient() {
         let mut calls = 0;
-        let _ = run::<()>("t", Retry::Idempotent, quick(), || {
+        let _ = with_retries::<()>("t", Retry::Idempotent, quick(), || {
             calls += 1;
             Err(RepoError::pool_timeout("busy"))
         });

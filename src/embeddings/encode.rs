@@ -16,9 +16,6 @@ const CHUNK_BYTES: usize = 2 << 20;
 /// Chunks waiting between the encoders and the writer.
 const CHANNEL_CHUNKS: usize = 2;
 
-/// The columns every embeddings COPY writes, in order.
-pub(crate) const COLUMNS: &str = "entity_type, entity_id, embeddings, dimension";
-
 /// Runs CPU work (validation, encoding) on the crate's own rayon pool: never blocking I/O,
 /// never a pool checkout. Should the pool fail to start, rayon's global pool serves.
 pub(crate) fn on_cpu_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {

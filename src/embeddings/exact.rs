@@ -19,8 +19,8 @@ use rayon::prelude::*;
 
 use crate::db::binary_copy::RowReader;
 use crate::embeddings::encode::on_cpu_pool;
-use crate::embeddings::search::{Metric, Neighbor};
 use crate::embeddings::types::Storage;
+use crate::embeddings::types::{Metric, Neighbor};
 use crate::error::{RepoError, Result};
 
 /// Vector bytes per block: large enough that a block amortizes the matrix product's setup and

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use postgres::{GenericClient, Statement};
 
 use crate::db::pool::{begin_unbounded, PgConnection, Pool};
-use crate::embeddings::search::{Metric, Neighbor};
+use crate::embeddings::types::{Metric, Neighbor};
 use crate::error::{RepoError, Result};
 
 /// How long what is known of a type's indexes is trusted: an index another process built is

@@ -7,12 +7,13 @@ use std::time::Instant;
 use postgres::Transaction;
 use rayon::slice::ParallelSliceMut;
 
-use crate::db::pool::{begin_unbounded, PgConnection};
+use crate::db::pool::PgConnection;
 use crate::db::retry::Retry;
 use crate::embeddings::check::{at_index, check_batch, CheckedBatch};
-use crate::embeddings::encode::{copy_in, on_cpu_pool, COLUMNS};
+use crate::embeddings::encode::{copy_in, on_cpu_pool};
 use crate::embeddings::parallel::load_parallel;
-use crate::embeddings::registry::{check_registry, ensure_types};
+use crate::embeddings::registry::in_load_transaction;
+use crate::embeddings::sql::{COLUMNS, UPSERT_ONE};
 use crate::embeddings::store::with_storage;
 use crate::embeddings::types::{
     check_storage_dimension, vector_bytes, BatchReport, Embedding, LoadMethod, Storage, VectorParam,
@@ -33,14 +34,6 @@ const SAMPLE_KEYS: usize = 64;
 /// it loads by `Copy`. Measured with `cargo run --release --example load_bench --
 /// --crossover` (docs/embeddings.md).
 pub const BATCH_COPY_CROSSOVER: usize = 300;
-
-/// The single-row upsert (the `Insert` method's statement, and `save_embeddings`' for a
-/// type's first vector).
-pub(crate) const UPSERT_ONE: &str = concat!(
-    insert_embeddings!(),
-    "VALUES ($1, $2, $3, $4)",
-    on_key_update!()
-);
 
 /// What the caller asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,34 +59,6 @@ fn choose(
         Plan::Fastest if mostly_existing()? => LoadMethod::MultiRowInsert,
         Plan::Fastest => LoadMethod::Copy,
     })
-}
-
-/// Runs `write` inside a load's one transaction: new types registered first (each in a short
-/// transaction of its own), then, without statement_timeout, the batch's dimensions checked
-/// against the registry, `write`, and the commit.
-pub(crate) fn in_load_transaction<T>(
-    conn: &mut PgConnection,
-    batch: &CheckedBatch<'_>,
-    write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
-) -> Result<T> {
-    let created = ensure_types(conn.client(), &batch.types)?;
-    let written = write_checked(conn, batch, write);
-    if written.is_err() && !conn.is_broken() {
-        created.forget(conn.client());
-    }
-    written
-}
-
-fn write_checked<T>(
-    conn: &mut PgConnection,
-    batch: &CheckedBatch<'_>,
-    write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
-) -> Result<T> {
-    let mut tx = begin_unbounded(conn)?;
-    check_registry(&mut tx, &batch.types)?;
-    let out = write(&mut tx)?;
-    tx.commit()?;
-    Ok(out)
 }
 
 /// Runs a load by `Insert`, `MultiRowInsert` or `Copy` on one connection, in one transaction.
@@ -358,7 +323,7 @@ impl ModelRepository {
                     if plan == Plan::Method(LoadMethod::ParallelCopy) {
                         load_parallel(call, &checked, storage, &mut report)
                     } else {
-                        call.run(Retry::Idempotent, |conn| {
+                        call.with_conn(Retry::Idempotent, |conn| {
                             load_on(conn, &checked, plan, storage, &mut report)
                         })
                     }

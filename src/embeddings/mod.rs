@@ -4,22 +4,8 @@
 //! binary COPY rows (`encode`) and the multi-connection `ParallelCopy` (`parallel`). Uses the
 //! plumbing in `db` only.
 
-/// The insert prefix every embeddings write shares, as a literal for `concat!`.
-macro_rules! insert_embeddings {
-    () => {
-        "INSERT INTO embeddings AS e (entity_type, entity_id, embeddings, dimension) "
-    };
-}
-
-/// The upsert clause every embeddings write shares: `created_at` is kept, `updated_at` moves
-/// (to the new row's default, `now()`: Citus allows no function call in `DO UPDATE SET`).
-macro_rules! on_key_update {
-    () => {
-        " ON CONFLICT (entity_type, entity_id) DO UPDATE \
-         SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, \
-         updated_at = EXCLUDED.updated_at"
-    };
-}
+#[macro_use]
+mod sql;
 
 mod check;
 mod encode;
@@ -35,10 +21,10 @@ mod store;
 mod types;
 
 pub use load::BATCH_COPY_CROSSOVER;
-pub use search::{Metric, Neighbor, MAX_NEAREST_K};
+pub use search::MAX_NEAREST_K;
 pub(crate) use settings::EmbeddingSettings;
 pub use settings::DEFAULT_HNSW_EF_SEARCH;
-pub use types::{BatchReport, Embedding, LoadMethod};
+pub use types::{BatchReport, Embedding, LoadMethod, Metric, Neighbor};
 
 use crate::error::{RepoError, Result};
 use crate::repository::{ModelRepository, Registration};

@@ -9,8 +9,9 @@ use crate::db::layout::Layout;
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
 use crate::db::retry::Retry;
 use crate::embeddings::check::CheckedBatch;
-use crate::embeddings::encode::{copy_in, cpu_threads, COLUMNS};
-use crate::embeddings::load::in_load_transaction;
+use crate::embeddings::encode::{copy_in, cpu_threads};
+use crate::embeddings::registry::in_load_transaction;
+use crate::embeddings::sql::COLUMNS;
 use crate::embeddings::types::{Embedding, Storage};
 use crate::error::{RepoError, Result};
 use crate::schema::sweep::Leftover;
@@ -108,7 +109,7 @@ pub(crate) fn load_parallel(
     let parts: Vec<&[Embedding]> = records.chunks(part_rows).collect();
     let wanted = streams.min(parts.len());
     let merge = merge_statement(call.layout());
-    call.run(Retry::Idempotent, |conn| {
+    call.with_conn(Retry::Idempotent, |conn| {
         let ids: Vec<i64> = conn
             .client()
             .query(NEXT_LOAD_IDS, &[&(parts.len() as i32)])?

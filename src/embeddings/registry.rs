@@ -2,13 +2,15 @@
 //! its storage (a partition of `embeddings` whose CHECK enforces the dimension). A new type is
 //! registered in a short transaction of its own (`embedding_type_ensure`, sql/V004), before
 //! the write that needs it, so a long load never holds the partition lock; the write's
-//! transaction then checks the dimensions again against what is registered.
+//! transaction then checks the dimensions again against what is registered
+//! ([`in_load_transaction`]).
 
 use std::collections::HashMap;
 
-use postgres::GenericClient;
+use postgres::{GenericClient, Transaction};
 
-use crate::embeddings::check::TypeDim;
+use crate::db::pool::{begin_unbounded, PgConnection};
+use crate::embeddings::check::{CheckedBatch, TypeDim};
 use crate::error::{RepoError, Result};
 
 const REGISTERED_DIMENSIONS: &str = "SELECT r.entity_type::text, r.dimension \
@@ -119,4 +121,32 @@ fn compare(types: &[TypeDim<'_>], registered: &HashMap<String, i32>) -> Result<(
         }),
         None => Ok(()),
     }
+}
+
+/// Runs `write` inside a load's one transaction: new types registered first (each in a short
+/// transaction of its own), then, without statement_timeout, the batch's dimensions checked
+/// against the registry, `write`, and the commit.
+pub(crate) fn in_load_transaction<T>(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    let created = ensure_types(conn.client(), &batch.types)?;
+    let written = write_checked(conn, batch, write);
+    if written.is_err() && !conn.is_broken() {
+        created.forget(conn.client());
+    }
+    written
+}
+
+fn write_checked<T>(
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    let mut tx = begin_unbounded(conn)?;
+    check_registry(&mut tx, &batch.types)?;
+    let out = write(&mut tx)?;
+    tx.commit()?;
+    Ok(out)
 }

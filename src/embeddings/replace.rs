@@ -11,7 +11,8 @@ use postgres::Transaction;
 use crate::db::pool::{begin_unbounded, quote_ident, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{at_index, check_batch, check_key, check_vector, ENTITY_TYPE_MAX};
-use crate::embeddings::encode::{copy_in, copy_in_iter, COLUMNS};
+use crate::embeddings::encode::{copy_in, copy_in_iter};
+use crate::embeddings::sql::COLUMNS;
 use crate::embeddings::store::{known_storage, with_storage};
 use crate::embeddings::types::{check_storage_dimension, BatchReport, Embedding, Storage};
 use crate::error::{RepoError, Result};
@@ -90,7 +91,7 @@ impl ModelRepository {
                 check_storage_dimension(storage, dimension)?;
                 // One transaction: repeating it after a failure replaces again with the same
                 // set.
-                call.run(Retry::Idempotent, |conn| {
+                call.with_conn(Retry::Idempotent, |conn| {
                     let mut report = |done: u64| progress(done, total);
                     replace_on(
                         conn,
@@ -151,7 +152,7 @@ impl ModelRepository {
                         storage.sql_type()
                     )));
                 }
-                call.run(Retry::Never, |conn| {
+                call.with_conn(Retry::Never, |conn| {
                     copied = replace_on(
                         conn,
                         entity_type,

@@ -1,4 +1,4 @@
-//! Similarity search: the public `Metric` and `Neighbor`, the input rules, and the choice of
+//! Similarity search: the input rules, and the choice of
 //! path: an HNSW index of the type for that metric (pgvector, see `index`) answers in SQL;
 //! anything else is answered exactly by streaming the type once (`exact`).
 
@@ -9,7 +9,7 @@ use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::exact::Scorer;
 use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
 use crate::embeddings::store::{copy_out_type, detect_storage, known_storage, open_stream};
-use crate::embeddings::types::Storage;
+use crate::embeddings::types::{Metric, Neighbor, Storage};
 use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
 use crate::schema::settings::PGVECTOR_INSTALL_HINT;
@@ -17,60 +17,6 @@ use crate::validate;
 
 /// The most neighbours one search returns.
 pub const MAX_NEAREST_K: usize = 10_000;
-
-/// How distance is measured, as pgvector defines it; smaller is closer for all three.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum Metric {
-    /// Euclidean distance (pgvector's `<->`).
-    L2,
-    /// 1 - cosine similarity (pgvector's `<=>`), within [0, 2].
-    Cosine,
-    /// The negative inner product (pgvector's `<#>`), so that smaller is closer.
-    InnerProduct,
-}
-
-impl Metric {
-    /// Every metric.
-    pub const ALL: [Metric; 3] = [Metric::L2, Metric::Cosine, Metric::InnerProduct];
-
-    /// The metric's snake_case name: `l2`, `cosine`, `inner_product`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Metric::L2 => "l2",
-            Metric::Cosine => "cosine",
-            Metric::InnerProduct => "inner_product",
-        }
-    }
-}
-
-impl std::fmt::Display for Metric {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Metric {
-    type Err = RepoError;
-
-    /// Parses the names [`Metric::as_str`] gives.
-    fn from_str(s: &str) -> Result<Self> {
-        Metric::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| {
-                RepoError::invalid(format!("unknown metric {s:?} (l2, cosine, inner_product)"))
-            })
-    }
-}
-
-/// One search result: an entity of the searched type and its distance to the query.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Neighbor {
-    /// The entity's id.
-    pub entity_id: String,
-    /// Its distance to the query under the search's metric (smaller is closer).
-    pub distance: f32,
-}
 
 impl ModelRepository {
     /// The `k` entities of `entity_type` closest to `query` under `metric`, closest first.
@@ -160,7 +106,8 @@ impl ModelRepository {
     pub fn create_vector_index(&self, entity_type: &str, metric: Metric) -> Result<()> {
         self.timed("create_vector_index", |call| {
             validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
-            let storage = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
+            let storage =
+                call.with_conn(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
             self.storage().set(storage);
             if storage == Storage::Bytea {
                 return Err(RepoError::invalid(format!(
@@ -169,7 +116,7 @@ impl ModelRepository {
                 )));
             }
             // CREATE INDEX IF NOT EXISTS and a recorded metric: repeating it is harmless.
-            let built = call.run(Retry::Idempotent, |conn| {
+            let built = call.with_conn(Retry::Idempotent, |conn| {
                 let Some(info) = self.index_cache().lookup(conn, entity_type, true)? else {
                     return Ok(false);
                 };
@@ -211,7 +158,7 @@ impl ModelRepository {
             if known_storage(self.storage(), call)? == Storage::Bytea {
                 return Ok(exact());
             }
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 match self.index_cache().lookup(conn, entity_type, true)? {
                     Some(info) if info.indexed.contains(&metric) && info.dimension == query.len() => {
                         explain_hnsw(conn, entity_type, info.dimension, query, k, metric)
@@ -238,7 +185,7 @@ impl ModelRepository {
             }
         }
         // Nothing reaches the caller before the end, so a failed attempt may be repeated.
-        call.run(Retry::Idempotent, |conn| {
+        call.with_conn(Retry::Idempotent, |conn| {
             exact_search(conn, entity_type, queries, k, metric)
         })
     }
@@ -256,7 +203,7 @@ impl ModelRepository {
     ) -> Result<Option<Vec<Vec<Neighbor>>>> {
         let ef_search = self.config().embeddings.hnsw_ef_search as usize;
         let cache = self.index_cache();
-        call.run(Retry::Idempotent, |conn| {
+        call.with_conn(Retry::Idempotent, |conn| {
             let mut fresh = false;
             loop {
                 let Some(info) = cache.lookup(conn, entity_type, fresh)? else {

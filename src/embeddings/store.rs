@@ -13,8 +13,8 @@ use crate::db::retry::Retry;
 use crate::embeddings::check::{
     at_index, check_key, check_vector, TypeDim, ENTITY_ID_MAX, ENTITY_TYPE_MAX,
 };
-use crate::embeddings::load::UPSERT_ONE;
 use crate::embeddings::registry::ensure_types;
+use crate::embeddings::sql::UPSERT_ONE;
 use crate::embeddings::types::{
     check_storage_dimension, decode_column, Storage, StorageCell, VectorParam,
 };
@@ -156,7 +156,7 @@ impl ModelRepository {
     pub fn get_embeddings(&self, entity_type: &str, entity_id: &str) -> Result<Option<Vec<f32>>> {
         self.timed("get_embeddings", |call| {
             check_key(entity_type, entity_id)?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_ONE)?;
                 let row = conn
                     .client()
@@ -192,7 +192,7 @@ impl ModelRepository {
             if entity_ids.is_empty() {
                 return Ok(Vec::new());
             }
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_MANY)?;
                 let rows = conn
                     .client()
@@ -250,7 +250,7 @@ impl ModelRepository {
 /// Streams every (entity_id, vector) of a type to `f` by binary COPY.
 fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32])) -> Result<u64> {
     validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
-    call.run(Retry::Idempotent, |conn| {
+    call.with_conn(Retry::Idempotent, |conn| {
         // The caller's closure runs mid-COPY: a panic in it must not return this session.
         let mut conn = PoisonOnPanic(conn);
         let mut tx = conn
@@ -304,7 +304,7 @@ fn save_one(
 ) -> Result<()> {
     let value = VectorParam::new(storage, vector);
     let dimension = vector.len() as i32;
-    call.run(Retry::Idempotent, |conn| {
+    call.with_conn(Retry::Idempotent, |conn| {
         let statement = conn.prepare_cached(save_if_registered(storage))?;
         let row = conn.client().query_one(
             &statement,
@@ -348,7 +348,7 @@ pub(crate) fn known_storage(cell: &StorageCell, call: &Call<'_>) -> Result<Stora
     if let Some(storage) = cell.get() {
         return Ok(storage);
     }
-    let storage = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
+    let storage = call.with_conn(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
     cell.set(storage);
     Ok(storage)
 }
@@ -365,7 +365,7 @@ pub(crate) fn with_storage<T>(
     let believed = known_storage(cell, call)?;
     match f(believed) {
         Err(e) if e.code().is_some() => {
-            let now = call.run(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
+            let now = call.with_conn(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
             if now == believed {
                 return Err(e);
             }

@@ -1,4 +1,5 @@
-//! The public embedding types, and the bytes a vector is stored as (little-endian f32).
+//! The public embedding types (records, load methods, reports, metrics and neighbours), and
+//! the bytes a vector is stored as (little-endian f32).
 
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 use std::time::Duration;
@@ -258,7 +259,7 @@ pub(crate) fn vector_bytes(vector: &[f32]) -> Vec<u8> {
 
 /// Decodes stored bytes into `out` (cleared first).
 pub(crate) fn decode_into(bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(RepoError::corrupt(format!(
             "a stored vector has {} bytes, not a multiple of 4",
             bytes.len()
@@ -277,4 +278,58 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(bytes.len() / 4);
     decode_into(bytes, &mut out)?;
     Ok(out)
+}
+
+/// How distance is measured, as pgvector defines it; smaller is closer for all three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Metric {
+    /// Euclidean distance (pgvector's `<->`).
+    L2,
+    /// 1 - cosine similarity (pgvector's `<=>`), within [0, 2].
+    Cosine,
+    /// The negative inner product (pgvector's `<#>`), so that smaller is closer.
+    InnerProduct,
+}
+
+impl Metric {
+    /// Every metric.
+    pub const ALL: [Metric; 3] = [Metric::L2, Metric::Cosine, Metric::InnerProduct];
+
+    /// The metric's snake_case name: `l2`, `cosine`, `inner_product`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::L2 => "l2",
+            Metric::Cosine => "cosine",
+            Metric::InnerProduct => "inner_product",
+        }
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Metric {
+    type Err = RepoError;
+
+    /// Parses the names [`Metric::as_str`] gives.
+    fn from_str(s: &str) -> Result<Self> {
+        Metric::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                RepoError::invalid(format!("unknown metric {s:?} (l2, cosine, inner_product)"))
+            })
+    }
+}
+
+/// One search result: an entity of the searched type and its distance to the query.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Neighbor {
+    /// The entity's id.
+    pub entity_id: String,
+    /// Its distance to the query under the search's metric (smaller is closer).
+    pub distance: f32,
 }

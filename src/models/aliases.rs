@@ -8,7 +8,7 @@ use postgres::Transaction;
 
 use crate::db::retry::Retry;
 use crate::error::{RepoError, Result};
-use crate::models::versions::VersionRef;
+use crate::models::reference::VersionRef;
 use crate::repository::ModelRepository;
 use crate::validate;
 
@@ -68,7 +68,7 @@ impl ModelRepository {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
             let target = VersionRef::parse(version)?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
                 // FOR SHARE: a concurrent delete of the target waits for us, or we for it.
                 let literal: String = target
@@ -131,7 +131,7 @@ impl ModelRepository {
     pub fn get_model_aliases(&self, model_name: &str) -> Result<BTreeMap<String, String>> {
         self.timed("get_model_aliases", |call| {
             validate::model_name(model_name)?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_ALIASES)?;
                 conn.client()
                     .query(&statement, &[&model_name])?
@@ -161,7 +161,7 @@ impl ModelRepository {
         self.timed("get_alias_history", |call| {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_HISTORY)?;
                 conn.client()
                     .query(&statement, &[&model_name, &alias])?
@@ -189,7 +189,7 @@ impl ModelRepository {
             // A rollback is not idempotent: a commit whose outcome is unknown is checked
             // against the history row it would have written, never blindly repeated.
             let mut pending: Option<(i64, String)> = None;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 if let Some((event, target)) = &pending {
                     let done = conn
                         .client()

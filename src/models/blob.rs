@@ -5,17 +5,18 @@
 
 use std::io::{Read, Write};
 
-use postgres::{IsolationLevel, Transaction};
+use postgres::Transaction;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::db::pool::PoisonOnPanic;
+use crate::db::pool::{begin_snapshot, PoisonOnPanic};
 use crate::db::retry::Retry;
 use crate::db::to_hex;
 use crate::error::interrupted_after;
 use crate::error::{RepoError, Result};
 use crate::models::chunked::{save_chunked, stream_chunks, ChunkReader, ChunkSource, Layout};
-use crate::models::versions::{store_model, ModelInfo, SaveRequest, VersionRef, STORED_COLUMNS};
+use crate::models::reference::VersionRef;
+use crate::models::versions::{store_model, ModelInfo, SaveRequest, STORED_COLUMNS};
 use crate::repository::ModelRepository;
 use crate::validate;
 
@@ -105,16 +106,10 @@ impl ModelRepository {
             let vref = VersionRef::parse(version)?;
             let mut written = 0u64;
             let streams = self.config().models.streams as usize;
-            let loaded = call.run(Retry::Idempotent, |conn| {
+            let loaded = call.with_conn(Retry::Idempotent, |conn| {
                 // The caller's writer runs mid-transaction: a panic in it poisons the session.
                 let mut conn = PoisonOnPanic(conn);
-                let mut tx = conn
-                    .unbounded_client()
-                    .build_transaction()
-                    .isolation_level(IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()?;
-                crate::db::pool::unbounded(&mut tx)?;
+                let mut tx = begin_snapshot(&mut conn, None)?;
                 let Some(row) = vref.select(&mut tx, model_name, STORED_COLUMNS, "")? else {
                     return Ok(None);
                 };

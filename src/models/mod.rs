@@ -6,6 +6,7 @@
 mod aliases;
 mod blob;
 mod chunked;
+mod reference;
 mod settings;
 mod versions;
 

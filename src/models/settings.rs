@@ -8,16 +8,16 @@ use crate::validate::count_within;
 /// stored inline were limited to it; larger ones are stored in chunks.
 pub const MAX_BYTEA_MODEL_SIZE: u64 = (1 << 30) - (1 << 20);
 
-/// The default of [`RepositoryConfig::max_model_size`]: 64 GiB.
+/// The default of [`RepositoryConfig::max_model_size`](crate::RepositoryConfig::max_model_size): 64 GiB.
 pub const DEFAULT_MAX_MODEL_SIZE: u64 = 64 << 30;
 
-/// The default of [`RepositoryConfig::model_chunk_size`]: 4 MiB.
+/// The default of [`RepositoryConfig::model_chunk_size`](crate::RepositoryConfig::model_chunk_size): 4 MiB.
 pub const DEFAULT_MODEL_CHUNK_SIZE: u32 = 4 << 20;
 
-/// The bounds of [`RepositoryConfig::model_chunk_size`]: 64 KiB ..= 256 MiB.
+/// The bounds of [`RepositoryConfig::model_chunk_size`](crate::RepositoryConfig::model_chunk_size): 64 KiB ..= 256 MiB.
 pub const MODEL_CHUNK_SIZE_RANGE: std::ops::RangeInclusive<u32> = (64 << 10)..=(256 << 20);
 
-/// The default of [`RepositoryConfig::model_streams`].
+/// The default of [`RepositoryConfig::model_streams`](crate::RepositoryConfig::model_streams).
 pub const DEFAULT_MODEL_STREAMS: u32 = 2;
 
 /// The models' settings (see the setters of `RepositoryConfig`).

@@ -5,11 +5,12 @@
 use std::time::SystemTime;
 
 use postgres::types::ToSql;
-use postgres::{GenericClient, IsolationLevel, Row};
+use postgres::{GenericClient, Row};
 use serde_json::Value;
 
 use crate::db::call::Call;
 use crate::db::hex_sha256;
+use crate::db::pool::begin_snapshot;
 use crate::db::retry::Retry;
 use crate::error::{RepoError, Result};
 use crate::models::aliases::drop_aliases_to;
@@ -17,6 +18,7 @@ use crate::models::chunked::{
     delete_released, layout_columns, release_sets, save_chunked, stream_chunks, ChunkSource,
     ChunkedSave, Layout,
 };
+use crate::models::reference::VersionRef;
 use crate::repository::ModelRepository;
 use crate::validate;
 
@@ -96,70 +98,6 @@ impl ModelInfo {
             created_at: row.try_get("created_at")?,
             is_active: row.try_get("is_active")?,
         })
-    }
-}
-
-/// How a caller names a version: literally, as the newest active one, or through an alias.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum VersionRef {
-    Literal(String),
-    Latest,
-    Alias(String),
-}
-
-impl VersionRef {
-    /// Parses and validates `"latest"`, `"@alias"` or a literal version.
-    pub(crate) fn parse(version: &str) -> Result<Self> {
-        if version == "latest" {
-            return Ok(VersionRef::Latest);
-        }
-        if let Some(alias) = version.strip_prefix('@') {
-            validate::alias(alias)?;
-            return Ok(VersionRef::Alias(alias.to_owned()));
-        }
-        validate::name("version", version, validate::VERSION_MAX)?;
-        Ok(VersionRef::Literal(version.to_owned()))
-    }
-
-    /// The active row this reference names, with `columns` (table alias `m`) and an optional
-    /// locking clause.
-    pub(crate) fn select<C: GenericClient>(
-        &self,
-        client: &mut C,
-        model_name: &str,
-        columns: &str,
-        locking: &str,
-    ) -> Result<Option<Row>> {
-        let (sql, key): (String, Option<&str>) = match self {
-            VersionRef::Literal(v) => (
-                format!(
-                    "SELECT {columns} FROM ml_models m WHERE m.model_name = $1 \
-                     AND m.version = $2 AND m.is_active {locking}"
-                ),
-                Some(v),
-            ),
-            VersionRef::Latest => (
-                format!(
-                    "SELECT {columns} FROM ml_models m WHERE m.model_name = $1 AND m.is_active \
-                     ORDER BY m.save_seq DESC LIMIT 1 {locking}"
-                ),
-                None,
-            ),
-            VersionRef::Alias(a) => (
-                format!(
-                    "SELECT {columns} FROM ml_models m JOIN model_aliases a \
-                     ON a.model_name = m.model_name AND a.version = m.version \
-                     WHERE m.model_name = $1 AND a.model_name = $1 AND a.alias = $2 AND m.is_active \
-                     {locking}"
-                ),
-                Some(a),
-            ),
-        };
-        let row = match key {
-            Some(k) => client.query_opt(sql.as_str(), &[&model_name, &k])?,
-            None => client.query_opt(sql.as_str(), &[&model_name])?,
-        };
-        Ok(row)
     }
 }
 
@@ -327,15 +265,9 @@ impl ModelRepository {
         let vref = VersionRef::parse(version)?;
         let columns = format!("{STORED_COLUMNS}, m.model_data");
         let streams = self.config().models.streams as usize;
-        let found = call.run(Retry::Idempotent, |conn| {
+        let found = call.with_conn(Retry::Idempotent, |conn| {
             // One snapshot for the row and, for a chunked version, every chunk stream.
-            let mut tx = conn
-                .unbounded_client()
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()?;
-            crate::db::pool::unbounded(&mut tx)?;
+            let mut tx = begin_snapshot(conn, None)?;
             let Some(row) = vref.select(&mut tx, model_name, &columns, "")? else {
                 return Ok(None);
             };
@@ -392,7 +324,7 @@ impl ModelRepository {
     pub fn get_model_versions(&self, model_name: &str) -> Result<Vec<ModelInfo>> {
         self.timed("get_model_versions", |call| {
             validate::model_name(model_name)?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SELECT_VERSIONS)?;
                 let rows = conn.client().query(&statement, &[&model_name])?;
                 rows.iter().map(ModelInfo::from_row).collect()
@@ -412,7 +344,7 @@ impl ModelRepository {
     pub fn search_models(&self, metadata_filter: &Value) -> Result<Vec<ModelInfo>> {
         self.timed("search_models", |call| {
             validate::metadata(metadata_filter)?;
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let statement = conn.prepare_cached(SEARCH)?;
                 let rows = conn.client().query(&statement, &[metadata_filter])?;
                 rows.iter().map(ModelInfo::from_row).collect()
@@ -491,7 +423,7 @@ pub(crate) fn store_model(
     request: &SaveRequest<'_>,
     data: &[u8],
 ) -> Result<ModelInfo> {
-    call.run(Retry::Idempotent, |conn| {
+    call.with_conn(Retry::Idempotent, |conn| {
         // The bytes go out inside (see `BlobSource::insert`): bulk work for the watchdog.
         let mut tx = conn.unbounded_client().transaction()?;
         // An identical active version answers without sending the bytes again.
@@ -520,15 +452,25 @@ pub(crate) fn store_model(
         let info = match written {
             Some(info) => info,
             // Someone saved the same version between our check and our insert.
-            None => compare_with_stored(&mut tx, request)?.ok_or_else(|| {
-                RepoError::conflict(format!(
-                    "{}/{} was saved concurrently",
-                    request.model_name, request.version
-                ))
-            })?,
+            None => saved_meanwhile(&mut tx, request)?,
         };
         tx.commit()?;
         Ok(info)
+    })
+}
+
+/// What an insert that found its version taken (saved by another session between our
+/// comparison and our insert) answers: the stored version when it is the same content, else
+/// `Conflict`.
+pub(crate) fn saved_meanwhile<C: GenericClient>(
+    client: &mut C,
+    request: &SaveRequest<'_>,
+) -> Result<ModelInfo> {
+    compare_with_stored(client, request)?.ok_or_else(|| {
+        RepoError::conflict(format!(
+            "{}/{} was saved concurrently",
+            request.model_name, request.version
+        ))
     })
 }
 
@@ -581,7 +523,7 @@ impl ModelRepository {
             return Ok(());
         }
         info.checksum = actual.to_owned();
-        let filled = call.run(Retry::Idempotent, |conn| {
+        let filled = call.with_conn(Retry::Idempotent, |conn| {
             let statement = conn.prepare_cached(FILL_CHECKSUM)?;
             let params: [&(dyn ToSql + Sync); 3] =
                 [&info.model_name, &info.version, &info.checksum];

@@ -340,7 +340,7 @@ impl Chore for AccessCounts {
         "flush buffered access counts"
     }
 
-    fn run(&self, pool: &Pool, _stopping: &dyn Fn() -> bool) -> Result<u64> {
+    fn work(&self, pool: &Pool, _stopping: &dyn Fn() -> bool) -> Result<u64> {
         self.flush(pool, Flush::Background).map(|()| 0)
     }
 }

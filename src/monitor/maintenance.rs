@@ -42,7 +42,7 @@ impl ModelRepository {
                 Retry::Idempotent,
             )?;
             let session_setup = call.pool().session_setup();
-            let tables = call.run(Retry::Idempotent, |conn| {
+            let tables = call.with_conn(Retry::Idempotent, |conn| {
                 conn.unbounded_client()
                     .batch_execute("SET statement_timeout = 0")?;
                 let result = vacuum_all(conn, self.layout());
@@ -77,7 +77,7 @@ impl ModelRepository {
     /// ```
     pub fn get_server_query_stats(&self) -> Result<ServerQueryStats> {
         self.timed("get_server_query_stats", |call| {
-            call.run(Retry::Idempotent, |conn| server_statements(conn.client()))
+            call.with_conn(Retry::Idempotent, |conn| server_statements(conn.client()))
         })
     }
 }

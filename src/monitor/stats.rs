@@ -64,7 +64,7 @@ impl ModelRepository {
             // This repository's buffered loads count too.
             self.flush_counts()?;
             let layout = self.layout();
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let client = conn.client();
                 let models = client
                     .query(MODEL_STATS, &[])?
@@ -108,7 +108,7 @@ impl ModelRepository {
     pub fn get_embeddings_stats(&self) -> Result<EmbeddingsStats> {
         self.timed("get_embeddings_stats", |call| {
             let layout = self.layout();
-            call.run(Retry::Idempotent, |conn| {
+            call.with_conn(Retry::Idempotent, |conn| {
                 let client = conn.client();
                 let entity_types = client
                     .query(EMBEDDING_STATS, &[])?

@@ -47,7 +47,7 @@ impl Chore for Sweep {
         "sweep leftovers"
     }
 
-    fn run(&self, pool: &Pool, _stopping: &dyn Fn() -> bool) -> Result<u64> {
+    fn work(&self, pool: &Pool, _stopping: &dyn Fn() -> bool) -> Result<u64> {
         // Errors are logged inside, per kind; the next tick tries again.
         Ok(sweep(pool, &self.leftovers, LEFTOVER_AGE, Retry::Never).unwrap_or(0))
     }
@@ -89,7 +89,7 @@ pub(crate) fn sweep(
 /// transaction of its own (the lock is held until its delete commits).
 fn sweep_one(pool: &Pool, leftover: &Leftover, min_age: Duration, retry: Retry) -> Result<u64> {
     let age = min_age.as_secs_f64();
-    let groups: Vec<i64> = pool.run("sweep_leftovers", retry, |conn| {
+    let groups: Vec<i64> = pool.with_conn("sweep_leftovers", retry, |conn| {
         let statement = conn.prepare_cached(leftover.candidates)?;
         conn.client()
             .query(&statement, &[&age])?
@@ -99,7 +99,7 @@ fn sweep_one(pool: &Pool, leftover: &Leftover, min_age: Duration, retry: Retry) 
     })?;
     let mut removed = 0;
     for group in groups {
-        removed += pool.run("sweep_leftovers", retry, |conn| {
+        removed += pool.with_conn("sweep_leftovers", retry, |conn| {
             let mut tx = conn.client().transaction()?;
             let free: bool = tx.query_one(leftover.try_lock, &[&group])?.try_get(0)?;
             if !free {

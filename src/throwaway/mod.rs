@@ -101,10 +101,7 @@ impl ThrowawayServer {
 
     /// A key/value connection string for the `postgres` superuser and database.
     pub fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
+        superuser_url(self.port)
     }
 
     /// The TCP port the server listens on.
@@ -206,7 +203,7 @@ impl ThrowawayServer {
 
     fn initdb(&self, settings: &[(&str, &str)]) -> Result<()> {
         let data = self.data_dir();
-        self.run(
+        self.run_tool(
             "initdb",
             &[
                 "-D",
@@ -236,11 +233,11 @@ impl ThrowawayServer {
         let data = self.data_dir();
         let mut full = vec!["-D", data.to_str().unwrap_or_default()];
         full.extend_from_slice(args);
-        self.run("pg_ctl", &full)
+        self.run_tool("pg_ctl", &full)
     }
 
     /// Runs one of the server binaries (as `postgres` when we are root).
-    fn run(&self, program: &str, args: &[&str]) -> Result<()> {
+    fn run_tool(&self, program: &str, args: &[&str]) -> Result<()> {
         let binary = self.bindir.join(program);
         let mut command = match self.run_as {
             Some(user) => {
@@ -430,4 +427,10 @@ fn make_dir(run_as: Option<&str>) -> Result<PathBuf> {
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A key/value connection string for the `postgres` superuser and database on `port` of the
+/// loopback address.
+pub(crate) fn superuser_url(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
 }

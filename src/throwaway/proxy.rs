@@ -69,10 +69,7 @@ impl LostReplyProxy {
 
     /// A key/value connection string for the `postgres` superuser through the proxy.
     pub fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
+        super::superuser_url(self.port)
     }
 
     /// The port the proxy listens on.

@@ -8,10 +8,10 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
-use postgres::{IsolationLevel, Row, Transaction};
+use postgres::{Row, Transaction};
 use sha2::{Digest, Sha256};
 
-use crate::db::pool::{unbounded, Conn, Pool};
+use crate::db::pool::{begin_snapshot, Conn, Pool};
 use crate::db::to_hex;
 use crate::error::{RepoError, Result};
 use crate::models::chunked::Chunks;
@@ -66,7 +66,7 @@ pub(crate) fn stream_chunks(
             let spawned = std::thread::Builder::new()
                 .name(format!("pg-model-repo-chunk-in-{n}"))
                 .spawn_scoped(scope, move || {
-                    let joined = join_snapshot(conn, snapshot).and_then(|mut stream_tx| {
+                    let joined = begin_snapshot(conn, Some(snapshot)).and_then(|mut stream_tx| {
                         fetch.serve(&mut stream_tx, &jobs, &results, stop);
                         Ok(stream_tx.commit()?)
                     });
@@ -97,24 +97,6 @@ pub(crate) fn stream_chunks(
         }
         outcome
     })
-}
-
-/// Starts a read-only transaction in the exported snapshot, without statement_timeout.
-fn join_snapshot<'c>(conn: &'c mut Conn, snapshot: &str) -> Result<Transaction<'c>> {
-    let mut tx = conn
-        .unbounded_client()
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()?;
-    // Must come before any other statement of the transaction. The id is the server's own
-    // (hex digits and dashes), quoted all the same.
-    tx.batch_execute(&format!(
-        "SET TRANSACTION SNAPSHOT '{}'",
-        snapshot.replace('\'', "''")
-    ))?;
-    unbounded(&mut tx)?;
-    Ok(tx)
 }
 
 /// What every stream needs to fetch and check chunks of one version.

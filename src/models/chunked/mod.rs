@@ -163,7 +163,7 @@ pub(crate) fn release_sets(
 /// many chunks). A failure is logged; the sweep removes what is left within an hour or so.
 pub(crate) fn delete_released(call: &Call<'_>, model_name: &str, sets: &[(String, i64)]) {
     for (version, set) in sets {
-        let deleted = call.run(Retry::Idempotent, |conn| {
+        let deleted = call.with_conn(Retry::Idempotent, |conn| {
             let mut tx = begin_unbounded(conn)?;
             let n = tx.execute(DELETE_UNREFERENCED_SET, &[&model_name, version, set])?;
             tx.commit()?;

@@ -17,7 +17,9 @@ use crate::db::retry::Retry;
 use crate::db::to_hex;
 use crate::error::{RepoError, Result};
 use crate::models::chunked::{delete_sets, set_lock_key, Chunks, DELETE_UNREFERENCED_SET};
-use crate::models::versions::{compare_with_stored, info_columns, ModelInfo, SaveRequest};
+use crate::models::versions::{
+    compare_with_stored, info_columns, saved_meanwhile, ModelInfo, SaveRequest,
+};
 
 /// A new chunk set id, locked (session advisory lock) by this connection while the save lives.
 const OPEN_SET: &str = concat!(
@@ -141,7 +143,7 @@ pub(crate) fn save_chunked(
         ChunkSource::Reader(..) => Retry::Never,
     };
     let mut source = Some(source);
-    let attempt = call.run(retry, |conn| {
+    let attempt = call.with_conn(retry, |conn| {
         let source = match &mut source {
             Some(ChunkSource::Slice(data)) => ChunkSource::Slice(data),
             other => other.take().ok_or_else(|| {
@@ -160,7 +162,7 @@ pub(crate) fn save_chunked(
                 save.request.model_name,
                 save.request.version
             );
-            let published = call.run(Retry::Idempotent, |conn| {
+            let published = call.with_conn(Retry::Idempotent, |conn| {
                 let published = publish(conn.unbounded_client(), save.request, &staged)?;
                 clear_unpublished(call.pool(), conn, save.request, staged.chunks.set);
                 Ok(published)
@@ -621,12 +623,7 @@ fn publish(client: &mut Client, request: &SaveRequest<'_>, staged: &Staged) -> R
     let info = match row {
         Some(row) => ModelInfo::from_row(&row)?,
         // Saved concurrently between the comparison and the insert.
-        None => compare_with_stored(&mut tx, &request)?.ok_or_else(|| {
-            RepoError::conflict(format!(
-                "{}/{} was saved concurrently",
-                request.model_name, request.version
-            ))
-        })?,
+        None => saved_meanwhile(&mut tx, &request)?,
     };
     tx.commit()?;
     Ok(info)

@@ -297,3 +297,12 @@ pub fn documented_command(file: &str, start: &str) -> String {
         .unwrap_or_else(|| panic!("{file} documents no command starting with {start:?}"))
         .to_owned()
 }
+
+/// The Python interpreter of the cross-checks with other clients: `MODEL_REPO_PYTHON` (a
+/// virtualenv's python, say), else `python3`. A test that needs packages it lacks says NOT RUN.
+pub fn python() -> String {
+    std::env::var("MODEL_REPO_PYTHON")
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+        .unwrap_or_else(|| "python3".to_owned())
+}

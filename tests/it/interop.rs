@@ -468,9 +468,10 @@ fn announce(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// `python3` when it can import psycopg, cbor2 and numpy, else why not.
+/// The Python interpreter (see [`common::python`]) when it can import psycopg, cbor2 and
+/// numpy, else why not.
 fn python_with_packages() -> Result<(), String> {
-    let probe = std::process::Command::new("python3")
+    let probe = std::process::Command::new(crate::common::python())
         .args(["-c", "import psycopg, cbor2, numpy"])
         .output()
         .map_err(|e| format!("python3 did not start: {e}"))?;
@@ -486,7 +487,7 @@ fn python_with_packages() -> Result<(), String> {
 }
 
 fn run_python_client(mode: &str, schema: &str) -> String {
-    let output = std::process::Command::new("python3")
+    let output = std::process::Command::new(crate::common::python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/it/python_client.py"

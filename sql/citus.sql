@@ -47,7 +47,9 @@ BEGIN
     FOREACH v_table IN ARRAY ARRAY['embedding_type_ensure(text, integer)',
             'embedding_type_forget(text)', 'embedding_replace_begin(text, integer)',
             'embedding_replace_commit(text, text, integer)', 'embedding_type_drop(text)',
-            'embedding_vector_index_create(text, text)']
+            'embedding_vector_index_create(text, text)', 'embedding_load_begin(text, integer)',
+            'embedding_load_commit(text, text, integer, boolean)',
+            'embedding_load_abandon(bigint, double precision)']
     LOOP
         IF to_regprocedure(format('%I.%s', v_schema, v_table)) IS NOT NULL THEN
             EXECUTE format('ALTER FUNCTION %I.%s SET citus.multi_shard_modify_mode = sequential',

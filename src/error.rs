@@ -249,6 +249,25 @@ impl RepoError {
         }
     }
 
+    /// The same error, a dimension mismatch without a batch index given `index`: for a
+    /// batch whose type's registered dimension is found late (by the server).
+    pub(crate) fn at_batch_index(self, index: usize) -> Self {
+        match self {
+            RepoError::DimensionMismatch {
+                entity_type,
+                expected,
+                actual,
+                index: None,
+            } => RepoError::DimensionMismatch {
+                entity_type,
+                expected,
+                actual,
+                index: Some(index),
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         RepoError::InvalidInput(ErrorDetail::new(msg))
     }

@@ -94,7 +94,7 @@ pub use db::config::{
     MODEL_CHUNK_SIZE_RANGE,
 };
 pub use db::error::{RepoError, Result};
-pub use db::migrate::MigrationReport;
+pub use db::migrate::{AppliedMigration, MigrationReport, MigrationStatus};
 pub use db::pool::PoolState;
 pub use db::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
 pub use db::timings::QueryMetric;

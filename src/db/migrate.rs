@@ -670,3 +670,83 @@ mod tests {
         ));
     }
 }
+
+// ---- Migration status (read-only): what `pg-model-repo migrate --status` and `--dry-run`
+// show. Kept at the end of this file on purpose: it only reads what `pending` reads.
+
+/// The recorded applied time of every migration, oldest first.
+const SELECT_APPLIED_AT: &str =
+    "SELECT name, applied_at FROM model_repo_migrations ORDER BY version";
+
+/// One migration recorded as applied in a schema.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AppliedMigration {
+    /// The file's name, e.g. `"V001__init.sql"`.
+    pub name: String,
+    /// When it was applied (the database's clock).
+    pub applied_at: std::time::SystemTime,
+}
+
+/// The migrations of one schema, as [`ModelRepository::migrate`](crate::ModelRepository::migrate)
+/// would find them: the files recorded as applied and those it would apply now.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MigrationStatus {
+    /// The schema read.
+    pub schema: String,
+    /// The files recorded in the schema's `model_repo_migrations`, in order (empty for a new
+    /// schema).
+    pub applied: Vec<AppliedMigration>,
+    /// The files a migration would apply now, in order. The optional conversion to pgvector's
+    /// type (`V006__vector_storage.sql`) is listed where the config asks for it, or for a new
+    /// schema under `VectorStorage::Auto`, where `migrate` applies it only if the server has
+    /// pgvector.
+    pub pending: Vec<String>,
+}
+
+impl crate::repository::ModelRepository {
+    /// Lists the migrations of `config`'s schema, applied (with when) and pending, without
+    /// DDL or locks and without opening a pool: a dry run of
+    /// [`migrate`](Self::migrate). A schema that does not exist yet has every file pending.
+    /// An applied file that was edited since is `Conflict`, as `migrate` would say.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// use pg_model_repo::{ModelRepository, RepositoryConfig};
+    /// let config = RepositoryConfig::new("postgres://owner@localhost/ml").schema("ml");
+    /// let status = ModelRepository::migration_status(&config)?;
+    /// for applied in &status.applied {
+    ///     println!("applied {} at {:?}", applied.name, applied.applied_at);
+    /// }
+    /// println!("pending: {:?}", status.pending);
+    /// # Ok(()) }
+    /// ```
+    pub fn migration_status(config: &RepositoryConfig) -> Result<MigrationStatus> {
+        config.validate()?;
+        let mut conn = connect(config)?;
+        let client = conn.client();
+        let pending = pending(client, config.vector_storage)?
+            .iter()
+            .map(|m| m.name.to_owned())
+            .collect();
+        let applied = match client.query(SELECT_APPLIED_AT, &[]) {
+            Ok(rows) => rows
+                .iter()
+                .map(|row| {
+                    Ok(AppliedMigration {
+                        name: row.try_get("name")?,
+                        applied_at: row.try_get("applied_at")?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(MigrationStatus {
+            schema: config.schema.clone(),
+            applied,
+            pending,
+        })
+    }
+}

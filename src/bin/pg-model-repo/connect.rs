@@ -25,9 +25,7 @@ pub fn config(global: &Global) -> Result<RepositoryConfig, CliError> {
         .url
         .as_deref()
         .filter(|u| !u.trim().is_empty())
-        .ok_or_else(|| {
-            CliError::usage("no database: pass --url or set DATABASE_URL")
-        })?
+        .ok_or_else(|| CliError::usage("no database: pass --url or set DATABASE_URL"))?
         .to_owned();
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let mut config = RepositoryConfig::from_lookup(|name| {
@@ -56,7 +54,15 @@ pub fn config(global: &Global) -> Result<RepositoryConfig, CliError> {
 /// Opens the repository of the global options; a schema that is not migrated says to run
 /// `pg-model-repo migrate`.
 pub fn open(global: &Global) -> Result<ModelRepository, CliError> {
-    let config = config(global)?;
+    open_adjusted(global, |c| c)
+}
+
+/// [`open`] with a setting changed.
+pub fn open_adjusted(
+    global: &Global,
+    adjust: impl FnOnce(RepositoryConfig) -> RepositoryConfig,
+) -> Result<ModelRepository, CliError> {
+    let config = adjust(config(global)?);
     let schema = config.schema_name().to_owned();
     ModelRepository::open(config).map_err(|e| match e {
         RepoError::NotFound(_) => CliError::failed(format!(
@@ -158,8 +164,14 @@ mod tests {
         assert!(passwords("postgres://u:s3cr%40t@h:5432/db").contains(&"s3cr@t".to_owned()));
         assert!(passwords("postgres://u:s3cr%40t@h/db").contains(&"s3cr%40t".to_owned()));
         assert!(passwords("postgres://u@h/db?password=pw1&x=y").contains(&"pw1".to_owned()));
-        assert_eq!(passwords("host=h password='a b' user=u"), vec!["a b".to_owned()]);
-        assert_eq!(passwords("host=h password = pw2 user=u"), vec!["pw2".to_owned()]);
+        assert_eq!(
+            passwords("host=h password='a b' user=u"),
+            vec!["a b".to_owned()]
+        );
+        assert_eq!(
+            passwords("host=h password = pw2 user=u"),
+            vec!["pw2".to_owned()]
+        );
         assert!(passwords("postgres://u@h/db").is_empty());
     }
 }

@@ -93,7 +93,11 @@ pub fn install_logger() {
     static LOG: StderrLog = StderrLog {
         last: std::sync::Mutex::new(String::new()),
     };
-    let level = match std::env::var("MODEL_REPO_LOG").ok().as_deref().map(str::trim) {
+    let level = match std::env::var("MODEL_REPO_LOG")
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
         Some("off") => log::LevelFilter::Off,
         Some("error") => log::LevelFilter::Error,
         Some("info") => log::LevelFilter::Info,

@@ -84,7 +84,10 @@ fn print_dry_run(global: &Global, status: &MigrationStatus) -> Result<(), CliErr
         json!({"schema": status.schema, "dry_run": true, "would_apply": status.pending}),
         || {
             if status.pending.is_empty() {
-                format!("schema {} is up to date: nothing would be applied", status.schema)
+                format!(
+                    "schema {} is up to date: nothing would be applied",
+                    status.schema
+                )
             } else {
                 let mut text = format!("schema {}: would apply\n", status.schema);
                 for name in &status.pending {

@@ -140,7 +140,14 @@ fn info_fields(info: &ModelInfo, aliases: &[String]) -> String {
     fields(&[
         ("model", info.model_name.clone()),
         ("version", info.version.clone()),
-        ("size", format!("{} ({} bytes)", output::bytes(info.size_bytes), info.size_bytes)),
+        (
+            "size",
+            format!(
+                "{} ({} bytes)",
+                output::bytes(info.size_bytes),
+                info.size_bytes
+            ),
+        ),
         ("sha256", info.checksum.clone()),
         ("created", output::time(info.created_at)),
         ("active", info.is_active.to_string()),
@@ -262,11 +269,16 @@ fn resolve(
 fn show(global: &Global, repo: &ModelRepository, args: &ShowArgs) -> Result<i32, CliError> {
     let (name, version) = parse_model_ref(&args.model);
     let Some(version) = version else {
-        return list(global, repo, &ListArgs { name: Some(name.to_owned()) });
+        return list(
+            global,
+            repo,
+            &ListArgs {
+                name: Some(name.to_owned()),
+            },
+        );
     };
-    let info = resolve(repo, name, &version)?.ok_or_else(|| {
-        CliError::failed(format!("model {name} has no active version {version}"))
-    })?;
+    let info = resolve(repo, name, &version)?
+        .ok_or_else(|| CliError::failed(format!("model {name} has no active version {version}")))?;
     let aliases = aliases_of(repo, name, &info.version)?;
     let metrics = repo
         .get_training_metrics(name, &info.version)
@@ -302,7 +314,9 @@ fn push(global: &Global, repo: &ModelRepository, args: &PushArgs) -> Result<i32,
     let metadata: Value = serde_json::from_str(&args.metadata)
         .map_err(|e| CliError::usage(format!("--metadata is not JSON: {e}")))?;
     if !metadata.is_object() {
-        return Err(CliError::usage("--metadata must be a JSON object, e.g. '{\"auc\": 0.9}'"));
+        return Err(CliError::usage(
+            "--metadata must be a JSON object, e.g. '{\"auc\": 0.9}'",
+        ));
     }
     let from_stdin = args.file.as_os_str() == "-";
     let shown = args.file.display().to_string();
@@ -317,11 +331,17 @@ fn push(global: &Global, repo: &ModelRepository, args: &PushArgs) -> Result<i32,
         std::fs::metadata(&args.file).ok().map(|m| m.len())
     };
     let bar = progress::bytes(global.quiet, total, &format!("push {}", args.name));
-    let mut counting = Counting { inner: &mut reader, bar: &bar };
+    let mut counting = Counting {
+        inner: &mut reader,
+        bar: &bar,
+    };
     let saved = repo.save_model_from_reader(&args.name, &args.version, &mut counting, &metadata);
     bar.finish_and_clear();
     let info = saved.map_err(|e| {
-        CliError::repo(format!("cannot push {shown} as {} {}", args.name, args.version), e)
+        CliError::repo(
+            format!("cannot push {shown} as {} {}", args.name, args.version),
+            e,
+        )
     })?;
     let elapsed = bar.elapsed();
     output::print(global.format, info_json(&info, &[]), || {
@@ -382,7 +402,9 @@ fn pull(global: &Global, repo: &ModelRepository, args: &PullArgs) -> Result<i32,
         let temp = tempfile::Builder::new()
             .prefix(".pg-model-repo-pull-")
             .tempfile_in(dir)
-            .map_err(|e| CliError::failed(format!("{shown}: cannot create a file beside it: {e}")))?;
+            .map_err(|e| {
+                CliError::failed(format!("{shown}: cannot create a file beside it: {e}"))
+            })?;
         let mut out = Hashing {
             inner: io::BufWriter::with_capacity(1 << 20, temp),
             hasher: Sha256::new(),
@@ -471,7 +493,10 @@ fn delete(global: &Global, repo: &ModelRepository, args: &DeleteArgs) -> Result<
             if deleted {
                 format!("deleted {} {}", args.name, args.version)
             } else {
-                format!("{} has no active version {}: nothing deleted", args.name, args.version)
+                format!(
+                    "{} has no active version {}: nothing deleted",
+                    args.name, args.version
+                )
             }
         },
     )?;
@@ -485,14 +510,23 @@ fn cleanup(global: &Global, repo: &ModelRepository, args: &CleanupArgs) -> Resul
     output::print(
         global.format,
         json!({"model": args.name, "keep": args.keep, "removed": removed}),
-        || format!("removed {removed} versions of {} (kept the {} newest)", args.name, args.keep),
+        || {
+            format!(
+                "removed {removed} versions of {} (kept the {} newest)",
+                args.name, args.keep
+            )
+        },
     )?;
     Ok(EXIT_OK)
 }
 
 fn alias(global: &Global, repo: &ModelRepository, command: &AliasCommand) -> Result<i32, CliError> {
     match command {
-        AliasCommand::Set { name, alias, version } => {
+        AliasCommand::Set {
+            name,
+            alias,
+            version,
+        } => {
             repo.set_model_alias(name, alias, version)
                 .map_err(|e| CliError::repo(format!("cannot set {name}@{alias}"), e))?;
             output::print(
@@ -531,9 +565,9 @@ fn alias(global: &Global, repo: &ModelRepository, command: &AliasCommand) -> Res
             )?;
         }
         AliasCommand::History(AliasArgs { name, alias }) => {
-            let history = repo
-                .get_alias_history(name, alias)
-                .map_err(|e| CliError::repo(format!("cannot read the history of {name}@{alias}"), e))?;
+            let history = repo.get_alias_history(name, alias).map_err(|e| {
+                CliError::repo(format!("cannot read the history of {name}@{alias}"), e)
+            })?;
             let moves: Vec<Value> = history
                 .iter()
                 .map(|(v, at)| json!({"version": v, "set_at": output::time(*at)}))

@@ -13,7 +13,12 @@ use crate::Global;
 
 /// Exit 0 when healthy, 3 when degraded (slow, but working), 4 when unhealthy or unreachable.
 #[derive(Debug, clap::Args)]
-pub struct HealthArgs {}
+pub struct HealthArgs {
+    /// Query latency (checkout and a trivial query) above which the repository counts as
+    /// degraded, in milliseconds [default: the library's slow-query threshold, 1000].
+    #[arg(long, value_name = "MS")]
+    degraded_above_ms: Option<u64>,
+}
 
 /// Per model and per entity type: counts, bytes, latest version, last update.
 #[derive(Debug, clap::Args)]
@@ -24,8 +29,12 @@ pub struct StatsArgs {}
 #[derive(Debug, clap::Args)]
 pub struct OptimizeArgs {}
 
-pub fn health(global: &Global, _args: &HealthArgs) -> Result<i32, CliError> {
-    let (status, checks) = match connect::open(global) {
+pub fn health(global: &Global, args: &HealthArgs) -> Result<i32, CliError> {
+    let opened = connect::open_adjusted(global, |config| match args.degraded_above_ms {
+        Some(ms) => config.slow_query_threshold(Duration::from_millis(ms)),
+        None => config,
+    });
+    let (status, checks) = match opened {
         Ok(repo) => {
             let report = repo.health_check();
             repo.close();
@@ -134,11 +143,17 @@ pub fn stats(global: &Global, _args: &StatsArgs) -> Result<i32, CliError> {
                 models.active_versions,
                 output::bytes(models.total_bytes),
                 output::bytes(models.table_bytes),
-                table(&["MODEL", "ACTIVE", "VERSIONS", "BYTES", "LATEST"], &model_rows),
+                table(
+                    &["MODEL", "ACTIVE", "VERSIONS", "BYTES", "LATEST"],
+                    &model_rows
+                ),
                 embeddings.total_embeddings,
                 output::bytes(embeddings.total_bytes),
                 output::bytes(embeddings.table_bytes),
-                table(&["TYPE", "COUNT", "DIMENSION", "BYTES", "LAST UPDATE"], &type_rows),
+                table(
+                    &["TYPE", "COUNT", "DIMENSION", "BYTES", "LAST UPDATE"],
+                    &type_rows
+                ),
                 cache.total_entries,
                 cache.active_entries,
                 cache.expired_entries,
@@ -174,7 +189,14 @@ pub fn optimize(global: &Global, _args: &OptimizeArgs) -> Result<i32, CliError> 
         format!(
             "{}expired cache entries purged: {}\nleftovers removed: {}\ntook {}\n",
             table(
-                &["TABLE", "ACTION", "DEAD BEFORE", "DEAD AFTER", "SIZE", "TOOK"],
+                &[
+                    "TABLE",
+                    "ACTION",
+                    "DEAD BEFORE",
+                    "DEAD AFTER",
+                    "SIZE",
+                    "TOOK"
+                ],
                 &rows
             ),
             report.expired_cache_rows_purged,

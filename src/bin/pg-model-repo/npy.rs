@@ -81,12 +81,15 @@ pub fn inspect(path: &Path, one_d_ok: bool) -> Result<NpyLayout, CliError> {
         .metadata()
         .map_err(|e| CliError::failed(format!("{shown}: {e}")))?
         .len();
-    let mut counted = Counted { inner: file, read: 0 };
+    let mut counted = Counted {
+        inner: file,
+        read: 0,
+    };
     let header = NpyHeader::from_reader(&mut counted)
         .map_err(|e| CliError::failed(format!("{shown}: not a readable .npy file: {e}")))?;
     let data_offset = counted.read;
-    let dtype = float_dtype(&header.dtype())
-        .map_err(|why| CliError::failed(format!("{shown}: {why}")))?;
+    let dtype =
+        float_dtype(&header.dtype()).map_err(|why| CliError::failed(format!("{shown}: {why}")))?;
     if header.order() == Order::Fortran {
         return Err(CliError::failed(format!(
             "{shown}: the array is in Fortran order; write it in C order \
@@ -108,7 +111,9 @@ pub fn inspect(path: &Path, one_d_ok: bool) -> Result<NpyLayout, CliError> {
         }
     };
     if dimension == 0 {
-        return Err(CliError::failed(format!("{shown}: the vectors have dimension 0")));
+        return Err(CliError::failed(format!(
+            "{shown}: the vectors have dimension 0"
+        )));
     }
     let expected = rows
         .checked_mul(dimension)
@@ -134,8 +139,9 @@ pub fn inspect(path: &Path, one_d_ok: bool) -> Result<NpyLayout, CliError> {
     Ok(NpyLayout {
         path: path.to_owned(),
         rows,
-        dimension: usize::try_from(dimension)
-            .map_err(|_| CliError::failed(format!("{shown}: dimension {dimension} is too large")))?,
+        dimension: usize::try_from(dimension).map_err(|_| {
+            CliError::failed(format!("{shown}: dimension {dimension} is too large"))
+        })?,
         dtype,
         data_offset,
     })
@@ -234,9 +240,8 @@ const HEADER_LEN: usize = 128;
 /// A `.npy` header (format 1.0) for `rows` x `dimension` little-endian f4 values, padded to
 /// [`HEADER_LEN`] bytes.
 fn header(rows: u64, dimension: usize) -> Vec<u8> {
-    let dict = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dimension}), }}"
-    );
+    let dict =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dimension}), }}");
     let text_len = HEADER_LEN - 10;
     let mut out = Vec::with_capacity(HEADER_LEN);
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
@@ -276,7 +281,11 @@ impl<W: Write + Seek> NpyWriter<W> {
         } else if row.len() != self.dimension {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("a row of {} values among rows of {}", row.len(), self.dimension),
+                format!(
+                    "a row of {} values among rows of {}",
+                    row.len(),
+                    self.dimension
+                ),
             ));
         }
         self.bytes.clear();

@@ -47,7 +47,8 @@ pub fn normalize(value: Value) -> Value {
             let keys: Vec<&str> = map.keys().map(String::as_str).collect();
             let number = |k: &str| map.get(k).and_then(Value::as_u64);
             if keys.len() == 2 {
-                if let (Some(s), Some(n)) = (number("secs_since_epoch"), number("nanos_since_epoch"))
+                if let (Some(s), Some(n)) =
+                    (number("secs_since_epoch"), number("nanos_since_epoch"))
                 {
                     let t = UNIX_EPOCH + Duration::new(s, n as u32);
                     return Value::String(time(t));

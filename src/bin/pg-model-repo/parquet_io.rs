@@ -136,7 +136,10 @@ impl ParquetInput {
     }
 
     /// Every id of the file, in row order, checked as it comes.
-    fn for_each_id(&self, f: &mut dyn FnMut(u64, String) -> Result<(), CliError>) -> Result<(), CliError> {
+    fn for_each_id(
+        &self,
+        f: &mut dyn FnMut(u64, String) -> Result<(), CliError>,
+    ) -> Result<(), CliError> {
         let mut row = 0u64;
         for batch in self.ids_only()? {
             let batch = batch.map_err(|e| failed(&self.path, e))?;
@@ -144,9 +147,8 @@ impl ParquetInput {
                 .column_by_name(&self.id_column)
                 .ok_or_else(|| failed(&self.path, "the id column vanished"))?;
             for i in 0..batch.num_rows() {
-                let id = id_value(ids, i).ok_or_else(|| {
-                    failed(&self.path, format!("row {row}: the id is null"))
-                })?;
+                let id = id_value(ids, i)
+                    .ok_or_else(|| failed(&self.path, format!("row {row}: the id is null")))?;
                 f(row, id)?;
                 row += 1;
             }
@@ -199,7 +201,8 @@ impl ParquetInput {
 
     pub fn reader(&self) -> Result<Box<dyn RowReader>, CliError> {
         let builder = builder(&self.path)?;
-        let mask = ProjectionMask::roots(builder.parquet_schema(), [self.id_index, self.vector_index]);
+        let mask =
+            ProjectionMask::roots(builder.parquet_schema(), [self.id_index, self.vector_index]);
         let batches = builder
             .with_projection(mask)
             .with_batch_size(BATCH_ROWS)
@@ -284,9 +287,9 @@ fn floats(values: &ArrayRef, start: usize, len: usize) -> Option<Vec<f32>> {
         return None;
     }
     match values.data_type() {
-        DataType::Float32 => Some(
-            values.as_primitive::<Float32Type>().values()[start..start + len].to_vec(),
-        ),
+        DataType::Float32 => {
+            Some(values.as_primitive::<Float32Type>().values()[start..start + len].to_vec())
+        }
         DataType::Float64 => Some(
             values.as_primitive::<Float64Type>().values()[start..start + len]
                 .iter()
@@ -318,7 +321,11 @@ impl RowReader for ParquetRows {
             match self.batches.next() {
                 None => return Ok(None),
                 Some(batch) => {
-                    self.batch = Some(batch.map_err(|e| format!("{} row {row}: {e}", self.shown))?);
+                    // The reader decodes a batch ahead: the fault is at or after `row`.
+                    self.batch =
+                        Some(batch.map_err(|e| {
+                            format!("{} (reading from row {row}): {e}", self.shown)
+                        })?);
                     self.in_batch = 0;
                 }
             }
@@ -327,12 +334,18 @@ impl RowReader for ParquetRows {
         let i = self.in_batch;
         let missing = || format!("{}: a column vanished while reading", self.shown);
         let ids = batch.column_by_name(&self.id_column).ok_or_else(missing)?;
-        let vectors = batch.column_by_name(&self.vector_column).ok_or_else(missing)?;
-        let id = id_value(ids, i).ok_or_else(|| format!("{} row {row}: the id is null", self.shown))?;
+        let vectors = batch
+            .column_by_name(&self.vector_column)
+            .ok_or_else(missing)?;
+        let id =
+            id_value(ids, i).ok_or_else(|| format!("{} row {row}: the id is null", self.shown))?;
         let (values, start, len) = vector_slice(vectors, i)
             .ok_or_else(|| format!("{} row {row} (id {id:?}): the vector is null", self.shown))?;
         let vector = floats(values, start, len).ok_or_else(|| {
-            format!("{} row {row} (id {id:?}): the vector holds a null value", self.shown)
+            format!(
+                "{} row {row} (id {id:?}): the vector holds a null value",
+                self.shown
+            )
         })?;
         self.in_batch += 1;
         self.row += 1;

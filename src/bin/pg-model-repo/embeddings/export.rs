@@ -60,7 +60,8 @@ pub fn run(global: &Global, args: &ExportArgs) -> Result<i32, CliError> {
     });
     bar.finish_and_clear();
     let elapsed = bar.elapsed();
-    let rows = streamed.map_err(|e| CliError::repo(format!("cannot export {}", args.entity_type), e))?;
+    let rows =
+        streamed.map_err(|e| CliError::repo(format!("cannot export {}", args.entity_type), e))?;
     if let Some(e) = failure {
         return Err(CliError::failed(format!("{shown}: {e}; nothing was kept")));
     }
@@ -181,4 +182,3 @@ impl RowWriter for NpyExport {
         persist(ids, &this.ids_path)
     }
 }
-

@@ -96,7 +96,11 @@ pub fn run(global: &Global, args: &LoadArgs) -> Result<i32, CliError> {
     let source = source(args)?;
     let repo = connect::open(global)?;
     let total = source.rows();
-    let bar = progress::rows(global.quiet, Some(total), &format!("load {}", args.entity_type));
+    let bar = progress::rows(
+        global.quiet,
+        Some(total),
+        &format!("load {}", args.entity_type),
+    );
     let failure = RefCell::new(None);
     let mut rows = FileRows {
         entity_type: &args.entity_type,

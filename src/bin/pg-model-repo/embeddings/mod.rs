@@ -115,7 +115,10 @@ fn stats(global: &Global) -> Result<i32, CliError> {
             .collect();
         format!(
             "{}total: {} vectors, {} (tables {})\n",
-            table(&["TYPE", "COUNT", "DIMENSION", "BYTES", "LAST UPDATE"], &rows),
+            table(
+                &["TYPE", "COUNT", "DIMENSION", "BYTES", "LAST UPDATE"],
+                &rows
+            ),
             stats.total_embeddings,
             output::bytes(stats.total_bytes),
             output::bytes(stats.table_bytes)
@@ -153,7 +156,12 @@ fn nearest(global: &Global, args: &NearestArgs) -> Result<i32, CliError> {
                 .ok_or_else(|| {
                     CliError::failed(format!("{} has no vector with id {id:?}", args.entity_type))
                 })?;
-            let k = (args.k + 1).min(pg_model_repo::MAX_NEAREST_K.max(args.k));
+            // One more, as the entity itself comes back; k = 0 stays 0 for the library to refuse.
+            let k = if args.k == 0 {
+                0
+            } else {
+                (args.k + 1).min(pg_model_repo::MAX_NEAREST_K.max(args.k))
+            };
             let mut found = search(&repo, args, &[vector], k, metric)?;
             let mut neighbors = found.pop().unwrap_or_default();
             neighbors.retain(|n| &n.entity_id != id);
@@ -188,7 +196,13 @@ fn nearest(global: &Global, args: &NearestArgs) -> Result<i32, CliError> {
                 let rows: Vec<Vec<String>> = neighbors
                     .iter()
                     .enumerate()
-                    .map(|(i, n)| vec![(i + 1).to_string(), n.entity_id.clone(), n.distance.to_string()])
+                    .map(|(i, n)| {
+                        vec![
+                            (i + 1).to_string(),
+                            n.entity_id.clone(),
+                            n.distance.to_string(),
+                        ]
+                    })
                     .collect();
                 text.push_str(&table(&["RANK", "ENTITY_ID", "DISTANCE"], &rows));
             }

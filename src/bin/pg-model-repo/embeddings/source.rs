@@ -17,7 +17,10 @@ pub trait RowReader {
 
 /// A checked input.
 pub enum Source {
-    Npy { layout: NpyLayout, ids: PathBuf },
+    Npy {
+        layout: NpyLayout,
+        ids: PathBuf,
+    },
     #[cfg(feature = "parquet")]
     Parquet(crate::parquet_io::ParquetInput),
 }
@@ -28,7 +31,10 @@ impl Source {
     pub fn npy(vectors: &Path, ids_path: &Path) -> Result<Self, CliError> {
         let layout = npy::inspect(vectors, false)?;
         if layout.rows == 0 {
-            return Err(CliError::failed(format!("{}: the array has no rows", vectors.display())));
+            return Err(CliError::failed(format!(
+                "{}: the array has no rows",
+                vectors.display()
+            )));
         }
         ids::check(ids_path, layout.rows, &vectors.display().to_string())?;
         Ok(Source::Npy {

@@ -6,6 +6,7 @@ mod load;
 pub mod source;
 
 /// What the Parquet writer shares with the export.
+#[cfg(feature = "parquet")]
 pub mod export_support {
     pub use super::export::{persist, temp_beside, RowWriter};
 }

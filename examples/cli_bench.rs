@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release --features cli,parquet
 //! cargo run --release --example cli_bench -- [--rows 1000000] [--dim 384] [--model-mib 2048]
-//!     [--bin target/release/pg-model-repo] [--dir /tmp] [--skip-models]
+//!     [--rounds 3] [--bin target/release/pg-model-repo] [--dir /tmp] [--skip-models]
 //! ```
 //!
 //! - `load --replace`: `pg-model-repo embeddings load T --replace --ids --vectors` of a
@@ -17,7 +17,9 @@
 //!   `for_each_embedding` into a closure that only touches the values.
 //! - `models push` / `models pull` of a model-mib file: peak RSS and MiB/s.
 //!
-//! Peak RSS of each tool process is GNU time's `%M` (`/usr/bin/time`; `apt-get install time`).
+//! Each round runs the three pairs, the library first in even rounds and the tool first in
+//! odd ones, each measurement after a CHECKPOINT; the table shows medians (min-max). Peak RSS
+//! of each tool process is GNU time's `%M` (`/usr/bin/time`; `apt-get install time`).
 //! Uses `DATABASE_URL` when set, else a throwaway server from the local binaries.
 
 use std::error::Error;
@@ -36,6 +38,7 @@ struct Args {
     bin: PathBuf,
     dir: PathBuf,
     skip_models: bool,
+    rounds: usize,
 }
 
 fn parse_args() -> Result<Args, Box<dyn Error>> {
@@ -55,6 +58,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         ),
         dir: value("--dir").map_or_else(std::env::temp_dir, PathBuf::from),
         skip_models: args.iter().any(|a| a == "--skip-models"),
+        rounds: value("--rounds").map_or(Ok(3), |v| v.parse())?,
     })
 }
 
@@ -164,18 +168,13 @@ fn main() -> Result<(), Box<dyn Error>> {
     let npy_s = npy.display().to_string();
     let ids_s = ids.display().to_string();
 
-    // The library from memory: the same rows, built before the clock starts.
+    // The library from memory: the same rows, built before any clock starts. Each round runs
+    // every pair, the library first in even rounds and the tool first in odd ones, each
+    // measurement after a CHECKPOINT; the table shows medians.
     let rows_in_memory = batch("lib", rows, dim);
-    let started = Instant::now();
-    repo.replace_embeddings("lib", &rows_in_memory)?;
-    let lib_replace = started.elapsed();
-    repo.drop_embedding_type("lib")?;
-    let started = Instant::now();
-    repo.load_embeddings(&rows_in_memory, LoadMethod::Copy)?;
-    let lib_load = started.elapsed();
-    drop(rows_in_memory);
-    repo.drop_embedding_type("lib")?;
-
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls)?;
+    let mut times: Vec<[f64; 6]> = Vec::new();
+    let mut rss = [0f64; 3];
     let load = [
         "embeddings",
         "load",
@@ -185,63 +184,109 @@ fn main() -> Result<(), Box<dyn Error>> {
         "--vectors",
         &npy_s,
     ];
-    let (cli_replace, rss_replace) =
-        tool(&args, &url, schema, &[&load[..], &["--replace"]].concat())?;
-    repo.drop_embedding_type("cli")?;
-    let (cli_load, rss_load) = tool(
-        &args,
-        &url,
-        schema,
-        &[&load[..], &["--method", "copy"]].concat(),
-    )?;
-
-    let started = Instant::now();
-    let mut sum = 0f64;
-    let streamed = repo.for_each_embedding("cli", &mut |_, v| sum += f64::from(v[0]))?;
-    let lib_export = started.elapsed();
     let out_npy = args.dir.join("cli_bench_out.npy").display().to_string();
     let out_ids = args.dir.join("cli_bench_out.txt").display().to_string();
-    let (cli_export, rss_export) = tool(
-        &args,
-        &url,
-        schema,
-        &[
-            "embeddings",
-            "export",
-            "cli",
-            "--ids",
-            &out_ids,
-            "--vectors",
-            &out_npy,
-        ],
-    )?;
-    assert_eq!(streamed as usize, rows, "{sum}");
+    for round in 0..args.rounds {
+        let tool_first = round % 2 == 1;
+        let mut t = [0f64; 6];
+        for step in 0..6 {
+            // Pairs (library, tool): replace, load, export; the order within a pair rotates.
+            let (pair, tool_turn) = (step / 2, (step % 2 == 0) == tool_first);
+            admin.batch_execute("CHECKPOINT")?;
+            let slot = pair * 2 + usize::from(tool_turn);
+            match (pair, tool_turn) {
+                (0, false) => {
+                    repo.drop_embedding_type("lib")?;
+                    let started = Instant::now();
+                    repo.replace_embeddings("lib", &rows_in_memory)?;
+                    t[slot] = secs(started.elapsed());
+                }
+                (0, true) => {
+                    repo.drop_embedding_type("cli")?;
+                    let (d, r) = tool(&args, &url, schema, &[&load[..], &["--replace"]].concat())?;
+                    (t[slot], rss[0]) = (secs(d), rss[0].max(r));
+                }
+                (1, false) => {
+                    repo.drop_embedding_type("lib")?;
+                    let started = Instant::now();
+                    repo.load_embeddings(&rows_in_memory, LoadMethod::Copy)?;
+                    t[slot] = secs(started.elapsed());
+                }
+                (1, true) => {
+                    repo.drop_embedding_type("cli")?;
+                    let (d, r) = tool(
+                        &args,
+                        &url,
+                        schema,
+                        &[&load[..], &["--method", "copy"]].concat(),
+                    )?;
+                    (t[slot], rss[1]) = (secs(d), rss[1].max(r));
+                }
+                (_, false) => {
+                    let started = Instant::now();
+                    let mut sum = 0f64;
+                    let streamed =
+                        repo.for_each_embedding("cli", &mut |_, v| sum += f64::from(v[0]))?;
+                    t[slot] = secs(started.elapsed());
+                    assert_eq!(streamed as usize, rows, "{sum}");
+                }
+                (_, true) => {
+                    let (d, r) = tool(
+                        &args,
+                        &url,
+                        schema,
+                        &[
+                            "embeddings",
+                            "export",
+                            "cli",
+                            "--ids",
+                            &out_ids,
+                            "--vectors",
+                            &out_npy,
+                        ],
+                    )?;
+                    (t[slot], rss[2]) = (secs(d), rss[2].max(r));
+                }
+            }
+        }
+        println!("round {round}: {t:.1?}");
+        times.push(t);
+    }
+    drop(rows_in_memory);
+    repo.drop_embedding_type("lib")?;
     repo.drop_embedding_type("cli")?;
+    let median = |i: usize| {
+        let mut v: Vec<f64> = times.iter().map(|t| t[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let range = |i: usize| {
+        let v: Vec<f64> = times.iter().map(|t| t[i]).collect();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!("{lo:.1}-{hi:.1}")
+    };
 
     println!();
+    println!("medians of {} rounds (min-max)", args.rounds);
     println!("| measurement | library from memory | pg-model-repo | ratio (library time / tool time) | tool peak RSS |");
     println!("|---|---|---|---|---|");
-    println!(
-        "| load --replace (replace_embeddings) | {:.1} s | {:.1} s | {:.2}x | {:.0} MiB |",
-        secs(lib_replace),
-        secs(cli_replace),
-        secs(lib_replace) / secs(cli_replace),
-        rss_replace
-    );
-    println!(
-        "| load, no replace (load_embeddings Copy; PROVISIONAL: shim collects rows) | {:.1} s | {:.1} s | {:.2}x | {:.0} MiB |",
-        secs(lib_load),
-        secs(cli_load),
-        secs(lib_load) / secs(cli_load),
-        rss_load
-    );
-    println!(
-        "| export (for_each_embedding) | {:.1} s | {:.1} s | {:.2}x | {:.0} MiB |",
-        secs(lib_export),
-        secs(cli_export),
-        secs(lib_export) / secs(cli_export),
-        rss_export
-    );
+    let names = [
+        "load --replace (replace_embeddings)",
+        "load, no replace (load_embeddings Copy; PROVISIONAL: shim collects rows)",
+        "export (for_each_embedding)",
+    ];
+    for (pair, name) in names.iter().enumerate() {
+        let (lib, cli) = (median(pair * 2), median(pair * 2 + 1));
+        println!(
+            "| {name} | {lib:.1} s ({}) | {cli:.1} s ({}) | {:.2}x | {:.0} MiB |",
+            range(pair * 2),
+            range(pair * 2 + 1),
+            lib / cli,
+            rss[pair]
+        );
+    }
     for f in [&npy, &ids] {
         std::fs::remove_file(f)?;
     }

@@ -58,7 +58,7 @@ pub(crate) fn check_values(vector: &[f32]) -> Result<()> {
 /// Prefixes an error with the batch index it belongs to.
 pub(crate) fn at_index(index: usize, error: RepoError) -> RepoError {
     match error {
-        RepoError::InvalidInput(_) => error.with_context(format_args!("record {index}")),
+        RepoError::InvalidInput(d) => RepoError::InvalidInput(d.at_record(index)),
         other => other,
     }
 }
@@ -125,10 +125,13 @@ fn check_all_but_values(
         let e = &batch[i];
         return Err((
             i,
-            RepoError::invalid(format!(
-                "record {i}: duplicate key ({:?}, {:?}) in one batch",
-                e.entity_type, e.entity_id
-            )),
+            RepoError::invalid_record(
+                i,
+                format!(
+                    "duplicate key ({:?}, {:?}) in one batch",
+                    e.entity_type, e.entity_id
+                ),
+            ),
         ));
     }
     if let Some(mixed) = mixed {

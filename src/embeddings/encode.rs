@@ -132,9 +132,10 @@ fn put_floats(
 
 /// The error of a vector value that is NaN or infinite, as the batch checks word it.
 pub(crate) fn not_finite(record: usize, value_index: usize, value: f32) -> RepoError {
-    RepoError::invalid(format!(
-        "record {record}: vector value {value_index} is {value} (NaN and infinities are not allowed)"
-    ))
+    RepoError::invalid_record(
+        record,
+        format!("vector value {value_index} is {value} (NaN and infinities are not allowed)"),
+    )
 }
 
 #[cfg(test)]

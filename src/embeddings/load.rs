@@ -339,10 +339,13 @@ fn load_stream(
 /// One record of a one-type stream (its values are checked as they are encoded).
 fn one_type_record(entity_type: &str, dimension: usize, index: usize, e: &Embedding) -> Result<()> {
     if e.entity_type != entity_type {
-        return Err(RepoError::invalid(format!(
-            "record {index}: entity type {:?} in a stream of {entity_type:?} (one type per call)",
-            e.entity_type
-        )));
+        return Err(RepoError::invalid_record(
+            index,
+            format!(
+                "entity type {:?} in a stream of {entity_type:?} (one type per call)",
+                e.entity_type
+            ),
+        ));
     }
     check_key(&e.entity_type, &e.entity_id).map_err(|err| at_index(index, err))?;
     check_shape(&e.vector).map_err(|err| at_index(index, err))?;

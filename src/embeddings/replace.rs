@@ -193,11 +193,13 @@ fn check_replacement_batch(entity_type: &str, batch: &[Embedding]) -> Result<usi
     }
     let checked = check_batch(batch).map_err(|e| match e {
         // One type per refresh: another length is a bad record here, not a registry matter.
-        RepoError::DimensionMismatch { index, actual, .. } => RepoError::invalid(format!(
-            "record {}: a full refresh needs one dimension; this vector has {actual}, the first {}",
+        RepoError::DimensionMismatch { index, actual, .. } => RepoError::invalid_record(
             index.unwrap_or(0),
-            first.vector.len()
-        )),
+            format!(
+                "a full refresh needs one dimension; this vector has {actual}, the first {}",
+                first.vector.len()
+            ),
+        ),
         other => other,
     })?;
     Ok(checked.types[0].dimension)
@@ -217,17 +219,23 @@ fn check_replacement_record(
     // The values are checked as the record is encoded.
     check_shape(&e.vector).map_err(|err| at_index(index, err))?;
     if e.vector.len() != dimension {
-        return Err(RepoError::invalid(format!(
-            "record {index}: a full refresh needs one dimension; this vector has {}, the first {dimension}",
-            e.vector.len()
-        )));
+        return Err(RepoError::invalid_record(
+            index,
+            format!(
+                "a full refresh needs one dimension; this vector has {}, the first {dimension}",
+                e.vector.len()
+            ),
+        ));
     }
     Ok(())
 }
 
 fn other_type(index: usize, entity_type: &str, e: &Embedding) -> RepoError {
-    RepoError::invalid(format!(
-        "record {index}: entity type {:?} in a full refresh of {entity_type:?}",
-        e.entity_type
-    ))
+    RepoError::invalid_record(
+        index,
+        format!(
+            "entity type {:?} in a full refresh of {entity_type:?}",
+            e.entity_type
+        ),
+    )
 }

@@ -10,6 +10,8 @@ mod aliases;
 mod cache;
 #[cfg(feature = "citus")]
 mod citus;
+#[cfg(feature = "cli")]
+mod cli;
 mod embedding_storage;
 mod embeddings;
 mod faults;
@@ -17,6 +19,7 @@ mod hangs;
 mod interop;
 mod large_models;
 mod lost_replies;
+mod migration_status;
 mod models;
 mod monitor;
 mod pool;

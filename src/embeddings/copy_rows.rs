@@ -33,6 +33,8 @@ pub(crate) enum Source<'a> {
     /// A batch already checked (keys, dimensions, duplicates); its values are checked as they
     /// are encoded.
     Slice(&'a [Embedding]),
+    /// A part of such a batch, whose first record has this index in it (for errors).
+    Part(&'a [Embedding], usize),
     /// The caller's iterator, pulled on the caller's thread; each record passes
     /// `check(index, &record)` before it is queued.
     Iter {
@@ -346,7 +348,8 @@ fn produce<'scope, 'env, 'a: 'scope>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
 ) {
     match source {
-        Source::Slice(records) => {
+        Source::Slice(records) => produce(Source::Part(records, 0), raw, shared, scope),
+        Source::Part(records, offset) => {
             let per_chunk =
                 rows_per_chunk(records.iter().map(|e| e.vector.len()).max().unwrap_or(1));
             let raw = raw.clone();
@@ -354,9 +357,8 @@ fn produce<'scope, 'env, 'a: 'scope>(
                 .name("pg-model-repo-rows".into())
                 .spawn_scoped(scope, move || {
                     for (n, part) in records.chunks(per_chunk).enumerate() {
-                        if shared.stopped()
-                            || raw.send((n * per_chunk, Raw::Borrowed(part))).is_err()
-                        {
+                        let first = offset + n * per_chunk;
+                        if shared.stopped() || raw.send((first, Raw::Borrowed(part))).is_err() {
                             return;
                         }
                     }

@@ -84,16 +84,18 @@ pub(crate) fn load_single(
     source: Source<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
+    if plan.layout != Layout::Local {
+        // A Citus coordinator freezes nothing, and wants its COPY into the distributed
+        // table out of the transaction that changes the registry: one stream, as below.
+        return load_streams(pool, conn, Vec::new(), plan, source, progress);
+    }
     let fresh = begin(conn, &plan)?;
-    let loaded = (|| {
+    let loaded = guarded(|| {
         let stamps = kept_stamps(conn, &plan)?;
-        let freeze = plan.layout == Layout::Local;
         let mut tx = begin_unbounded(conn)?;
-        if freeze {
-            tx.execute(TRUNCATE, &[&fresh.table])?;
-        }
+        tx.execute(TRUNCATE, &[&fresh.table])?;
         let target = Target {
-            sql: &copy_sql(&fresh.table, freeze, stamps.is_some()),
+            sql: &copy_sql(&fresh.table, true, stamps.is_some()),
             prefix: Prefix::None,
             stamps: stamps.as_ref(),
             storage: plan.storage,
@@ -103,9 +105,8 @@ pub(crate) fn load_single(
         commit(&mut tx, &fresh, &plan)?;
         tx.commit()?;
         Ok(rows)
-    })();
-    end(pool, conn, &fresh, &plan, &loaded);
-    loaded
+    });
+    finish(pool, conn, &fresh, &plan, loaded)
 }
 
 /// Loads `source` into fresh storage over `conn` and the connections in `extra` at once,
@@ -120,7 +121,7 @@ pub(crate) fn load_streams(
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     let fresh = begin(conn, &plan)?;
-    let loaded = (|| {
+    let loaded = guarded(|| {
         let stamps = kept_stamps(conn, &plan)?;
         let target = Target {
             sql: &copy_sql(&fresh.table, false, stamps.is_some()),
@@ -136,9 +137,39 @@ pub(crate) fn load_streams(
         commit(&mut tx, &fresh, &plan)?;
         tx.commit()?;
         Ok(rows)
-    })();
-    end(pool, conn, &fresh, &plan, &loaded);
-    loaded
+    });
+    finish(pool, conn, &fresh, &plan, loaded)
+}
+
+/// What the load's work ended with: its result, or the panic that ended it (the caller's
+/// iterator, its progress callback).
+type Ended<T> = std::result::Result<Result<T>, Box<dyn std::any::Any + Send>>;
+
+fn guarded<T>(work: impl FnOnce() -> Result<T>) -> Ended<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+}
+
+/// Cleans up after the load (see [`end`]); a panic resumes once that is done, with the
+/// session poisoned (a panic went through it).
+fn finish<T>(
+    pool: &Pool,
+    conn: &mut PgConnection,
+    fresh: &Fresh,
+    plan: &Plan<'_>,
+    ended: Ended<T>,
+) -> Result<T> {
+    match ended {
+        Ok(result) => {
+            end(pool, conn, fresh, plan, result.as_ref().map(|_| ()));
+            result
+        }
+        Err(panic) => {
+            let cause = RepoError::Io(std::io::Error::other("the load panicked"));
+            end(pool, conn, fresh, plan, Err(&cause));
+            conn.poison();
+            std::panic::resume_unwind(panic)
+        }
+    }
 }
 
 fn copy_sql(table: &str, freeze: bool, stamps: bool) -> String {
@@ -273,7 +304,7 @@ fn end(
     conn: &mut PgConnection,
     fresh: &Fresh,
     plan: &Plan<'_>,
-    outcome: &Result<u64>,
+    outcome: std::result::Result<(), &RepoError>,
 ) {
     if let Err(cause) = outcome {
         let abandon = |conn: &mut PgConnection| -> Result<()> {

@@ -190,6 +190,7 @@ impl ModelRepository {
                     call.with_conn(Retry::Idempotent, |conn| {
                         write_batch(call, conn, &checked, plan, storage, streams, &mut report)
                     })
+                    .map_err(|e| first_offender(batch, e))
                 })?;
                 log::debug!(
                     "pg-model-repo: {op} wrote {total} rows ({plan:?}) in {:?}",
@@ -359,6 +360,20 @@ fn one_type_record(entity_type: &str, dimension: usize, index: usize, e: &Embedd
         });
     }
     Ok(())
+}
+
+/// A record refused for its values, as the first of the batch that is: parallel streams
+/// may come upon a later one first.
+fn first_offender(batch: &[Embedding], error: RepoError) -> RepoError {
+    match &error {
+        RepoError::InvalidInput(d) => match d.record() {
+            Some(k) => check_all_values(&batch[..k.min(batch.len())])
+                .err()
+                .unwrap_or(error),
+            None => error,
+        },
+        _ => error,
+    }
 }
 
 /// Every record's values are finite (the paths without the COPY encoder).

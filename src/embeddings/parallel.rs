@@ -127,6 +127,7 @@ pub(crate) fn load_parallel(
             } else {
                 let work = Staging {
                     parts: &parts,
+                    part_rows,
                     ids: &ids,
                     storage,
                     merge,
@@ -188,7 +189,9 @@ fn stage_then_merge(
 ) -> Result<()> {
     let mut done = 0;
     for (rows, id) in parts.iter().zip(ids) {
-        stage_part(conn, rows, *id, storage, &mut |n| progress(done + n))?;
+        stage_part(conn, rows, done as usize, *id, storage, &mut |n| {
+            progress(done + n)
+        })?;
         done += rows.len() as u64;
     }
     in_load_transaction(conn, &batch.types, |tx| {
@@ -243,6 +246,8 @@ fn pipeline(
 /// What the COPY streams stage: the parts, their load ids, and the storage to encode for.
 struct Staging<'a> {
     parts: &'a [&'a [Embedding]],
+    /// Rows per part (the last may have fewer): part i starts at record i * part_rows.
+    part_rows: usize,
     ids: &'a [i64],
     storage: Storage,
     /// The statement that merges a staged part (see [`merge_statement`]).
@@ -267,6 +272,7 @@ fn run_stream(
             stage_part(
                 conn,
                 work.parts[i],
+                i * work.part_rows,
                 work.ids[i],
                 work.storage,
                 &mut |done| {
@@ -340,6 +346,7 @@ fn merge_as_staged(
 fn stage_part(
     conn: &mut PgConnection,
     rows: &[Embedding],
+    first_index: usize,
     load_id: i64,
     storage: Storage,
     progress: &mut dyn FnMut(u64),
@@ -353,7 +360,7 @@ fn stage_part(
         stamps: None,
         storage,
     };
-    copy_in_tx(&mut tx, target, Source::Slice(rows), progress)?;
+    copy_in_tx(&mut tx, target, Source::Part(rows, first_index), progress)?;
     tx.commit()?;
     log::trace!(
         "pg-model-repo: staged load id {load_id} in {:?}",

@@ -7,6 +7,7 @@ mod common;
 mod logging;
 
 mod aliases;
+mod bulk_loads;
 mod cache;
 #[cfg(feature = "citus")]
 mod citus;

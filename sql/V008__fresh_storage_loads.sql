@@ -100,6 +100,8 @@ CREATE OR REPLACE FUNCTION embedding_load_begin(p_type text, p_dim integer,
                                                 OUT load_id bigint, OUT storage text,
                                                 OUT registered integer, OUT created boolean)
 LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    v_method "char";
 BEGIN
     PERFORM embedding_type_lock(p_type);
     SELECT r.dimension INTO registered FROM embedding_types r WHERE r.entity_type = p_type;
@@ -111,10 +113,17 @@ BEGIN
     load_id := nextval('embeddings_load_seq');
     storage := embedding_storage_new(p_type, p_dim);
     IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
-        IF EXISTS (SELECT 1 FROM pg_dist_partition
-                   WHERE logicalrelid = 'embeddings'::regclass AND partmethod = 'h') THEN
+        -- Placed beside embeddings before any row comes, so the COPY streams write straight
+        -- to the nodes: by entity_id (row-based), or whole beside the schema's other tables
+        -- (a distributed schema).
+        EXECUTE format('SELECT partmethod FROM pg_dist_partition WHERE logicalrelid = %L::regclass',
+                       'embeddings') INTO v_method;
+        IF v_method = 'h' THEN
             EXECUTE format('SELECT create_distributed_table(%L, %L, colocate_with => %L)',
                            quote_ident(storage), 'entity_id', 'embeddings');
+        ELSIF v_method = 'n' THEN
+            EXECUTE format('SELECT create_distributed_table(%L, NULL, colocate_with => %L)',
+                           quote_ident(storage), 'embeddings');
         END IF;
     END IF;
     INSERT INTO embedding_loads (load_id, entity_type, storage) VALUES (load_id, p_type, storage);
@@ -151,13 +160,16 @@ DECLARE
     v_old text;
     v_carried bigint := 0;
     v_metric text;
+    v_loading boolean;
 BEGIN
     PERFORM embedding_type_lock(p_type);
     SELECT id, r.storage INTO STRICT v_id, v_old FROM embedding_types r
     WHERE entity_type = p_type FOR UPDATE;
+    -- A statement of its own: in a Citus distributed schema, this EXISTS inside the OR below
+    -- answered true when the row was there (Citus 13.2).
+    v_loading := EXISTS (SELECT 1 FROM embedding_loads l WHERE l.storage = p_name);
     IF p_name !~ ('^embeddings_' || v_id || '_[0-9]+$') OR p_name IS NOT DISTINCT FROM v_old
-       OR NOT EXISTS (SELECT 1 FROM embedding_loads l WHERE l.storage = p_name)
-       OR to_regclass(quote_ident(p_name)) IS NULL THEN
+       OR NOT v_loading OR to_regclass(quote_ident(p_name)) IS NULL THEN
         RAISE invalid_parameter_value USING MESSAGE =
             format('%s is not a loading storage table of entity type %s', p_name, p_type);
     END IF;
@@ -345,5 +357,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (8, 'V008__fresh_storage_loads.sql', '29eae6c11bb75e233c0cf8cbb842baf401b3fb92863ed62e4dd02d0ca285626a')
+    VALUES (8, 'V008__fresh_storage_loads.sql', '42e6ce9f34c8cae0f602d071a0a87ffe4d953721dd8a1baccd78326a6dff6a8a')
     ON CONFLICT (version) DO NOTHING;

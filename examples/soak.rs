@@ -19,7 +19,9 @@
 //!     soak: ops=N lost=N duplicated=N errors=N hung_calls=N max_block_ms=N
 //!
 //!     cargo run --release --example soak -- [--seconds 60] [--hang-seconds 20]
-//!         [--lost-seconds 20] [--threads 4]
+//!         [--lost-seconds 20] [--threads 4] [--phases kill,hang,lost]
+//!
+//! `--phases` runs a subset (default: all three, in that order).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,90 +87,114 @@ fn main() -> pg_model_repo::Result<()> {
     let hang_seconds = arg(&args, "--hang-seconds", 20);
     let lost_seconds = arg(&args, "--lost-seconds", 20);
     let threads = arg(&args, "--threads", 4) as usize;
+    let phases: Vec<String> = args
+        .iter()
+        .position(|a| a == "--phases")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(
+            || vec!["kill".into(), "hang".into(), "lost".into()],
+            |list| list.split(',').map(|p| p.trim().to_owned()).collect(),
+        );
+    if let Some(bad) = phases
+        .iter()
+        .find(|p| !["kill", "hang", "lost"].contains(&p.as_str()))
+    {
+        eprintln!("soak: unknown phase {bad:?} (kill, hang, lost)");
+        std::process::exit(2);
+    }
+    let wants = |phase: &str| phases.iter().any(|p| p == phase);
     let mut totals = (0, 0, 0);
     let tally = Tally::default();
 
-    // 1. Killed backends.
-    let (url, _server) = database_url_or_start(&[("max_connections", "200")])?;
-    println!("soak: kill phase, {seconds} s, {threads} threads, every backend killed each second");
-    let found = run_phase(
-        &url,
-        &url,
-        "kill",
-        threads,
-        seconds,
-        &tally,
-        DEFAULT_BOUND,
-        |c| c,
-        |stop| {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_secs(1));
-                tally
-                    .faults
-                    .fetch_add(kill_backends(&url), Ordering::Relaxed);
-            }
-        },
-    )?;
-    add(&mut totals, found);
+    if wants("kill") {
+        // 1. Killed backends.
+        let (url, _server) = database_url_or_start(&[("max_connections", "200")])?;
+        println!(
+            "soak: kill phase, {seconds} s, {threads} threads, every backend killed each second"
+        );
+        let found = run_phase(
+            &url,
+            &url,
+            "kill",
+            threads,
+            seconds,
+            &tally,
+            DEFAULT_BOUND,
+            |c| c,
+            |stop| {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    tally
+                        .faults
+                        .fetch_add(kill_backends(&url), Ordering::Relaxed);
+                }
+            },
+        )?;
+        add(&mut totals, found);
+    }
 
     // 2 and 3 run on a server of their own.
     let own = ThrowawayServer::start(&[("max_connections", "200")])?;
     let own_url = own.url();
-    println!("soak: hang phase, {hang_seconds} s: the server frozen for 2-4 s at a time");
-    let hang_config = |c: RepositoryConfig| {
-        c.pool_timeout(Duration::from_secs(3))
-            .query_timeout(Duration::from_secs(2))
-            .stream_idle_timeout(Duration::from_secs(3))
-    };
-    let found = run_phase(
-        &own_url,
-        &own_url,
-        "hang",
-        threads,
-        hang_seconds,
-        &tally,
-        HANG_BOUND,
-        hang_config,
-        |stop| {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(1500));
-                if stop.load(Ordering::Relaxed) {
-                    break;
+    if wants("hang") {
+        println!("soak: hang phase, {hang_seconds} s: the server frozen for 2-4 s at a time");
+        let hang_config = |c: RepositoryConfig| {
+            c.pool_timeout(Duration::from_secs(3))
+                .query_timeout(Duration::from_secs(2))
+                .stream_idle_timeout(Duration::from_secs(3))
+        };
+        let found = run_phase(
+            &own_url,
+            &own_url,
+            "hang",
+            threads,
+            hang_seconds,
+            &tally,
+            HANG_BOUND,
+            hang_config,
+            |stop| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(frozen) = own.freeze() else { break };
+                    tally.faults.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2000 + 1000 * (n % 3)));
+                    drop(frozen);
+                    n += 1;
                 }
-                let Ok(frozen) = own.freeze() else { break };
-                tally.faults.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2000 + 1000 * (n % 3)));
-                drop(frozen);
-                n += 1;
-            }
-        },
-    )?;
-    add(&mut totals, found);
+            },
+        )?;
+        add(&mut totals, found);
+    }
 
-    let proxy = LostReplyProxy::start(own.port())?;
-    println!("soak: lost-reply phase, {lost_seconds} s: a commit reply lost every 100 ms");
-    let found = run_phase(
-        &proxy.url(),
-        &own_url,
-        "lost",
-        threads,
-        lost_seconds,
-        &tally,
-        DEFAULT_BOUND,
-        |c| c,
-        |stop| {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                if proxy.armed() == 0 {
-                    proxy.lose_next_commit_replies(1);
+    if wants("lost") {
+        let proxy = LostReplyProxy::start(own.port())?;
+        println!("soak: lost-reply phase, {lost_seconds} s: a commit reply lost every 100 ms");
+        let found = run_phase(
+            &proxy.url(),
+            &own_url,
+            "lost",
+            threads,
+            lost_seconds,
+            &tally,
+            DEFAULT_BOUND,
+            |c| c,
+            |stop| {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if proxy.armed() == 0 {
+                        proxy.lose_next_commit_replies(1);
+                    }
                 }
-            }
-        },
-    )?;
-    println!("lost-reply phase: {} commit replies lost", proxy.lost());
-    tally.faults.fetch_add(proxy.lost(), Ordering::Relaxed);
-    add(&mut totals, found);
+            },
+        )?;
+        println!("lost-reply phase: {} commit replies lost", proxy.lost());
+        tally.faults.fetch_add(proxy.lost(), Ordering::Relaxed);
+        add(&mut totals, found);
+    }
 
     let (lost, duplicated, checked) = totals;
     let lost = lost + tally.answers_low.load(Ordering::Relaxed);

@@ -46,6 +46,18 @@ BEGIN
 END
 $$;
 
+-- The schema's lock on changing which partitions embeddings has (transaction scope): every
+-- function that attaches, swaps or drops a type's storage takes it after the type's own lock,
+-- before any lock on embeddings or its default partition. Without it two new types created at
+-- once deadlocked: each emptied its rows out of the default partition, then needed that
+-- partition exclusively to attach its own (40P01, again at every retry).
+CREATE OR REPLACE FUNCTION embedding_ddl_lock() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(1886221876, hashtext(current_schema()));
+END
+$$;
+
 -- A lock on embeddings itself (ONLY: not on its partitions) in p_mode, taken in short
 -- attempts until the session's lock_timeout (lock_not_available, 55P03, after it), so waiting
 -- for it never stalls other sessions for more than one attempt. Every client reaches the
@@ -188,6 +200,7 @@ BEGIN
     PERFORM set_config('default_statistics_target', '10', true);
     EXECUTE format('ANALYZE %I', p_name);
     PERFORM set_config('default_statistics_target', v_target, true);
+    PERFORM embedding_ddl_lock();
     IF p_keep_old THEN
         -- Writers wait from here to the commit (readers go on): none is lost.
         PERFORM embedding_lock_mode('EXCLUSIVE');
@@ -264,6 +277,7 @@ BEGIN
     IF NOT v_empty THEN
         RETURN false;
     END IF;
+    PERFORM embedding_ddl_lock();
     PERFORM embedding_lock_all();
     EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_storage);
     EXECUTE format('DROP TABLE %I', v_storage);
@@ -272,9 +286,9 @@ BEGIN
 END
 $$;
 
--- V007's, with the type's advisory lock taken first: a first save that read the default
+-- V007's, with the type's advisory lock taken first (a first save that read the default
 -- partition before waiting on the registry row deadlocked with the creator's ATTACH, which
--- needs that partition exclusively.
+-- needs that partition exclusively), then the schema's DDL lock for a new type's storage.
 CREATE OR REPLACE FUNCTION embedding_type_ensure(p_type text, p_dim integer,
                                                  OUT registered integer, OUT created boolean)
 LANGUAGE plpgsql SECURITY DEFINER AS $$
@@ -289,6 +303,7 @@ BEGIN
         created := false;
         RETURN;
     END IF;
+    PERFORM embedding_ddl_lock();
     -- A type other clients already wrote rows of takes their (most common) dimension.
     SELECT mode() WITHIN GROUP (ORDER BY d.dimension) INTO v_found
     FROM embeddings_default d WHERE d.entity_type = p_type;
@@ -318,6 +333,7 @@ BEGIN
         GET DIAGNOSTICS v_rows = ROW_COUNT;
         RETURN v_rows;
     END IF;
+    PERFORM embedding_ddl_lock();
     PERFORM embedding_lock_all();
     IF v_storage IS NOT NULL AND to_regclass(quote_ident(v_storage)) IS NOT NULL THEN
         EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_storage);
@@ -334,7 +350,8 @@ DECLARE
     f text;
 BEGIN
     FOREACH f IN ARRAY ARRAY[
-        'embedding_type_lock(text)', 'embedding_lock_mode(text)', 'embedding_lock_all()',
+        'embedding_type_lock(text)', 'embedding_ddl_lock()', 'embedding_lock_mode(text)',
+        'embedding_lock_all()',
         'embedding_load_begin(text, integer)', 'embedding_load_truncate(text)',
         'embedding_load_commit(text, text, integer, boolean)',
         'embedding_load_abandon(bigint, double precision)', 'embedding_type_forget(text)',
@@ -357,5 +374,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (8, 'V008__fresh_storage_loads.sql', '42e6ce9f34c8cae0f602d071a0a87ffe4d953721dd8a1baccd78326a6dff6a8a')
+    VALUES (8, 'V008__fresh_storage_loads.sql', '21176928567175f2bed220fea3d43cf40439fd9bdab7c810edd5f0dff9e9fc6e')
     ON CONFLICT (version) DO NOTHING;

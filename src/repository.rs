@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::config::RepositoryConfig;
 use crate::db::background::{Chore, Reaper};
 use crate::db::call::Call;
+use crate::db::deadline::{CallDeadline, CALL_GRACE};
 use crate::db::layout::Layout;
 use crate::db::pool::{Pool, PoolState};
 use crate::error::Result;
@@ -347,14 +348,40 @@ impl ModelRepository {
         self.inner.timings.snapshot()
     }
 
-    /// Runs a public operation: times it (validation included) in the registry under `op`,
-    /// and hands it a [`Call`] that runs its statements under the same name.
+    /// Runs a public operation that is not a stream or a bulk load: times it (validation
+    /// included) in the registry under `op`, hands it a [`Call`] that runs its statements
+    /// under the same name, and bounds it by one deadline taken now, pool_timeout +
+    /// query_timeout + 2 s (see `db::deadline::CallDeadline`).
     pub(crate) fn timed<T>(
         &self,
         op: &'static str,
         f: impl FnOnce(&Call<'_>) -> Result<T>,
     ) -> Result<T> {
         let started = Instant::now();
+        let c = &self.inner.config.connection;
+        let deadline = started + c.pool_timeout + c.query_timeout + CALL_GRACE;
+        self.run_timed(op, started, Some(deadline), f)
+    }
+
+    /// [`timed`](Self::timed) for a stream or a bulk load: no deadline for the whole call;
+    /// every wait on the server is bounded by stream_idle_timeout between its messages (and a
+    /// checkout by pool_timeout).
+    pub(crate) fn timed_bulk<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Call<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.run_timed(op, Instant::now(), None, f)
+    }
+
+    fn run_timed<T>(
+        &self,
+        op: &'static str,
+        started: Instant,
+        deadline: Option<Instant>,
+        f: impl FnOnce(&Call<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let _deadline = CallDeadline::start(deadline);
         let call = Call::new(op, &self.inner.pool, self.inner.layout);
         let result = f(&call);
         self.record_timing(op, started, result.is_ok());

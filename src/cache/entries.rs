@@ -216,7 +216,7 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn purge_expired_cache(&self) -> Result<u64> {
-        self.timed("purge_expired_cache", |call| {
+        self.timed_bulk("purge_expired_cache", |call| {
             purge_expired(call.pool(), self.layout(), Retry::Idempotent, &|| false)
         })
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use postgres::Transaction;
 
+use crate::db::deadline::call_deadline;
 use crate::db::pool::{Conn, PgConnection, Pool};
 use crate::db::retry::{self, Policy, Retry};
 use crate::error::{ErrorDetail, RepoError, Result};
@@ -210,8 +211,10 @@ pub(crate) fn status(pool: &Pool, xid: i64, checkout: Checkout) -> Result<Status
                     _ => Status::Forgotten,
                 })
             })?;
+        let next_poll = Instant::now() + IN_PROGRESS_POLL;
         let out_of_time = started.elapsed() >= IN_PROGRESS_WAIT
-            || matches!(checkout, Checkout::Until(d) if Instant::now() + IN_PROGRESS_POLL >= d);
+            || matches!(checkout, Checkout::Until(d) if next_poll >= d)
+            || call_deadline().is_some_and(|d| next_poll >= d);
         if found != Status::InProgress || out_of_time {
             return Ok(found);
         }

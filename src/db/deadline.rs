@@ -43,6 +43,60 @@ pub(crate) const STATEMENT_GRACE: Duration = Duration::from_secs(1);
 /// The bound of closing a session (sending Terminate) when it is dropped.
 const CLOSE_BOUND: Duration = Duration::from_millis(500);
 
+thread_local! {
+    /// The deadline of the public call running on this thread, if it has one (see
+    /// [`CallDeadline`]).
+    static CALL_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The one deadline of a public call that is not a stream or a bulk load: taken when the call
+/// starts (pool_timeout + query_timeout + [`CALL_GRACE`]), it bounds every step on this thread
+/// until the guard drops: each checkout waits at most what is left, each connection checked
+/// out is cut by the watchdog when it passes, and no retry starts after it. A call that turns
+/// into a stream (a chunked model's transfer) lifts it ([`lift_call_deadline`]) and is
+/// bounded by stream_idle_timeout between the server's messages from then on.
+#[derive(Debug)]
+pub(crate) struct CallDeadline {
+    previous: Option<Instant>,
+}
+
+/// Added to pool_timeout + query_timeout for a call's deadline: the watchdog's margin and the
+/// outcome check of a lost commit reply.
+pub(crate) const CALL_GRACE: Duration = Duration::from_secs(2);
+
+impl CallDeadline {
+    /// Starts a call's deadline on this thread: `at`, or none (a stream, a bulk load). A call
+    /// inside another keeps the earlier deadline.
+    pub(crate) fn start(at: Option<Instant>) -> Self {
+        let previous = CALL_DEADLINE.get();
+        let at = match (previous, at) {
+            (Some(p), Some(a)) => Some(p.min(a)),
+            (p, a) => a.or(p),
+        };
+        CALL_DEADLINE.set(at);
+        CallDeadline { previous }
+    }
+}
+
+impl Drop for CallDeadline {
+    fn drop(&mut self) {
+        CALL_DEADLINE.set(self.previous);
+    }
+}
+
+/// The deadline of the call running on this thread, if any.
+pub(crate) fn call_deadline() -> Option<Instant> {
+    CALL_DEADLINE.get()
+}
+
+/// The call on this thread turned into a stream on the connection `watch` watches, after
+/// the server answered it (a frozen server still meets the deadline): no deadline for the
+/// rest of the call, and the connection is no longer cut at it.
+pub(crate) fn stream_from_here(watch: &Watch) {
+    CALL_DEADLINE.set(None);
+    watch.clear_cut();
+}
+
 /// How long a caller may wait on a silent server, by kind of work.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Bounds {
@@ -248,6 +302,11 @@ impl Watch {
         self.0
             .cut_at_ms
             .store(now_ms().saturating_add(ms(left)), Ordering::Relaxed);
+    }
+
+    /// No cut at a fixed time any more (the call became a stream).
+    pub(crate) fn clear_cut(&self) {
+        self.0.cut_at_ms.store(0, Ordering::Relaxed);
     }
 
     /// Stops watching (the connection went back to the pool).

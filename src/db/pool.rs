@@ -26,7 +26,7 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use crate::db::affinity::Slots;
 use crate::db::config::{describe_target, ConnectionConfig};
-use crate::db::deadline::{Bounds, Watch, WatchGroup};
+use crate::db::deadline::{call_deadline, Bounds, Watch, WatchGroup};
 use crate::db::retry::{self, Policy, Retry};
 use crate::db::static_key::{StaticKey, StaticMap};
 use crate::db::tls::{take_opened_watch, Connector, WatchedConnect};
@@ -107,8 +107,9 @@ impl PgConnection {
     /// The client, for streaming and bulk work that may keep the server silent for longer
     /// than a statement (COPY, blob streams, merges, VACUUM, DDL): until this connection goes
     /// back to the pool, the watchdog waits `stream_idle_timeout` on it instead of
-    /// query_timeout plus the grace. Lift statement_timeout with [`unbounded`] (or use
-    /// [`begin_unbounded`], which does both).
+    /// query_timeout plus the grace (a call's deadline still cuts it, unless the call became
+    /// a stream: [`start_stream`](Self::start_stream)). Lift statement_timeout with
+    /// [`unbounded`] (or use [`begin_unbounded`], which does both).
     pub(crate) fn unbounded_client(&mut self) -> &mut Client {
         self.watch.set_bound(self.bounds.stream);
         &mut self.client
@@ -549,9 +550,18 @@ impl Pool {
         })
     }
 
-    /// A connection within pool_timeout, else `RepoError::Timeout`.
+    /// A connection within pool_timeout (or by the call's deadline, when that comes first),
+    /// else `RepoError::Timeout`; cut by the watchdog at the call's deadline.
     pub(crate) fn get(&self) -> Result<Conn> {
-        self.get_within(self.inner.connection_timeout())
+        let pool_deadline = Instant::now() + self.inner.connection_timeout();
+        match call_deadline() {
+            Some(call) => {
+                let conn = self.checkout(pool_deadline.min(call), true)?;
+                conn.watch.cut_at(call);
+                Ok(conn)
+            }
+            None => self.checkout(pool_deadline, true),
+        }
     }
 
     /// A connection within `timeout`, else `RepoError::Timeout`; none at all once the pool

@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::db::deadline::call_deadline;
 use crate::error::{RepoError, Result};
 
 /// How a call may be repeated.
@@ -70,8 +71,10 @@ pub(crate) fn with_retries<T>(
             Err(e) => e,
         };
         let delay = backoff(policy, tries);
-        let out_of_budget =
-            tries >= policy.max_attempts || started.elapsed() + delay > policy.max_elapsed;
+        let past_deadline = call_deadline().is_some_and(|d| Instant::now() + delay >= d);
+        let out_of_budget = tries >= policy.max_attempts
+            || started.elapsed() + delay > policy.max_elapsed
+            || past_deadline;
         if retry == Retry::Never || !is_retryable(&error) || out_of_budget {
             return Err(error);
         }

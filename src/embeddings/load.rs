@@ -121,7 +121,7 @@ impl ModelRepository {
         method: LoadMethod,
     ) -> Result<BatchReport> {
         let started = Instant::now();
-        self.timed("load_embeddings_iter", |call| {
+        self.timed_bulk("load_embeddings_iter", |call| {
             let mut rows = rows.peekable();
             let Some(first) = rows.peek() else {
                 return Ok(BatchReport {
@@ -176,7 +176,7 @@ impl ModelRepository {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<BatchReport> {
         let started = Instant::now();
-        self.timed(op, |call| {
+        self.timed_bulk(op, |call| {
             let checked = check_batch(batch)?;
             if !batch.is_empty() {
                 let total = batch.len() as u64;

@@ -75,7 +75,7 @@ impl ModelRepository {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<BatchReport> {
         let started = Instant::now();
-        self.timed("replace_embeddings", |call| {
+        self.timed_bulk("replace_embeddings", |call| {
             let dimension = check_replacement_batch(entity_type, batch)?;
             let total = batch.len() as u64;
             let streams = self.refresh_streams();
@@ -121,7 +121,7 @@ impl ModelRepository {
         rows: &mut dyn Iterator<Item = Embedding>,
     ) -> Result<BatchReport> {
         let started = Instant::now();
-        self.timed("replace_embeddings_iter", |call| {
+        self.timed_bulk("replace_embeddings_iter", |call| {
             validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
             let first = rows.next().ok_or_else(|| {
                 RepoError::invalid(

@@ -3,6 +3,7 @@
 //! anything else is answered exactly by streaming the type once (`exact`).
 
 use crate::db::call::Call;
+use crate::db::deadline::stream_from_here;
 use crate::db::pool::{unbounded, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
@@ -104,7 +105,7 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn create_vector_index(&self, entity_type: &str, metric: Metric) -> Result<()> {
-        self.timed("create_vector_index", |call| {
+        self.timed_bulk("create_vector_index", |call| {
             validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
             let storage =
                 call.with_conn(Retry::Idempotent, |conn| detect_storage(conn.client()))?;
@@ -298,9 +299,12 @@ fn exact_search(
     k: usize,
     metric: Metric,
 ) -> Result<Vec<Vec<Neighbor>>> {
+    let watch = conn.watch().clone();
     let mut tx = conn.client().build_transaction().read_only(true).start()?;
     unbounded(&mut tx)?;
     let stream = open_stream(&mut tx, entity_type)?;
+    // The server answered: reading the type is a stream from here on.
+    stream_from_here(&watch);
     let Some(dimension) = stream.dimension else {
         // An unknown type has no neighbours.
         return Ok(vec![Vec::new(); queries.len()]);

@@ -213,7 +213,7 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn get_all_embeddings(&self, entity_type: &str) -> Result<HashMap<String, Vec<f32>>> {
-        self.timed("get_all_embeddings", |call| {
+        self.timed_bulk("get_all_embeddings", |call| {
             let mut all = HashMap::new();
             stream_type(call, entity_type, &mut |id, v| {
                 all.insert(id.to_owned(), v.to_vec());
@@ -241,7 +241,7 @@ impl ModelRepository {
         entity_type: &str,
         f: &mut dyn FnMut(&str, &[f32]),
     ) -> Result<u64> {
-        self.timed("for_each_embedding", |call| {
+        self.timed_bulk("for_each_embedding", |call| {
             stream_type(call, entity_type, f)
         })
     }

@@ -48,7 +48,7 @@ impl ModelRepository {
         reader: &mut dyn Read,
         metadata: &Value,
     ) -> Result<ModelInfo> {
-        self.timed("save_model_from_reader", |call| {
+        self.timed_bulk("save_model_from_reader", |call| {
             let request = self.check_save(model_name, version, metadata, 0)?;
             let config = self.config();
             let mut chunks = ChunkReader::new(
@@ -101,7 +101,7 @@ impl ModelRepository {
         version: &str,
         writer: &mut dyn Write,
     ) -> Result<Option<ModelInfo>> {
-        self.timed("load_model_to_writer", |call| {
+        self.timed_bulk("load_model_to_writer", |call| {
             validate::model_name(model_name)?;
             let vref = VersionRef::parse(version)?;
             let mut written = 0u64;

@@ -9,6 +9,7 @@ use postgres::{GenericClient, Row};
 use serde_json::Value;
 
 use crate::db::call::Call;
+use crate::db::deadline::stream_from_here;
 use crate::db::hex_sha256;
 use crate::db::pool::begin_snapshot;
 use crate::db::retry::Retry;
@@ -267,6 +268,7 @@ impl ModelRepository {
         let streams = self.config().models.streams as usize;
         let found = call.with_conn(Retry::Idempotent, |conn| {
             // One snapshot for the row and, for a chunked version, every chunk stream.
+            let watch = conn.watch().clone();
             let mut tx = begin_snapshot(conn, None)?;
             let Some(row) = vref.select(&mut tx, model_name, &columns, "")? else {
                 return Ok(None);
@@ -280,6 +282,8 @@ impl ModelRepository {
                 }
                 Layout::Chunked(chunks) => {
                     drop(row);
+                    // The server answered: the chunks' transfer is a stream.
+                    stream_from_here(&watch);
                     let mut data = Vec::new();
                     data.try_reserve_exact(info.size_bytes as usize)
                         .map_err(|e| {

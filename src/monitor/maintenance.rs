@@ -32,7 +32,7 @@ impl ModelRepository {
     /// # Ok(()) }
     /// ```
     pub fn optimize_database(&self) -> Result<OptimizeReport> {
-        self.timed("optimize_database", |call| {
+        self.timed_bulk("optimize_database", |call| {
             let started = Instant::now();
             let purged = self.purge_expired_cache()?;
             let leftovers = sweep(

@@ -16,9 +16,13 @@ const MARGIN: Duration = Duration::from_secs(1);
 
 const POOL_TIMEOUT: Duration = Duration::from_secs(3);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
-/// query_timeout plus the watchdog's grace.
-const STATEMENT_BOUND: Duration = Duration::from_secs(3);
 const STREAM_IDLE: Duration = Duration::from_secs(2);
+
+/// The contract's bound of a call that is not a stream or a bulk load (API.md, "Faults"):
+/// one deadline, pool_timeout + query_timeout + 2 s, whatever happens inside the call.
+fn call_bound(pool_timeout: Duration, query_timeout: Duration) -> Duration {
+    pool_timeout + query_timeout + Duration::from_secs(2)
+}
 
 fn own_server() -> ThrowawayServer {
     ThrowawayServer::start(&[("max_connections", "100")]).expect("throwaway server")
@@ -88,9 +92,7 @@ fn calls_on_a_frozen_server_return_within_their_bounds_and_work_after_it_resumes
         let (report, took) = health.join().unwrap();
         assert_eq!(report.status, HealthStatus::Unhealthy, "{report:?}");
         assert_within("health_check", took, POOL_TIMEOUT);
-        // A checkout (up to pool_timeout) or a statement (its bound), never both in full:
-        // no connection can be opened while the server is frozen.
-        let call_bound = POOL_TIMEOUT.max(STATEMENT_BOUND).max(STREAM_IDLE);
+        let call_bound = call_bound(POOL_TIMEOUT, QUERY_TIMEOUT);
         let (result, took) = load.join().unwrap();
         assert_timeout("load_model", result);
         assert_within("load_model", took, call_bound);
@@ -117,6 +119,59 @@ fn calls_on_a_frozen_server_return_within_their_bounds_and_work_after_it_resumes
     assert_eq!(repo.load_model("m", "1").unwrap().unwrap().len(), 1 << 20);
     assert_eq!(repo.get_cached_predictions::<u8>("k").unwrap(), Some(1));
     assert_eq!(repo.health_check().status, HealthStatus::Healthy);
+    repo.close();
+}
+
+/// The calls of issue 23: on a frozen server, with stream_idle_timeout at its default (600 s),
+/// a call that is not a stream still returns by its one deadline, on a pool too small for
+/// both callers (pool_size 2, max_overflow 0: health_check and load_model each hold one).
+#[test]
+fn a_frozen_server_holds_no_call_past_its_one_deadline_whatever_stream_idle_timeout_says() {
+    let server = own_server();
+    let config = RepositoryConfig::new(server.url())
+        .schema("hangs")
+        .pool_size(2)
+        .max_overflow(0)
+        .pool_timeout(POOL_TIMEOUT)
+        .query_timeout(QUERY_TIMEOUT)
+        .reaper_interval(None);
+    let repo = ModelRepository::open(config).unwrap();
+    repo.save_model("m", "1", &vec![1u8; 1 << 20], &json!({}))
+        .unwrap();
+    // Chunked: its transfer is a stream, but the call starts as an ordinary one.
+    repo.save_model("big", "1", &vec![2u8; 9 << 20], &json!({}))
+        .unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| repo.get_model_versions("m").unwrap());
+        }
+    });
+    let bound = call_bound(POOL_TIMEOUT, QUERY_TIMEOUT);
+    let frozen = server.freeze().unwrap();
+    std::thread::scope(|s| {
+        let health = s.spawn(|| timed(|| repo.health_check()));
+        let load = s.spawn(|| timed(|| repo.load_model("m", "1")));
+        let (report, took) = health.join().unwrap();
+        assert_eq!(report.status, HealthStatus::Unhealthy);
+        assert_within("health_check", took, POOL_TIMEOUT);
+        let (result, took) = load.join().unwrap();
+        assert_timeout("load_model", result);
+        assert_within("load_model", took, bound);
+    });
+    for (what, version) in [
+        ("load_model of a chunked model", "big"),
+        ("load_model", "m"),
+    ] {
+        let (result, took) =
+            timed(|| repo.load_model(if version == "big" { "big" } else { "m" }, "1"));
+        assert_timeout(what, result);
+        assert_within(what, took, bound);
+    }
+    let (result, took) = timed(|| repo.save_model("m", "2", b"x", &json!({})));
+    assert_timeout("save_model", result);
+    assert_within("save_model", took, bound);
+    frozen.thaw();
+    assert_eq!(repo.load_model("big", "1").unwrap().unwrap().len(), 9 << 20);
     repo.close();
 }
 

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::db::binary_copy::{self, io_error};
 use crate::db::call::Call;
+use crate::db::deadline::stream_from_here;
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, PoisonOnPanic, Pool};
 use crate::db::retry::Retry;
 use crate::db::to_hex;
@@ -207,6 +208,8 @@ fn stage_and_publish(
         }
     }
     let set: i64 = conn.client().query_one(OPEN_SET, &[])?.try_get(0)?;
+    // The server answers: the transfer is a stream from here on.
+    stream_from_here(conn.watch());
     let staged = stage(pool, conn, save, set, source);
     let outcome = match staged {
         Err(e) => Err(e),

@@ -83,6 +83,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/V007__citus_ready.sql"),
         when: When::Always,
     },
+    Migration {
+        version: 8,
+        name: "V008__models_for_every_client.sql",
+        sql: include_str!("../../sql/V008__models_for_every_client.sql"),
+        when: When::Always,
+    },
 ];
 
 /// Has the schema stored any vector yet (quarantined ones included)?

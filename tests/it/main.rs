@@ -12,6 +12,7 @@ mod cache;
 mod citus;
 mod embedding_storage;
 mod embeddings;
+mod events;
 mod faults;
 mod hangs;
 mod interop;
@@ -20,6 +21,7 @@ mod lost_replies;
 mod models;
 mod monitor;
 mod pool;
+mod retention;
 mod schema;
 mod search;
 #[cfg(feature = "pgvector")]

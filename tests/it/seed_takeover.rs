@@ -480,7 +480,8 @@ fn migrate_takes_over_a_database_the_seed_built_keeping_every_row() {
             "V002__resave_recomputes_checksum.sql",
             "V004__embeddings_per_type.sql",
             "V005__model_chunks.sql",
-            "V007__citus_ready.sql"
+            "V007__citus_ready.sql",
+            "V008__models_for_every_client.sql"
         ]
     );
     let takeover: &SeedTakeoverReport = report.seed_takeover.as_ref().unwrap();

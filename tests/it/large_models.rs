@@ -27,14 +27,14 @@ fn small_chunks() -> TestRepo {
 /// Deterministic bytes of any length, the same whatever the read sizes: a 1 MiB + 13 byte
 /// random block repeated, each repetition stamped with its number (so no two chunks are
 /// alike), generated at memcpy speed.
-struct Generated {
+pub struct Generated {
     block: Arc<Vec<u8>>,
     pos: u64,
     len: u64,
 }
 
 impl Generated {
-    fn new(seed: u64, len: u64) -> Self {
+    pub fn new(seed: u64, len: u64) -> Self {
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let block = (0..(1 << 20) + 13)
             .map(|_| {
@@ -51,7 +51,7 @@ impl Generated {
         }
     }
 
-    fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
         let mut out = vec![0u8; len];
         Generated::new(seed, len as u64)
             .read_exact(&mut out)
@@ -83,9 +83,9 @@ impl Read for Generated {
 }
 
 /// Hashes what passes through a reader.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
+pub struct HashingReader<R> {
+    pub inner: R,
+    pub hasher: Sha256,
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -114,7 +114,7 @@ impl Write for HashingSink {
     }
 }
 
-fn hex(hasher: Sha256) -> String {
+pub fn hex(hasher: Sha256) -> String {
     hasher
         .finalize()
         .iter()
@@ -184,7 +184,7 @@ fn a_model_above_the_old_cap_saves_and_loads_with_its_sha256() {
     assert!(repo.load_model("big", "1").unwrap().is_none());
 }
 
-fn disk_free_bytes() -> u64 {
+pub fn disk_free_bytes() -> u64 {
     let output = std::process::Command::new("df")
         .args(["-Pk", &std::env::temp_dir().to_string_lossy()])
         .output()

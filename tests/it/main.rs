@@ -18,6 +18,7 @@ mod hangs;
 mod interop;
 mod large_models;
 mod lost_replies;
+mod model_sql;
 mod models;
 mod monitor;
 mod pool;

@@ -1,0 +1,258 @@
+//! Every model readable by other clients (API.md, "Models in production"): `model_bytes` and
+//! `model_chunks` in the schema, `model_data` NULL (never empty) for a chunked version, and the
+//! Python of docs/migrating-from-python.md run as written on a 5 MiB and a 1.5 GiB model.
+
+use std::time::Instant;
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::common::{self, sha256_hex, TestRepo};
+use crate::large_models::{disk_free_bytes, hex, Generated, HashingReader};
+
+fn bytes_of(repo: &TestRepo, version: &str) -> Option<Vec<u8>> {
+    repo.sql()
+        .query_one("SELECT model_bytes('m', $1)", &[&version])
+        .unwrap()
+        .get(0)
+}
+
+fn chunks_of(repo: &TestRepo, version: &str) -> Vec<Vec<u8>> {
+    repo.sql()
+        .query("SELECT model_chunks('m', $1)", &[&version])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn model_bytes_and_model_chunks_read_inline_and_chunked_models_alike() {
+    let repo = TestRepo::with_config(|c| c.model_chunk_size(64 << 10));
+    let big = Generated::bytes(3, 5 * (64 << 10) + 17);
+    repo.save_model("m", "small", b"tiny", &json!({})).unwrap();
+    repo.save_model("m", "big", &big, &json!({})).unwrap();
+    repo.save_model("m", "empty", b"", &json!({})).unwrap();
+
+    assert_eq!(bytes_of(&repo, "small").unwrap(), b"tiny");
+    assert!(bytes_of(&repo, "big").unwrap() == big);
+    assert_eq!(bytes_of(&repo, "empty").unwrap(), b"");
+    assert_eq!(chunks_of(&repo, "small"), [b"tiny".to_vec()]);
+    let pieces = chunks_of(&repo, "big");
+    assert_eq!(pieces.len(), 6, "one row a chunk");
+    assert!(pieces.concat() == big, "in order");
+    assert_eq!(chunks_of(&repo, "empty"), [Vec::<u8>::new()]);
+
+    // Absent and soft-deleted versions: NULL, no rows.
+    assert_eq!(bytes_of(&repo, "nope"), None);
+    assert!(chunks_of(&repo, "nope").is_empty());
+    repo.delete_model("m", "big").unwrap();
+    assert_eq!(bytes_of(&repo, "big"), None);
+    assert!(chunks_of(&repo, "big").is_empty());
+
+    // A reader that does not know about chunks never gets an empty model: NULL.
+    repo.save_model("m", "big2", &big, &json!({})).unwrap();
+    let row = repo
+        .sql()
+        .query_one(
+            "SELECT model_data, checksum, size_bytes FROM ml_models WHERE version = 'big2'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, Option<Vec<u8>>>(0), None);
+    assert_eq!(row.get::<_, String>(1), sha256_hex(&big));
+    assert_eq!(row.get::<_, i64>(2), big.len() as i64);
+    // The database keeps it so: a chunked row with bytes, or an inline one without, is refused.
+    let mut sql = repo.sql();
+    assert!(sql
+        .execute(
+            "UPDATE ml_models SET model_data = 'x' WHERE version = 'big2'",
+            &[]
+        )
+        .is_err());
+    assert!(sql
+        .execute(
+            "INSERT INTO ml_models (model_name, version, model_data) VALUES ('m', 'null', NULL)",
+            &[]
+        )
+        .is_err());
+    // Revived inline, then chunked again: model_data follows the layout.
+    repo.delete_model("m", "big2").unwrap();
+    repo.save_model("m", "big2", b"now inline", &json!({}))
+        .unwrap();
+    assert_eq!(bytes_of(&repo, "big2").unwrap(), b"now inline");
+    repo.delete_model("m", "big2").unwrap();
+    repo.save_model("m", "big2", &big, &json!({})).unwrap();
+    assert!(bytes_of(&repo, "big2").unwrap() == big);
+}
+
+/// Reports a cross-check that could not run (libtest captures only the print macros).
+fn announce(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The Python block of docs/migrating-from-python.md that starts with `first_line`.
+fn documented_python(first_line: &str) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/migrating-from-python.md"
+    ))
+    .unwrap();
+    text.split("```python\n")
+        .skip(1)
+        .filter_map(|block| block.split("\n```").next())
+        .find(|block| block.starts_with(first_line))
+        .unwrap_or_else(|| panic!("no python block starting with {first_line:?}"))
+        .to_owned()
+}
+
+#[test]
+fn the_documented_python_reads_a_5_mib_and_a_1_5_gib_model_with_sha256_checked() {
+    let python = common::python();
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import psycopg"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        announce(&format!(
+            "model_sql: python read of a 5 MiB and a 1.5 GiB model NOT RUN ({python} cannot \
+             import psycopg); to run it: pip install 'psycopg[binary]'"
+        ));
+        return;
+    }
+    let free = disk_free_bytes();
+    assert!(
+        free > 8 << 30,
+        "the 1.5 GiB test needs ~5 GiB of disk (table, WAL); {} MiB free",
+        free >> 20
+    );
+    let script = std::env::temp_dir().join(format!("read_model_{}.py", std::process::id()));
+    std::fs::write(&script, documented_python("# read_model.py")).unwrap();
+    let repo = TestRepo::new();
+    let read = |version: &str| {
+        let started = Instant::now();
+        let output = std::process::Command::new(&python)
+            .arg(&script)
+            .args([&common::server_url(), &repo.schema, "m", version])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        assert!(
+            output.status.success(),
+            "read_model.py {version}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (stdout, started.elapsed())
+    };
+
+    let five = Generated::bytes(5, 5 << 20);
+    let info = repo.save_model("m", "5MiB", &five, &json!({})).unwrap();
+    let (out, _) = read("5MiB");
+    assert_eq!(out, format!("model_bytes {} {}", 5 << 20, info.checksum));
+
+    let size: u64 = (3 << 30) / 2;
+    let mut reader = HashingReader {
+        inner: Generated::new(15, size),
+        hasher: Sha256::new(),
+    };
+    let info = repo
+        .save_model_from_reader("m", "1.5GiB", &mut reader, &json!({}))
+        .unwrap();
+    assert_eq!(info.checksum, hex(reader.hasher));
+    let (out, took) = read("1.5GiB");
+    assert_eq!(out, format!("model_chunks {size} {}", info.checksum));
+    // More than one bytea holds: model_bytes says what to use instead.
+    let err = repo
+        .sql()
+        .query_one("SELECT model_bytes('m', '1.5GiB')", &[])
+        .unwrap_err();
+    let db = err.as_db_error().expect("a database error");
+    assert_eq!(db.code().code(), "54000");
+    assert!(db.hint().unwrap_or("").contains("model_chunks"), "{db:?}");
+    announce(&format!(
+        "model_sql: the documented python read 5 MiB with model_bytes and 1.5 GiB with \
+         model_chunks ({took:?}), sha256 checked"
+    ));
+    let _ = std::fs::remove_file(&script);
+}
+
+#[test]
+fn the_migration_turns_the_empty_model_data_of_chunked_versions_into_null() {
+    use crate::common::{admin, config, unique_schema, PLAIN_SCHEMA};
+    let schema = unique_schema("v008");
+    let mut sql = admin();
+    // The layout before V008, with a chunked version as the library wrote it then.
+    sql.batch_execute(&format!(
+        "{PLAIN_SCHEMA} CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
+    ))
+    .unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");
+    let mut earlier: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with('V') && name.as_str() < "V008"
+        })
+        .collect();
+    earlier.sort();
+    for file in &earlier {
+        sql.batch_execute(&std::fs::read_to_string(file).unwrap())
+            .unwrap();
+    }
+    let (a, b) = (vec![1u8; 100], vec![2u8; 50]);
+    let whole = [a.clone(), b.clone()].concat();
+    sql.execute(
+        "INSERT INTO ml_models (model_name, version, model_data, checksum, size_bytes, \
+             chunk_size, chunk_count, chunk_set, save_seq)
+         VALUES ('m', 'old', ''::bytea, $1, 150, 100, 2, 9, 1)",
+        &[&sha256_hex(&whole)],
+    )
+    .unwrap();
+    for (no, data) in [(0, &a), (1, &b)] {
+        sql.execute(
+            "INSERT INTO ml_model_chunks (model_name, version, chunk_set, chunk_no, checksum, \
+                 data, staged_at) VALUES ('m', 'old', 9, $1, $2, $3, NULL)",
+            &[&(no as i32), &sha256_hex(data), data],
+        )
+        .unwrap();
+    }
+    sql.execute(
+        "INSERT INTO ml_models (model_name, version, model_data, save_seq) VALUES ('m', 'inline', 'x', 2)",
+        &[],
+    )
+    .unwrap();
+
+    let repo = pg_model_repo::ModelRepository::open(config(&schema)).unwrap();
+    let rows: Vec<(String, Option<Vec<u8>>, String, i64)> = sql
+        .query(
+            "SELECT version::text, model_data, checksum, save_seq FROM ml_models ORDER BY version",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (
+                "inline".to_owned(),
+                Some(b"x".to_vec()),
+                sha256_hex(b"x"),
+                2
+            ),
+            // NULL now, with its checksum and save sequence as they were.
+            ("old".to_owned(), None, sha256_hex(&whole), 1),
+        ]
+    );
+    assert_eq!(repo.load_model("m", "old").unwrap().unwrap(), whole);
+    assert_eq!(repo.load_model("m", "latest").unwrap().unwrap(), b"x");
+    let via_sql: Vec<u8> = sql
+        .query_one("SELECT model_bytes('m', 'old')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(via_sql, whole);
+    repo.close();
+    common::drop_schema(&schema);
+}

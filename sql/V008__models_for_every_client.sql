@@ -95,24 +95,62 @@ $$;
 
 -- The bytes of an active version in order, one row a piece (any size: one row for an inline
 -- model, one a chunk for a chunked one); no rows when the version is absent or soft-deleted.
--- Plain SQL, so that the server streams the rows (each chunk in turn, read by the primary
--- key's order) instead of collecting them first.
-CREATE OR REPLACE FUNCTION model_chunks(model_name text, version text) RETURNS SETOF bytea
-LANGUAGE sql STABLE AS $$
-    (SELECT m.model_data FROM ml_models m
-     WHERE m.model_name = $1 AND m.version = $2 AND m.is_active AND m.chunk_count = 0)
-    UNION ALL
-    (SELECT c.data FROM ml_model_chunks c
-     WHERE c.model_name = $1 AND c.version = $2
-       AND c.chunk_set = (SELECT m.chunk_set FROM ml_models m
-                          WHERE m.model_name = $1 AND m.version = $2 AND m.is_active)
-     ORDER BY c.chunk_no)
-$$;
+-- Where the database has no Citus it is one SQL query that the planner inlines when it is
+-- called in FROM (SELECT * FROM model_chunks('ranker', '2.0')), so the server streams the
+-- rows, each chunk in turn in the primary key's order, instead of collecting them first.
+-- Citus runs no SQL function with parameters over distributed tables: where it is installed,
+-- the function is PL/pgSQL and reads chunk by chunk (its rows are collected on the coordinator,
+-- spilling to temporary files past work_mem, before the first is sent); sql/citus.sql
+-- replaces the SQL one when it distributes a schema built before Citus was installed. The
+-- tables are named with their schema: an inlined function takes no SET search_path.
+DO $do$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$I.model_chunks(model_name text, version text)
+            RETURNS SETOF bytea LANGUAGE plpgsql STABLE SET search_path = %1$I, pg_temp AS $body$
+            #variable_conflict use_column
+            DECLARE
+                v_row record;
+            BEGIN
+                SELECT m.model_data, m.chunk_count, m.chunk_set INTO v_row FROM ml_models m
+                WHERE m.model_name = $1 AND m.version = $2 AND m.is_active;
+                IF NOT FOUND THEN
+                    RETURN;
+                END IF;
+                IF v_row.chunk_count = 0 THEN
+                    RETURN NEXT v_row.model_data;
+                    RETURN;
+                END IF;
+                FOR v_no IN 0 .. v_row.chunk_count - 1 LOOP
+                    RETURN NEXT (SELECT c.data FROM ml_model_chunks c
+                                 WHERE c.model_name = $1 AND c.version = $2
+                                   AND c.chunk_set = v_row.chunk_set AND c.chunk_no = v_no);
+                END LOOP;
+            END
+            $body$$f$, current_schema());
+    ELSE
+        EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$I.model_chunks(model_name text, version text)
+            RETURNS SETOF bytea LANGUAGE sql STABLE AS $body$
+            (SELECT m.model_data FROM %1$I.ml_models m
+             WHERE m.model_name = $1 AND m.version = $2 AND m.is_active AND m.chunk_count = 0)
+            UNION ALL
+            (SELECT c.data FROM %1$I.ml_model_chunks c
+             WHERE c.model_name = $1 AND c.version = $2
+               AND c.chunk_set = (SELECT m.chunk_set FROM %1$I.ml_models m
+                                  WHERE m.model_name = $1 AND m.version = $2 AND m.is_active)
+             ORDER BY c.chunk_no)
+            $body$$f$, current_schema());
+    END IF;
+    -- model_bytes finds its tables whatever the caller's search_path.
+    EXECUTE format('ALTER FUNCTION %I.model_bytes(text, text) SET search_path = %I, pg_temp',
+                   current_schema(), current_schema());
+END
+$do$;
 
 -- The LISTEN channel of this schema's change events (see docs/models.md, "Change events"):
 -- model_events.<schema>, or for a schema name longer than 50 characters its first 33
 -- characters and 16 hex digits of its sha256, so that a channel stays under PostgreSQL's 63.
-DO $$
+DO $do$
 DECLARE
     v_schema text := current_schema();
 BEGIN
@@ -122,7 +160,7 @@ BEGIN
             ELSE 'model_events.' || left(v_schema, 33) || '.'
                  || left(encode(sha256(convert_to(v_schema, 'UTF8')), 'hex'), 16) END));
 END
-$$;
+$do$;
 
 -- pg-model-repo: record this migration (its checksum covers the statements above, not comments)
 CREATE TABLE IF NOT EXISTS model_repo_migrations (
@@ -132,5 +170,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (8, 'V008__models_for_every_client.sql', '37efba706c28f41bb74d2a3856a21920dd462edcda8fe8c4c6abf792fc7130d2')
+    VALUES (8, 'V008__models_for_every_client.sql', '8d5ef12021e7833831e726a730566d9fce97b9e11fbbfae8a8e0f2d9dab4be9d')
     ON CONFLICT (version) DO NOTHING;

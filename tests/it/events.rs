@@ -515,8 +515,9 @@ fn on_citus_events_come_from_the_coordinator_session() {
     let notifying: Vec<String> = sql
         .query(
             "SELECT result FROM run_command_on_workers(\
-             $$SELECT count(*) FROM pg_proc WHERE prosrc ILIKE '%pg_notify%' \
-               OR prosrc ILIKE '%NOTIFY %'$$)",
+             $$SELECT count(*) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang \
+               WHERE l.lanname NOT IN ('internal', 'c') \
+                 AND (p.prosrc ILIKE '%pg_notify%' OR p.prosrc ILIKE '%NOTIFY %')$$)",
             &[],
         )
         .unwrap()

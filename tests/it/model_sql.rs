@@ -19,7 +19,7 @@ fn bytes_of(repo: &TestRepo, version: &str) -> Option<Vec<u8>> {
 
 fn chunks_of(repo: &TestRepo, version: &str) -> Vec<Vec<u8>> {
     repo.sql()
-        .query("SELECT model_chunks('m', $1)", &[&version])
+        .query("SELECT * FROM model_chunks('m', $1)", &[&version])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -254,5 +254,60 @@ fn the_migration_turns_the_empty_model_data_of_chunked_versions_into_null() {
         .get(0);
     assert_eq!(via_sql, whole);
     repo.close();
+    common::drop_schema(&schema);
+}
+
+/// A schema built without Citus has the streaming SQL `model_chunks`; distributing it with
+/// sql/citus.sql makes it the PL/pgSQL one that Citus can run.
+#[cfg(feature = "citus")]
+#[test]
+fn distributing_a_schema_built_without_citus_makes_model_chunks_one_citus_runs() {
+    use pg_model_repo::CitusMode;
+    let schema = crate::common::unique_schema("chunks");
+    let local = pg_model_repo::ModelRepository::open(
+        crate::common::config(&schema)
+            .citus(CitusMode::Off)
+            .model_chunk_size(64 << 10),
+    )
+    .unwrap();
+    let big = Generated::bytes(8, 3 * (64 << 10) + 5);
+    local.save_model("m", "big", &big, &json!({})).unwrap();
+    local.close();
+    let mut sql = crate::common::admin();
+    // As V008 leaves it where the database has no Citus (the body does not matter here).
+    sql.batch_execute(&format!(
+        "SET search_path TO {schema};
+         CREATE OR REPLACE FUNCTION model_chunks(model_name text, version text)
+             RETURNS SETOF bytea LANGUAGE sql STABLE AS 'SELECT NULL::bytea WHERE false';"
+    ))
+    .unwrap();
+    let search_path = format!("SET search_path TO {schema}");
+    crate::common::psql(
+        &common::server_url(),
+        &[
+            "-1",
+            "-c",
+            &search_path,
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/sql/citus.sql"),
+        ],
+    );
+    let language: String = sql
+        .query_one(
+            "SELECT l.lanname::text FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang \
+             WHERE p.oid = 'model_chunks(text, text)'::regprocedure",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(language, "plpgsql");
+    let pieces: Vec<Vec<u8>> = sql
+        .query("SELECT * FROM model_chunks('m', $1)", &[&"big"])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pieces.len(), 4);
+    assert!(pieces.concat() == big);
     common::drop_schema(&schema);
 }

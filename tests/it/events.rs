@@ -526,3 +526,32 @@ fn on_citus_events_come_from_the_coordinator_session() {
         .collect();
     assert!(notifying.iter().all(|n| n == "0"), "{notifying:?}");
 }
+
+/// A server restart (on a server of this test's own): the subscription reconnects with
+/// backoff while the server is down, sends one Resync, and goes on.
+#[cfg(not(feature = "citus"))]
+#[test]
+fn after_a_server_restart_the_subscription_reconnects_and_resyncs_once() {
+    use pg_model_repo::throwaway::{StopMode, ThrowawayServer};
+    let mut server = ThrowawayServer::start(&[]).unwrap();
+    let repo = pg_model_repo::ModelRepository::open(
+        pg_model_repo::RepositoryConfig::new(server.url())
+            .schema("restart")
+            .pool_size(1)
+            .reaper_interval(None),
+    )
+    .unwrap();
+    let events = repo.subscribe_model_events().unwrap();
+    server.stop(StopMode::Fast).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(events.is_running(), "still trying");
+    quiet(&events, Duration::from_millis(100));
+    server.start_again().unwrap();
+    let resync = next(&events, 1).remove(0);
+    assert_eq!(resync.kind, Resync);
+    repo.save_model("m", "1", b"x", &json!({})).unwrap();
+    assert_eq!(seen(&next(&events, 1)[0]), ev(Saved, "m", "1", None));
+    quiet(&events, Duration::from_millis(300));
+    drop(events);
+    repo.close();
+}

@@ -146,7 +146,7 @@ fn main() -> pg_model_repo::Result<()> {
                     if call.elapsed() > slowest.0 {
                         slowest = (call.elapsed(), n);
                     }
-                    if saved.is_ok() && n % 5 == 0 {
+                    if saved.is_ok() && n.is_multiple_of(5) {
                         if let Err(e) = repo.set_model_alias(&model, "champion", &version) {
                             log::warn!("alias: {e}");
                             errors.fetch_add(1, Ordering::Relaxed);

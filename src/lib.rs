@@ -145,6 +145,11 @@ pub struct CacheDoctests;
 #[doc = include_str!("../docs/embeddings.md")]
 pub struct EmbeddingsDoctests;
 
+/// The examples of docs/models.md, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/models.md")]
+pub struct ModelsDoctests;
+
 /// The examples of docs/migrating-from-python.md, compiled as doctests so that they stay true.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/migrating-from-python.md")]

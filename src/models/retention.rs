@@ -88,6 +88,14 @@ pub struct RetentionReport {
 }
 
 /// One version in a [`RetentionReport`]: its facts and the rule that decided its fate.
+///
+/// ```no_run
+/// # fn main() -> pg_model_repo::Result<()> {
+/// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+/// let report = repo.apply_retention("ranker", &Default::default())?;
+/// let biggest_kept = report.versions.iter().filter(|v| !v.removed).max_by_key(|v| v.size_bytes);
+/// # Ok(()) }
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RetentionDecision {
@@ -108,6 +116,20 @@ pub struct RetentionDecision {
 }
 
 /// Why a version stays or goes, the first rule that applies in this order.
+///
+/// ```no_run
+/// # fn main() -> pg_model_repo::Result<()> {
+/// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+/// use pg_model_repo::RetentionReason;
+/// let report = repo.apply_retention("ranker", &Default::default())?;
+/// let served: Vec<&str> = report
+///     .versions
+///     .iter()
+///     .filter(|v| v.reason == RetentionReason::Aliased)
+///     .map(|v| v.version.as_str())
+///     .collect();
+/// # Ok(()) }
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum RetentionReason {
@@ -126,6 +148,11 @@ pub enum RetentionReason {
 
 impl RetentionReason {
     /// Whether a version with this reason is removed.
+    ///
+    /// ```no_run
+    /// assert!(pg_model_repo::RetentionReason::Superseded.removes());
+    /// assert!(!pg_model_repo::RetentionReason::Aliased.removes());
+    /// ```
     pub fn removes(self) -> bool {
         matches!(
             self,

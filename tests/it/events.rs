@@ -239,7 +239,7 @@ fn the_longest_names_travel_whole() {
     let got = next(&events, 2);
     assert_eq!(seen(&got[0]), ev(Saved, &model, &version, None));
     assert_eq!(seen(&got[1]), ev(AliasSet, &model, &version, Some(&alias)));
-    assert!(MAX_EVENT_PAYLOAD_BYTES < 8000);
+    const { assert!(MAX_EVENT_PAYLOAD_BYTES < 8000) };
 }
 
 #[test]
@@ -507,7 +507,7 @@ fn on_citus_events_come_from_the_coordinator_session() {
     let on_coordinator: i64 = sql
         .query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND backend_type = 'client backend'",
-            &[&(pid as i32)],
+            &[&pid],
         )
         .unwrap()
         .get(0);

@@ -213,7 +213,7 @@ fn the_migration_turns_the_empty_model_data_of_chunked_versions_into_null() {
         sql.execute(
             "INSERT INTO ml_model_chunks (model_name, version, chunk_set, chunk_no, checksum, \
                  data, staged_at) VALUES ('m', 'old', 9, $1, $2, $3, NULL)",
-            &[&(no as i32), &sha256_hex(data), data],
+            &[&no, &sha256_hex(data), data],
         )
         .unwrap();
     }

@@ -19,6 +19,14 @@ use crate::models::events::payload::{parse, ModelEvent};
 
 /// How many events a subscription holds for its reader. When they are not read fast enough,
 /// the events that do not fit are dropped and a `Resync` follows once there is room again.
+///
+/// ```no_run
+/// # fn main() -> pg_model_repo::Result<()> {
+/// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+/// let events = repo.subscribe_model_events()?;
+/// assert_eq!(events.receiver().capacity(), Some(pg_model_repo::MODEL_EVENTS_CAPACITY));
+/// # Ok(()) }
+/// ```
 pub const MODEL_EVENTS_CAPACITY: usize = 65_536;
 
 /// How long the listener waits for a notification before it looks at its stop flag again:
@@ -158,10 +166,7 @@ impl ModelEvents {
     /// # Ok(()) }
     /// ```
     pub fn recv_timeout(&self, timeout: Duration) -> Option<ModelEvent> {
-        match self.receiver.recv_timeout(timeout) {
-            Ok(event) => Some(event),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.receiver.recv_timeout(timeout).ok()
     }
 
     /// Whether the listener still runs (false once the subscription was stopped by a close of

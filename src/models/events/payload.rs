@@ -11,6 +11,18 @@ use crate::error::{RepoError, Result};
 use crate::validate::{ALIAS_MAX, MODEL_NAME_MAX, VERSION_MAX};
 
 /// What happened to a model (see [`ModelEvent`]).
+///
+/// ```no_run
+/// # fn main() -> pg_model_repo::Result<()> {
+/// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+/// use pg_model_repo::ModelEventKind;
+/// let events = repo.subscribe_model_events()?;
+/// let saves = events
+///     .receiver()
+///     .iter()
+///     .filter(|e| matches!(e.kind, ModelEventKind::Saved | ModelEventKind::Revived));
+/// # Ok(()) }
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum ModelEventKind {
@@ -129,10 +141,14 @@ impl ModelEvent {
 const NOTIFY_LIMIT: usize = 8000;
 
 /// The longest payload the library sends, in bytes: every name is checked before any
-/// statement (and read back from columns of the same bounded types), at most
-/// [`MODEL_NAME_MAX`], [`VERSION_MAX`] and [`ALIAS_MAX`] characters, and JSON escapes a
-/// character into at most 6 bytes (`\u001f`); the rest is fixed keys and two 64-bit
-/// integers. Far below NOTIFY's 8000.
+/// statement (and read back from columns of the same bounded types), at most 255 (model
+/// names), 50 (versions) and 64 (aliases) characters, and JSON escapes a character into at
+/// most 6 bytes (`\u001f`); the rest is fixed keys and two 64-bit integers. Far below
+/// NOTIFY's limit of 8000.
+///
+/// ```no_run
+/// assert!(pg_model_repo::MAX_EVENT_PAYLOAD_BYTES < 8000);
+/// ```
 pub const MAX_EVENT_PAYLOAD_BYTES: usize = 6 * (MODEL_NAME_MAX + VERSION_MAX + ALIAS_MAX) + 200;
 
 const _: () = assert!(MAX_EVENT_PAYLOAD_BYTES < NOTIFY_LIMIT);

@@ -5,10 +5,22 @@
 //!
 //! ```text
 //! cargo run --release --example load_bench -- [--rows 100000] [--dim 384] [--rounds 3]
-//!     [--methods server_copy_file,insert,multi_row_insert,copy,parallel_copy,
-//!                psycopg_seed_schema,replace,upsert_reload,server_copy_out,read_stream]
-//!     [--format table|json] [--plot FILE.svg] [--crossover] [--citus]
+//!     [--methods server_copy_file,server_copy_parallel,insert,multi_row_insert,copy,
+//!                parallel_copy,copy_append,parallel_copy_append,psycopg_seed_schema,
+//!                replace,upsert_reload,reload_rebuild,server_copy_out,read_stream]
+//!     [--streams 1,2,4] [--format table|json] [--plot FILE.svg] [--crossover] [--citus]
 //! ```
+//!
+//! `copy` and `parallel_copy` load the rows into a new type; `copy_append` and
+//! `parallel_copy_append` load them as new keys into a type that holds as many rows already;
+//! `upsert_reload` saves the same keys again with `batch_save_embeddings` (what a nightly
+//! refresh does), `reload_rebuild` with `load_embeddings(…, Copy)`: both report
+//! `bytes_per_row_after`, the type's storage right after the load, before any VACUUM.
+//! `server_copy_parallel` is the physical limit of parallel streams: the server's own COPYs of
+//! 1/N of the file each, at once, into an unindexed table of the type's shape, the key built
+//! after. The parallel methods (`parallel_copy`, `parallel_copy_append`,
+//! `server_copy_parallel`) run once per `--streams` value (default: the number of cores);
+//! their lines carry it as `streams`.
 //!
 //! `--citus` runs every selected method (but `psycopg_seed_schema`) twice per round: on a
 //! throwaway single server, then through the coordinator of a throwaway Citus cluster (two
@@ -54,6 +66,8 @@ const COLUMNS: &str = "entity_type, entity_id, embeddings, dimension";
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Args {
+    /// COPY streams of the parallel methods, each value a run of its own.
+    pub streams: Vec<usize>,
     pub rows: usize,
     pub dim: usize,
     pub rounds: usize,
@@ -70,22 +84,34 @@ pub struct Args {
 /// Every measurement, in the order they are reported (the ceilings first). Within a round
 /// they run in this order too, except that `upsert_reload` and the reads run right after the
 /// `LoadMethod`s, on the table `copy` loaded.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 14] = [
     "server_copy_file",
+    "server_copy_parallel",
     "insert",
     "multi_row_insert",
     "copy",
     "parallel_copy",
+    "copy_append",
+    "parallel_copy_append",
     "psycopg_seed_schema",
     "replace",
     "upsert_reload",
+    "reload_rebuild",
     "server_copy_out",
     "read_stream",
+];
+
+/// The methods that run once per `--streams` value.
+const PARALLEL: [&str; 3] = [
+    "parallel_copy",
+    "parallel_copy_append",
+    "server_copy_parallel",
 ];
 
 impl Default for Args {
     fn default() -> Self {
         Args {
+            streams: vec![std::thread::available_parallelism().map_or(2, |n| n.get())],
             rows: 100_000,
             dim: 384,
             rounds: 3,
@@ -105,6 +131,9 @@ impl Default for Args {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Measurement {
     pub method: String,
+    /// For a parallel method: its COPY streams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streams: Option<usize>,
     pub rows: u64,
     /// The median round's seconds (`rows / rows_per_s`).
     pub seconds: f64,
@@ -119,6 +148,10 @@ pub struct Measurement {
     /// Table + indexes + TOAST on disk after the load, over the rows stored (the median over
     /// the rounds); `null` for reads.
     pub bytes_per_row: Option<f64>,
+    /// For a reload: the type's storage right after it (heap, indexes, TOAST over the rows),
+    /// before any VACUUM (the median over the rounds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_row_after: Option<f64>,
     /// For a `citus:` line: its median against the same method's on the single server.
     pub ratio_to_single_server: Option<f64>,
     /// For a `citus:` load: CPU microseconds per row the coordinator spent (median).
@@ -214,6 +247,15 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String
                     .collect::<Result<_, _>>()?
             }
             "--no-progress" => out.progress = false,
+            "--streams" => {
+                out.streams = value("--streams")?
+                    .split(',')
+                    .map(|s| s.trim().parse().map_err(|e| format!("--streams: {e}")))
+                    .collect::<Result<_, _>>()?;
+                if out.streams.contains(&0) {
+                    return Err("--streams values must be positive".into());
+                }
+            }
             "--citus" => out.citus = true,
             // Passed by `cargo bench`.
             "--bench" => {}
@@ -243,6 +285,16 @@ fn schema_name(tag: &str) -> String {
 
 /// A fresh schema for one measurement.
 fn open(url: &str, tag: &str) -> Result<ModelRepository, Box<dyn Error>> {
+    open_streams(url, tag, None)
+}
+
+/// A fresh schema whose parallel loads run `streams` COPY streams (the library's default
+/// without).
+fn open_streams(
+    url: &str,
+    tag: &str,
+    streams: Option<usize>,
+) -> Result<ModelRepository, Box<dyn Error>> {
     let schema = schema_name(tag);
     let mut admin = postgres::Client::connect(url, postgres::NoTls)?;
     admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
@@ -251,9 +303,13 @@ fn open(url: &str, tag: &str) -> Result<ModelRepository, Box<dyn Error>> {
     let config = RepositoryConfig::new(url)
         .schema(&schema)
         .pool_size(4)
-        .max_overflow(4)
+        .max_overflow(8)
         .reaper_interval(None)
         .vector_storage(VectorStorage::Bytea);
+    let config = match streams {
+        Some(n) => config.load_streams(n as u32),
+        None => config,
+    };
     Ok(ModelRepository::open(config)?)
 }
 
@@ -337,7 +393,30 @@ struct CopyFile {
 
 impl CopyFile {
     fn write(batch: &[Embedding]) -> Result<CopyFile, Box<dyn Error>> {
-        let path = format!("/tmp/pg_model_repo_bench_{}.copy", std::process::id());
+        Self::write_to(
+            batch,
+            format!("/tmp/pg_model_repo_bench_{}.copy", std::process::id()),
+        )
+    }
+
+    /// The batch in `n` files of about equal parts, for `n` server-side COPYs at once.
+    fn write_parts(batch: &[Embedding], n: usize) -> Result<Vec<CopyFile>, Box<dyn Error>> {
+        batch
+            .chunks(batch.len().div_ceil(n))
+            .enumerate()
+            .map(|(i, part)| {
+                Self::write_to(
+                    part,
+                    format!(
+                        "/tmp/pg_model_repo_bench_{}_{n}_{i}.copy",
+                        std::process::id()
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn write_to(batch: &[Embedding], path: String) -> Result<CopyFile, Box<dyn Error>> {
         let file = std::fs::File::create(&path)?;
         let copy_file = CopyFile { path };
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -412,6 +491,64 @@ fn server_copy_file(
     })?;
     drop(c);
     sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
+    drop_schema(url, repo)?;
+    Ok(sample)
+}
+
+/// The physical limit of parallel streams: `parts.len()` sessions at once, each the server's
+/// own COPY of one part file into one unindexed table of the type's shape (distributed
+/// first, through a Citus coordinator), then the key. Timed from the table's creation.
+fn server_copy_parallel(
+    url: &str,
+    parts: &[CopyFile],
+    citus: bool,
+) -> Result<Sample, Box<dyn Error>> {
+    let repo = open(url, "ceiling_parallel")?;
+    let schema = repo.config().schema_name().to_owned();
+    let connect = || -> Result<postgres::Client, Box<dyn Error>> {
+        let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+        c.batch_execute(&format!("SET search_path TO {schema}"))?;
+        Ok(c)
+    };
+    let mut c = connect()?;
+    let mut sessions: Vec<postgres::Client> = (0..parts.len())
+        .map(|_| connect())
+        .collect::<Result<_, _>>()?;
+    settle(url);
+    let started = Instant::now();
+    c.batch_execute(
+        "CREATE TABLE unindexed (LIKE embeddings INCLUDING DEFAULTS) WITH (fillfactor = 100)",
+    )?;
+    if citus {
+        c.batch_execute(
+            "SELECT create_distributed_table('unindexed', 'entity_id', colocate_with => 'embeddings')",
+        )?;
+    }
+    let rows: u64 = std::thread::scope(|scope| {
+        let copies: Vec<_> = sessions
+            .iter_mut()
+            .zip(parts)
+            .map(|(session, part)| {
+                scope.spawn(move || {
+                    session.execute(
+                        &format!(
+                            "COPY unindexed ({COLUMNS}) FROM '{}' (FORMAT binary)",
+                            part.path.replace('\'', "''")
+                        ),
+                        &[],
+                    )
+                })
+            })
+            .collect();
+        copies
+            .into_iter()
+            .map(|h| h.join().expect("a COPY thread"))
+            .sum::<Result<u64, postgres::Error>>()
+    })?;
+    c.batch_execute("ALTER TABLE unindexed ADD PRIMARY KEY (entity_type, entity_id)")?;
+    let sample = Sample::timed(rows, started.elapsed());
+    drop(c);
+    drop(sessions);
     drop_schema(url, repo)?;
     Ok(sample)
 }
@@ -572,7 +709,14 @@ fn server_copy_out(url: &str, schema: &str) -> Result<(u64, Duration), Box<dyn E
 
 fn measurement(method: &str, rows: u64, dim: usize, seconds: f64) -> Measurement {
     let rows_per_s = rows as f64 / seconds;
+    // A parallel method's samples are kept as `method@streams`.
+    let (method, streams) = match method.split_once('@') {
+        Some((m, n)) => (m, n.parse().ok()),
+        None => (method, None),
+    };
     Measurement {
+        streams,
+        bytes_per_row_after: None,
         method: method.to_owned(),
         rows,
         seconds,
@@ -613,6 +757,9 @@ fn summarize(method: &str, dim: usize, samples: &[Sample]) -> Measurement {
     let mut sizes: Vec<f64> = samples.iter().filter_map(|s| s.bytes_per_row).collect();
     sizes.sort_by(f64::total_cmp);
     m.bytes_per_row = (!sizes.is_empty()).then(|| median(&sizes));
+    if method.ends_with("reload") || method.ends_with("reload_rebuild") {
+        m.bytes_per_row_after = m.bytes_per_row;
+    }
     m.peak_rss_over_input_mib = samples
         .iter()
         .filter_map(|s| s.peak_rss_over_input_mib)
@@ -645,7 +792,12 @@ struct Inputs<'a> {
     batch: Vec<Embedding>,
     /// Other vectors for the same ids: what `replace` replaces `batch` with.
     replacement: Vec<Embedding>,
+    /// Rows with other keys: what the append methods find in the type before they load.
+    base: Vec<Embedding>,
     copy_file: Option<CopyFile>,
+    /// The batch in parts, per stream count, for `server_copy_parallel`.
+    part_files: Vec<(usize, Vec<CopyFile>)>,
+    streams: Vec<usize>,
 }
 
 impl Inputs<'_> {
@@ -690,6 +842,22 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
     } else {
         None
     };
+    let part_files = if wants("server_copy_parallel") {
+        args.streams
+            .iter()
+            .map(|&n| Ok((n, CopyFile::write_parts(&batch, n)?)))
+            .collect::<Result<_, Box<dyn Error>>>()?
+    } else {
+        Vec::new()
+    };
+    let base: Vec<Embedding> = if wants("copy_append") || wants("parallel_copy_append") {
+        make_batch(args.rows, args.dim, 44)
+            .into_iter()
+            .map(|e| Embedding::new(ENTITY_TYPE, format!("base-{}", e.entity_id), e.vector))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let probe = cluster.as_ref().map(|c| {
         move || {
             let coordinator = c.coordinator().cpu_seconds().unwrap_or(f64::NAN);
@@ -706,7 +874,10 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
         methods,
         batch,
         replacement,
+        base,
         copy_file,
+        part_files,
+        streams: args.streams.clone(),
     };
     // The targets, as (url, prefix of their lines): psycopg into the seed's table only on
     // the single server (the seed's table is not distributed).
@@ -728,7 +899,7 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
             if !prefix.is_empty() {
                 inputs.methods.retain(|m| m != "psycopg_seed_schema");
             }
-            run_round(args, &inputs, &mut |method, sample| {
+            run_round(args, &inputs, &mut |method: String, sample| {
                 // Each round's figures, to judge the noise (stdout carries the summary).
                 eprintln!(
                     "  {prefix}{method:<20} {:>7.3} s {:>9.0} rows/s",
@@ -746,10 +917,18 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
     for (_, prefix) in &targets {
         let mut these: Vec<Measurement> = ALL
             .iter()
-            .filter_map(|m| {
-                let name = format!("{prefix}{m}");
-                samples.get(&name).map(|s| summarize(&name, args.dim, s))
+            .flat_map(|m| {
+                let names: Vec<String> = if PARALLEL.contains(m) {
+                    args.streams
+                        .iter()
+                        .map(|n| format!("{prefix}{m}@{n}"))
+                        .collect()
+                } else {
+                    vec![format!("{prefix}{m}")]
+                };
+                names
             })
+            .filter_map(|name| samples.get(&name).map(|s| summarize(&name, args.dim, s)))
             .collect();
         set_ratios(&mut these, prefix);
         results.extend(these);
@@ -760,13 +939,17 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
 
 /// Each `citus:` line against the same method on the single server.
 fn set_single_server_ratios(results: &mut [Measurement]) {
-    let single: HashMap<String, f64> = results
+    let single: HashMap<(String, Option<usize>), f64> = results
         .iter()
         .filter(|m| !m.method.starts_with("citus:"))
-        .map(|m| (m.method.clone(), m.rows_per_s))
+        .map(|m| ((m.method.clone(), m.streams), m.rows_per_s))
         .collect();
     for m in results.iter_mut() {
-        if let Some(base) = m.method.strip_prefix("citus:").and_then(|b| single.get(b)) {
+        let key = m
+            .method
+            .strip_prefix("citus:")
+            .map(|b| (b.to_owned(), m.streams));
+        if let Some(base) = key.and_then(|k| single.get(&k)) {
             m.ratio_to_single_server = Some(m.rows_per_s / base);
         }
     }
@@ -776,7 +959,7 @@ fn set_single_server_ratios(results: &mut [Measurement]) {
 fn run_round(
     args: &Args,
     inputs: &Inputs,
-    record: &mut dyn FnMut(&'static str, Sample),
+    record: &mut dyn FnMut(String, Sample),
 ) -> Result<(), Box<dyn Error>> {
     let url = inputs.url.as_str();
     let batch = &inputs.batch;
@@ -785,18 +968,33 @@ fn run_round(
 
     if let (true, Some(path)) = (inputs.wants("server_copy_file"), copy_path) {
         record(
-            "server_copy_file",
+            "server_copy_file".to_owned(),
             server_copy_file(url, path, args.dim, inputs.cpu)?,
         );
     }
 
+    for (n, parts) in &inputs.part_files {
+        let citus = inputs.cpu.is_some();
+        let mut sample = with_cpu(inputs.cpu, || server_copy_parallel(url, parts, citus))?;
+        sample.bytes_per_row = None;
+        record_as(record, "server_copy_parallel", Some(*n), sample);
+    }
+
     // The repository whose table then serves the reload and the reads.
     let mut kept: Option<ModelRepository> = None;
-    for method in LoadMethod::ALL {
+    let runs = LoadMethod::ALL.into_iter().flat_map(|method| {
+        let streams: Vec<Option<usize>> = if method == LoadMethod::ParallelCopy {
+            inputs.streams.iter().map(|&n| Some(n)).collect()
+        } else {
+            vec![None]
+        };
+        streams.into_iter().map(move |n| (method, n))
+    });
+    for (method, streams) in runs {
         if !inputs.wants(method.as_str()) {
             continue;
         }
-        let repo = open(url, method.as_str())?;
+        let repo = open_streams(url, method.as_str(), streams)?;
         settle(url);
         let input = current_rss();
         reset_peak_rss();
@@ -812,7 +1010,7 @@ fn run_round(
             _ => None,
         };
         sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
-        record(method.as_str(), sample);
+        record_as(record, method.as_str(), streams, sample);
         if method == LoadMethod::Copy || kept.is_none() {
             if let Some(old) = kept.replace(repo) {
                 drop_schema(url, old)?;
@@ -822,9 +1020,14 @@ fn run_round(
         }
     }
 
-    if ["upsert_reload", "read_stream", "server_copy_out"]
-        .iter()
-        .any(|m| inputs.wants(m))
+    if [
+        "upsert_reload",
+        "reload_rebuild",
+        "read_stream",
+        "server_copy_out",
+    ]
+    .iter()
+    .any(|m| inputs.wants(m))
     {
         let repo = match kept.take() {
             Some(repo) => repo,
@@ -841,23 +1044,87 @@ fn run_round(
         drop_schema(url, repo)?;
     }
 
+    for (name, method) in [
+        ("copy_append", LoadMethod::Copy),
+        ("parallel_copy_append", LoadMethod::ParallelCopy),
+    ] {
+        if !inputs.wants(name) {
+            continue;
+        }
+        let streams: Vec<Option<usize>> = match method {
+            LoadMethod::ParallelCopy => inputs.streams.iter().map(|&n| Some(n)).collect(),
+            _ => vec![None],
+        };
+        for n in streams {
+            let sample = append(url, inputs, method, n)?;
+            record_as(record, name, n, sample);
+        }
+    }
+
     if let (true, Some(path)) = (inputs.wants("psycopg_seed_schema"), copy_path) {
-        record("psycopg_seed_schema", psycopg_seed_schema(url, path)?);
+        record(
+            "psycopg_seed_schema".to_owned(),
+            psycopg_seed_schema(url, path)?,
+        );
     }
     if inputs.wants("replace") {
-        record("replace", replace(url, args, batch, &inputs.replacement)?);
+        record(
+            "replace".to_owned(),
+            replace(url, args, batch, &inputs.replacement)?,
+        );
     }
     Ok(())
 }
 
-/// `upsert_reload`, `server_copy_out` and `read_stream` on a table holding the batch.
+/// Records a sample under `method`, or `method@streams` for a parallel one.
+fn record_as(
+    record: &mut dyn FnMut(String, Sample),
+    method: &str,
+    streams: Option<usize>,
+    sample: Sample,
+) {
+    match streams {
+        Some(n) => record(format!("{method}@{n}"), sample),
+        None => record(method.to_owned(), sample),
+    }
+}
+
+/// The batch's rows as new keys into a type that holds as many rows already (loaded untimed by
+/// `Copy`).
+fn append(
+    url: &str,
+    inputs: &Inputs,
+    method: LoadMethod,
+    streams: Option<usize>,
+) -> Result<Sample, Box<dyn Error>> {
+    let repo = open_streams(url, "append", streams)?;
+    repo.load_embeddings(&inputs.base, LoadMethod::Copy)?;
+    settle(url);
+    let mut sample = with_cpu(inputs.cpu, || {
+        let report = repo.load_embeddings(&inputs.batch, method)?;
+        Ok(Sample::timed(report.rows, report.elapsed))
+    })?;
+    sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
+    drop_schema(url, repo)?;
+    Ok(sample)
+}
+
+/// `upsert_reload`, `reload_rebuild`, `server_copy_out` and `read_stream` on a table holding
+/// the batch (each reload writes the same keys again).
 fn reload_and_read(
     url: &str,
     inputs: &Inputs,
     repo: &ModelRepository,
-    record: &mut dyn FnMut(&'static str, Sample),
+    record: &mut dyn FnMut(String, Sample),
 ) -> Result<(), Box<dyn Error>> {
     let schema = repo.config().schema_name().to_owned();
+    if inputs.wants("reload_rebuild") {
+        settle(url);
+        let report = repo.load_embeddings(&inputs.batch, LoadMethod::Copy)?;
+        let mut sample = Sample::timed(report.rows, report.elapsed);
+        sample.bytes_per_row = Some(repo_bytes_per_row(repo)?);
+        record("reload_rebuild".to_owned(), sample);
+    }
     if inputs.wants("upsert_reload") {
         settle(url);
         // What a user gets: batch_save_embeddings picks the path (no progress callback).
@@ -865,7 +1132,7 @@ fn reload_and_read(
         let mut sample = Sample::timed(report.rows, report.elapsed);
         // Measured before the VACUUM: the dead versions the reload leaves are its cost too.
         sample.bytes_per_row = Some(repo_bytes_per_row(repo)?);
-        record("upsert_reload", sample);
+        record("upsert_reload".to_owned(), sample);
         // The reads below should not pay for the reload's dead tuples.
         let mut c = postgres::Client::connect(url, postgres::NoTls)?;
         c.batch_execute(&format!("VACUUM ANALYZE {schema}.embeddings"))?;
@@ -873,7 +1140,7 @@ fn reload_and_read(
     if inputs.wants("server_copy_out") {
         let (_, elapsed) = server_copy_out(url, &schema)?;
         record(
-            "server_copy_out",
+            "server_copy_out".to_owned(),
             Sample::timed(inputs.batch.len() as u64, elapsed),
         );
     }
@@ -883,7 +1150,7 @@ fn reload_and_read(
         let n = repo.for_each_embedding(ENTITY_TYPE, &mut |_, v| checksum += f64::from(v[0]))?;
         let elapsed = started.elapsed();
         std::hint::black_box(checksum);
-        record("read_stream", Sample::timed(n, elapsed));
+        record("read_stream".to_owned(), Sample::timed(n, elapsed));
     }
     Ok(())
 }
@@ -950,8 +1217,9 @@ fn crossover(url: &str, args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>>
 pub fn print_table(results: &[Measurement]) {
     let w = results.iter().map(|m| m.method.len()).fold(6, usize::max);
     println!(
-        "{:<w$} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>8} {:>9} {:>9}",
+        "{:<w$} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9} {:>8} {:>9} {:>9}",
         "method",
+        "streams",
         "rows",
         "seconds",
         "rows/s",
@@ -976,9 +1244,11 @@ pub fn print_table(results: &[Measurement]) {
             .ratio_to_single_server
             .map_or("-".to_owned(), |r| format!("{r:.3}"));
         let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let size = m.bytes_per_row_after.map_or(size, |b| format!("{b:.0}*"));
         println!(
-            "{:<w$} {:>8} {:>8.3} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>7.3} {:>8} {:>9} {:>8} {:>9} {:>9}",
+            "{:<w$} {:>7} {:>8} {:>8.3} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>7.3} {:>8} {:>9} {:>8} {:>9} {:>9}",
             m.method,
+            m.streams.map_or("-".to_owned(), |n| n.to_string()),
             m.rows,
             m.seconds,
             m.rows_per_s,

@@ -47,16 +47,18 @@ BEGIN
     FOREACH v_table IN ARRAY ARRAY['embedding_type_ensure(text, integer)',
             'embedding_type_forget(text)', 'embedding_replace_begin(text, integer)',
             'embedding_replace_commit(text, text, integer)', 'embedding_type_drop(text)',
-            'embedding_vector_index_create(text, text)']
+            'embedding_vector_index_create(text, text)', 'embedding_load_begin(text, integer)',
+            'embedding_load_commit(text, text, integer, boolean)',
+            'embedding_load_abandon(bigint, double precision)']
     LOOP
         IF to_regprocedure(format('%I.%s', v_schema, v_table)) IS NOT NULL THEN
             EXECUTE format('ALTER FUNCTION %I.%s SET citus.multi_shard_modify_mode = sequential',
                            v_schema, v_table);
         END IF;
     END LOOP;
-    -- model_chunks (V008) is one inlinable SQL query where a schema was built without Citus
+    -- model_chunks (V009) is one inlinable SQL query where a schema was built without Citus
     -- (the server streams its rows); Citus runs no SQL function with parameters over
-    -- distributed tables, so here it becomes the PL/pgSQL one V008 creates where Citus is
+    -- distributed tables, so here it becomes the PL/pgSQL one V009 creates where Citus is
     -- installed: it reads chunk by chunk.
     IF EXISTS (SELECT 1 FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
                WHERE p.oid = to_regprocedure(format('%I.model_chunks(text, text)', v_schema))

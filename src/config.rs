@@ -261,6 +261,15 @@ impl RepositoryConfig {
         self
     }
 
+    /// How many COPY streams (one connection each) a `ParallelCopy` load runs, and a full
+    /// refresh when it has more than two (on two cores one stream with COPY FREEZE is faster;
+    /// docs/embeddings.md). Extra connections are taken only if idle, never waited for. Must be
+    /// within 1..=64. Defaults to the number of cores.
+    pub fn load_streams(mut self, n: u32) -> Self {
+        self.embeddings.load_streams = n;
+        self
+    }
+
     /// The configured schema name.
     pub fn schema_name(&self) -> &str {
         &self.connection.schema
@@ -318,6 +327,7 @@ impl fmt::Debug for RepositoryConfig {
             .field("vector_storage", &m.vector_storage)
             .field("citus", &m.citus)
             .field("hnsw_ef_search", &self.embeddings.hnsw_ef_search)
+            .field("load_streams", &self.embeddings.load_streams)
             .finish()
     }
 }

@@ -74,6 +74,7 @@ pub struct ErrorDetail {
     message: String,
     code: Option<SqlState>,
     source: Option<Cause>,
+    record: Option<usize>,
 }
 
 impl ErrorDetail {
@@ -83,6 +84,7 @@ impl ErrorDetail {
             message: message.into(),
             code: None,
             source: None,
+            record: None,
         }
     }
 
@@ -95,6 +97,7 @@ impl ErrorDetail {
             message: message.into(),
             code: None,
             source: Some(Box::new(source)),
+            record: None,
         }
     }
 
@@ -104,6 +107,7 @@ impl ErrorDetail {
             message: describe_db_error(&error),
             code: Some(code),
             source: Some(Box::new(error)),
+            record: None,
         }
     }
 
@@ -113,9 +117,21 @@ impl ErrorDetail {
         self
     }
 
+    /// The same error, naming the batch record it is about (`record N: ` in front).
+    pub(crate) fn at_record(mut self, index: usize) -> Self {
+        self.message = format!("record {index}: {}", self.message);
+        self.record = Some(index);
+        self
+    }
+
     /// The message (what `Display` shows after the variant's phrase).
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// For an error about one record of a batch (or of an iterator's records), its index.
+    pub fn record(&self) -> Option<usize> {
+        self.record
     }
 
     /// The SQLSTATE of the server error behind this one, if there is one.
@@ -247,6 +263,30 @@ impl RepoError {
             },
             other => other,
         }
+    }
+
+    /// The same error, a dimension mismatch without a batch index given `index`: for a
+    /// batch whose type's registered dimension is found late (by the server).
+    pub(crate) fn at_batch_index(self, index: usize) -> Self {
+        match self {
+            RepoError::DimensionMismatch {
+                entity_type,
+                expected,
+                actual,
+                index: None,
+            } => RepoError::DimensionMismatch {
+                entity_type,
+                expected,
+                actual,
+                index: Some(index),
+            },
+            other => other,
+        }
+    }
+
+    /// `InvalidInput` about record `index` of a batch.
+    pub(crate) fn invalid_record(index: usize, msg: impl Into<String>) -> Self {
+        RepoError::InvalidInput(ErrorDetail::new(msg).at_record(index))
     }
 
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {

@@ -124,7 +124,7 @@ pub use monitor::{
     ModelStorageStats, OptimizeReport, ServerQueryStats, StatementStats, TableMaintenance,
 };
 pub use repository::ModelRepository;
-pub use schema::migrate::MigrationReport;
+pub use schema::migrate::{AppliedMigration, MigrationReport, MigrationStatus};
 pub use schema::seed_takeover::{QuarantinedEmbedding, SeedTakeoverReport};
 pub use schema::settings::{CitusMode, VectorStorage};
 pub use training::TrainingMetricsRecord;

@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::monitor::counters::{AccessCounts, Buffer, Flush, FlushStatements};
 use crate::monitor::timings::{QueryMetric, Timings};
 use crate::schema::citus;
-use crate::schema::migrate::{self, MigrationReport, Target};
+use crate::schema::migrate::{self, MigrationReport, MigrationStatus, Target};
 use crate::schema::sweep::{Leftover, Sweep};
 
 /// How long after a close starts the reaper's statement in flight, if any, is cut.
@@ -301,6 +301,27 @@ impl ModelRepository {
     pub fn migrate_with_report(config: &RepositoryConfig) -> Result<MigrationReport> {
         config.validate()?;
         migrate::apply_migrations(&migration_target(config))
+    }
+
+    /// Lists the migrations of `config`'s schema, applied (with when) and pending, without
+    /// DDL or locks and without opening a pool: a dry run of
+    /// [`migrate`](Self::migrate). A schema that does not exist yet has every file pending.
+    /// An applied file that was edited since is `Conflict`, as `migrate` would say.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// use pg_model_repo::{ModelRepository, RepositoryConfig};
+    /// let config = RepositoryConfig::new("postgres://owner@localhost/ml").schema("ml");
+    /// let status = ModelRepository::migration_status(&config)?;
+    /// for applied in &status.applied {
+    ///     println!("applied {} at {:?}", applied.name, applied.applied_at);
+    /// }
+    /// println!("pending: {:?}", status.pending);
+    /// # Ok(()) }
+    /// ```
+    pub fn migration_status(config: &RepositoryConfig) -> Result<MigrationStatus> {
+        config.validate()?;
+        migrate::status(&migration_target(config))
     }
 
     /// Closes this handle. On the last clone it flushes buffered counters, stops and joins the

@@ -43,8 +43,10 @@ pub(crate) fn int8(out: &mut Vec<u8>, value: i64) {
     out.extend_from_slice(&value.to_be_bytes());
 }
 
-/// A `bytea` field holding the vector as little-endian f32 values (how vectors are stored),
+/// A `bytea` field holding the vector as little-endian f32 values (the encoder writes these
+/// itself, checking each value as it goes; kept as the reference its tests compare with) (how vectors are stored),
 /// without building an intermediate byte vector.
+#[cfg(test)]
 pub(crate) fn f32_le(out: &mut Vec<u8>, values: &[f32]) {
     field_len(out, (4 * values.len()) as i32);
     for v in values {
@@ -55,6 +57,7 @@ pub(crate) fn f32_le(out: &mut Vec<u8>, values: &[f32]) {
 /// A pgvector `vector` field in its binary format: an int16 dimension, an unused int16 (0),
 /// then the values as big-endian float4. The caller keeps the dimension within the type's
 /// limit (16,000).
+#[cfg(test)]
 pub(crate) fn pgvector(out: &mut Vec<u8>, values: &[f32]) {
     field_len(out, (4 + 4 * values.len()) as i32);
     out.extend_from_slice(&(values.len() as i16).to_be_bytes());

@@ -26,6 +26,12 @@ pub(crate) fn check_key(entity_type: &str, entity_id: &str) -> Result<()> {
 }
 
 pub(crate) fn check_vector(vector: &[f32]) -> Result<()> {
+    check_shape(vector)?;
+    check_values(vector)
+}
+
+/// A vector's length: not empty, and small enough for one value.
+pub(crate) fn check_shape(vector: &[f32]) -> Result<()> {
     if vector.is_empty() {
         return Err(RepoError::invalid("vector must not be empty"));
     }
@@ -35,6 +41,11 @@ pub(crate) fn check_vector(vector: &[f32]) -> Result<()> {
             vector.len()
         )));
     }
+    Ok(())
+}
+
+/// A vector's values: finite (no NaN, no infinity).
+pub(crate) fn check_values(vector: &[f32]) -> Result<()> {
     if let Some(i) = vector.iter().position(|v| !v.is_finite()) {
         return Err(RepoError::invalid(format!(
             "vector value {i} is {} (NaN and infinities are not allowed)",
@@ -47,7 +58,7 @@ pub(crate) fn check_vector(vector: &[f32]) -> Result<()> {
 /// Prefixes an error with the batch index it belongs to.
 pub(crate) fn at_index(index: usize, error: RepoError) -> RepoError {
     match error {
-        RepoError::InvalidInput(_) => error.with_context(format_args!("record {index}")),
+        RepoError::InvalidInput(d) => RepoError::InvalidInput(d.at_record(index)),
         other => other,
     }
 }
@@ -68,10 +79,28 @@ pub(crate) struct CheckedBatch<'a> {
     pub bytes: u64,
 }
 
-/// Checks a batch before any I/O; the error names the first offending record.
+/// Checks a batch before any I/O, except its vector values: the COPY encoder checks those in
+/// the loop that encodes each vector (one pass over the values), and the other paths with
+/// [`check_values`] before they write. Should the batch fail here at record k, the values of
+/// the records before k are checked too, so the error still names the first offending record.
 pub(crate) fn check_batch(batch: &[Embedding]) -> Result<CheckedBatch<'_>> {
+    check_all_but_values(batch).map_err(|(k, error)| first_bad_value(&batch[..k]).unwrap_or(error))
+}
+
+/// The first record whose values are not all finite, as its error.
+fn first_bad_value(records: &[Embedding]) -> Option<RepoError> {
+    records
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| check_values(&e.vector).err().map(|err| at_index(i, err)))
+}
+
+/// [`check_batch`], the error with the index of its record.
+fn check_all_but_values(
+    batch: &[Embedding],
+) -> std::result::Result<CheckedBatch<'_>, (usize, RepoError)> {
     let check = |e: &Embedding| {
-        check_key(&e.entity_type, &e.entity_id).and_then(|()| check_vector(&e.vector))
+        check_key(&e.entity_type, &e.entity_id).and_then(|()| check_shape(&e.vector))
     };
     let first_bad = if batch.len() >= PARALLEL_VALIDATION_MIN {
         on_cpu_pool(|| {
@@ -94,16 +123,22 @@ pub(crate) fn check_batch(batch: &[Embedding]) -> Result<CheckedBatch<'_>> {
 
     if let Some(i) = duplicate {
         let e = &batch[i];
-        return Err(RepoError::invalid(format!(
-            "record {i}: duplicate key ({:?}, {:?}) in one batch",
-            e.entity_type, e.entity_id
-        )));
+        return Err((
+            i,
+            RepoError::invalid_record(
+                i,
+                format!(
+                    "duplicate key ({:?}, {:?}) in one batch",
+                    e.entity_type, e.entity_id
+                ),
+            ),
+        ));
     }
-    if let Some((_, error)) = mixed {
-        return Err(error);
+    if let Some(mixed) = mixed {
+        return Err(mixed);
     }
     if let Some((i, error)) = first_bad {
-        return Err(at_index(i, error));
+        return Err((i, at_index(i, error)));
     }
     let bytes = batch.iter().map(|e| 4 * e.vector.len() as u64).sum();
     Ok(CheckedBatch {

@@ -1,20 +1,15 @@
-//! Embedding rows in binary COPY form (framed with `db::binary_copy`), encoded on the crate's
-//! rayon pool in chunks and streamed through a bounded channel into a COPY writer.
+//! Embedding rows in binary COPY form (framed with `db::binary_copy`): each vector is checked
+//! (finite values) and encoded in one loop, a chunk of records at a time, on the crate's own
+//! rayon pool (CPU work only: never blocking I/O, never a pool checkout).
 
-use std::io::Write;
 use std::sync::OnceLock;
 
-use postgres::Transaction;
-use rayon::prelude::*;
-
-use crate::db::binary_copy::{self, io_error};
+use crate::db::binary_copy;
 use crate::embeddings::types::{Embedding, Storage};
-use crate::error::Result;
+use crate::error::{RepoError, Result};
 
 /// Encoded bytes per chunk: what one channel slot holds.
-const CHUNK_BYTES: usize = 2 << 20;
-/// Chunks waiting between the encoders and the writer.
-const CHANNEL_CHUNKS: usize = 2;
+pub(crate) const CHUNK_BYTES: usize = 2 << 20;
 
 /// Runs CPU work (validation, encoding) on the crate's own rayon pool: never blocking I/O,
 /// never a pool checkout. Should the pool fail to start, rayon's global pool serves.
@@ -39,151 +34,160 @@ pub(crate) fn cpu_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// Rows per encoded chunk, from the batch's widest vector.
-fn rows_per_chunk(records: &[Embedding]) -> usize {
-    let widest = records.iter().map(|e| e.vector.len()).max().unwrap_or(1);
-    (CHUNK_BYTES / (4 * widest + 64)).clamp(16, 65_536)
+/// Records per chunk for vectors of `dimension` values.
+pub(crate) fn rows_per_chunk(dimension: usize) -> usize {
+    (CHUNK_BYTES / (4 * dimension.max(1) + 64)).clamp(16, 65_536)
 }
 
-/// Binary COPY rows for `records`: (entity_type, entity_id, embeddings, dimension), with the
-/// load id in front when it is given, the vector in the storage's binary form.
-fn encode_chunk(records: &[Embedding], load_id: Option<i64>, storage: Storage) -> Vec<u8> {
+/// What a COPY row holds besides the record: a load id in front (`embeddings_staging`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Prefix {
+    None,
+    LoadId(i64),
+}
+
+/// The timestamps a rebuild writes after each record (created_at, updated_at), as
+/// PostgreSQL's binary timestamptz (microseconds since 2000-01-01 UTC): a key the type had
+/// keeps its `created_at`, a new one takes the load's time, and every row is updated now.
+#[derive(Debug)]
+pub(crate) struct Stamps {
+    /// The type's keys and their `created_at`.
+    pub(crate) created: std::collections::HashMap<String, i64>,
+    /// The load's time.
+    pub(crate) now: i64,
+}
+
+/// The binary COPY rows of `records` (entity_type, entity_id, embeddings, dimension, with
+/// the prefix in front), the vector in the storage's binary form. `first_index` is the batch
+/// index of `records[0]`: a vector with a NaN or infinite value fails the chunk with
+/// `InvalidInput` naming its record, found in the same loop that encodes it.
+pub(crate) fn encode_chunk(
+    records: &[Embedding],
+    first_index: usize,
+    prefix: Prefix,
+    stamps: Option<&Stamps>,
+    storage: Storage,
+) -> Result<Vec<u8>> {
+    let fields = 4 + i16::from(prefix != Prefix::None) + 2 * i16::from(stamps.is_some());
     let size: usize = records
         .iter()
-        .map(|e| 32 + e.entity_type.len() + e.entity_id.len() + 4 * e.vector.len())
+        .map(|e| 40 + e.entity_type.len() + e.entity_id.len() + 4 * e.vector.len())
         .sum();
     let mut out = Vec::with_capacity(size);
-    for e in records {
-        match load_id {
-            Some(id) => {
-                binary_copy::row(&mut out, 5);
-                binary_copy::int8(&mut out, id);
-            }
-            None => binary_copy::row(&mut out, 4),
+    for (i, e) in records.iter().enumerate() {
+        binary_copy::row(&mut out, fields);
+        if let Prefix::LoadId(id) = prefix {
+            binary_copy::int8(&mut out, id);
         }
         binary_copy::field(&mut out, e.entity_type.as_bytes());
         binary_copy::field(&mut out, e.entity_id.as_bytes());
-        match storage {
-            Storage::Bytea => binary_copy::f32_le(&mut out, &e.vector),
-            Storage::Vector => binary_copy::pgvector(&mut out, &e.vector),
+        let put = match storage {
+            Storage::Bytea => {
+                binary_copy::field_len(&mut out, (4 * e.vector.len()) as i32);
+                put_floats(&mut out, &e.vector, f32::to_le_bytes)
+            }
+            Storage::Vector => {
+                // pgvector's binary form: an int16 dimension, an unused int16, big-endian
+                // float4 values.
+                binary_copy::field_len(&mut out, (4 + 4 * e.vector.len()) as i32);
+                out.extend_from_slice(&(e.vector.len() as i16).to_be_bytes());
+                out.extend_from_slice(&0i16.to_be_bytes());
+                put_floats(&mut out, &e.vector, f32::to_be_bytes)
+            }
+        };
+        if let Err(at) = put {
+            return Err(not_finite(first_index + i, at, e.vector[at]));
         }
         binary_copy::int4(&mut out, e.vector.len() as i32);
-    }
-    out
-}
-
-/// Streams `records` as a binary COPY into `writer`: a plain thread has the crate's rayon pool
-/// encode a few chunks at a time and hands them over a bounded channel, so at most a few
-/// chunks of encoded bytes exist at once. `progress(rows)` after each chunk is written.
-fn stream_rows(
-    writer: &mut dyn Write,
-    records: &[Embedding],
-    load_id: Option<i64>,
-    storage: Storage,
-    progress: &mut dyn FnMut(u64),
-) -> Result<()> {
-    let per_chunk = rows_per_chunk(records);
-    writer.write_all(binary_copy::HEADER).map_err(io_error)?;
-    if records.len() <= per_chunk {
-        writer
-            .write_all(&encode_chunk(records, load_id, storage))
-            .map_err(io_error)?;
-        progress(records.len() as u64);
-    } else {
-        let (sender, receiver) = crossbeam_channel::bounded::<(usize, Vec<u8>)>(CHANNEL_CHUNKS);
-        std::thread::scope(|scope| -> Result<()> {
-            let encoder = std::thread::Builder::new()
-                .name("pg-model-repo-encode".into())
-                .spawn_scoped(scope, move || {
-                    let group = per_chunk * cpu_threads();
-                    for rows in records.chunks(group) {
-                        let encoded: Vec<(usize, Vec<u8>)> = on_cpu_pool(|| {
-                            rows.par_chunks(per_chunk)
-                                .map(|c| (c.len(), encode_chunk(c, load_id, storage)))
-                                .collect()
-                        });
-                        for chunk in encoded {
-                            // The writer hung up (it failed): stop encoding.
-                            if sender.send(chunk).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                })?;
-            let mut written = 0u64;
-            let result = receiver.iter().try_for_each(|(rows, bytes)| {
-                writer.write_all(&bytes).map_err(io_error)?;
-                written += rows as u64;
-                progress(written);
-                Ok(())
-            });
-            // Hang up before joining, so a blocked encoder wakes up and ends.
-            drop(receiver);
-            if let Err(panic) = encoder.join() {
-                std::panic::resume_unwind(panic);
-            }
-            result
-        })?;
-    }
-    writer.write_all(&binary_copy::TRAILER).map_err(io_error)
-}
-
-/// One COPY … FROM STDIN of `records` inside `tx`; dropping the writer on error aborts it.
-pub(crate) fn copy_in(
-    tx: &mut Transaction<'_>,
-    sql: &str,
-    records: &[Embedding],
-    load_id: Option<i64>,
-    storage: Storage,
-    progress: &mut dyn FnMut(u64),
-) -> Result<u64> {
-    let mut writer = tx.copy_in(sql)?;
-    stream_rows(&mut writer, records, load_id, storage, progress)?;
-    Ok(writer.finish()?)
-}
-
-/// Records per encoded chunk of an iterator load (its vectors' width is known only as they
-/// come: the first record's sets it).
-const ITER_CHUNK_BYTES: usize = CHUNK_BYTES;
-
-/// One COPY … FROM STDIN inside `tx` of the records an iterator yields, in constant memory:
-/// each record passes `check(index, &record)` before it is buffered, and a chunk is encoded
-/// and written whenever about [`ITER_CHUNK_BYTES`] are buffered. A failed check (or a failed
-/// write) ends the call with that error and the COPY aborted. Returns the rows copied.
-pub(crate) fn copy_in_iter(
-    tx: &mut Transaction<'_>,
-    sql: &str,
-    rows: &mut dyn Iterator<Item = Embedding>,
-    storage: Storage,
-    check: &mut dyn FnMut(usize, &Embedding) -> Result<()>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<u64> {
-    let mut writer = tx.copy_in(sql)?;
-    writer.write_all(binary_copy::HEADER).map_err(io_error)?;
-    let mut chunk: Vec<Embedding> = Vec::new();
-    let mut chunk_bytes = 0;
-    let mut sent = 0u64;
-    for (index, record) in rows.enumerate() {
-        check(index, &record)?;
-        chunk_bytes += 64 + 4 * record.vector.len();
-        chunk.push(record);
-        if chunk_bytes >= ITER_CHUNK_BYTES {
-            writer
-                .write_all(&encode_chunk(&chunk, None, storage))
-                .map_err(io_error)?;
-            sent += chunk.len() as u64;
-            progress(sent);
-            chunk.clear();
-            chunk_bytes = 0;
+        if let Some(stamps) = stamps {
+            let created = stamps.created.get(&e.entity_id).copied();
+            binary_copy::int8(&mut out, created.unwrap_or(stamps.now));
+            binary_copy::int8(&mut out, stamps.now);
         }
     }
-    if !chunk.is_empty() {
-        writer
-            .write_all(&encode_chunk(&chunk, None, storage))
-            .map_err(io_error)?;
-        sent += chunk.len() as u64;
-        progress(sent);
+    Ok(out)
+}
+
+/// Appends `values` as 4-byte floats in the order `bytes` gives, checking in the same loop
+/// that each is finite; the index of the first that is not, if any.
+#[inline]
+fn put_floats(
+    out: &mut Vec<u8>,
+    values: &[f32],
+    bytes: impl Fn(f32) -> [u8; 4],
+) -> std::result::Result<(), usize> {
+    let start = out.len();
+    out.resize(start + 4 * values.len(), 0);
+    let mut finite = true;
+    for (slot, &value) in out[start..].chunks_exact_mut(4).zip(values) {
+        finite &= value.is_finite();
+        slot.copy_from_slice(&bytes(value));
     }
-    writer.write_all(&binary_copy::TRAILER).map_err(io_error)?;
-    Ok(writer.finish()?)
+    if finite {
+        Ok(())
+    } else {
+        Err(values.iter().position(|v| !v.is_finite()).unwrap_or(0))
+    }
+}
+
+/// The error of a vector value that is NaN or infinite, as the batch checks word it.
+pub(crate) fn not_finite(record: usize, value_index: usize, value: f32) -> RepoError {
+    RepoError::invalid_record(
+        record,
+        format!("vector value {value_index} is {value} (NaN and infinities are not allowed)"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(vector: Vec<f32>) -> Vec<Embedding> {
+        vec![Embedding::new("t", "a", vector)]
+    }
+
+    #[test]
+    fn bytea_rows_hold_little_endian_floats_and_the_dimension() {
+        let bytes =
+            encode_chunk(&one(vec![1.0, -2.5]), 0, Prefix::None, None, Storage::Bytea).unwrap();
+        let mut expected = Vec::new();
+        binary_copy::row(&mut expected, 4);
+        binary_copy::field(&mut expected, b"t");
+        binary_copy::field(&mut expected, b"a");
+        binary_copy::f32_le(&mut expected, &[1.0, -2.5]);
+        binary_copy::int4(&mut expected, 2);
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn vector_rows_hold_pgvectors_binary_form() {
+        let bytes = encode_chunk(
+            &one(vec![1.0, -2.5]),
+            0,
+            Prefix::LoadId(7),
+            None,
+            Storage::Vector,
+        )
+        .unwrap();
+        let mut expected = Vec::new();
+        binary_copy::row(&mut expected, 5);
+        binary_copy::int8(&mut expected, 7);
+        binary_copy::field(&mut expected, b"t");
+        binary_copy::field(&mut expected, b"a");
+        binary_copy::pgvector(&mut expected, &[1.0, -2.5]);
+        binary_copy::int4(&mut expected, 2);
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn a_value_that_is_not_finite_names_its_record_and_position() {
+        let mut records = one(vec![1.0, 2.0]);
+        records.push(Embedding::new("t", "b", vec![0.0, f32::NAN, f32::INFINITY]));
+        let err = encode_chunk(&records, 40, Prefix::None, None, Storage::Bytea).unwrap_err();
+        assert!(matches!(err, RepoError::InvalidInput(_)));
+        assert!(
+            err.to_string().contains("record 41: vector value 1 is NaN"),
+            "{err}"
+        );
+    }
 }

@@ -1,243 +1,36 @@
-//! Batch loads: the plan (which method writes a batch, chosen in one place), the
-//! single-connection paths (`Insert`, `MultiRowInsert`, `Copy`, each an upsert in one
-//! transaction) and the public load methods. `ParallelCopy` lives in `parallel`.
+//! The public batch loads: checks, then the path `plan::choose` picks (fresh storage with one
+//! or several COPY streams, or an upsert in one transaction), on the load's connection.
 
 use std::time::Instant;
 
-use postgres::Transaction;
-use rayon::slice::ParallelSliceMut;
-
+use crate::db::call::Call;
 use crate::db::pool::PgConnection;
 use crate::db::retry::Retry;
-use crate::embeddings::check::{at_index, check_batch, CheckedBatch};
-use crate::embeddings::encode::{copy_in, on_cpu_pool};
-use crate::embeddings::parallel::load_parallel;
-use crate::embeddings::registry::in_load_transaction;
-use crate::embeddings::sql::{COLUMNS, UPSERT_ONE};
-use crate::embeddings::store::with_storage;
-use crate::embeddings::types::{
-    check_storage_dimension, vector_bytes, BatchReport, Embedding, LoadMethod, Storage, VectorParam,
+use crate::embeddings::check::{
+    at_index, check_batch, check_key, check_shape, check_values, CheckedBatch, TypeDim,
+    ENTITY_TYPE_MAX,
 };
+use crate::embeddings::copy_rows::Source;
+use crate::embeddings::fresh::{self, Keep};
+use crate::embeddings::parallel::load_parallel;
+use crate::embeddings::plan::{choose, type_state, Path, Plan};
+use crate::embeddings::registry::in_load_transaction;
+use crate::embeddings::store::{known_storage, with_storage};
+use crate::embeddings::types::{
+    check_storage_dimension, BatchReport, Embedding, LoadMethod, Storage,
+};
+use crate::embeddings::upsert::{stream_merge, upsert};
 use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
-
-/// Rows per statement of `MultiRowInsert`.
-const MULTI_ROW: usize = 1000;
-/// `Insert` reports progress every this many rows.
-const INSERT_PROGRESS_EVERY: usize = 1000;
-/// Keys sampled to tell a reload from a fresh load.
-const SAMPLE_KEYS: usize = 64;
-
-/// Below this many records `batch_save_embeddings` upserts by `MultiRowInsert`. From here on
-/// it samples 64 of the batch's keys inside the transaction: when at least half are stored
-/// already (a reload) it still upserts from arrays, which skips the staging table; otherwise
-/// it loads by `Copy`. Measured with `cargo run --release --example load_bench --
-/// --crossover` (docs/embeddings.md).
-pub const BATCH_COPY_CROSSOVER: usize = 300;
-
-/// What the caller asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Plan {
-    /// Exactly this method.
-    Method(LoadMethod),
-    /// `batch_save_embeddings`: the fastest correct method for the batch (see [`choose`]).
-    Fastest,
-}
-
-/// The one place a load method is chosen. `mostly_existing` samples the table, and is only
-/// asked for a large batch of `Plan::Fastest`: upserting existing keys straight from arrays
-/// skips the staging table and measured faster than staging + merge at every size
-/// (docs/embeddings.md); new keys go faster by COPY.
-fn choose(
-    plan: Plan,
-    rows: usize,
-    mostly_existing: impl FnOnce() -> Result<bool>,
-) -> Result<LoadMethod> {
-    Ok(match plan {
-        Plan::Method(method) => method,
-        Plan::Fastest if rows < BATCH_COPY_CROSSOVER => LoadMethod::MultiRowInsert,
-        Plan::Fastest if mostly_existing()? => LoadMethod::MultiRowInsert,
-        Plan::Fastest => LoadMethod::Copy,
-    })
-}
-
-/// Runs a load by `Insert`, `MultiRowInsert` or `Copy` on one connection, in one transaction.
-fn load_on(
-    conn: &mut PgConnection,
-    batch: &CheckedBatch<'_>,
-    plan: Plan,
-    storage: Storage,
-    progress: &mut dyn FnMut(u64),
-) -> Result<()> {
-    in_load_transaction(conn, batch, |tx| {
-        let records = batch.records;
-        let method = choose(plan, records.len(), || mostly_existing(tx, records))?;
-        match method {
-            LoadMethod::Insert => insert_rows(tx, records, storage, progress),
-            LoadMethod::MultiRowInsert => insert_multi_row(tx, records, storage, progress),
-            LoadMethod::Copy | LoadMethod::ParallelCopy => copy_merge(tx, batch, storage, progress),
-        }
-    })
-}
-
-const COUNT_EXISTING: &str = "SELECT count(*) FROM unnest($1::text[], $2::text[]) AS k(t, i) \
-     JOIN embeddings e ON e.entity_type = k.t AND e.entity_id = k.i";
-
-/// True when at least half of an evenly spaced sample of the batch's keys is stored already.
-fn mostly_existing(tx: &mut Transaction<'_>, records: &[Embedding]) -> Result<bool> {
-    let step = records.len().div_ceil(SAMPLE_KEYS).max(1);
-    let sample: Vec<&Embedding> = records.iter().step_by(step).collect();
-    let types: Vec<&str> = sample.iter().map(|e| e.entity_type.as_str()).collect();
-    let ids: Vec<&str> = sample.iter().map(|e| e.entity_id.as_str()).collect();
-    let existing: i64 = tx.query_one(COUNT_EXISTING, &[&types, &ids])?.try_get(0)?;
-    Ok(existing as usize * 2 >= sample.len())
-}
-
-/// The records in key order: loads that upsert overlapping keys lock them in one order, so
-/// concurrent loads wait for each other instead of deadlocking (40P01).
-fn in_key_order(records: &[Embedding]) -> Vec<&Embedding> {
-    fn key(e: &Embedding) -> (&str, &str) {
-        (&e.entity_type, &e.entity_id)
-    }
-    let mut sorted: Vec<&Embedding> = records.iter().collect();
-    if records.len() >= KEY_SORT_PARALLEL_MIN {
-        on_cpu_pool(|| sorted.par_sort_unstable_by(|a, b| key(a).cmp(&key(b))));
-    } else {
-        sorted.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
-    }
-    sorted
-}
-
-/// Batches at least this long are sorted on the crate's rayon pool.
-const KEY_SORT_PARALLEL_MIN: usize = 16_384;
-
-fn insert_rows(
-    tx: &mut Transaction<'_>,
-    records: &[Embedding],
-    storage: Storage,
-    progress: &mut dyn FnMut(u64),
-) -> Result<()> {
-    let statement = tx.prepare(UPSERT_ONE)?;
-    for (i, e) in in_key_order(records).into_iter().enumerate() {
-        let value = VectorParam::new(storage, &e.vector);
-        let dimension = e.vector.len() as i32;
-        tx.execute(
-            &statement,
-            &[&e.entity_type, &e.entity_id, value.sql(), &dimension],
-        )?;
-        if (i + 1) % INSERT_PROGRESS_EVERY == 0 || i + 1 == records.len() {
-            progress(i as u64 + 1);
-        }
-    }
-    Ok(())
-}
-
-/// The upsert from arrays; `$3` is an array of the storage's type.
-fn upsert_arrays(storage: Storage) -> String {
-    format!(
-        concat!(
-            insert_embeddings!(),
-            "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::{}[], $4::int4[])",
-            on_key_update!()
-        ),
-        storage.sql_type()
-    )
-}
-
-fn insert_multi_row(
-    tx: &mut Transaction<'_>,
-    records: &[Embedding],
-    storage: Storage,
-    progress: &mut dyn FnMut(u64),
-) -> Result<()> {
-    let statement = tx.prepare(&upsert_arrays(storage))?;
-    let mut done = 0u64;
-    for chunk in in_key_order(records).chunks(MULTI_ROW) {
-        let types: Vec<&str> = chunk.iter().map(|e| e.entity_type.as_str()).collect();
-        let ids: Vec<&str> = chunk.iter().map(|e| e.entity_id.as_str()).collect();
-        let dims: Vec<i32> = chunk.iter().map(|e| e.vector.len() as i32).collect();
-        match storage {
-            Storage::Bytea => {
-                let vectors: Vec<Vec<u8>> = chunk.iter().map(|e| vector_bytes(&e.vector)).collect();
-                tx.execute(&statement, &[&types, &ids, &vectors, &dims])?
-            }
-            Storage::Vector => {
-                let vectors: Vec<pgvector::Vector> = chunk
-                    .iter()
-                    .map(|e| pgvector::Vector::from(e.vector.clone()))
-                    .collect();
-                tx.execute(&statement, &[&types, &ids, &vectors, &dims])?
-            }
-        };
-        done += chunk.len() as u64;
-        progress(done);
-    }
-    Ok(())
-}
-
-const ANY_ROWS_OF_TYPES: &str =
-    "SELECT EXISTS (SELECT 1 FROM embeddings WHERE entity_type = ANY($1::text[]))";
-
-/// The staging table of `Copy`; its vectors are of the storage's type.
-fn create_stage(storage: Storage) -> String {
-    format!(
-        "CREATE TEMP TABLE pg_model_repo_embeddings_stage \
-         (entity_type text, entity_id text, embeddings {}, dimension int4) ON COMMIT DROP",
-        storage.sql_type()
-    )
-}
-
-/// Upserts the staged rows: `updated_at` moves to `now()`; `created_at` is left alone.
-const MERGE_STAGE: &str = concat!(
-    insert_embeddings!(),
-    "SELECT entity_type, entity_id, embeddings, dimension FROM pg_model_repo_embeddings_stage",
-    on_key_update!()
-);
-
-/// `Copy`: when the batch's types have no rows yet, COPY straight into the table (a fresh
-/// load then costs what the server's own COPY costs); a key that appeared meanwhile rolls
-/// that back to a savepoint. Otherwise, and after such a rollback, COPY into a temporary
-/// staging table and merge with an upsert.
-fn copy_merge(
-    tx: &mut Transaction<'_>,
-    batch: &CheckedBatch<'_>,
-    storage: Storage,
-    progress: &mut dyn FnMut(u64),
-) -> Result<()> {
-    let names: Vec<&str> = batch.types.iter().map(|t| t.entity_type).collect();
-    let occupied: bool = tx.query_one(ANY_ROWS_OF_TYPES, &[&names])?.try_get(0)?;
-    if !occupied {
-        let direct = format!("COPY embeddings ({COLUMNS}) FROM STDIN (FORMAT binary)");
-        let mut savepoint = tx.savepoint("pg_model_repo_direct_copy")?;
-        match copy_in(
-            &mut savepoint,
-            &direct,
-            batch.records,
-            None,
-            storage,
-            progress,
-        ) {
-            Ok(_) => return Ok(savepoint.commit()?),
-            Err(RepoError::Conflict(m)) => {
-                log::debug!("pg-model-repo: direct COPY met existing keys ({m}); merging instead");
-                savepoint.rollback()?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    tx.batch_execute(&create_stage(storage))?;
-    let sql = format!("COPY pg_model_repo_embeddings_stage ({COLUMNS}) FROM STDIN (FORMAT binary)");
-    copy_in(tx, &sql, batch.records, None, storage, progress)?;
-    tx.execute(MERGE_STAGE, &[])?;
-    Ok(())
-}
+use crate::validate;
 
 impl ModelRepository {
-    /// Saves a batch by the fastest correct method for it: multi-row upserts below
-    /// [`BATCH_COPY_CROSSOVER`] records or when most of its keys exist already, binary COPY
-    /// otherwise. All or nothing: any
-    /// invalid record (or a key twice in the batch) fails the call, naming the first
-    /// offending record, and nothing is written.
+    /// Saves a batch by the fastest correct path for it: multi-row upserts below
+    /// [`BATCH_COPY_CROSSOVER`](crate::BATCH_COPY_CROSSOVER) records; binary COPY into fresh
+    /// storage for a type without rows or a reload of most of a type; COPY straight into the
+    /// type for new keys; upserts otherwise (docs/embeddings.md has the table). All or
+    /// nothing: any invalid record (or a key twice in the batch) fails the call, naming the
+    /// first offending record, and nothing is written.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
@@ -261,6 +54,9 @@ impl ModelRepository {
 
     /// Saves a batch by the given method (to compare methods; `batch_save_embeddings` picks
     /// one for you). Same rules as [`batch_save_embeddings`](Self::batch_save_embeddings).
+    /// `Copy` and `ParallelCopy` load a type without rows, or a reload of most of a type, into
+    /// fresh storage (one connection with COPY FREEZE, or one COPY stream per connection);
+    /// `Insert` and `MultiRowInsert` are the upsert baselines.
     ///
     /// ```no_run
     /// # fn main() -> pg_model_repo::Result<()> {
@@ -302,6 +98,76 @@ impl ModelRepository {
         self.load("load_embeddings", batch, Plan::Method(method), progress)
     }
 
+    /// Loads the vectors an iterator yields, all of one entity type, in constant memory (a
+    /// pipeline can stream a file of any size), all or nothing: a bad record (another type,
+    /// another length, a NaN, a blank id) or a key twice fails the call and nothing is
+    /// written. A type without rows is loaded into fresh storage (by `Copy` and
+    /// `ParallelCopy`: the latter over one COPY stream per connection); into a type that has
+    /// rows the records are upserted. An empty iterator loads nothing. Not retried after the
+    /// first record was taken (the iterator cannot be replayed).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// use pg_model_repo::{Embedding, LoadMethod};
+    /// let mut rows = (0..1_000_000).map(|i| Embedding::new("user", format!("u{i}"), vec![0.5; 384]));
+    /// let report = repo.load_embeddings_iter(&mut rows, LoadMethod::ParallelCopy)?;
+    /// println!("{} rows in {:?}", report.rows, report.elapsed);
+    /// # Ok(()) }
+    /// ```
+    pub fn load_embeddings_iter(
+        &self,
+        rows: &mut dyn Iterator<Item = Embedding>,
+        method: LoadMethod,
+    ) -> Result<BatchReport> {
+        let started = Instant::now();
+        self.timed("load_embeddings_iter", |call| {
+            let mut rows = rows.peekable();
+            let Some(first) = rows.peek() else {
+                return Ok(BatchReport {
+                    rows: 0,
+                    bytes: 0,
+                    elapsed: started.elapsed(),
+                });
+            };
+            check_key(&first.entity_type, &first.entity_id).map_err(|e| at_index(0, e))?;
+            check_shape(&first.vector).map_err(|e| at_index(0, e))?;
+            let (entity_type, dimension) = (first.entity_type.clone(), first.vector.len());
+            // The iterator cannot be replayed: the storage must be known before it is read.
+            let storage = known_storage(self.storage(), call)?;
+            check_storage_dimension(storage, dimension)?;
+            let mut check =
+                |i: usize, e: &Embedding| one_type_record(&entity_type, dimension, i, e);
+            let streams = self.load_streams();
+            let loaded = call.with_conn(Retry::Never, |conn| {
+                let source = Source::Iter {
+                    rows: &mut rows,
+                    check: &mut check,
+                };
+                load_stream(
+                    call,
+                    conn,
+                    &entity_type,
+                    dimension,
+                    method,
+                    storage,
+                    streams,
+                    source,
+                )
+            })?;
+            Ok(BatchReport {
+                rows: loaded,
+                bytes: loaded * 4 * dimension as u64,
+                elapsed: started.elapsed(),
+            })
+        })
+    }
+
+    /// How many COPY streams a parallel load runs (`RepositoryConfig::load_streams`).
+    fn load_streams(&self) -> usize {
+        self.config().embeddings.load_streams as usize
+    }
+
     fn load(
         &self,
         op: &'static str,
@@ -315,18 +181,16 @@ impl ModelRepository {
             if !batch.is_empty() {
                 let total = batch.len() as u64;
                 let mut report = |done: u64| progress(done, total);
+                let streams = self.load_streams();
                 with_storage(self.storage(), call, |storage| {
                     for t in &checked.types {
                         check_storage_dimension(storage, t.dimension)
                             .map_err(|e| at_index(t.first_index, e))?;
                     }
-                    if plan == Plan::Method(LoadMethod::ParallelCopy) {
-                        load_parallel(call, &checked, storage, &mut report)
-                    } else {
-                        call.with_conn(Retry::Idempotent, |conn| {
-                            load_on(conn, &checked, plan, storage, &mut report)
-                        })
-                    }
+                    call.with_conn(Retry::Idempotent, |conn| {
+                        write_batch(call, conn, &checked, plan, storage, streams, &mut report)
+                    })
+                    .map_err(|e| first_offender(batch, e))
                 })?;
                 log::debug!(
                     "pg-model-repo: {op} wrote {total} rows ({plan:?}) in {:?}",
@@ -339,5 +203,187 @@ impl ModelRepository {
                 elapsed: started.elapsed(),
             })
         })
+    }
+}
+
+/// Writes a checked batch by the path `choose` picks for it.
+fn write_batch(
+    call: &Call<'_>,
+    conn: &mut PgConnection,
+    batch: &CheckedBatch<'_>,
+    plan: Plan,
+    storage: Storage,
+    streams: usize,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let records = batch.records;
+    let one_type: Option<&TypeDim<'_>> = (batch.types.len() == 1).then(|| &batch.types[0]);
+    let mut sampled_stored = None;
+    let path = choose(plan, records.len(), one_type.is_some(), || {
+        let t = one_type.expect("looked at for one type only");
+        let state = type_state(conn.client(), t.entity_type, records)?;
+        sampled_stored = Some(state.sampled_stored);
+        Ok(state)
+    })?;
+    match path {
+        Path::Fresh { streams: parallel } => {
+            let t = one_type.expect("fresh storage is for one type");
+            let plan = fresh_plan(
+                call,
+                t.entity_type,
+                t.dimension,
+                Keep::OldRows,
+                storage,
+                Some(records.len() as u64),
+            );
+            load_fresh(
+                call,
+                conn,
+                plan,
+                Source::Slice(records),
+                parallel.then_some(streams),
+                progress,
+            )
+            .map_err(|e| e.at_batch_index(t.first_index))
+            .map(|_| ())
+        }
+        Path::Upsert(LoadMethod::ParallelCopy) => load_parallel(
+            call.pool(),
+            call.layout(),
+            conn,
+            batch,
+            storage,
+            streams,
+            progress,
+        ),
+        Path::Upsert(method) => {
+            if matches!(method, LoadMethod::Insert | LoadMethod::MultiRowInsert) {
+                // Only the COPY encoder checks values as it goes.
+                check_all_values(records)?;
+            }
+            let direct = sampled_stored == Some(0);
+            in_load_transaction(conn, &batch.types, |tx| {
+                upsert(tx, batch, method, direct, storage, progress)
+            })
+        }
+    }
+}
+
+/// What a load into fresh storage of `entity_type` writes.
+pub(crate) fn fresh_plan<'a>(
+    call: &Call<'_>,
+    entity_type: &'a str,
+    dimension: usize,
+    keep: Keep,
+    storage: Storage,
+    expected: Option<u64>,
+) -> fresh::Plan<'a> {
+    fresh::Plan {
+        entity_type,
+        dimension,
+        keep,
+        storage,
+        layout: call.layout(),
+        expected,
+    }
+}
+
+/// Loads into fresh storage over this connection alone (`streams` None), or over one COPY
+/// stream per connection, the extra ones taken only if idle (never waited for: waiting for a
+/// second connection while holding one can deadlock a small pool).
+pub(crate) fn load_fresh(
+    call: &Call<'_>,
+    conn: &mut PgConnection,
+    plan: fresh::Plan<'_>,
+    source: Source<'_>,
+    streams: Option<usize>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let pool = call.pool();
+    match streams {
+        Some(n) if n > 1 => {
+            let mut extra: Vec<_> = (1..n).map_while(|_| pool.try_get()).collect();
+            let extra_refs: Vec<&mut PgConnection> = extra.iter_mut().map(|c| &mut **c).collect();
+            fresh::load_streams(pool, conn, extra_refs, plan, source, progress)
+        }
+        _ => fresh::load_single(pool, conn, plan, source, progress),
+    }
+}
+
+/// An iterator's load: fresh storage for a type without rows, else an upsert (staged by COPY
+/// in constant memory, then merged).
+#[allow(clippy::too_many_arguments)]
+fn load_stream(
+    call: &Call<'_>,
+    conn: &mut PgConnection,
+    entity_type: &str,
+    dimension: usize,
+    method: LoadMethod,
+    storage: Storage,
+    streams: usize,
+    source: Source<'_>,
+) -> Result<u64> {
+    let state = type_state(conn.client(), entity_type, &[])?;
+    if state.has_rows {
+        let types = [TypeDim {
+            entity_type,
+            dimension,
+            first_index: 0,
+        }];
+        return stream_merge(conn, &types, storage, source);
+    }
+    let parallel = (method == LoadMethod::ParallelCopy).then_some(streams);
+    let plan = fresh_plan(call, entity_type, dimension, Keep::OldRows, storage, None);
+    load_fresh(call, conn, plan, source, parallel, &mut |_| {})
+}
+
+/// One record of a one-type stream (its values are checked as they are encoded).
+fn one_type_record(entity_type: &str, dimension: usize, index: usize, e: &Embedding) -> Result<()> {
+    if e.entity_type != entity_type {
+        return Err(RepoError::invalid_record(
+            index,
+            format!(
+                "entity type {:?} in a stream of {entity_type:?} (one type per call)",
+                e.entity_type
+            ),
+        ));
+    }
+    check_key(&e.entity_type, &e.entity_id).map_err(|err| at_index(index, err))?;
+    check_shape(&e.vector).map_err(|err| at_index(index, err))?;
+    validate::name("entity_type", &e.entity_type, ENTITY_TYPE_MAX)?;
+    if e.vector.len() != dimension {
+        return Err(RepoError::DimensionMismatch {
+            entity_type: entity_type.to_owned(),
+            expected: dimension,
+            actual: e.vector.len(),
+            index: Some(index),
+        });
+    }
+    Ok(())
+}
+
+/// A record refused for its values, as the first of the batch that is: parallel streams
+/// may come upon a later one first.
+fn first_offender(batch: &[Embedding], error: RepoError) -> RepoError {
+    match &error {
+        RepoError::InvalidInput(d) => match d.record() {
+            Some(k) => check_all_values(&batch[..k.min(batch.len())])
+                .err()
+                .unwrap_or(error),
+            None => error,
+        },
+        _ => error,
+    }
+}
+
+/// Every record's values are finite (the paths without the COPY encoder).
+fn check_all_values(records: &[Embedding]) -> Result<()> {
+    match records
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| check_values(&e.vector).err().map(|err| (i, err)))
+    {
+        Some((i, err)) => Err(at_index(i, err)),
+        None => Ok(()),
     }
 }

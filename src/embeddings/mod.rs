@@ -8,19 +8,23 @@
 mod sql;
 
 mod check;
+mod copy_rows;
 mod encode;
 mod exact;
+mod fresh;
 mod index;
 mod load;
 mod parallel;
+mod plan;
 mod registry;
 mod replace;
 mod search;
 mod settings;
 mod store;
 mod types;
+mod upsert;
 
-pub use load::BATCH_COPY_CROSSOVER;
+pub use plan::BATCH_COPY_CROSSOVER;
 pub use search::MAX_NEAREST_K;
 pub(crate) use settings::EmbeddingSettings;
 pub use settings::DEFAULT_HNSW_EF_SEARCH;
@@ -46,6 +50,7 @@ struct EmbeddingsState {
 /// pgvector, the schema's storage is checked now; otherwise it is read on first use.
 pub(crate) fn register(registration: &mut Registration<'_>) -> Result<()> {
     registration.leftover(parallel::STAGED_ROWS);
+    registration.leftover(fresh::LOADS);
     let state = EmbeddingsState::default();
     let config = registration.config;
     if !config.migrations.auto_migrate

@@ -1,15 +1,16 @@
-//! `ParallelCopy`: several COPY streams stage parts of a batch on connections of their own
-//! while the caller's connection merges each staged part inside the load's one transaction.
+//! `ParallelCopy` as an upsert (a batch of several types, or a small part of a large type):
+//! several COPY streams stage parts of a batch on connections of their own while the
+//! caller's connection merges each staged part inside the load's one transaction. Loads into
+//! fresh storage (`fresh`) need no merge.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::db::call::Call;
 use crate::db::layout::Layout;
 use crate::db::pool::{begin_unbounded, Conn, PgConnection, Pool};
-use crate::db::retry::Retry;
 use crate::embeddings::check::CheckedBatch;
-use crate::embeddings::encode::{copy_in, cpu_threads};
+use crate::embeddings::copy_rows::{copy_in_tx, Source, Target};
+use crate::embeddings::encode::Prefix;
 use crate::embeddings::registry::in_load_transaction;
 use crate::embeddings::sql::COLUMNS;
 use crate::embeddings::types::{Embedding, Storage};
@@ -97,19 +98,21 @@ impl Drop for StopOnExit<'_> {
 /// callback, an encoder) stops the streams, deletes what they staged, and then goes on
 /// unwinding.
 pub(crate) fn load_parallel(
-    call: &Call<'_>,
+    pool: &Pool,
+    layout: Layout,
+    conn: &mut PgConnection,
     batch: &CheckedBatch<'_>,
     storage: Storage,
+    streams: usize,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let pool = call.pool();
     let records = batch.records;
-    let streams = cpu_threads();
+    let streams = streams.max(1);
     let part_rows = records.len().div_ceil(streams * 4).max(PART_ROWS_MIN);
     let parts: Vec<&[Embedding]> = records.chunks(part_rows).collect();
-    let wanted = streams.min(parts.len());
-    let merge = merge_statement(call.layout());
-    call.with_conn(Retry::Idempotent, |conn| {
+    let wanted = (streams - 1).min(parts.len()).max(usize::from(streams > 1));
+    let merge = merge_statement(layout);
+    {
         let ids: Vec<i64> = conn
             .client()
             .query(NEXT_LOAD_IDS, &[&(parts.len() as i32)])?
@@ -124,6 +127,7 @@ pub(crate) fn load_parallel(
             } else {
                 let work = Staging {
                     parts: &parts,
+                    part_rows,
                     ids: &ids,
                     storage,
                     merge,
@@ -158,7 +162,7 @@ pub(crate) fn load_parallel(
             resume_unwind(panic);
         }
         result
-    })
+    }
 }
 
 /// Releases the load ids' locks; a connection that cannot is not reused (its session, and so
@@ -185,10 +189,12 @@ fn stage_then_merge(
 ) -> Result<()> {
     let mut done = 0;
     for (rows, id) in parts.iter().zip(ids) {
-        stage_part(conn, rows, *id, storage, &mut |n| progress(done + n))?;
+        stage_part(conn, rows, done as usize, *id, storage, &mut |n| {
+            progress(done + n)
+        })?;
         done += rows.len() as u64;
     }
-    in_load_transaction(conn, batch, |tx| {
+    in_load_transaction(conn, &batch.types, |tx| {
         let merge = tx.prepare(merge)?;
         for id in ids {
             tx.execute(&merge, &[id])?;
@@ -240,6 +246,8 @@ fn pipeline(
 /// What the COPY streams stage: the parts, their load ids, and the storage to encode for.
 struct Staging<'a> {
     parts: &'a [&'a [Embedding]],
+    /// Rows per part (the last may have fewer): part i starts at record i * part_rows.
+    part_rows: usize,
     ids: &'a [i64],
     storage: Storage,
     /// The statement that merges a staged part (see [`merge_statement`]).
@@ -264,6 +272,7 @@ fn run_stream(
             stage_part(
                 conn,
                 work.parts[i],
+                i * work.part_rows,
                 work.ids[i],
                 work.storage,
                 &mut |done| {
@@ -304,7 +313,7 @@ fn merge_as_staged(
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let (parts, ids) = (work.parts.len(), work.ids);
-    in_load_transaction(conn, batch, |tx| {
+    in_load_transaction(conn, &batch.types, |tx| {
         let merge = tx.prepare(work.merge)?;
         let (mut merged, mut sent) = (0, 0u64);
         while merged < parts {
@@ -337,6 +346,7 @@ fn merge_as_staged(
 fn stage_part(
     conn: &mut PgConnection,
     rows: &[Embedding],
+    first_index: usize,
     load_id: i64,
     storage: Storage,
     progress: &mut dyn FnMut(u64),
@@ -344,7 +354,13 @@ fn stage_part(
     let mut tx = begin_unbounded(conn)?;
     let sql = format!("COPY embeddings_staging (load_id, {COLUMNS}) FROM STDIN (FORMAT binary)");
     let started = std::time::Instant::now();
-    copy_in(&mut tx, &sql, rows, Some(load_id), storage, progress)?;
+    let target = Target {
+        sql: &sql,
+        prefix: Prefix::LoadId(load_id),
+        stamps: None,
+        storage,
+    };
+    copy_in_tx(&mut tx, target, Source::Part(rows, first_index), progress)?;
     tx.commit()?;
     log::trace!(
         "pg-model-repo: staged load id {load_id} in {:?}",

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use postgres::{GenericClient, Transaction};
 
 use crate::db::pool::{begin_unbounded, PgConnection};
-use crate::embeddings::check::{CheckedBatch, TypeDim};
+use crate::embeddings::check::TypeDim;
 use crate::error::{RepoError, Result};
 
 const REGISTERED_DIMENSIONS: &str = "SELECT r.entity_type::text, r.dimension \
@@ -128,11 +128,11 @@ fn compare(types: &[TypeDim<'_>], registered: &HashMap<String, i32>) -> Result<(
 /// against the registry, `write`, and the commit.
 pub(crate) fn in_load_transaction<T>(
     conn: &mut PgConnection,
-    batch: &CheckedBatch<'_>,
+    types: &[TypeDim<'_>],
     write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
 ) -> Result<T> {
-    let created = ensure_types(conn.client(), &batch.types)?;
-    let written = write_checked(conn, batch, write);
+    let created = ensure_types(conn.client(), types)?;
+    let written = write_checked(conn, types, write);
     if written.is_err() && !conn.is_broken() {
         created.forget(conn.client());
     }
@@ -141,11 +141,11 @@ pub(crate) fn in_load_transaction<T>(
 
 fn write_checked<T>(
     conn: &mut PgConnection,
-    batch: &CheckedBatch<'_>,
+    types: &[TypeDim<'_>],
     write: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
 ) -> Result<T> {
     let mut tx = begin_unbounded(conn)?;
-    check_registry(&mut tx, &batch.types)?;
+    check_registry(&mut tx, types)?;
     let out = write(&mut tx)?;
     tx.commit()?;
     Ok(out)

@@ -1,41 +1,32 @@
-//! Full refresh of an entity type and dropping a type. A refresh is one transaction: fresh
-//! storage is created (`embedding_replace_begin`, sql/V004), filled by binary COPY (FREEZE: the
-//! table is new in this transaction), indexed after the load and swapped in for the old
-//! storage (`embedding_replace_commit`). Readers see the old set until the commit, then the
-//! new one; a refresh that fails at any point rolls back whole and leaves nothing behind.
+//! Full refresh of an entity type and dropping a type. A refresh is a load into fresh storage
+//! (`fresh`, sql/V008) that drops the type's old rows at the swap: the new set goes into a new
+//! table by binary COPY (one connection with FREEZE, or one stream per connection on machines
+//! with more than two cores), is indexed after the load and swapped in for the old storage.
+//! Readers see the old set until the commit, then the new one; a refresh that fails at any
+//! point leaves nothing behind.
 
 use std::time::Instant;
 
-use postgres::Transaction;
-
-use crate::db::pool::{begin_unbounded, quote_ident, PgConnection};
 use crate::db::retry::Retry;
-use crate::embeddings::check::{at_index, check_batch, check_key, check_vector, ENTITY_TYPE_MAX};
-use crate::embeddings::encode::{copy_in, copy_in_iter};
-use crate::embeddings::sql::COLUMNS;
+use crate::embeddings::check::{at_index, check_batch, check_key, check_shape, ENTITY_TYPE_MAX};
+use crate::embeddings::copy_rows::Source;
+use crate::embeddings::fresh::Keep;
+use crate::embeddings::load::{fresh_plan, load_fresh};
 use crate::embeddings::store::{known_storage, with_storage};
-use crate::embeddings::types::{check_storage_dimension, BatchReport, Embedding, Storage};
+use crate::embeddings::types::{check_storage_dimension, BatchReport, Embedding};
 use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
 use crate::validate;
 
-const BEGIN: &str = "SELECT embedding_replace_begin($1, $2)";
-const COMMIT: &str = "SELECT embedding_replace_commit($1, $2, $3)";
 const DROP_TYPE: &str = "SELECT embedding_type_drop($1)";
 
-/// Where the rows of a refresh come from.
-enum Rows<'a> {
-    /// A checked slice, encoded in parallel.
-    Slice(&'a [Embedding]),
-    /// An iterator, checked record by record as it streams; `first` was taken from it
-    /// already (its length fixes the dimension).
-    Iter {
-        first: Embedding,
-        rest: &'a mut dyn Iterator<Item = Embedding>,
-    },
-}
-
 impl ModelRepository {
+    /// COPY streams of a full refresh: one (with FREEZE) unless `load_streams` is above two.
+    fn refresh_streams(&self) -> Option<usize> {
+        let n = self.config().embeddings.load_streams as usize;
+        (n > 2).then_some(n)
+    }
+
     /// Replaces the whole set of vectors of `entity_type` with `batch`, atomically: readers see
     /// the old set until the commit, then the new one, never a mix. The type's dimension may
     /// change (the batch's sets it). Every record must be of `entity_type`, share one
@@ -87,20 +78,21 @@ impl ModelRepository {
         self.timed("replace_embeddings", |call| {
             let dimension = check_replacement_batch(entity_type, batch)?;
             let total = batch.len() as u64;
+            let streams = self.refresh_streams();
             with_storage(self.storage(), call, |storage| {
                 check_storage_dimension(storage, dimension)?;
-                // One transaction: repeating it after a failure replaces again with the same
-                // set.
+                // Repeating it after a failure replaces again with the same set.
                 call.with_conn(Retry::Idempotent, |conn| {
                     let mut report = |done: u64| progress(done, total);
-                    replace_on(
-                        conn,
+                    let plan = fresh_plan(
+                        call,
                         entity_type,
                         dimension,
+                        Keep::Nothing,
                         storage,
-                        Rows::Slice(batch),
-                        &mut report,
-                    )
+                        Some(total),
+                    );
+                    load_fresh(call, conn, plan, Source::Slice(batch), streams, &mut report)
                 })
             })?;
             Ok(report(batch.len() as u64, dimension, started))
@@ -138,34 +130,20 @@ impl ModelRepository {
             })?;
             check_replacement_record(entity_type, first.vector.len(), 0, &first)?;
             let dimension = first.vector.len();
-            // The iterator cannot be replayed: a stale storage is only corrected for the next
-            // call (by with_storage's second look, whose second run fails at once).
+            // The iterator cannot be replayed: the storage must be known before it is read.
             let storage = known_storage(self.storage(), call)?;
             check_storage_dimension(storage, dimension)?;
-            let mut copied = 0;
-            let mut first_run = true;
-            with_storage(self.storage(), call, |storage| {
-                if !std::mem::take(&mut first_run) {
-                    return Err(RepoError::conflict(format!(
-                        "this schema's vectors changed storage to {} during the refresh; \
-                         nothing was replaced, try again",
-                        storage.sql_type()
-                    )));
-                }
-                call.with_conn(Retry::Never, |conn| {
-                    copied = replace_on(
-                        conn,
-                        entity_type,
-                        dimension,
-                        storage,
-                        Rows::Iter {
-                        first: first.clone(),
-                        rest: &mut *rows,
-                    },
-                            &mut |_| {},
-                    )?;
-                    Ok(())
-                })
+            let streams = self.refresh_streams();
+            let mut all = std::iter::once(first).chain(&mut *rows);
+            let mut check =
+                |i: usize, e: &Embedding| check_replacement_record(entity_type, dimension, i, e);
+            let copied = call.with_conn(Retry::Never, |conn| {
+                let plan = fresh_plan(call, entity_type, dimension, Keep::Nothing, storage, None);
+                let source = Source::Iter {
+                    rows: &mut all,
+                    check: &mut check,
+                };
+                load_fresh(call, conn, plan, source, streams, &mut |_| {})
             })?;
             Ok(report(copied, dimension, started))
         })
@@ -215,11 +193,13 @@ fn check_replacement_batch(entity_type: &str, batch: &[Embedding]) -> Result<usi
     }
     let checked = check_batch(batch).map_err(|e| match e {
         // One type per refresh: another length is a bad record here, not a registry matter.
-        RepoError::DimensionMismatch { index, actual, .. } => RepoError::invalid(format!(
-            "record {}: a full refresh needs one dimension; this vector has {actual}, the first {}",
+        RepoError::DimensionMismatch { index, actual, .. } => RepoError::invalid_record(
             index.unwrap_or(0),
-            first.vector.len()
-        )),
+            format!(
+                "a full refresh needs one dimension; this vector has {actual}, the first {}",
+                first.vector.len()
+            ),
+        ),
         other => other,
     })?;
     Ok(checked.types[0].dimension)
@@ -236,82 +216,26 @@ fn check_replacement_record(
         return Err(other_type(index, entity_type, e));
     }
     check_key(&e.entity_type, &e.entity_id).map_err(|err| at_index(index, err))?;
-    check_vector(&e.vector).map_err(|err| at_index(index, err))?;
+    // The values are checked as the record is encoded.
+    check_shape(&e.vector).map_err(|err| at_index(index, err))?;
     if e.vector.len() != dimension {
-        return Err(RepoError::invalid(format!(
-            "record {index}: a full refresh needs one dimension; this vector has {}, the first {dimension}",
-            e.vector.len()
-        )));
+        return Err(RepoError::invalid_record(
+            index,
+            format!(
+                "a full refresh needs one dimension; this vector has {}, the first {dimension}",
+                e.vector.len()
+            ),
+        ));
     }
     Ok(())
 }
 
 fn other_type(index: usize, entity_type: &str, e: &Embedding) -> RepoError {
-    RepoError::invalid(format!(
-        "record {index}: entity type {:?} in a full refresh of {entity_type:?}",
-        e.entity_type
-    ))
-}
-
-/// The refresh's one transaction; returns the rows copied.
-fn replace_on(
-    conn: &mut PgConnection,
-    entity_type: &str,
-    dimension: usize,
-    storage: Storage,
-    rows: Rows<'_>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<u64> {
-    let dim = i32::try_from(dimension)
-        .map_err(|_| RepoError::invalid(format!("dimension {dimension} is too large")))?;
-    let mut tx = begin_unbounded(conn)?;
-    let table: String = tx.query_one(BEGIN, &[&entity_type, &dim])?.try_get(0)?;
-    let copied = copy_rows(
-        &mut tx,
-        &table,
-        entity_type,
-        dimension,
-        storage,
-        rows,
-        progress,
-    )?;
-    tx.execute(COMMIT, &[&entity_type, &table, &dim])
-        .map_err(|e| duplicate_as_invalid(RepoError::from(e)))?;
-    tx.commit()?;
-    log::debug!("pg-model-repo: replaced {entity_type:?} with {copied} rows in {table}");
-    Ok(copied)
-}
-
-fn copy_rows(
-    tx: &mut Transaction<'_>,
-    table: &str,
-    entity_type: &str,
-    dimension: usize,
-    storage: Storage,
-    rows: Rows<'_>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<u64> {
-    let sql = format!(
-        "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary, FREEZE)",
-        quote_ident(table)
-    );
-    match rows {
-        Rows::Slice(records) => copy_in(tx, &sql, records, None, storage, progress),
-        Rows::Iter { first, rest } => {
-            let mut all = std::iter::once(first).chain(rest);
-            let mut check =
-                |i: usize, e: &Embedding| check_replacement_record(entity_type, dimension, i, e);
-            copy_in_iter(tx, &sql, &mut all, storage, &mut check, progress)
-        }
-    }
-}
-
-/// The key index is built after the load: an id twice in the refresh shows there.
-fn duplicate_as_invalid(error: RepoError) -> RepoError {
-    match error {
-        RepoError::Conflict(m) => {
-            RepoError::InvalidInput(m.with_context("duplicate entity_id in a full refresh"))
-        }
-        other => other,
-    }
+    RepoError::invalid_record(
+        index,
+        format!(
+            "entity type {:?} in a full refresh of {entity_type:?}",
+            e.entity_type
+        ),
+    )
 }

@@ -1,6 +1,7 @@
 //! The embeddings' settings: how many candidates an HNSW search keeps.
 
 use crate::error::{RepoError, Result};
+use crate::validate::count_within;
 
 /// pgvector's default `hnsw.ef_search` is 40; searches here default to more candidates, for
 /// a recall@10 above 0.95 on clustered data (docs/embeddings.md).
@@ -10,12 +11,15 @@ pub const DEFAULT_HNSW_EF_SEARCH: u32 = 100;
 #[derive(Clone, Debug)]
 pub(crate) struct EmbeddingSettings {
     pub(crate) hnsw_ef_search: u32,
+    /// COPY streams of a parallel load (one connection each).
+    pub(crate) load_streams: u32,
 }
 
 impl Default for EmbeddingSettings {
     fn default() -> Self {
         EmbeddingSettings {
             hnsw_ef_search: DEFAULT_HNSW_EF_SEARCH,
+            load_streams: crate::embeddings::encode::cpu_threads().clamp(1, 64) as u32,
         }
     }
 }
@@ -33,6 +37,6 @@ impl EmbeddingSettings {
                 self.hnsw_ef_search
             )));
         }
-        Ok(())
+        count_within("load_streams", self.load_streams, 1, 64)
     }
 }

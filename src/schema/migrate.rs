@@ -85,8 +85,14 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 8,
-        name: "V008__models_for_every_client.sql",
-        sql: include_str!("../../sql/V008__models_for_every_client.sql"),
+        name: "V008__fresh_storage_loads.sql",
+        sql: include_str!("../../sql/V008__fresh_storage_loads.sql"),
+        when: When::Always,
+    },
+    Migration {
+        version: 9,
+        name: "V009__models_for_every_client.sql",
+        sql: include_str!("../../sql/V009__models_for_every_client.sql"),
         when: When::Always,
     },
 ];
@@ -609,6 +615,66 @@ fn describe_missing(
          {run_migrate}; it adopts tables that sql/V001__init.sql built",
         tables.join(", ")
     ))
+}
+
+/// The recorded applied time of every migration, oldest first.
+const SELECT_APPLIED_AT: &str =
+    "SELECT name, applied_at FROM model_repo_migrations ORDER BY version";
+
+/// One migration recorded as applied in a schema.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AppliedMigration {
+    /// The file's name, e.g. `"V001__init.sql"`.
+    pub name: String,
+    /// When it was applied (the database's clock).
+    pub applied_at: std::time::SystemTime,
+}
+
+/// The migrations of one schema, as [`ModelRepository::migrate`](crate::ModelRepository::migrate)
+/// would find them: the files recorded as applied and those it would apply now.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MigrationStatus {
+    /// The schema read.
+    pub schema: String,
+    /// The files recorded in the schema's `model_repo_migrations`, in order (empty for a new
+    /// schema).
+    pub applied: Vec<AppliedMigration>,
+    /// The files a migration would apply now, in order. The optional conversion to pgvector's
+    /// type (`V006__vector_storage.sql`) is listed where the config asks for it, or for a new
+    /// schema under `VectorStorage::Auto`, where `migrate` applies it only if the server has
+    /// pgvector.
+    pub pending: Vec<String>,
+}
+
+/// What `target`'s schema has applied, and what a migration would apply now: read only,
+/// without DDL or locks.
+pub(crate) fn status(target: &Target<'_>) -> Result<MigrationStatus> {
+    let mut conn = connect(target.connection)?;
+    let client = conn.client();
+    let pending = pending(client, target.settings.vector_storage)?
+        .iter()
+        .map(|m| m.name.to_owned())
+        .collect();
+    let applied = match client.query(SELECT_APPLIED_AT, &[]) {
+        Ok(rows) => rows
+            .iter()
+            .map(|row| {
+                Ok(AppliedMigration {
+                    name: row.try_get("name")?,
+                    applied_at: row.try_get("applied_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(MigrationStatus {
+        schema: target.connection.schema.clone(),
+        applied,
+        pending,
+    })
 }
 
 #[cfg(test)]

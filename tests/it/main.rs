@@ -7,9 +7,12 @@ mod common;
 mod logging;
 
 mod aliases;
+mod bulk_loads;
 mod cache;
 #[cfg(feature = "citus")]
 mod citus;
+#[cfg(feature = "cli")]
+mod cli;
 mod embedding_storage;
 mod embeddings;
 mod events;
@@ -18,6 +21,7 @@ mod hangs;
 mod interop;
 mod large_models;
 mod lost_replies;
+mod migration_status;
 mod model_sql;
 mod models;
 mod monitor;

@@ -179,9 +179,9 @@ fn the_documented_python_reads_a_5_mib_and_a_1_5_gib_model_with_sha256_checked()
 #[test]
 fn the_migration_turns_the_empty_model_data_of_chunked_versions_into_null() {
     use crate::common::{admin, config, unique_schema, PLAIN_SCHEMA};
-    let schema = unique_schema("v008");
+    let schema = unique_schema("v009");
     let mut sql = admin();
-    // The layout before V008, with a chunked version as the library wrote it then.
+    // The layout before V009, with a chunked version as the library wrote it then.
     sql.batch_execute(&format!(
         "{PLAIN_SCHEMA} CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
     ))
@@ -192,7 +192,7 @@ fn the_migration_turns_the_empty_model_data_of_chunked_versions_into_null() {
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            name.starts_with('V') && name.as_str() < "V008"
+            name.starts_with('V') && name.as_str() < "V009"
         })
         .collect();
     earlier.sort();
@@ -274,7 +274,7 @@ fn distributing_a_schema_built_without_citus_makes_model_chunks_one_citus_runs()
     local.save_model("m", "big", &big, &json!({})).unwrap();
     local.close();
     let mut sql = crate::common::admin();
-    // As V008 leaves it where the database has no Citus (the body does not matter here).
+    // As V009 leaves it where the database has no Citus (the body does not matter here).
     sql.batch_execute(&format!(
         "SET search_path TO {schema};
          CREATE OR REPLACE FUNCTION model_chunks(model_name text, version text)

@@ -50,7 +50,7 @@ const DELETE_INACTIVE: &str = "DELETE FROM ml_models \
      WHERE model_name = $1 AND version = $2 AND NOT is_active RETURNING chunk_set";
 
 /// model_data stays NULL: a reader that does not know about chunks must not take it for a
-/// model of 0 bytes (sql/V008).
+/// model of 0 bytes (sql/V009).
 const INSERT_CHUNKED: &str = concat!(
     "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum, \
         size_bytes, chunk_size, chunk_count, chunk_set)

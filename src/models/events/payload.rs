@@ -298,7 +298,7 @@ pub(crate) fn parse(payload: &str) -> Option<ModelEvent> {
 /// The LISTEN channel of `schema`'s events: `model_events.<schema>`, or for a schema name
 /// longer than 50 characters its first 33 and 16 hex digits of its sha256 (a channel name
 /// must stay under 64 bytes; schema names are ASCII). The SQL function
-/// `model_events_channel()` of the schema (sql/V008) gives the same.
+/// `model_events_channel()` of the schema (sql/V009) gives the same.
 pub(crate) fn channel(schema: &str) -> String {
     if schema.len() <= 50 {
         return format!("model_events.{schema}");

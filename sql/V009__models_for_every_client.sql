@@ -1,4 +1,4 @@
--- pg-model-repo schema, version 8: every model readable by other clients, and the channel of
+-- pg-model-repo schema, version 9: every model readable by other clients, and the channel of
 -- the change events.
 --
 -- A chunked version (larger than model_chunk_size, stored in ml_model_chunks) kept an empty
@@ -170,5 +170,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (8, 'V008__models_for_every_client.sql', '8d5ef12021e7833831e726a730566d9fce97b9e11fbbfae8a8e0f2d9dab4be9d')
+    VALUES (9, 'V009__models_for_every_client.sql', '8d5ef12021e7833831e726a730566d9fce97b9e11fbbfae8a8e0f2d9dab4be9d')
     ON CONFLICT (version) DO NOTHING;

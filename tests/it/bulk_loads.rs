@@ -1,0 +1,536 @@
+//! Bulk loads into fresh storage (issue 22): every path all-or-nothing under a record refused
+//! late, a killed stream and a panicking producer; readers see the old set or the new; a
+//! writer during a rebuild loses nothing; the sweep spares a live load and removes a dead
+//! one; refreshes queue instead of timing out; the FREEZE caveat as docs/embeddings.md says.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use pg_model_repo::{Embedding, LoadMethod, RepoError, RepositoryConfig};
+
+use crate::common::{self, count, terminate_sessions, TestRepo};
+
+fn set(entity_type: &str, prefix: &str, n: usize, dim: usize, value: f32) -> Vec<Embedding> {
+    (0..n)
+        .map(|i| Embedding::new(entity_type, format!("{prefix}{i:06}"), vec![value; dim]))
+        .collect()
+}
+
+/// The storage tables of the test's schema (attached or not).
+fn storage_tables(repo: &TestRepo) -> Vec<String> {
+    repo.sql()
+        .query(
+            "SELECT relname::text FROM pg_class
+             WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'
+               AND relname ~ '^embeddings_[0-9]+_[0-9]+$' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Loads in progress or left behind.
+fn loads(repo: &TestRepo) -> i64 {
+    count(repo, "embedding_loads")
+}
+
+fn registered(repo: &TestRepo, entity_type: &str) -> bool {
+    repo.sql()
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM embedding_types WHERE entity_type = $1)",
+            &[&entity_type],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// One value of each stored vector of the type, with how many rows hold it.
+fn values(repo: &TestRepo, entity_type: &str) -> Vec<(f32, usize)> {
+    let mut seen: Vec<(f32, usize)> = Vec::new();
+    repo.for_each_embedding(
+        entity_type,
+        &mut |_, v| match seen.iter_mut().find(|(x, _)| *x == v[0]) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((v[0], 1)),
+        },
+    )
+    .unwrap();
+    seen.sort_by(|a, b| a.0.total_cmp(&b.0));
+    seen
+}
+
+/// The ways a batch of one type is loaded: (label, method, whether the type holds rows first,
+/// whether the batch's keys are the type's own).
+const PATHS: &[(&str, LoadMethod, bool, bool)] = &[
+    ("fresh, one connection", LoadMethod::Copy, false, false),
+    ("fresh, streams", LoadMethod::ParallelCopy, false, false),
+    ("reload, one connection", LoadMethod::Copy, true, true),
+    ("reload, streams", LoadMethod::ParallelCopy, true, true),
+    ("append", LoadMethod::Copy, true, false),
+    ("upsert, streams", LoadMethod::ParallelCopy, true, false),
+    ("multi-row", LoadMethod::MultiRowInsert, true, true),
+];
+
+#[test]
+fn a_record_refused_late_writes_nothing_on_every_path() {
+    let repo = TestRepo::with_config(|c| c.pool_size(3).max_overflow(3).load_streams(3));
+    for (n, (label, method, has_rows, same_keys)) in PATHS.iter().enumerate() {
+        let ty = format!("late_{n}");
+        if *has_rows {
+            repo.load_embeddings(&set(&ty, "k", 20_000, 16, 1.0), LoadMethod::Copy)
+                .unwrap();
+        }
+        let tables = storage_tables(&repo);
+        let prefix = if *same_keys { "k" } else { "n" };
+        let mut batch = set(&ty, prefix, 20_000, 16, 2.0);
+        batch[19_990].vector[7] = f32::NAN;
+        let err = repo.load_embeddings(&batch, *method).unwrap_err();
+        match &err {
+            RepoError::InvalidInput(d) => assert_eq!(d.record(), Some(19_990), "{label}: {err}"),
+            other => panic!("{label}: {other:?}"),
+        }
+        let expected = if *has_rows {
+            vec![(1.0, 20_000)]
+        } else {
+            vec![]
+        };
+        assert_eq!(values(&repo, &ty), expected, "{label}");
+        assert_eq!(registered(&repo, &ty), *has_rows, "{label}");
+        assert_eq!(
+            storage_tables(&repo),
+            tables,
+            "{label}: a table stayed behind"
+        );
+        assert_eq!(loads(&repo), 0, "{label}");
+    }
+    // The iterator form: a NaN late in the stream, a key twice.
+    for method in [LoadMethod::Copy, LoadMethod::ParallelCopy] {
+        let mut rows = set("late_iter", "k", 20_000, 16, 3.0);
+        rows[15_000].vector[0] = f32::INFINITY;
+        let err = repo
+            .load_embeddings_iter(&mut rows.into_iter(), method)
+            .unwrap_err();
+        assert!(
+            matches!(&err, RepoError::InvalidInput(d) if d.record() == Some(15_000)),
+            "{err}"
+        );
+        let mut rows = set("late_iter", "k", 20_000, 16, 3.0);
+        rows[17_000].entity_id = rows[3].entity_id.clone();
+        let err = repo
+            .load_embeddings_iter(&mut rows.into_iter(), method)
+            .unwrap_err();
+        assert!(err.to_string().contains("duplicate entity_id"), "{err}");
+        assert!(!registered(&repo, "late_iter"));
+        assert_eq!(loads(&repo), 0);
+    }
+}
+
+#[test]
+fn a_stream_whose_connection_is_killed_leaves_nothing_visible() {
+    let app = format!("kill_streams_{}", std::process::id());
+    let url = common::url_with_app_name(&app);
+    let repo = TestRepo::with_config(|c| {
+        RepositoryConfig::new(url)
+            .schema(c.schema_name())
+            .pool_size(3)
+            .max_overflow(3)
+            .load_streams(3)
+            .reaper_interval(None)
+    });
+    repo.load_embeddings(&set("kept", "k", 5_000, 16, 1.0), LoadMethod::Copy)
+        .unwrap();
+    for (label, method, has_rows, _) in PATHS.iter().filter(|p| p.1 == LoadMethod::ParallelCopy) {
+        let ty = if *has_rows { "kept" } else { "killed" };
+        let batch = set(ty, "k", 40_000, 16, 2.0);
+        let kills = AtomicUsize::new(0);
+        // Every attempt (the load is retried) dies midway.
+        let result = repo.load_embeddings_with_progress(&batch, *method, &mut |done, _| {
+            if done > 5_000 {
+                kills.fetch_add(terminate_sessions(&app) as usize, Ordering::Relaxed);
+            }
+        });
+        assert!(result.is_err(), "{label}: {result:?}");
+        assert!(kills.load(Ordering::Relaxed) > 0, "{label}");
+        assert_eq!(values(&repo, "kept"), vec![(1.0, 5_000)], "{label}");
+        assert!(values(&repo, "killed").is_empty(), "{label}");
+    }
+    assert_eq!(
+        storage_tables(&repo).len(),
+        1,
+        "{:?}",
+        storage_tables(&repo)
+    );
+    assert_eq!(loads(&repo), 0);
+    // And the repository works on.
+    repo.load_embeddings(
+        &set("killed", "k", 1_000, 16, 4.0),
+        LoadMethod::ParallelCopy,
+    )
+    .unwrap();
+    assert_eq!(values(&repo, "killed"), vec![(4.0, 1_000)]);
+}
+
+#[test]
+fn a_panicking_producer_leaves_nothing_visible() {
+    let repo = TestRepo::with_config(|c| c.pool_size(3).max_overflow(3).load_streams(3));
+    repo.load_embeddings(&set("kept", "k", 5_000, 16, 1.0), LoadMethod::Copy)
+        .unwrap();
+    for method in [LoadMethod::Copy, LoadMethod::ParallelCopy] {
+        for ty in ["kept", "fresh"] {
+            let panicking = set(ty, "k", 40_000, 16, 2.0)
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    assert!(i < 25_000, "the producer fails");
+                    e
+                });
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut rows = panicking;
+                repo.load_embeddings_iter(&mut rows, method)
+            }));
+            assert!(outcome.is_err(), "the panic reaches the caller");
+        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut rows = set("kept", "r", 40_000, 16, 3.0)
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    assert!(i < 25_000, "the producer fails");
+                    e
+                });
+            repo.replace_embeddings_iter("kept", &mut rows)
+        }));
+        assert!(outcome.is_err());
+        assert_eq!(values(&repo, "kept"), vec![(1.0, 5_000)], "{method}");
+        assert!(!registered(&repo, "fresh"), "{method}");
+        assert_eq!(storage_tables(&repo).len(), 1, "{method}");
+        assert_eq!(loads(&repo), 0, "{method}");
+    }
+    repo.load_embeddings(&set("fresh", "k", 1_000, 16, 4.0), LoadMethod::ParallelCopy)
+        .unwrap();
+    assert_eq!(values(&repo, "fresh"), vec![(4.0, 1_000)]);
+}
+
+#[test]
+fn readers_see_the_old_set_or_the_new_never_a_mix() {
+    let repo = TestRepo::with_config(|c| c.pool_size(3).max_overflow(3).load_streams(2));
+    repo.load_embeddings(&set("swap", "k", 10_000, 8, 0.0), LoadMethod::Copy)
+        .unwrap();
+    let done = AtomicBool::new(false);
+    let mixes = AtomicUsize::new(0);
+    let reads = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut sql = repo.sql();
+            while !done.load(Ordering::Relaxed) {
+                let row = sql
+                    .query_one(
+                        "SELECT count(*), count(DISTINCT embeddings) FROM embeddings \
+                         WHERE entity_type = 'swap'",
+                        &[],
+                    )
+                    .unwrap();
+                let (rows, distinct): (i64, i64) = (row.get(0), row.get(1));
+                if rows != 10_000 || distinct != 1 {
+                    mixes.fetch_add(1, Ordering::Relaxed);
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        for round in 1..=6 {
+            let batch = set("swap", "k", 10_000, 8, round as f32);
+            let method = [LoadMethod::Copy, LoadMethod::ParallelCopy][round % 2];
+            repo.load_embeddings(&batch, method).unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    assert_eq!(mixes.load(Ordering::Relaxed), 0);
+    assert_eq!(values(&repo, "swap"), vec![(6.0, 10_000)]);
+}
+
+#[test]
+fn a_writer_during_a_rebuild_loses_nothing() {
+    let repo = TestRepo::with_config(|c| {
+        c.pool_size(3)
+            .max_overflow(3)
+            .load_streams(2)
+            .query_timeout(Duration::from_secs(20))
+    });
+    repo.load_embeddings(&set("busy", "k", 20_000, 8, 0.0), LoadMethod::Copy)
+        .unwrap();
+    let done = AtomicBool::new(false);
+    let written = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut n = 0;
+            while !done.load(Ordering::Relaxed) {
+                repo.save_embeddings("busy", &format!("w{n:06}"), &[n as f32; 8])
+                    .unwrap();
+                n += 1;
+            }
+            n
+        });
+        for round in 1..=4 {
+            let method = [LoadMethod::Copy, LoadMethod::ParallelCopy][round % 2];
+            repo.load_embeddings(&set("busy", "k", 20_000, 8, round as f32), method)
+                .unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        writer.join().unwrap()
+    });
+    assert!(written > 0);
+    let all = repo.get_all_embeddings("busy").unwrap();
+    assert_eq!(all.len(), 20_000 + written);
+    for n in 0..written {
+        assert_eq!(all[&format!("w{n:06}")], vec![n as f32; 8]);
+    }
+    assert!(all
+        .iter()
+        .filter(|(k, _)| k.starts_with('k'))
+        .all(|(_, v)| v[0] == 4.0));
+}
+
+#[test]
+fn a_reload_keeps_created_at_and_no_dead_rows() {
+    let repo = TestRepo::new();
+    let first = set("stamp", "k", 5_000, 96, 1.0);
+    repo.load_embeddings(&first, LoadMethod::Copy).unwrap();
+    let stamp = |repo: &TestRepo, id: &str| -> (std::time::SystemTime, std::time::SystemTime) {
+        let row = repo
+            .sql()
+            .query_one(
+                "SELECT created_at, updated_at FROM embeddings WHERE entity_type = 'stamp' \
+                 AND entity_id = $1",
+                &[&id],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let (created, updated) = stamp(&repo, "k000042");
+    std::thread::sleep(Duration::from_millis(20));
+    let mut again = set("stamp", "k", 5_000, 96, 2.0);
+    again.extend(set("stamp", "z", 100, 96, 2.0));
+    repo.load_embeddings(&again, LoadMethod::ParallelCopy)
+        .unwrap();
+    let (created2, updated2) = stamp(&repo, "k000042");
+    assert_eq!(created2, created);
+    assert!(updated2 > updated);
+    let (new_created, new_updated) = stamp(&repo, "z000001");
+    assert_eq!(new_created, new_updated);
+    // Rebuilt, not updated in place: the storage holds the rows it has, no dead versions.
+    // The repository's own count of the type's table (summed over a cluster's shards).
+    let bytes = repo.get_embeddings_stats().unwrap().table_bytes as f64;
+    let dead: Option<i64> = repo
+        .sql()
+        .query_one(
+            "SELECT (SELECT n_dead_tup FROM pg_stat_user_tables \
+                     WHERE schemaname = current_schema() AND relname = storage) \
+             FROM embedding_types WHERE entity_type = 'stamp'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let raw = 4.0 * 96.0;
+    assert!(
+        bytes / 5_100.0 <= 1.15 * raw + 300.0,
+        "{} bytes a row",
+        bytes / 5_100.0
+    );
+    assert_eq!(dead.unwrap_or(0), 0);
+}
+
+#[test]
+fn the_sweep_spares_a_live_load_and_drops_a_dead_ones_table() {
+    let repo = TestRepo::with_config(|c| c.pool_size(3).max_overflow(3).load_streams(2));
+    // A dead load: begun by a session that then went away, a table and a record older than
+    // an hour.
+    {
+        let mut dead = repo.sql();
+        dead.query_one("SELECT * FROM embedding_load_begin('ghost', 8)", &[])
+            .unwrap();
+    }
+    repo.sql()
+        .batch_execute("UPDATE embedding_loads SET started_at = now() - interval '2 hours'")
+        .unwrap();
+    assert_eq!(storage_tables(&repo).len(), 1);
+    // A live load that waits midway while the sweep runs, its record made just as old.
+    let midway = Arc::new(Barrier::new(2));
+    let resume = Arc::new(Barrier::new(2));
+    std::thread::scope(|s| {
+        let (midway2, resume2) = (midway.clone(), resume.clone());
+        let loader = s.spawn(|| {
+            let mut rows = set("live", "k", 20_000, 8, 1.0)
+                .into_iter()
+                .enumerate()
+                .map(move |(i, e)| {
+                    if i == 10_000 {
+                        midway2.wait();
+                        resume2.wait();
+                    }
+                    e
+                });
+            repo.load_embeddings_iter(&mut rows, LoadMethod::ParallelCopy)
+        });
+        midway.wait();
+        repo.sql()
+            .batch_execute(
+                "UPDATE embedding_loads SET started_at = now() - interval '2 hours' \
+                 WHERE entity_type = 'live'",
+            )
+            .unwrap();
+        let report = repo.optimize_database().unwrap();
+        assert_eq!(report.leftovers_removed, 1, "the dead load's table only");
+        resume.wait();
+        loader.join().unwrap().unwrap();
+    });
+    assert_eq!(values(&repo, "live"), vec![(1.0, 20_000)]);
+    assert_eq!(storage_tables(&repo).len(), 1);
+    assert_eq!(loads(&repo), 0);
+}
+
+#[test]
+fn refreshes_of_one_type_queue_and_of_two_types_never_deadlock() {
+    let repo = TestRepo::with_config(|c| {
+        c.pool_size(4)
+            .max_overflow(4)
+            .load_streams(2)
+            .query_timeout(Duration::from_secs(2))
+    });
+    repo.replace_embeddings("a", &set("a", "k", 100, 8, 0.0))
+        .unwrap();
+    repo.replace_embeddings("b", &set("b", "k", 100, 8, 0.0))
+        .unwrap();
+    let start = Barrier::new(3);
+    std::thread::scope(|s| {
+        let same = |value: f32| {
+            let (repo, start) = (&repo, &start);
+            s.spawn(move || {
+                start.wait();
+                for round in 0..3 {
+                    let batch = set("a", "k", 60_000, 8, value + round as f32);
+                    repo.replace_embeddings("a", &batch).unwrap();
+                }
+            })
+        };
+        let first = same(10.0);
+        let second = same(20.0);
+        let other = s.spawn(|| {
+            start.wait();
+            for round in 0..3 {
+                let mut rows = set("b", "k", 60_000, 8, round as f32).into_iter();
+                repo.replace_embeddings_iter("b", &mut rows).unwrap();
+            }
+        });
+        first.join().unwrap();
+        second.join().unwrap();
+        other.join().unwrap();
+    });
+    let a = values(&repo, "a");
+    assert!(
+        a == vec![(12.0, 60_000)] || a == vec![(22.0, 60_000)],
+        "{a:?}"
+    );
+    assert_eq!(values(&repo, "b"), vec![(2.0, 60_000)]);
+    assert_eq!(storage_tables(&repo).len(), 2);
+}
+
+#[test]
+fn first_saves_of_a_new_type_from_many_threads_never_deadlock() {
+    // A server of its own: its deadlock counter is this test's alone.
+    let server = pg_model_repo::throwaway::ThrowawayServer::start(&[("max_connections", "60")])
+        .expect("throwaway server");
+    let repo = pg_model_repo::ModelRepository::open(
+        RepositoryConfig::new(server.url())
+            .vector_storage(common::test_vector_storage())
+            .schema("crowd")
+            .pool_size(24)
+            .max_overflow(0)
+            .reaper_interval(None),
+    )
+    .unwrap();
+    let start = Barrier::new(24);
+    std::thread::scope(|s| {
+        for t in 0..24 {
+            let (repo, start) = (&repo, &start);
+            s.spawn(move || {
+                start.wait();
+                repo.save_embeddings("crowd", &format!("t{t}"), &[t as f32; 4])
+                    .unwrap();
+            });
+        }
+    });
+    assert_eq!(repo.get_all_embeddings("crowd").unwrap().len(), 24);
+    let deadlocks: i64 = postgres::Client::connect(&server.url(), postgres::NoTls)
+        .unwrap()
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(deadlocks, 0, "23 of 24 threads used to deadlock here");
+    repo.close();
+}
+
+#[test]
+fn a_repeatable_read_reader_across_a_refresh_sees_what_the_docs_say() {
+    let repo = TestRepo::with_config(|c| c.query_timeout(Duration::from_secs(5)));
+    repo.replace_embeddings("rr", &set("rr", "k", 1_000, 8, 1.0))
+        .unwrap();
+    let count_of = |sql: &mut postgres::Transaction<'_>| -> i64 {
+        sql.query_one(
+            "SELECT count(*) FROM embeddings WHERE entity_type = 'rr'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    // A reader that read the type first: the swap waits for it, and it sees the old set to
+    // its end.
+    let mut client = repo.sql();
+    let mut reader = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    assert_eq!(count_of(&mut reader), 1_000);
+    std::thread::scope(|s| {
+        let refresh = s.spawn(|| repo.replace_embeddings("rr", &set("rr", "n", 2_000, 8, 2.0)));
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(count_of(&mut reader), 1_000, "still the old set");
+        assert!(!refresh.is_finished(), "the swap waits for the reader");
+        reader.commit().unwrap();
+        refresh.join().unwrap().unwrap();
+    });
+    // A reader whose snapshot predates the refresh, reading the type only after it: frozen
+    // rows (one connection) are visible to it, rows a stream committed before the swap are
+    // not (it sees the type empty).
+    // Through a Citus coordinator nothing is frozen.
+    let expected_of = |method| match (cfg!(feature = "citus"), method) {
+        (false, LoadMethod::Copy) => 3_000,
+        _ => 0,
+    };
+    for method in [LoadMethod::Copy, LoadMethod::ParallelCopy] {
+        let expected = expected_of(method);
+        let mut client = repo.sql();
+        let mut reader = client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .unwrap();
+        // The snapshot: taken by the first statement (on Citus, each worker's when the
+        // transaction first reaches it: this read reaches them all), which takes no lock on
+        // embeddings (that would hold the drop and the swap off until the reader ends).
+        reader
+            .query_one("SELECT count(*) FROM prediction_cache", &[])
+            .unwrap();
+        repo.drop_embedding_type("rr").unwrap();
+        repo.load_embeddings(&set("rr", "m", 3_000, 8, 3.0), method)
+            .unwrap();
+        assert_eq!(count_of(&mut reader), expected, "{method}");
+        reader.commit().unwrap();
+    }
+}

@@ -107,6 +107,63 @@ fn documented_python(first_line: &str) -> String {
         .to_owned()
 }
 
+/// `url` naming database `dbname` instead (a key/value string or a `postgres://` URL).
+fn in_database(url: &str, dbname: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return format!("{url} dbname={dbname}");
+    };
+    let (url, query) = url.split_once('?').map_or((url, ""), |(u, q)| (u, q));
+    let authority_end = url[scheme_end + 3..]
+        .find('/')
+        .map_or(url.len(), |i| scheme_end + 3 + i);
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{}/{dbname}{query}", &url[..authority_end])
+}
+
+/// A database of the test's own on the suite's server (or cluster), where it can create one:
+/// a long read's snapshot there holds back no VACUUM of the suite's database (the horizon of
+/// ordinary tables is per database). Else the suite's own database.
+fn own_database(name: &str) -> String {
+    #[cfg(feature = "citus")]
+    {
+        if let Some(cluster) = common::citus_cluster() {
+            if cluster.create_database(name).is_ok() {
+                return in_database(&cluster.url(), name);
+            }
+        }
+        common::server_url()
+    }
+    #[cfg(not(feature = "citus"))]
+    {
+        match common::admin().batch_execute(&format!("CREATE DATABASE \"{name}\"")) {
+            Ok(()) => in_database(&common::server_url(), name),
+            Err(e) => {
+                announce(&format!(
+                    "model_sql: no database of its own ({e}); using the suite's"
+                ));
+                common::server_url()
+            }
+        }
+    }
+}
+
+#[test]
+fn database_urls_are_rewritten_for_another_database() {
+    assert_eq!(
+        in_database("host=h port=1 user=u dbname=postgres", "x"),
+        "host=h port=1 user=u dbname=postgres dbname=x"
+    );
+    assert_eq!(
+        in_database("postgres://u:p@h:1/db?sslmode=disable", "x"),
+        "postgres://u:p@h:1/x?sslmode=disable"
+    );
+    assert_eq!(in_database("postgresql://h", "x"), "postgresql://h/x");
+}
+
 #[test]
 fn the_documented_python_reads_a_5_mib_and_a_1_5_gib_model_with_sha256_checked() {
     let python = common::python();
@@ -128,12 +185,30 @@ fn the_documented_python_reads_a_5_mib_and_a_1_5_gib_model_with_sha256_checked()
     );
     let script = std::env::temp_dir().join(format!("read_model_{}.py", std::process::id()));
     std::fs::write(&script, documented_python("# read_model.py")).unwrap();
-    let repo = TestRepo::new();
+    let database = format!("bigread_{}", std::process::id());
+    let url = own_database(&database);
+    let schema = &common::unique_schema("bigread");
+    let repo = pg_model_repo::ModelRepository::open(
+        pg_model_repo::RepositoryConfig::new(url.clone())
+            .schema(schema)
+            .pool_size(2)
+            .max_overflow(4)
+            .pool_timeout(std::time::Duration::from_secs(10))
+            .reaper_interval(None),
+    )
+    .unwrap();
+    let sql = || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        client
+            .batch_execute(&format!("SET search_path TO {schema}"))
+            .unwrap();
+        client
+    };
     let read = |version: &str| {
         let started = Instant::now();
         let output = std::process::Command::new(&python)
             .arg(&script)
-            .args([&common::server_url(), &repo.schema, "m", version])
+            .args([url.as_str(), schema, "m", version])
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
@@ -162,8 +237,7 @@ fn the_documented_python_reads_a_5_mib_and_a_1_5_gib_model_with_sha256_checked()
     let (out, took) = read("1.5GiB");
     assert_eq!(out, format!("model_chunks {size} {}", info.checksum));
     // More than one bytea holds: model_bytes says what to use instead.
-    let err = repo
-        .sql()
+    let err = sql()
         .query_one("SELECT model_bytes('m', '1.5GiB')", &[])
         .unwrap_err();
     let db = err.as_db_error().expect("a database error");
@@ -174,6 +248,13 @@ fn the_documented_python_reads_a_5_mib_and_a_1_5_gib_model_with_sha256_checked()
          model_chunks ({took:?}), sha256 checked"
     ));
     let _ = std::fs::remove_file(&script);
+    repo.close();
+    let _ = sql().batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+    #[cfg(not(feature = "citus"))]
+    if url != common::server_url() {
+        let _ =
+            common::admin().batch_execute(&format!("DROP DATABASE \"{database}\" WITH (FORCE)"));
+    }
 }
 
 #[test]

@@ -555,3 +555,19 @@ fn after_a_server_restart_the_subscription_reconnects_and_resyncs_once() {
     drop(events);
     repo.close();
 }
+
+#[test]
+fn a_subscription_can_move_to_and_be_shared_by_other_threads() {
+    fn send_sync<T: Send + Sync + std::fmt::Debug>() {}
+    send_sync::<ModelEvents>();
+    send_sync::<ModelEvent>();
+    let repo = TestRepo::new();
+    let events = repo.subscribe_model_events().unwrap();
+    let got = std::thread::scope(|s| {
+        let reader = s.spawn(|| events.recv_timeout(Duration::from_secs(10)));
+        repo.save_model("m", "1", b"x", &json!({})).unwrap();
+        reader.join().unwrap()
+    });
+    assert_eq!(seen(&got.unwrap()), ev(Saved, "m", "1", None));
+    assert!(format!("{events:?}").contains("ModelEvents"));
+}

@@ -56,6 +56,36 @@ BEGIN
                            v_schema, v_table);
         END IF;
     END LOOP;
+    -- model_chunks (V009) is one inlinable SQL query where a schema was built without Citus
+    -- (the server streams its rows); Citus runs no SQL function with parameters over
+    -- distributed tables, so here it becomes the PL/pgSQL one V009 creates where Citus is
+    -- installed: it reads chunk by chunk.
+    IF EXISTS (SELECT 1 FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+               WHERE p.oid = to_regprocedure(format('%I.model_chunks(text, text)', v_schema))
+                 AND l.lanname = 'sql') THEN
+        EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$I.model_chunks(model_name text, version text)
+            RETURNS SETOF bytea LANGUAGE plpgsql STABLE SET search_path = %1$I, pg_temp AS $body$
+            #variable_conflict use_column
+            DECLARE
+                v_row record;
+            BEGIN
+                SELECT m.model_data, m.chunk_count, m.chunk_set INTO v_row FROM ml_models m
+                WHERE m.model_name = $1 AND m.version = $2 AND m.is_active;
+                IF NOT FOUND THEN
+                    RETURN;
+                END IF;
+                IF v_row.chunk_count = 0 THEN
+                    RETURN NEXT v_row.model_data;
+                    RETURN;
+                END IF;
+                FOR v_no IN 0 .. v_row.chunk_count - 1 LOOP
+                    RETURN NEXT (SELECT c.data FROM ml_model_chunks c
+                                 WHERE c.model_name = $1 AND c.version = $2
+                                   AND c.chunk_set = v_row.chunk_set AND c.chunk_no = v_no);
+                END LOOP;
+            END
+            $body$$f$, v_schema);
+    END IF;
     -- pgvector's conversions (V006) run inside statements that the workers execute: every
     -- node needs them.
     FOR v_function IN

@@ -3,9 +3,11 @@
 //! from one connection pool. Five areas, each a set of methods on the repository:
 //!
 //! - **Models**: versioned blobs with metadata, SHA-256 checksums, soft delete, cleanup of old
-//!   versions, aliases with a rollback stack and history, and streaming save/load in constant
-//!   memory for models of any size ([`ModelRepository::save_model`],
-//!   [`ModelRepository::load_model_to_writer`], …).
+//!   versions and retention policies that never drop what an alias serves, aliases with a
+//!   rollback stack and history, change events a batch job can wait on, and streaming
+//!   save/load in constant memory for models of any size ([`ModelRepository::save_model`],
+//!   [`ModelRepository::load_model_to_writer`], [`ModelRepository::apply_retention`],
+//!   [`ModelRepository::subscribe_model_events`], …).
 //! - **Embeddings**: vectors per (entity type, id) with one dimension per type, batch loads by
 //!   INSERT, multi-row INSERT, binary COPY or parallel COPY ([`LoadMethod`]), streaming reads
 //!   ([`ModelRepository::batch_save_embeddings`], [`ModelRepository::for_each_embedding`], …),
@@ -59,7 +61,7 @@
 //! |---|---|
 //! | `repository` | the [`ModelRepository`] handle: open (migrations, pool, each feature's registration), the timing of every call, the close order |
 //! | `config` | [`RepositoryConfig`]: the public setters, the environment, one validation; each concept keeps its own settings |
-//! | `models/` | versions and checksums, references (`latest`, `@alias`), blob streaming, chunked storage over parallel streams, aliases (stack and history), the models' settings |
+//! | `models/` | versions and checksums, references (`latest`, `@alias`), blob streaming, chunked storage over parallel streams, aliases (stack and history), retention policies, change events (NOTIFY from every write, subscriptions, waiting for an alias to move), the models' settings |
 //! | `embeddings/` | types and validation, the dimension registry, the shared SQL, single and streaming reads, load plans, COPY rows, `ParallelCopy`, full refreshes, similarity search (exact scoring, HNSW indexes) |
 //! | `cache/` | entries (CBOR, TTL), Redis globs, the expiry chore of the background thread |
 //! | `training` | training metrics |
@@ -109,6 +111,10 @@ pub use embeddings::{
 pub use error::{ErrorDetail, RepoError, Result, TimeoutDetail, TimeoutKind};
 pub use models::ModelInfo;
 pub use models::{
+    ModelEvent, ModelEventKind, ModelEvents, RetentionDecision, RetentionPolicy, RetentionReason,
+    RetentionReport, MAX_EVENT_PAYLOAD_BYTES, MODEL_EVENTS_CAPACITY,
+};
+pub use models::{
     DEFAULT_MAX_MODEL_SIZE, DEFAULT_MODEL_CHUNK_SIZE, DEFAULT_MODEL_STREAMS, MAX_BYTEA_MODEL_SIZE,
     MODEL_CHUNK_SIZE_RANGE,
 };
@@ -138,6 +144,11 @@ pub struct CacheDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/embeddings.md")]
 pub struct EmbeddingsDoctests;
+
+/// The examples of docs/models.md, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/models.md")]
+pub struct ModelsDoctests;
 
 /// The examples of docs/migrating-from-python.md, compiled as doctests so that they stay true.
 #[cfg(doctest)]

@@ -48,9 +48,16 @@ pub(crate) struct Registration<'a> {
     leftovers: Vec<Leftover>,
     chores: Vec<Arc<dyn Chore>>,
     state: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    on_close: Vec<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Registration<'_> {
+    /// Work for the close of the last clone, run first (before the background thread stops):
+    /// stop the threads the feature started. It must return within about a second.
+    pub(crate) fn on_close(&mut self, stop: impl Fn() + Send + Sync + 'static) {
+        self.on_close.push(Box::new(stop));
+    }
+
     /// The statement that adds buffered cache hits to their rows.
     pub(crate) fn flush_cache_hits(&mut self, sql: &'static str) {
         self.flushes.cache_hits = sql;
@@ -116,16 +123,22 @@ struct Inner {
     leftovers: Vec<Leftover>,
     /// The features' per-repository state, by type.
     state: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    /// What the features stop when the last clone closes.
+    on_close: Vec<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Drop for Inner {
-    /// The last clone is gone: stop and join the reaper, then write the buffered access
-    /// counts; the pool (and every connection in it) is dropped after this returns. Bounded
-    /// whatever the server's state: the reaper's waits give up and its statement in flight is
-    /// cut within [`CLOSE_REAPER_CUT`], the flush is cut at [`CLOSE_FLUSH_DEADLINE`], and what
-    /// could not be written is logged.
+    /// The last clone is gone: stop the features' threads (change event listeners), stop and
+    /// join the reaper, then write the buffered access counts; the pool (and every connection
+    /// in it) is dropped after this returns. Bounded whatever the server's state: the
+    /// listeners end within a second, the reaper's waits give up and its statement in flight
+    /// is cut within [`CLOSE_REAPER_CUT`], the flush is cut at [`CLOSE_FLUSH_DEADLINE`], and
+    /// what could not be written is logged.
     fn drop(&mut self) {
         let started = Instant::now();
+        for stop in &self.on_close {
+            stop();
+        }
         self.pool.begin_close(started + CLOSE_REAPER_CUT);
         if let Some(mut reaper) = self.reaper.take() {
             reaper.stop();
@@ -198,6 +211,7 @@ impl ModelRepository {
             leftovers: Vec::new(),
             chores: Vec::new(),
             state: HashMap::new(),
+            on_close: Vec::new(),
         };
         for register in FEATURES {
             register(&mut registration)?;
@@ -207,6 +221,7 @@ impl ModelRepository {
             leftovers,
             chores,
             state,
+            on_close,
             ..
         } = registration;
         log::info!(
@@ -240,6 +255,7 @@ impl ModelRepository {
                 layout,
                 leftovers,
                 state,
+                on_close,
             }),
         })
     }

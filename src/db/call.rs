@@ -47,6 +47,16 @@ impl<'a> Call<'a> {
         commit::run_once(self.pool, self.op, Retry::Idempotent, f)
     }
 
+    /// [`run_once`](Self::run_once) for bulk work (removing a big model's chunks): no
+    /// statement_timeout, and the watchdog waits stream_idle_timeout instead of the
+    /// statement bound.
+    pub(crate) fn run_once_bulk<T>(
+        &self,
+        f: impl FnMut(&mut postgres::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        commit::run_once_as(self.pool, self.op, Retry::Idempotent, commit::Work::Bulk, f)
+    }
+
     /// The pool, for work that spans several connections.
     pub(crate) fn pool(&self) -> &'a Pool {
         self.pool

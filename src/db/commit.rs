@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use postgres::Transaction;
 
 use crate::db::deadline::call_deadline;
-use crate::db::pool::{Conn, PgConnection, Pool};
+use crate::db::pool::{unbounded, Conn, PgConnection, Pool};
 use crate::db::retry::{self, Policy, Retry};
 use crate::error::{ErrorDetail, RepoError, Result};
 
@@ -83,11 +83,32 @@ pub(crate) fn run_tracked<T>(
     op: &str,
     retry: Retry,
     checkout: Checkout,
+    work: impl FnMut(&mut Transaction<'_>) -> Result<T>,
+) -> Result<Outcome<T>> {
+    run_tracked_as(pool, op, retry, checkout, Work::Statements, work)
+}
+
+/// What a tracked transaction does, for the bounds it runs under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Work {
+    /// Ordinary statements: statement_timeout, and the watchdog's statement bound.
+    Statements,
+    /// Bulk work (deleting a big model's chunks): no statement_timeout, and the watchdog
+    /// waits stream_idle_timeout (see `PgConnection::unbounded_client`).
+    Bulk,
+}
+
+fn run_tracked_as<T>(
+    pool: &Pool,
+    op: &str,
+    retry: Retry,
+    checkout: Checkout,
+    work_kind: Work,
     mut work: impl FnMut(&mut Transaction<'_>) -> Result<T>,
 ) -> Result<Outcome<T>> {
     retry::with_retries(op, retry, Policy::default(), || {
         let mut conn = check_out(pool, checkout)?;
-        match attempt(&mut conn, &mut work) {
+        match attempt(&mut conn, work_kind, &mut work) {
             Ok(value) => Ok(Outcome::Committed(value)),
             Err(Failed::Before(e)) => {
                 pool.note_failure(&mut conn, &e);
@@ -133,7 +154,18 @@ pub(crate) fn run_once<T>(
     retry: Retry,
     work: impl FnMut(&mut Transaction<'_>) -> Result<T>,
 ) -> Result<T> {
-    match run_tracked(pool, op, retry, Checkout::Pool, work)? {
+    run_once_as(pool, op, retry, Work::Statements, work)
+}
+
+/// [`run_once`] for a tracked write of the given kind of work.
+pub(crate) fn run_once_as<T>(
+    pool: &Pool,
+    op: &str,
+    retry: Retry,
+    work_kind: Work,
+    work: impl FnMut(&mut Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    match run_tracked_as(pool, op, retry, Checkout::Pool, work_kind, work)? {
         Outcome::Committed(value) => Ok(value),
         Outcome::Unknown { xid, cause } => Err(unknown(op, xid, &cause)),
     }
@@ -157,14 +189,19 @@ fn check_out(pool: &Pool, checkout: Checkout) -> Result<Conn> {
 
 fn attempt<T>(
     conn: &mut PgConnection,
+    work_kind: Work,
     work: &mut impl FnMut(&mut Transaction<'_>) -> Result<T>,
 ) -> std::result::Result<T, Failed<T>> {
     let txid = conn.prepare_cached(TXID).map_err(Failed::Before)?;
     let (xid, value, committed) = {
-        let mut tx = conn
-            .client()
-            .transaction()
-            .map_err(|e| Failed::Before(e.into()))?;
+        let client = match work_kind {
+            Work::Statements => conn.client(),
+            Work::Bulk => conn.unbounded_client(),
+        };
+        let mut tx = client.transaction().map_err(|e| Failed::Before(e.into()))?;
+        if work_kind == Work::Bulk {
+            unbounded(&mut tx).map_err(Failed::Before)?;
+        }
         let xid: i64 = tx
             .query_one(&txid, &[])
             .and_then(|row| row.try_get(0))

@@ -340,8 +340,18 @@ pub(crate) fn session_setup_sql(config: &ConnectionConfig) -> String {
 /// Opens one watched session with our settings, outside any pool (migrations, tests,
 /// tools); it is armed with its stream bound until dropped.
 pub(crate) fn connect(config: &ConnectionConfig) -> Result<PgConnection> {
+    connect_watched(config, None)
+}
+
+/// [`connect`], with the session's watch in `group` from its login on, so that cutting the
+/// group's armed connections ends a login or a statement in flight on it too.
+pub(crate) fn connect_in(config: &ConnectionConfig, group: &WatchGroup) -> Result<PgConnection> {
+    connect_watched(config, Some(group.clone()))
+}
+
+fn connect_watched(config: &ConnectionConfig, group: Option<WatchGroup>) -> Result<PgConnection> {
     let shared = Arc::new(PoolShared::new(session_setup_sql(config)));
-    let manager = Manager::new(config, shared, None)?;
+    let manager = Manager::new(config, shared, group)?;
     let conn = manager.open()?;
     conn.watch.arm(conn.bounds.stream);
     Ok(conn)

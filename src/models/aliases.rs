@@ -8,6 +8,7 @@ use postgres::Transaction;
 
 use crate::db::retry::Retry;
 use crate::error::{RepoError, Result};
+use crate::models::events::{notify, ModelEventKind, Notice};
 use crate::models::reference::VersionRef;
 use crate::repository::ModelRepository;
 use crate::validate;
@@ -25,7 +26,8 @@ const RECORD: &str = "INSERT INTO model_alias_history (model_name, alias, versio
 const CURRENT_FOR_UPDATE: &str =
     "SELECT version FROM model_aliases WHERE model_name = $1 AND alias = $2 FOR UPDATE";
 
-const STACK_DOWN: &str = "SELECT s.position, s.version, coalesce(m.is_active, false) AS active
+const STACK_DOWN: &str = "SELECT s.position, s.version, coalesce(m.is_active, false) AS active,
+        m.save_seq
      FROM model_alias_stack s
      LEFT JOIN ml_models m ON m.model_name = s.model_name AND m.version = s.version
      WHERE s.model_name = $1 AND s.alias = $2 ORDER BY s.position DESC FOR UPDATE OF s";
@@ -37,7 +39,7 @@ const MOVE: &str =
     "UPDATE model_aliases SET version = $3, updated_at = now() WHERE model_name = $1 AND alias = $2";
 
 const DELETE_ALIAS: &str =
-    "DELETE FROM model_aliases WHERE model_name = $1 AND alias = $2 RETURNING alias";
+    "DELETE FROM model_aliases WHERE model_name = $1 AND alias = $2 RETURNING version";
 
 const DELETE_STACK: &str = "DELETE FROM model_alias_stack WHERE model_name = $1 AND alias = $2";
 
@@ -68,27 +70,37 @@ impl ModelRepository {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
             let target = VersionRef::parse(version)?;
+            let channel = self.events_channel();
             call.with_conn(Retry::Idempotent, |conn| {
                 let mut tx = conn.client().transaction()?;
                 // FOR SHARE: a concurrent delete of the target waits for us, or we for it.
-                let literal: String = target
-                    .select(&mut tx, model_name, "m.version", "FOR SHARE")?
+                let row = target
+                    .select(&mut tx, model_name, "m.version, m.save_seq", "FOR SHARE")?
                     .ok_or_else(|| {
                         RepoError::not_found(format!(
                             "no active version {version:?} of model {model_name:?}"
                         ))
-                    })?
-                    .try_get(0)?;
+                    })?;
+                let (literal, save_seq): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
                 let current: Option<String> = tx
                     .query_opt(CURRENT_FOR_UPDATE, &[&model_name, &alias])?
                     .map(|row| row.try_get(0))
                     .transpose()?;
+                // Also what a retry after a lost commit reply finds: no second event.
                 if current.as_deref() == Some(literal.as_str()) {
                     return Ok(());
                 }
                 tx.execute(UPSERT_ALIAS, &[&model_name, &alias, &literal])?;
                 tx.execute(PUSH, &[&model_name, &alias, &literal])?;
                 tx.query_one(RECORD, &[&model_name, &alias, &literal, &"set"])?;
+                let event = Notice::alias(
+                    ModelEventKind::AliasSet,
+                    model_name,
+                    alias,
+                    &literal,
+                    Some(save_seq),
+                );
+                notify(&mut tx, channel, &[event])?;
                 tx.commit()?;
                 Ok(())
             })
@@ -107,13 +119,24 @@ impl ModelRepository {
         self.timed("delete_model_alias", |call| {
             validate::model_name(model_name)?;
             validate::alias(alias)?;
+            let channel = self.events_channel();
             // A tracked write: after a lost commit reply the answer stays right.
             call.run_once(|tx| {
-                let existed = tx
-                    .query_opt(DELETE_ALIAS, &[&model_name, &alias])?
-                    .is_some();
+                let Some(row) = tx.query_opt(DELETE_ALIAS, &[&model_name, &alias])? else {
+                    tx.execute(DELETE_STACK, &[&model_name, &alias])?;
+                    return Ok(false);
+                };
+                let version: String = row.try_get(0)?;
                 tx.execute(DELETE_STACK, &[&model_name, &alias])?;
-                Ok(existed)
+                let event = Notice::alias(
+                    ModelEventKind::AliasDeleted,
+                    model_name,
+                    alias,
+                    &version,
+                    None,
+                );
+                notify(tx, channel, &[event])?;
+                Ok(true)
             })
         })
     }
@@ -189,6 +212,7 @@ impl ModelRepository {
             // A rollback is not idempotent: a commit whose outcome is unknown is checked
             // against the history row it would have written, never blindly repeated.
             let mut pending: Option<(i64, String)> = None;
+            let channel = self.events_channel();
             call.with_conn(Retry::Idempotent, |conn| {
                 if let Some((event, target)) = &pending {
                     let done = conn
@@ -199,7 +223,15 @@ impl ModelRepository {
                     }
                 }
                 let mut tx = conn.client().transaction()?;
-                let (event, target) = pop_to_active(&mut tx, model_name, alias)?;
+                let (event, target, save_seq) = pop_to_active(&mut tx, model_name, alias)?;
+                let notice = Notice::alias(
+                    ModelEventKind::AliasRolledBack,
+                    model_name,
+                    alias,
+                    &target,
+                    save_seq,
+                );
+                notify(&mut tx, channel, &[notice])?;
                 pending = Some((event, target.clone()));
                 tx.commit()?;
                 Ok(target)
@@ -209,8 +241,13 @@ impl ModelRepository {
 }
 
 /// Pops the current target and every inactive one below it; moves the alias to the first
-/// active version left and records the move. Returns (history event, new target).
-fn pop_to_active(tx: &mut Transaction<'_>, model_name: &str, alias: &str) -> Result<(i64, String)> {
+/// active version left and records the move. Returns (history event, new target, its save
+/// sequence).
+fn pop_to_active(
+    tx: &mut Transaction<'_>,
+    model_name: &str,
+    alias: &str,
+) -> Result<(i64, String, Option<i64>)> {
     if tx
         .query_opt(CURRENT_FOR_UPDATE, &[&model_name, &alias])?
         .is_none()
@@ -235,29 +272,36 @@ fn pop_to_active(tx: &mut Transaction<'_>, model_name: &str, alias: &str) -> Res
     };
     let position: i64 = row.try_get("position")?;
     let target: String = row.try_get("version")?;
+    let save_seq: Option<i64> = row.try_get("save_seq")?;
     tx.execute(POP_ABOVE, &[&model_name, &alias, &position])?;
     tx.execute(MOVE, &[&model_name, &alias, &target])?;
     let event: i64 = tx
         .query_one(RECORD, &[&model_name, &alias, &target, &"rollback"])?
         .try_get(0)?;
-    Ok((event, target))
+    Ok((event, target, save_seq))
 }
 
+/// The aliases that point to any of `versions`, removed with their stacks (history stays).
+const DROP_ALIASES_TO: &str = "WITH gone AS (
+        DELETE FROM model_aliases WHERE model_name = $1 AND version = ANY($2)
+        RETURNING alias, version),
+     stack AS (
+        DELETE FROM model_alias_stack s USING gone
+        WHERE s.model_name = $1 AND s.alias = gone.alias)
+     SELECT alias, version FROM gone ORDER BY alias";
+
 /// Removes the aliases (and their stacks) that point to any of `versions`; history stays.
+/// Returns the removed aliases and the versions they pointed to, by alias.
 pub(crate) fn drop_aliases_to(
     tx: &mut Transaction<'_>,
     model_name: &str,
     versions: &[String],
-) -> Result<()> {
+) -> Result<Vec<(String, String)>> {
     if versions.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    tx.execute(
-        "WITH gone AS (
-            DELETE FROM model_aliases WHERE model_name = $1 AND version = ANY($2) RETURNING alias)
-         DELETE FROM model_alias_stack s USING gone
-         WHERE s.model_name = $1 AND s.alias = gone.alias",
-        &[&model_name, &versions],
-    )?;
-    Ok(())
+    tx.query(DROP_ALIASES_TO, &[&model_name, &versions])?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
 }

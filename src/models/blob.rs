@@ -16,7 +16,7 @@ use crate::error::interrupted_after;
 use crate::error::{RepoError, Result};
 use crate::models::chunked::{save_chunked, stream_chunks, ChunkReader, ChunkSource, Layout};
 use crate::models::reference::VersionRef;
-use crate::models::versions::{store_model, ModelInfo, SaveRequest, STORED_COLUMNS};
+use crate::models::versions::{store_model, ModelInfo, STORED_COLUMNS};
 use crate::repository::ModelRepository;
 use crate::validate;
 
@@ -71,12 +71,7 @@ impl ModelRepository {
                 }
             }
             let (size, checksum) = chunks.finish();
-            let request = SaveRequest {
-                size,
-                checksum,
-                ..request
-            };
-            store_model(call, &request, &read[0])
+            store_model(call, &request.sized(size, checksum), &read[0])
         })
     }
 

@@ -1,14 +1,23 @@
 //! Versioned model blobs: saves, loads with checksum verification, listings, metadata search,
 //! soft delete and cleanup (`versions`); streaming transfers in bounded memory (`blob`);
 //! models larger than one chunk, stored in a chunk table over parallel streams (`chunked`);
-//! aliases with their stack and history (`aliases`). Uses the plumbing in `db` only.
+//! aliases with their stack and history (`aliases`); retention policies (`retention`); change
+//! events sent by every write and the subscriptions that read them (`events`). Uses the
+//! plumbing in `db` only.
 
 mod aliases;
 mod blob;
 mod chunked;
+mod events;
 mod reference;
+mod retention;
 mod settings;
 mod versions;
+
+pub use events::{
+    ModelEvent, ModelEventKind, ModelEvents, MAX_EVENT_PAYLOAD_BYTES, MODEL_EVENTS_CAPACITY,
+};
+pub use retention::{RetentionDecision, RetentionPolicy, RetentionReason, RetentionReport};
 
 pub(crate) use settings::ModelSettings;
 pub use settings::{
@@ -21,9 +30,11 @@ use crate::error::Result;
 use crate::repository::Registration;
 
 /// What the models ask of the repository: their load counts written by the background
-/// thread, and staged chunks of dead saves swept.
+/// thread, staged chunks of dead saves swept, and the change events' channel and
+/// subscriptions (stopped at close).
 pub(crate) fn register(registration: &mut Registration<'_>) -> Result<()> {
     registration.flush_model_loads(versions::FLUSH_LOADS);
     registration.leftover(chunked::STAGED_CHUNKS);
+    events::register(registration);
     Ok(())
 }

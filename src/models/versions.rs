@@ -19,6 +19,7 @@ use crate::models::chunked::{
     delete_released, layout_columns, release_sets, save_chunked, stream_chunks, ChunkSource,
     ChunkedSave, Layout,
 };
+use crate::models::events::{notify, ModelEventKind, Notice};
 use crate::models::reference::VersionRef;
 use crate::repository::ModelRepository;
 use crate::validate;
@@ -66,7 +67,8 @@ const INSERT_INLINE: &str = concat!(
         created_at = EXCLUDED.created_at, load_count = 0, last_loaded_at = NULL,
         chunk_size = 0, chunk_count = 0, chunk_set = NULL
      WHERE NOT m.is_active RETURNING ",
-    info_columns!()
+    info_columns!(),
+    ", m.save_seq"
 );
 
 /// The chunks of a soft-deleted version about to be replaced.
@@ -105,7 +107,7 @@ impl ModelInfo {
 const SELECT_FOR_SAVE: &str = concat!(
     "SELECT ",
     info_columns!(),
-    ", m.metadata = $3 AS same_metadata \
+    ", m.metadata = $3 AS same_metadata, m.save_seq \
      FROM ml_models m WHERE m.model_name = $1 AND m.version = $2 FOR UPDATE"
 );
 
@@ -128,15 +130,81 @@ const CLEANUP: &str = "WITH keep AS (
         SELECT version FROM ml_models WHERE model_name = $1 AND is_active
         ORDER BY save_seq DESC LIMIT $2)
      DELETE FROM ml_models WHERE model_name = $1 AND version NOT IN (SELECT version FROM keep)
-     RETURNING version, chunk_set";
+     RETURNING version, chunk_set, save_seq";
 
-/// What the caller asked to store, checked and hashed before any I/O.
+/// What the caller asked to store, checked and hashed before any I/O, and where its event
+/// goes.
 pub(crate) struct SaveRequest<'a> {
     pub model_name: &'a str,
     pub version: &'a str,
     pub metadata: &'a Value,
     pub size: u64,
     pub checksum: String,
+    /// The change events' channel.
+    pub channel: &'a str,
+}
+
+impl SaveRequest<'_> {
+    /// The same request for `size` bytes hashing to `checksum`.
+    pub(crate) fn sized(&self, size: u64, checksum: String) -> SaveRequest<'_> {
+        SaveRequest {
+            model_name: self.model_name,
+            version: self.version,
+            metadata: self.metadata,
+            size,
+            checksum,
+            channel: self.channel,
+        }
+    }
+
+    /// Sends the event of this save from its transaction: `Saved`, or `Revived` when it
+    /// replaced a soft-deleted version.
+    pub(crate) fn notify_saved<C: GenericClient>(
+        &self,
+        client: &mut C,
+        save_seq: i64,
+        revived: bool,
+    ) -> Result<()> {
+        let kind = if revived {
+            ModelEventKind::Revived
+        } else {
+            ModelEventKind::Saved
+        };
+        let event = Notice::version(kind, self.model_name, self.version, Some(save_seq));
+        notify(client, self.channel, &[event])
+    }
+
+    /// Sends the event of a save that found this very content stored (`Saved`, marked as a
+    /// resave), unless this is a retry of the same call: then its first attempt committed
+    /// and sent the event (or a concurrent save of the same content did).
+    pub(crate) fn notify_resave<C: GenericClient>(
+        &self,
+        client: &mut C,
+        save_seq: i64,
+        first_attempt: bool,
+    ) -> Result<()> {
+        if !first_attempt {
+            return Ok(());
+        }
+        let mut event = Notice::version(
+            ModelEventKind::Saved,
+            self.model_name,
+            self.version,
+            Some(save_seq),
+        );
+        event.resave = true;
+        notify(client, self.channel, &[event])
+    }
+}
+
+/// What is stored under a version a save is about to write.
+pub(crate) enum Stored {
+    /// Nothing.
+    Absent,
+    /// A soft-deleted version (locked): the save replaces it.
+    Inactive,
+    /// The same content, active: the save answers with it.
+    Same { info: ModelInfo, save_seq: i64 },
 }
 
 impl ModelRepository {
@@ -165,10 +233,7 @@ impl ModelRepository {
     ) -> Result<ModelInfo> {
         self.timed("save_model", |call| {
             let request = self.check_save(model_name, version, metadata, data.len() as u64)?;
-            let request = SaveRequest {
-                checksum: hex_sha256(data),
-                ..request
-            };
+            let request = request.sized(request.size, hex_sha256(data));
             if data.len() as u64 <= u64::from(self.config().models.chunk_size) {
                 return store_model(call, &request, data);
             }
@@ -187,7 +252,7 @@ impl ModelRepository {
 
     /// Validates a save before any I/O; the checksum is filled in by the caller.
     pub(crate) fn check_save<'a>(
-        &self,
+        &'a self,
         model_name: &'a str,
         version: &'a str,
         metadata: &'a Value,
@@ -203,6 +268,7 @@ impl ModelRepository {
             metadata,
             size,
             checksum: String::new(),
+            channel: self.events_channel(),
         })
     }
 
@@ -369,14 +435,35 @@ impl ModelRepository {
         self.timed("delete_model", |call| {
             validate::model_name(model_name)?;
             let vref = VersionRef::parse(version)?;
+            let channel = self.events_channel();
             // A tracked write: after a lost commit reply the answer stays right.
             call.run_once(|tx| {
-                let Some(row) = vref.select(tx, model_name, "m.version", "FOR UPDATE")? else {
+                let Some(row) =
+                    vref.select(tx, model_name, "m.version, m.save_seq", "FOR UPDATE")?
+                else {
                     return Ok(false);
                 };
-                let literal: String = row.try_get(0)?;
+                let (literal, save_seq): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
                 let deleted = tx.execute(SOFT_DELETE, &[&model_name, &literal])? > 0;
-                drop_aliases_to(tx, model_name, &[literal])?;
+                let dropped = drop_aliases_to(tx, model_name, std::slice::from_ref(&literal))?;
+                if deleted {
+                    let mut events = vec![Notice::version(
+                        ModelEventKind::Deleted,
+                        model_name,
+                        &literal,
+                        Some(save_seq),
+                    )];
+                    events.extend(dropped.iter().map(|(alias, version)| {
+                        Notice::alias(
+                            ModelEventKind::AliasDeleted,
+                            model_name,
+                            alias,
+                            version,
+                            None,
+                        )
+                    }));
+                    notify(tx, channel, &events)?;
+                }
                 Ok(deleted)
             })
         })
@@ -396,6 +483,7 @@ impl ModelRepository {
         self.timed("cleanup_old_models", |call| {
             validate::model_name(model_name)?;
             let keep = i64::try_from(keep_versions).unwrap_or(i64::MAX);
+            let channel = self.events_channel();
             // A tracked write: after a lost commit reply the count stays right. Chunks of the
             // removed versions are only released inside it (a short update); their deletion,
             // bulk work, follows.
@@ -408,10 +496,28 @@ impl ModelRepository {
                     if let Some(set) = row.try_get::<_, Option<i64>>("chunk_set")? {
                         chunk_sets.push((version.clone(), set));
                     }
-                    removed.push(version);
+                    removed.push((row.try_get::<_, i64>("save_seq")?, version));
                 }
-                drop_aliases_to(tx, model_name, &removed)?;
+                removed.sort_unstable_by(|a, b| b.cmp(a));
+                let versions: Vec<String> = removed.iter().map(|(_, v)| v.clone()).collect();
+                let dropped = drop_aliases_to(tx, model_name, &versions)?;
                 release_sets(tx, model_name, &chunk_sets)?;
+                let mut events: Vec<Notice<'_>> = removed
+                    .iter()
+                    .map(|(seq, version)| {
+                        Notice::version(ModelEventKind::CleanedUp, model_name, version, Some(*seq))
+                    })
+                    .collect();
+                events.extend(dropped.iter().map(|(alias, version)| {
+                    Notice::alias(
+                        ModelEventKind::AliasDeleted,
+                        model_name,
+                        alias,
+                        version,
+                        None,
+                    )
+                }));
+                notify(tx, channel, &events)?;
                 Ok((removed.len() as u64, chunk_sets))
             })?;
             delete_released(call, model_name, &released);
@@ -427,14 +533,21 @@ pub(crate) fn store_model(
     request: &SaveRequest<'_>,
     data: &[u8],
 ) -> Result<ModelInfo> {
+    let mut attempts = 0u32;
     call.with_conn(Retry::Idempotent, |conn| {
+        attempts += 1;
         // The bytes go out inside (see `BlobSource::insert`): bulk work for the watchdog.
         let mut tx = conn.unbounded_client().transaction()?;
         // An identical active version answers without sending the bytes again.
-        if let Some(info) = compare_with_stored(&mut tx, request)? {
-            tx.commit()?;
-            return Ok(info);
-        }
+        let revived = match compare_with_stored(&mut tx, request)? {
+            Stored::Same { info, save_seq } => {
+                request.notify_resave(&mut tx, save_seq, attempts == 1)?;
+                tx.commit()?;
+                return Ok(info);
+            }
+            Stored::Inactive => true,
+            Stored::Absent => false,
+        };
         crate::db::pool::unbounded(&mut tx)?;
         tx.execute(
             DELETE_REPLACED_CHUNKS,
@@ -451,12 +564,15 @@ pub(crate) fn store_model(
                     &request.checksum,
                 ],
             )?
-            .map(|r| ModelInfo::from_row(&r))
+            .map(|r| Ok::<_, RepoError>((ModelInfo::from_row(&r)?, r.try_get("save_seq")?)))
             .transpose()?;
         let info = match written {
-            Some(info) => info,
+            Some((info, save_seq)) => {
+                request.notify_saved(&mut tx, save_seq, revived)?;
+                info
+            }
             // Someone saved the same version between our check and our insert.
-            None => saved_meanwhile(&mut tx, request)?,
+            None => saved_meanwhile(&mut tx, request, attempts == 1)?,
         };
         tx.commit()?;
         Ok(info)
@@ -464,38 +580,48 @@ pub(crate) fn store_model(
 }
 
 /// What an insert that found its version taken (saved by another session between our
-/// comparison and our insert) answers: the stored version when it is the same content, else
-/// `Conflict`.
+/// comparison and our insert) answers: the stored version when it is the same content (a
+/// resave, with its event), else `Conflict`.
 pub(crate) fn saved_meanwhile<C: GenericClient>(
     client: &mut C,
     request: &SaveRequest<'_>,
+    first_attempt: bool,
 ) -> Result<ModelInfo> {
-    compare_with_stored(client, request)?.ok_or_else(|| {
-        RepoError::conflict(format!(
+    match compare_with_stored(client, request)? {
+        Stored::Same { info, save_seq } => {
+            request.notify_resave(client, save_seq, first_attempt)?;
+            Ok(info)
+        }
+        Stored::Absent | Stored::Inactive => Err(RepoError::conflict(format!(
             "{}/{} was saved concurrently",
             request.model_name, request.version
-        ))
-    })
+        ))),
+    }
 }
 
-/// The stored version as `ModelInfo` if it is active with the same content; `Conflict` if it is
-/// active with other content; `None` if absent or soft-deleted (then it may be written).
+/// What is stored under the request's version (locked): the same content, active; nothing;
+/// or a soft-deleted version (then it may be written). `Conflict` if it is active with other
+/// content.
 pub(crate) fn compare_with_stored<C: GenericClient>(
     client: &mut C,
     request: &SaveRequest<'_>,
-) -> Result<Option<ModelInfo>> {
+) -> Result<Stored> {
     let params: [&(dyn ToSql + Sync); 3] =
         [&request.model_name, &request.version, request.metadata];
     let Some(row) = client.query_opt(SELECT_FOR_SAVE, &params)? else {
-        return Ok(None);
+        return Ok(Stored::Absent);
     };
     let stored = ModelInfo::from_row(&row)?;
     if !stored.is_active {
-        return Ok(None);
+        return Ok(Stored::Inactive);
     }
     let same_metadata: bool = row.try_get("same_metadata")?;
     if stored.checksum == request.checksum && stored.size_bytes == request.size && same_metadata {
-        return Ok(Some(stored));
+        let save_seq = row.try_get("save_seq")?;
+        return Ok(Stored::Same {
+            info: stored,
+            save_seq,
+        });
     }
     Err(RepoError::conflict(format!(
         "{}/{} is already saved with different {}",

@@ -89,6 +89,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/V008__fresh_storage_loads.sql"),
         when: When::Always,
     },
+    Migration {
+        version: 9,
+        name: "V009__models_for_every_client.sql",
+        sql: include_str!("../../sql/V009__models_for_every_client.sql"),
+        when: When::Always,
+    },
 ];
 
 /// Has the schema stored any vector yet (quarantined ones included)?

@@ -15,15 +15,18 @@ mod citus;
 mod cli;
 mod embedding_storage;
 mod embeddings;
+mod events;
 mod faults;
 mod hangs;
 mod interop;
 mod large_models;
 mod lost_replies;
 mod migration_status;
+mod model_sql;
 mod models;
 mod monitor;
 mod pool;
+mod retention;
 mod schema;
 mod search;
 #[cfg(feature = "pgvector")]

@@ -30,12 +30,16 @@ def check(condition, what):
 
 
 def read(cur):
-    cur.execute("SELECT model_name, version, model_data, checksum, size_bytes FROM ml_models")
+    cur.execute("SELECT model_name, version, model_data, checksum, size_bytes FROM ml_models "
+                "ORDER BY model_name, version")
     models = cur.fetchall()
     check(len(models) == 2, f"two models, got {len(models)}")
     for name, version, data, checksum, size in models:
         check(hashlib.sha256(data).hexdigest() == checksum, f"{name}/{version} checksum")
         check(len(data) == size, f"{name}/{version} size")
+        # model_bytes() reads every model the same way, chunked ones included.
+        cur.execute("SELECT model_bytes(%s, %s)", (name, version))
+        check(cur.fetchone()[0] == data, f"{name}/{version} model_bytes")
 
     cur.execute("SELECT entity_id, embeddings, dimension FROM embeddings "
                 "WHERE entity_type = 'user' ORDER BY entity_id")
@@ -66,7 +70,9 @@ def write(cur):
     cur.execute(
         "INSERT INTO embeddings (entity_type, entity_id, embeddings, dimension) VALUES (%s, %s, %s, %s) "
         "ON CONFLICT (entity_type, entity_id) DO UPDATE SET embeddings = EXCLUDED.embeddings, "
-        "dimension = EXCLUDED.dimension, updated_at = now()",
+        # Not now(): Citus refuses functions that are not IMMUTABLE in DO UPDATE SET; the
+        # excluded row's updated_at is its default, now(), computed for the insert.
+        "dimension = EXCLUDED.dimension, updated_at = EXCLUDED.updated_at",
         ("user", "py", np.asarray(vector, dtype="<f4").tobytes(), len(vector)))
     cur.execute(
         "INSERT INTO prediction_cache (cache_key, predictions, expires_at) "

@@ -19,7 +19,7 @@ use crate::db::to_hex;
 use crate::error::{RepoError, Result};
 use crate::models::chunked::{delete_sets, set_lock_key, Chunks, DELETE_UNREFERENCED_SET};
 use crate::models::versions::{
-    compare_with_stored, info_columns, saved_meanwhile, ModelInfo, SaveRequest,
+    compare_with_stored, info_columns, saved_meanwhile, ModelInfo, SaveRequest, Stored,
 };
 
 /// A new chunk set id, locked (session advisory lock) by this connection while the save lives.
@@ -50,12 +50,15 @@ const TOUCH_SET: &str = "WITH t AS (UPDATE ml_model_chunks SET staged_at = NULL 
 const DELETE_INACTIVE: &str = "DELETE FROM ml_models \
      WHERE model_name = $1 AND version = $2 AND NOT is_active RETURNING chunk_set";
 
+/// model_data stays NULL: a reader that does not know about chunks must not take it for a
+/// model of 0 bytes (sql/V009).
 const INSERT_CHUNKED: &str = concat!(
     "INSERT INTO ml_models AS m (model_name, version, model_data, metadata, checksum, \
         size_bytes, chunk_size, chunk_count, chunk_set)
-     VALUES ($1, $2, ''::bytea, $3, $4, $5, $6, $7, $8)
+     VALUES ($1, $2, NULL, $3, $4, $5, $6, $7, $8)
      ON CONFLICT (model_name, version) DO NOTHING RETURNING ",
-    info_columns!()
+    info_columns!(),
+    ", m.save_seq"
 );
 
 /// The most chunks a stream sends in one transaction and one COPY (64 MiB at the default
@@ -144,7 +147,9 @@ pub(crate) fn save_chunked(
         ChunkSource::Reader(..) => Retry::Never,
     };
     let mut source = Some(source);
+    let mut attempts = 0u32;
     let attempt = call.with_conn(retry, |conn| {
+        attempts += 1;
         let source = match &mut source {
             Some(ChunkSource::Slice(data)) => ChunkSource::Slice(data),
             other => other.take().ok_or_else(|| {
@@ -153,7 +158,13 @@ pub(crate) fn save_chunked(
         };
         // The caller's reader runs while this session holds the set's lock: should it panic,
         // the session is dropped (and the lock with it), never pooled again.
-        stage_and_publish(call.pool(), &mut PoisonOnPanic(conn), save, source)
+        stage_and_publish(
+            call.pool(),
+            &mut PoisonOnPanic(conn),
+            save,
+            source,
+            attempts == 1,
+        )
     })?;
     match attempt {
         Attempt::Done(info) => Ok(info),
@@ -164,7 +175,8 @@ pub(crate) fn save_chunked(
                 save.request.version
             );
             let published = call.with_conn(Retry::Idempotent, |conn| {
-                let published = publish(conn.unbounded_client(), save.request, &staged)?;
+                // A repeated publish that finds its version stored sends no second event.
+                let published = publish(conn.unbounded_client(), save.request, &staged, false)?;
                 clear_unpublished(call.pool(), conn, save.request, staged.chunks.set);
                 Ok(published)
             });
@@ -192,20 +204,25 @@ struct Staged {
     chunks: Chunks,
 }
 
+/// One attempt; `first_attempt` is false when the call tries again after a failure (then a
+/// version found stored with this content is its own earlier attempt's, whose event went).
 fn stage_and_publish(
     pool: &Pool,
     conn: &mut PgConnection,
     save: &ChunkedSave<'_>,
     source: ChunkSource<'_>,
+    first_attempt: bool,
 ) -> Result<Attempt> {
     if let ChunkSource::Slice(_) = source {
         // The checksum is known: an identical or conflicting version answers before any write.
         let mut tx = conn.client().transaction()?;
-        let stored = compare_with_stored(&mut tx, save.request)?;
-        tx.commit()?;
-        if let Some(info) = stored {
+        if let Stored::Same { info, save_seq } = compare_with_stored(&mut tx, save.request)? {
+            save.request
+                .notify_resave(&mut tx, save_seq, first_attempt)?;
+            tx.commit()?;
             return Ok(Attempt::Done(info));
         }
+        tx.commit()?;
     }
     let set: i64 = conn.client().query_one(OPEN_SET, &[])?.try_get(0)?;
     // The server answers: the transfer is a stream from here on.
@@ -213,7 +230,12 @@ fn stage_and_publish(
     let staged = stage(pool, conn, save, set, source);
     let outcome = match staged {
         Err(e) => Err(e),
-        Ok(staged) => match publish(conn.unbounded_client(), save.request, &staged) {
+        Ok(staged) => match publish(
+            conn.unbounded_client(),
+            save.request,
+            &staged,
+            first_attempt,
+        ) {
             Ok(info) => Ok(Attempt::Done(info)),
             Err(e) if e.is_transient() => Ok(Attempt::PublishFailed(staged, e)),
             Err(e) => Err(e),
@@ -572,17 +594,17 @@ impl Target<'_> {
 /// The publish transaction: an identical active version answers (and the staged set goes);
 /// else the whole staged set is checked, a soft-deleted version of the same name is replaced
 /// (with its chunks: bulk work, hence the unbounded client), and the row naming the set is
-/// written.
-fn publish(client: &mut Client, request: &SaveRequest<'_>, staged: &Staged) -> Result<ModelInfo> {
-    let request = SaveRequest {
-        model_name: request.model_name,
-        version: request.version,
-        metadata: request.metadata,
-        size: staged.size,
-        checksum: staged.checksum.clone(),
-    };
+/// written; its event goes in the same transaction.
+fn publish(
+    client: &mut Client,
+    request: &SaveRequest<'_>,
+    staged: &Staged,
+    first_attempt: bool,
+) -> Result<ModelInfo> {
+    let request = request.sized(staged.size, staged.checksum.clone());
     let mut tx = client.transaction()?;
-    if let Some(info) = compare_with_stored(&mut tx, &request)? {
+    if let Stored::Same { info, save_seq } = compare_with_stored(&mut tx, &request)? {
+        request.notify_resave(&mut tx, save_seq, first_attempt)?;
         tx.commit()?;
         return Ok(info);
     }
@@ -598,8 +620,9 @@ fn publish(client: &mut Client, request: &SaveRequest<'_>, staged: &Staged) -> R
             count, chunks.count, staged.size
         ))));
     }
-    let replaced: Vec<(String, i64)> = tx
-        .query(DELETE_INACTIVE, &[&request.model_name, &request.version])?
+    let inactive = tx.query(DELETE_INACTIVE, &[&request.model_name, &request.version])?;
+    let revived = !inactive.is_empty();
+    let replaced: Vec<(String, i64)> = inactive
         .iter()
         .map(|r| r.try_get::<_, Option<i64>>(0))
         .collect::<std::result::Result<Vec<_>, _>>()?
@@ -624,9 +647,12 @@ fn publish(client: &mut Client, request: &SaveRequest<'_>, staged: &Staged) -> R
         ],
     )?;
     let info = match row {
-        Some(row) => ModelInfo::from_row(&row)?,
+        Some(row) => {
+            request.notify_saved(&mut tx, row.try_get("save_seq")?, revived)?;
+            ModelInfo::from_row(&row)?
+        }
         // Saved concurrently between the comparison and the insert.
-        None => saved_meanwhile(&mut tx, &request)?,
+        None => saved_meanwhile(&mut tx, &request, first_attempt)?,
     };
     tx.commit()?;
     Ok(info)

@@ -5,8 +5,8 @@
 use crate::db::commit;
 use crate::db::layout::Layout;
 use crate::db::pool::{PgConnection, Pool};
-use crate::db::retry::Retry;
-use crate::error::Result;
+use crate::db::retry::{self, Policy, Retry};
+use crate::error::{RepoError, Result};
 
 /// One public operation in progress.
 #[derive(Debug)]
@@ -34,6 +34,33 @@ impl<'a> Call<'a> {
         f: impl FnMut(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.pool.with_conn(self.op, retry, f)
+    }
+
+    /// Runs `f` once, on a connection just seen alive: for work that consumes what cannot be
+    /// replayed (the caller's iterator or reader). The checkout and a round trip to the
+    /// server are retried as every call's are (after a server restart, or every idle
+    /// backend killed, the pool hands out dead sessions until it finds them out): `f` starts
+    /// only on a live one, so it never fails at once for a session that died before it.
+    pub(crate) fn with_live_conn<T>(
+        &self,
+        f: impl FnOnce(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = retry::with_retries(self.op, Retry::Idempotent, Policy::default(), || {
+            let mut conn = self.pool.get()?;
+            match conn.client().batch_execute("") {
+                Ok(()) => Ok(conn),
+                Err(e) => {
+                    let e = RepoError::from(e);
+                    self.pool.note_failure(&mut conn, &e);
+                    Err(e)
+                }
+            }
+        })?;
+        let result = f(&mut conn);
+        if let Err(e) = &result {
+            self.pool.note_failure(&mut conn, e);
+        }
+        result
     }
 
     /// Runs `f` in one transaction whose commit survives a lost reply: after one, the server

@@ -139,7 +139,7 @@ impl ModelRepository {
             let mut check =
                 |i: usize, e: &Embedding| one_type_record(&entity_type, dimension, i, e);
             let streams = self.load_streams();
-            let loaded = call.with_conn(Retry::Never, |conn| {
+            let loaded = call.with_live_conn(|conn| {
                 let source = Source::Iter {
                     rows: &mut rows,
                     check: &mut check,

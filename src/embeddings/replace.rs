@@ -137,7 +137,7 @@ impl ModelRepository {
             let mut all = std::iter::once(first).chain(&mut *rows);
             let mut check =
                 |i: usize, e: &Embedding| check_replacement_record(entity_type, dimension, i, e);
-            let copied = call.with_conn(Retry::Never, |conn| {
+            let copied = call.with_live_conn(|conn| {
                 let plan = fresh_plan(call, entity_type, dimension, Keep::Nothing, storage, None);
                 let source = Source::Iter {
                     rows: &mut all,

@@ -38,13 +38,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("ready");
     std::io::stdin().lock().lines().next().transpose()?;
     let started = Instant::now();
-    match method.as_str() {
-        "copy" => drop(repo.load_embeddings(&batch, LoadMethod::Copy)?),
-        "parallel_copy" => drop(repo.load_embeddings(&batch, LoadMethod::ParallelCopy)?),
-        "replace" => drop(repo.replace_embeddings("profile", &batch)?),
-        "reload" => drop(repo.load_embeddings(&batch, LoadMethod::Copy)?),
+    let report = match method.as_str() {
+        "copy" | "reload" => repo.load_embeddings(&batch, LoadMethod::Copy)?,
+        "parallel_copy" => repo.load_embeddings(&batch, LoadMethod::ParallelCopy)?,
+        "replace" => repo.replace_embeddings("profile", &batch)?,
         other => return Err(format!("unknown method {other}").into()),
-    }
+    };
+    println!("rows {}", report.rows);
     println!("done {:.3}", started.elapsed().as_secs_f64());
     let mut admin = postgres::Client::connect(&url, postgres::NoTls)?;
     repo.close();

@@ -171,6 +171,45 @@ pub(crate) fn run_once_as<T>(
     }
 }
 
+/// The id of the transaction `tx` (assigned now if it had none), so that a COMMIT whose reply
+/// is lost can be [`settle`]d.
+pub(crate) fn txid(tx: &mut Transaction<'_>) -> Result<i64> {
+    Ok(tx.query_one(TXID, &[])?.try_get(0)?)
+}
+
+/// Settles the COMMIT of transaction `xid`, sent on `conn`, by its result: when the reply was
+/// lost the server says what happened (committed: `Ok`; aborted: the error), and when it
+/// cannot (it hangs, it forgot) the error is `OutcomeUnknown`. For writes that are not run
+/// by [`run_tracked`] (a bulk load's swap, whose rows cannot be sent again).
+pub(crate) fn settle(
+    pool: &Pool,
+    conn: &mut PgConnection,
+    op: &str,
+    xid: i64,
+    committed: std::result::Result<(), postgres::Error>,
+) -> Result<()> {
+    let Err(e) = committed else {
+        return Ok(());
+    };
+    let hung = conn.watch().fired();
+    let error = RepoError::from(e);
+    pool.note_failure(conn, &error);
+    conn.poison();
+    if hung {
+        return Err(unknown(op, xid, &error));
+    }
+    match status(pool, xid, Checkout::Pool) {
+        Ok(Status::Committed) => {
+            log::info!(
+                "pg-model-repo: {op}: COMMIT failed ({error}); the server says it committed"
+            );
+            Ok(())
+        }
+        Ok(Status::Aborted) => Err(error),
+        Ok(Status::InProgress | Status::Forgotten) | Err(_) => Err(unknown(op, xid, &error)),
+    }
+}
+
 /// The error of a write whose outcome cannot be established.
 pub(crate) fn unknown(op: &str, xid: i64, cause: &RepoError) -> RepoError {
     RepoError::OutcomeUnknown(ErrorDetail::new(format!(

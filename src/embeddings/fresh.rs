@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use postgres::Transaction;
 
 use crate::db::binary_copy::RowReader;
+use crate::db::commit::{settle, txid};
 use crate::db::layout::Layout;
 use crate::db::pool::{begin_unbounded, quote_ident, PgConnection, Pool};
 use crate::db::quote_literal;
@@ -102,8 +103,9 @@ pub(crate) fn load_single(
         };
         let rows = copy_in_tx(&mut tx, target, source, progress)?;
         check_count(&plan, rows)?;
-        commit(&mut tx, &fresh, &plan)?;
-        tx.commit()?;
+        let xid = commit(&mut tx, &fresh, &plan)?;
+        let committed = tx.commit();
+        settle(pool, conn, "load", xid, committed)?;
         Ok(rows)
     });
     finish(pool, conn, &fresh, &plan, loaded)
@@ -134,8 +136,9 @@ pub(crate) fn load_streams(
         let rows = copy_in_streams(pool, streams, target, source, progress)?;
         check_count(&plan, rows)?;
         let mut tx = begin_unbounded(conn)?;
-        commit(&mut tx, &fresh, &plan)?;
-        tx.commit()?;
+        let xid = commit(&mut tx, &fresh, &plan)?;
+        let committed = tx.commit();
+        settle(pool, conn, "load", xid, committed)?;
         Ok(rows)
     });
     finish(pool, conn, &fresh, &plan, loaded)
@@ -263,8 +266,9 @@ fn check_count(plan: &Plan<'_>, rows: u64) -> Result<()> {
 }
 
 /// The load's last step, in `tx`: key, carry-over, swap. An entity_id twice in the load
-/// fails the key's build: `InvalidInput`.
-fn commit(tx: &mut Transaction<'_>, fresh: &Fresh, plan: &Plan<'_>) -> Result<()> {
+/// fails the key's build: `InvalidInput`. Returns the transaction's id, to settle its COMMIT
+/// should the reply be lost.
+fn commit(tx: &mut Transaction<'_>, fresh: &Fresh, plan: &Plan<'_>) -> Result<i64> {
     let keep = plan.keep == Keep::OldRows;
     let carried: i64 = tx
         .query_one(
@@ -283,7 +287,7 @@ fn commit(tx: &mut Transaction<'_>, fresh: &Fresh, plan: &Plan<'_>) -> Result<()
         fresh.load_id,
         plan.entity_type
     );
-    Ok(())
+    txid(tx)
 }
 
 /// The key is built after the rows are in: an entity_id twice shows there.

@@ -32,6 +32,8 @@ pub struct LostReplyProxy {
 struct Shared {
     /// Commit replies still to lose.
     armed: AtomicU64,
+    /// Commits let through before the armed losses begin.
+    skip: AtomicU64,
     /// Commit replies lost so far.
     lost: AtomicU64,
     /// Refuse new connections once a reply was lost (until told otherwise).
@@ -80,6 +82,14 @@ impl LostReplyProxy {
     /// Loses the replies to the next `n` commits (on any connection through the proxy).
     pub fn lose_next_commit_replies(&self, n: u64) {
         self.shared.armed.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Lets the replies to the next `skip` commits through, then loses the reply to the one
+    /// after (on any connection through the proxy): for the last commit of a call that commits
+    /// several times.
+    pub fn lose_commit_reply_after(&self, skip: u64) {
+        self.shared.skip.store(skip, Ordering::Release);
+        self.shared.armed.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Commit replies still to lose.
@@ -197,11 +207,7 @@ fn replies(shared: &Shared, server: TcpStream, client: TcpStream) {
         }
         holding = false;
         let idle = body.first() == Some(&b'I');
-        let lose = idle
-            && shared
-                .armed
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_ok();
+        let lose = idle && shared.take_loss();
         if lose {
             if shared.refuse_after_loss.load(Ordering::Acquire) {
                 shared.refusing.store(true, Ordering::Release);
@@ -218,6 +224,26 @@ fn replies(shared: &Shared, server: TcpStream, client: TcpStream) {
     let _ = client.flush();
     let _ = client.get_ref().shutdown(Shutdown::Both);
     let _ = server.get_ref().shutdown(Shutdown::Both);
+}
+
+impl Shared {
+    /// Whether the reply to the commit that just ended is to be lost.
+    fn take_loss(&self) -> bool {
+        let decrement = |n: u64| n.checked_sub(1);
+        if self.armed.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        if self
+            .skip
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, decrement)
+            .is_ok()
+        {
+            return false;
+        }
+        self.armed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, decrement)
+            .is_ok()
+    }
 }
 
 /// True for the command tag of a commit or of a write (which commits when it runs outside a

@@ -81,6 +81,37 @@ fn killing_every_idle_connection_at_once_is_invisible_to_callers() {
     assert_eq!(repo.get_model_versions("m").unwrap().len(), 3);
 }
 
+/// A refresh from an iterator and a chunked save from a reader consume what cannot be sent
+/// again; after every idle session of the pool died, they still start (on a session seen
+/// alive first) instead of failing at once with "connection closed".
+#[test]
+fn streams_that_cannot_be_replayed_start_after_every_idle_connection_was_killed() {
+    let server = own_server();
+    let repo = open_with(&server.url(), |c| {
+        c.pool_size(6).model_chunk_size(64 * 1024)
+    });
+    let rows = |n: usize| {
+        (0..n).map(|i| pg_model_repo::Embedding::new("feed", format!("e{i}"), vec![1.0; 8]))
+    };
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    for round in 0..3 {
+        warm_up(&repo, 6);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(kill_repository_backends(&server.url()) >= 2);
+        let report = repo.replace_embeddings_iter("feed", &mut rows(3000 + round));
+        assert_eq!(report.unwrap().rows, 3000 + round as u64, "round {round}");
+
+        warm_up(&repo, 6);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(kill_repository_backends(&server.url()) >= 2);
+        let version = round.to_string();
+        let info = repo.save_model_from_reader("big", &version, &mut &data[..], &json!({}));
+        assert_eq!(info.unwrap().size_bytes, data.len() as u64, "round {round}");
+    }
+    assert_eq!(repo.load_model("big", "2").unwrap().unwrap(), data);
+    assert_eq!(repo.get_all_embeddings("feed").unwrap().len(), 3002);
+}
+
 fn restart_during_workload(mode: StopMode) {
     let mut server = own_server();
     let repo = open(&server.url(), 4);

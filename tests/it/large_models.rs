@@ -401,6 +401,47 @@ fn a_reader_failing_midway_stores_nothing() {
     );
 }
 
+/// A reader that panics after `after` bytes (a bug in the caller's code, midway).
+struct PanickingReader {
+    inner: FailingReader,
+}
+
+impl Read for PanickingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.inner.read(buf) {
+            Err(_) => panic!("the caller's reader panics"),
+            read => read,
+        }
+    }
+}
+
+#[test]
+fn a_reader_panicking_midway_stores_nothing_and_its_chunks_are_cleared_as_after_an_error() {
+    let repo = small_chunks();
+    let mut reader = PanickingReader {
+        inner: FailingReader {
+            inner: Generated::new(6, u64::MAX),
+            after: 11 * u64::from(CHUNK) / 2,
+            read: 0,
+        },
+    };
+    let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        repo.save_model_from_reader("m", "1", &mut reader, &json!({}))
+    }));
+    assert!(saved.is_err(), "the panic goes on to the caller");
+    assert_eq!(count(&repo, "ml_models"), 0);
+    assert_eq!(
+        count(&repo, "ml_model_chunks"),
+        0,
+        "the chunks staged before the panic are cleared at once, not left to the sweep"
+    );
+    // The repository goes on working.
+    let data = Generated::bytes(7, 3 * CHUNK as usize);
+    repo.save_model_from_reader("m", "1", &mut &data[..], &json!({}))
+        .unwrap();
+    assert!(repo.load_model("m", "1").unwrap().unwrap() == data);
+}
+
 #[test]
 fn a_model_past_max_model_size_is_invalid_and_stores_nothing() {
     let repo = TestRepo::with_config(|c| c.model_chunk_size(CHUNK).max_model_size(300 << 10));

@@ -196,3 +196,60 @@ fn an_outcome_the_server_cannot_be_asked_about_is_outcome_unknown_and_settles_la
         3
     );
 }
+
+/// A full refresh commits more than once (its load's table, then the swap): whichever commit's
+/// reply is lost, the answer agrees with what the server stored. The swap's lost reply is
+/// settled by asking the server: the refresh committed, so the call reports its rows.
+#[test]
+fn a_refresh_answers_what_it_stored_whichever_commit_reply_is_lost() {
+    let t = Setup::new(|c| c);
+    let repo = &t.repo;
+    let rows = |round: usize| -> Vec<Embedding> {
+        (0..3000)
+            .map(|i| Embedding::new("feed", format!("e{i}"), vec![round as f32; 4]))
+            .collect()
+    };
+    repo.replace_embeddings("feed", &rows(0)).unwrap();
+    let stored_round = || -> f32 { repo.get_embeddings("feed", "e0").unwrap().unwrap()[0] };
+    let mut swap_reply_lost = false;
+    for skip in 0..8u64 {
+        let round = skip as usize + 1;
+        let before = t.proxy.lost();
+        t.proxy.lose_commit_reply_after(skip);
+        let result = repo.replace_embeddings_iter("feed", &mut rows(round).into_iter());
+        if t.proxy.lost() == before {
+            // The refresh committed fewer times than `skip`: every commit was tried.
+            assert_eq!(result.unwrap().rows, 3000);
+            assert!(swap_reply_lost, "no try lost the swap's reply");
+            return;
+        }
+        match result {
+            Ok(report) => {
+                assert_eq!(report.rows, 3000);
+                assert_eq!(
+                    stored_round(),
+                    round as f32,
+                    "skip {skip}: Ok, yet not stored"
+                );
+                swap_reply_lost = true;
+            }
+            Err(RepoError::OutcomeUnknown(m)) => {
+                panic!("skip {skip}: the server could be asked: {m}")
+            }
+            Err(e) => {
+                assert!(e.is_transient(), "skip {skip}: {e}");
+                assert_ne!(
+                    stored_round(),
+                    round as f32,
+                    "skip {skip}: failed ({e}), yet stored"
+                );
+            }
+        }
+        assert_eq!(
+            t.count("SELECT count(*) FROM embeddings WHERE entity_type = 'feed'"),
+            3000,
+            "skip {skip}: one set, never a mix"
+        );
+    }
+    panic!("the refresh committed more than 8 times");
+}

@@ -5,6 +5,7 @@
 //! by writing the `ml_models` row, so a reader never sees a partial model.
 
 use std::io::{Read, Write};
+use std::panic::AssertUnwindSafe;
 
 use crossbeam_channel::{Receiver, Sender};
 use postgres::Client;
@@ -148,7 +149,7 @@ pub(crate) fn save_chunked(
     };
     let mut source = Some(source);
     let mut attempts = 0u32;
-    let attempt = call.with_conn(retry, |conn| {
+    let mut attempt_on = |conn: &mut PgConnection| {
         attempts += 1;
         let source = match &mut source {
             Some(ChunkSource::Slice(data)) => ChunkSource::Slice(data),
@@ -165,7 +166,13 @@ pub(crate) fn save_chunked(
             source,
             attempts == 1,
         )
-    })?;
+    };
+    let attempt = match retry {
+        // A reader is read once: it starts on a session just seen alive, not one that died
+        // idle in the pool (after a restart, or idle backends killed).
+        Retry::Never => call.with_live_conn(&mut attempt_on)?,
+        _ => call.with_conn(retry, &mut attempt_on)?,
+    };
     match attempt {
         Attempt::Done(info) => Ok(info),
         Attempt::PublishFailed(staged, first) => {
@@ -227,7 +234,7 @@ fn stage_and_publish(
     let set: i64 = conn.client().query_one(OPEN_SET, &[])?.try_get(0)?;
     // The server answers: the transfer is a stream from here on.
     stream_from_here(conn.watch());
-    let staged = stage(pool, conn, save, set, source);
+    let staged = stage_or_clear_on_panic(pool, conn, save, set, source);
     let outcome = match staged {
         Err(e) => Err(e),
         Ok(staged) => match publish(
@@ -246,6 +253,27 @@ fn stage_and_publish(
     }
     close_set(conn, set);
     outcome
+}
+
+/// [`stage`], and should the caller's reader panic, the chunks staged so far are cleared (on
+/// another session: this one is dropped, and the set's lock with it) before the panic goes on,
+/// as after an error.
+fn stage_or_clear_on_panic(
+    pool: &Pool,
+    conn: &mut PgConnection,
+    save: &ChunkedSave<'_>,
+    set: i64,
+    source: ChunkSource<'_>,
+) -> Result<Staged> {
+    let staging = AssertUnwindSafe(|| stage(pool, conn, save, set, source));
+    match std::panic::catch_unwind(staging) {
+        Ok(staged) => staged,
+        Err(panic) => {
+            conn.poison();
+            clear_unpublished(pool, conn, save.request, set);
+            std::panic::resume_unwind(panic)
+        }
+    }
 }
 
 /// Releases the set's lock; a connection that cannot is not reused (its session, and the
@@ -275,7 +303,7 @@ fn clear_unpublished(pool: &Pool, conn: &mut PgConnection, request: &SaveRequest
     let cleared = if conn.is_broken() {
         match pool.try_get() {
             Some(mut fresh) => clear(&mut fresh),
-            None => Err(RepoError::pool_timeout("no idle connection to clear with")),
+            None => pool.get().and_then(|mut fresh| clear(&mut fresh)),
         }
     } else {
         clear(conn)

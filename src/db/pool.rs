@@ -312,10 +312,18 @@ impl Manager {
     }
 }
 
+/// A call that gives up cancels what it started: the connection it cut is closed, and the
+/// server, checking every second that its client is still there while a statement runs
+/// (PostgreSQL 14 and later), ends the statement instead of finishing an index build or a
+/// VACUUM nobody waits for, holding its locks all the while.
+const CHECK_CLIENT: &str = "SELECT set_config('client_connection_check_interval', '1000', false) \
+     WHERE current_setting('server_version_num')::int >= 140000";
+
 /// The statements every new session runs: our schema first on the search path, then the
 /// schema of the pgvector extension where the database has it (its `vector` type and
 /// operators resolve there, wherever it was installed); the query timeout as both
-/// statement_timeout and lock_timeout; then the settings the features ask for (HNSW's
+/// statement_timeout and lock_timeout; the check that the client is still there
+/// ([`CHECK_CLIENT`]); then the settings the features ask for (HNSW's
 /// ef_search: a placeholder setting until pgvector is loaded, harmless where it never is).
 pub(crate) fn session_setup_sql(config: &ConnectionConfig) -> String {
     let timeout_ms = config.query_timeout.as_millis().max(1);
@@ -326,7 +334,8 @@ pub(crate) fn session_setup_sql(config: &ConnectionConfig) -> String {
              (SELECT quote_ident(n.nspname) FROM pg_extension e \
               JOIN pg_namespace n ON n.oid = e.extnamespace \
               WHERE e.extname = 'vector' AND n.nspname <> '{name}')), false); \
-         SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}{extra}",
+         SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}; \
+         {CHECK_CLIENT}{extra}",
         schema = quote_ident(&config.schema),
         name = config.schema,
         extra = config

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::db::binary_copy::{self, io_error};
 use crate::db::pool::{begin_unbounded, PgConnection, Pool};
 use crate::embeddings::encode::{
-    cpu_threads, encode_chunk, on_cpu_pool, rows_per_chunk, Prefix, Stamps,
+    cpu_threads, encode_chunk, encode_indexed, on_cpu_pool, rows_per_chunk, Prefix, Stamps,
 };
 use crate::embeddings::types::{Embedding, Storage};
 use crate::error::{RepoError, Result};
@@ -35,6 +35,8 @@ pub(crate) enum Source<'a> {
     Slice(&'a [Embedding]),
     /// A part of such a batch, whose first record has this index in it (for errors).
     Part(&'a [Embedding], usize),
+    /// Such a batch in another order (key order), each record with its index in the batch.
+    Keyed(&'a [(usize, &'a Embedding)]),
     /// The caller's iterator, pulled on the caller's thread; each record passes
     /// `check(index, &record)` before it is queued.
     Iter {
@@ -149,13 +151,28 @@ type Writer<'w> = Box<dyn FnOnce(&Chunks<'_>) -> Written + Send + 'w>;
 enum Raw<'a> {
     Borrowed(&'a [Embedding]),
     Owned(Vec<Embedding>),
+    Keyed(&'a [(usize, &'a Embedding)]),
 }
 
 impl Raw<'_> {
-    fn records(&self) -> &[Embedding] {
+    fn len(&self) -> usize {
         match self {
-            Raw::Borrowed(records) => records,
-            Raw::Owned(records) => records,
+            Raw::Borrowed(records) => records.len(),
+            Raw::Owned(records) => records.len(),
+            Raw::Keyed(records) => records.len(),
+        }
+    }
+
+    /// The rows in COPY's binary format; `first` is the index of a slice's first record.
+    fn encode(&self, first: usize, target: &Target<'_>) -> Result<Vec<u8>> {
+        let (prefix, stamps, storage) = (target.prefix, target.stamps, target.storage);
+        match self {
+            Raw::Borrowed(records) => encode_chunk(records, first, prefix, stamps, storage),
+            Raw::Owned(records) => encode_chunk(records, first, prefix, stamps, storage),
+            Raw::Keyed(records) => {
+                let indexed = records.iter().map(|(i, e)| (*i, *e));
+                encode_indexed(indexed, prefix, stamps, storage)
+            }
         }
     }
 }
@@ -367,6 +384,28 @@ fn produce<'scope, 'env, 'a: 'scope>(
                 shared.fail(RepoError::Io(e));
             }
         }
+        Source::Keyed(records) => {
+            let per_chunk = rows_per_chunk(
+                records
+                    .iter()
+                    .map(|(_, e)| e.vector.len())
+                    .max()
+                    .unwrap_or(1),
+            );
+            let raw = raw.clone();
+            let spawned = std::thread::Builder::new()
+                .name("pg-model-repo-rows".into())
+                .spawn_scoped(scope, move || {
+                    for part in records.chunks(per_chunk) {
+                        if shared.stopped() || raw.send((0, Raw::Keyed(part))).is_err() {
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                shared.fail(RepoError::Io(e));
+            }
+        }
         Source::Iter { rows, check } => {
             let mut chunk: Vec<Embedding> = Vec::new();
             let mut per_chunk = 0;
@@ -418,15 +457,8 @@ fn encode_all(
             }
         }
         let encode = |(index, rows): &(usize, Raw<'_>)| {
-            encode_chunk(
-                rows.records(),
-                *index,
-                target.prefix,
-                target.stamps,
-                target.storage,
-            )
-            .map(|bytes| Encoded {
-                rows: rows.records().len(),
+            rows.encode(*index, &target).map(|bytes| Encoded {
+                rows: rows.len(),
                 bytes,
             })
         };

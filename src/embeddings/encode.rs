@@ -68,13 +68,28 @@ pub(crate) fn encode_chunk(
     stamps: Option<&Stamps>,
     storage: Storage,
 ) -> Result<Vec<u8>> {
+    let indexed = records
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (first_index + i, e));
+    encode_indexed(indexed, prefix, stamps, storage)
+}
+
+/// [`encode_chunk`] of records given with their indexes in the caller's batch (which need not
+/// follow each other: a batch put in key order).
+pub(crate) fn encode_indexed<'e>(
+    records: impl Iterator<Item = (usize, &'e Embedding)> + Clone,
+    prefix: Prefix,
+    stamps: Option<&Stamps>,
+    storage: Storage,
+) -> Result<Vec<u8>> {
     let fields = 4 + i16::from(prefix != Prefix::None) + 2 * i16::from(stamps.is_some());
     let size: usize = records
-        .iter()
-        .map(|e| 40 + e.entity_type.len() + e.entity_id.len() + 4 * e.vector.len())
+        .clone()
+        .map(|(_, e)| 40 + e.entity_type.len() + e.entity_id.len() + 4 * e.vector.len())
         .sum();
     let mut out = Vec::with_capacity(size);
-    for (i, e) in records.iter().enumerate() {
+    for (index, e) in records {
         binary_copy::row(&mut out, fields);
         if let Prefix::LoadId(id) = prefix {
             binary_copy::int8(&mut out, id);
@@ -96,7 +111,7 @@ pub(crate) fn encode_chunk(
             }
         };
         if let Err(at) = put {
-            return Err(not_finite(first_index + i, at, e.vector[at]));
+            return Err(not_finite(index, at, e.vector[at]));
         }
         binary_copy::int4(&mut out, e.vector.len() as i32);
         if let Some(stamps) = stamps {

@@ -52,11 +52,30 @@ const MERGE_STAGED_VIA_COORDINATOR: &str = concat!(
     on_key_update!()
 );
 
-/// The statement that merges one staged part into embeddings.
-fn merge_statement(layout: Layout) -> &'static str {
+/// Every staged part at once, in key order (byte order, as the direct COPY's): loads of
+/// overlapping keys lock them in one order and wait for each other instead of deadlocking.
+const MERGE_ALL_IN_KEY_ORDER: &str = concat!(
+    insert_embeddings!(),
+    "SELECT entity_type, entity_id, embeddings, dimension FROM embeddings_staging \
+     WHERE load_id = ANY($1) ORDER BY entity_type COLLATE \"C\", entity_id COLLATE \"C\"",
+    on_key_update!()
+);
+
+/// How the staged parts are merged into embeddings.
+#[derive(Clone, Copy, Debug)]
+enum Merge {
+    /// All of them in one statement, in key order, once every part is staged.
+    All(&'static str),
+    /// One statement per part, as each is staged (a Citus coordinator, which spreads the rows
+    /// over its shards and does not keep an order across them).
+    PerPart(&'static str),
+}
+
+fn merge_statement(layout: Layout) -> Merge {
     match layout {
-        Layout::SchemaBased => MERGE_STAGED_VIA_COORDINATOR,
-        Layout::Local | Layout::RowBased => MERGE_STAGED,
+        Layout::Local => Merge::All(MERGE_ALL_IN_KEY_ORDER),
+        Layout::SchemaBased => Merge::PerPart(MERGE_STAGED_VIA_COORDINATOR),
+        Layout::RowBased => Merge::PerPart(MERGE_STAGED),
     }
 }
 const CLEAR_STAGED: &str = "DELETE FROM embeddings_staging WHERE load_id = ANY($1)";
@@ -184,7 +203,7 @@ fn stage_then_merge(
     parts: &[&[Embedding]],
     ids: &[i64],
     storage: Storage,
-    merge: &str,
+    merge: Merge,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let mut done = 0;
@@ -195,9 +214,16 @@ fn stage_then_merge(
         done += rows.len() as u64;
     }
     in_load_transaction(conn, &batch.types, |tx| {
-        let merge = tx.prepare(merge)?;
-        for id in ids {
-            tx.execute(&merge, &[id])?;
+        match merge {
+            Merge::All(sql) => {
+                tx.execute(sql, &[&ids])?;
+            }
+            Merge::PerPart(sql) => {
+                let merge = tx.prepare(sql)?;
+                for id in ids {
+                    tx.execute(&merge, &[id])?;
+                }
+            }
         }
         tx.execute(CLEAR_STAGED, &[&ids])?;
         Ok(())
@@ -251,7 +277,7 @@ struct Staging<'a> {
     ids: &'a [i64],
     storage: Storage,
     /// The statement that merges a staged part (see [`merge_statement`]).
-    merge: &'static str,
+    merge: Merge,
 }
 
 /// A COPY stream: stages parts from the queue until it is empty, stopped, or failing.
@@ -303,8 +329,8 @@ fn run_stream(
     }
 }
 
-/// The load's one transaction: registry check, a merge per staged part as it arrives, then
-/// the staged rows go.
+/// The load's one transaction: registry check, a merge per staged part as it arrives (or of
+/// all of them once the last arrived), then the staged rows go.
 fn merge_as_staged(
     conn: &mut PgConnection,
     batch: &CheckedBatch<'_>,
@@ -314,7 +340,10 @@ fn merge_as_staged(
 ) -> Result<()> {
     let (parts, ids) = (work.parts.len(), work.ids);
     in_load_transaction(conn, &batch.types, |tx| {
-        let merge = tx.prepare(work.merge)?;
+        let per_part = match work.merge {
+            Merge::PerPart(sql) => Some(tx.prepare(sql)?),
+            Merge::All(_) => None,
+        };
         let (mut merged, mut sent) = (0, 0u64);
         while merged < parts {
             match events.recv() {
@@ -323,9 +352,11 @@ fn merge_as_staged(
                     progress(sent);
                 }
                 Ok(StreamEvent::Staged(i)) => {
-                    let started = std::time::Instant::now();
-                    tx.execute(&merge, &[&ids[i]])?;
-                    log::trace!("pg-model-repo: merged part {i} in {:?}", started.elapsed());
+                    if let Some(merge) = &per_part {
+                        let started = std::time::Instant::now();
+                        tx.execute(merge, &[&ids[i]])?;
+                        log::trace!("pg-model-repo: merged part {i} in {:?}", started.elapsed());
+                    }
                     merged += 1;
                 }
                 Ok(StreamEvent::Failed(e)) => return Err(e),
@@ -336,6 +367,9 @@ fn merge_as_staged(
                     )))
                 }
             }
+        }
+        if let Merge::All(sql) = work.merge {
+            tx.execute(sql, &[&ids])?;
         }
         tx.execute(CLEAR_STAGED, &[&ids])?;
         Ok(())

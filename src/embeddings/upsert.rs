@@ -82,16 +82,31 @@ pub(crate) fn upsert(
 /// The records in key order: loads that upsert overlapping keys lock them in one order, so
 /// concurrent loads wait for each other instead of deadlocking (40P01).
 fn in_key_order(records: &[Embedding]) -> Vec<&Embedding> {
-    fn key(e: &Embedding) -> (&str, &str) {
+    in_key_order_indexed(records)
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect()
+}
+
+/// [`in_key_order`], each record with its index in `records` (for errors).
+fn in_key_order_indexed(records: &[Embedding]) -> Vec<(usize, &Embedding)> {
+    fn key<'e>((_, e): &(usize, &'e Embedding)) -> (&'e str, &'e str) {
         (&e.entity_type, &e.entity_id)
     }
-    let mut sorted: Vec<&Embedding> = records.iter().collect();
+    let mut sorted: Vec<(usize, &Embedding)> = records.iter().enumerate().collect();
     if records.len() >= KEY_SORT_PARALLEL_MIN {
         on_cpu_pool(|| sorted.par_sort_unstable_by(|a, b| key(a).cmp(&key(b))));
     } else {
         sorted.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
     }
     sorted
+}
+
+/// True when `records` are in key order already (a sorted export, a numbered range).
+fn is_in_key_order(records: &[Embedding]) -> bool {
+    records
+        .windows(2)
+        .all(|w| (&w[0].entity_type, &w[0].entity_id) <= (&w[1].entity_type, &w[1].entity_id))
 }
 
 /// Batches at least this long are sorted on the crate's rayon pool.
@@ -179,7 +194,7 @@ fn create_stage(storage: Storage) -> String {
 const MERGE_STAGE: &str = concat!(
     insert_embeddings!(),
     "SELECT entity_type, entity_id, embeddings, dimension FROM pg_model_repo_embeddings_stage \
-     ORDER BY entity_type, entity_id",
+     ORDER BY entity_type COLLATE \"C\", entity_id COLLATE \"C\"",
     on_key_update!()
 );
 
@@ -208,13 +223,17 @@ fn copy_merge(
             stamps: None,
             storage,
         };
+        // In key order, as every path that writes many rows: two loads of overlapping new
+        // keys wait for each other instead of deadlocking.
+        let keyed;
+        let source = if is_in_key_order(batch.records) {
+            Source::Slice(batch.records)
+        } else {
+            keyed = in_key_order_indexed(batch.records);
+            Source::Keyed(&keyed)
+        };
         let mut savepoint = tx.savepoint("pg_model_repo_direct_copy")?;
-        match copy_in_tx(
-            &mut savepoint,
-            target,
-            Source::Slice(batch.records),
-            progress,
-        ) {
+        match copy_in_tx(&mut savepoint, target, source, progress) {
             Ok(_) => return Ok(savepoint.commit()?),
             Err(RepoError::Conflict(m)) => {
                 log::debug!("pg-model-repo: direct COPY met existing keys ({m}); merging instead");

@@ -333,3 +333,62 @@ fn close_with_the_server_frozen_mid_purge_returns_within_3_s_and_says_what_it_lo
         "the close says what it could not write: {lines:?}"
     );
 }
+
+/// A call that gives up cancels what it started: an index build cut by stream_idle_timeout
+/// (here: it waits on a lock another session holds, and sends nothing) does not go on on the
+/// server, holding its place in the lock queue and blocking the type's next writes behind it.
+#[test]
+fn an_index_build_cut_by_stream_idle_timeout_does_not_go_on_running_on_the_server() {
+    let server = own_server();
+    let stream_idle = Duration::from_secs(1);
+    let config = config(&server.url())
+        .query_timeout(Duration::from_secs(60))
+        .stream_idle_timeout(stream_idle);
+    let repo = ModelRepository::open(config).unwrap();
+    let rows: Vec<Embedding> = (0..200)
+        .map(|i| Embedding::new("item", format!("i{i}"), vec![i as f32, 1.0, 2.0]))
+        .collect();
+    repo.replace_embeddings("item", &rows).unwrap();
+
+    let mut admin = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+    let mut holder = admin.transaction().unwrap();
+    holder
+        .batch_execute("LOCK TABLE hangs.embeddings IN ROW EXCLUSIVE MODE")
+        .unwrap();
+    let (built, took) = timed(|| repo.create_vector_index("item", pg_model_repo::Metric::L2));
+    match built {
+        Err(RepoError::InvalidInput(m)) if m.message().contains("pgvector") => {
+            println!("NOT RUN: the server has no pgvector ({m})");
+            return;
+        }
+        Err(RepoError::Timeout(_)) => {}
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert_within("create_vector_index", took, stream_idle);
+
+    // The server ends the build it was left with within a second or two.
+    let mut watcher = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+    let orphans = |watcher: &mut postgres::Client| -> i64 {
+        watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'pg-model-repo' AND state = 'active'
+                   AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let gone_by = Instant::now() + Duration::from_secs(3);
+    while orphans(&mut watcher) > 0 && Instant::now() < gone_by {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        orphans(&mut watcher),
+        0,
+        "the abandoned build still waits in the lock queue"
+    );
+    holder.commit().unwrap();
+    repo.create_vector_index("item", pg_model_repo::Metric::L2)
+        .unwrap();
+}

@@ -1,6 +1,6 @@
 //! Connection plumbing every feature stands on: the connection settings, the pool (with
 //! checkout, retry and failure handling) and its thread-affine slots, the hung-server watchdog
-//! (`deadline`), TLS, commits whose reply may be lost, retries, the per-call wrapper (`call`)
+//! (`deadline`), host names resolved within a bound, TLS, commits whose reply may be lost, retries, the per-call wrapper (`call`)
 //! and the binary COPY wire format. Nothing here knows the repository handle or any feature.
 
 pub(crate) mod affinity;
@@ -12,6 +12,7 @@ pub(crate) mod config;
 pub(crate) mod deadline;
 pub(crate) mod layout;
 pub(crate) mod pool;
+pub(crate) mod resolve;
 pub(crate) mod retry;
 pub(crate) mod shard;
 pub(crate) mod static_key;

@@ -27,6 +27,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use crate::db::affinity::Slots;
 use crate::db::config::{describe_target, ConnectionConfig};
 use crate::db::deadline::{call_deadline, Bounds, Watch, WatchGroup};
+use crate::db::resolve::resolve_within;
 use crate::db::retry::{self, Policy, Retry};
 use crate::db::static_key::{StaticKey, StaticMap};
 use crate::db::tls::{take_opened_watch, Connector, WatchedConnect};
@@ -261,6 +262,8 @@ thread_local! {
 /// and judges them.
 pub(crate) struct Manager {
     postgres: PostgresConnectionManager<WatchedConnect>,
+    /// The connection settings, for resolving their host names before each login.
+    settings: postgres::Config,
     target: String,
     bounds: Bounds,
     shared: Arc<PoolShared>,
@@ -286,6 +289,7 @@ impl Manager {
         let (settings, connect) =
             Connector::for_config(config, &pg)?.watched(&pg, bounds.login, group);
         Ok(Manager {
+            settings: settings.clone(),
             postgres: PostgresConnectionManager::new(settings, connect),
             target: describe_target(&pg),
             bounds,
@@ -295,6 +299,7 @@ impl Manager {
 
     /// Opens one watched session with our settings: its login is bounded by `bounds.login`.
     fn open(&self) -> Result<PgConnection> {
+        resolve_within(&self.settings, self.login_bound())?;
         let client = r2d2::ManageConnection::connect(&self.postgres);
         // Taken whether or not the login succeeded, so that it never outlives this call.
         let watch = take_opened_watch();
@@ -364,6 +369,18 @@ fn connect_watched(config: &ConnectionConfig, group: Option<WatchGroup>) -> Resu
     let conn = manager.open()?;
     conn.watch.arm(conn.bounds.stream);
     Ok(conn)
+}
+
+impl Manager {
+    /// How long a login may take from now: its bound, and no later than the checkout running
+    /// on this thread must be done.
+    fn login_bound(&self) -> Duration {
+        let bound = self.bounds.login;
+        match CHECKOUT_DEADLINE.get() {
+            Some(deadline) => bound.min(deadline.saturating_duration_since(Instant::now())),
+            None => bound,
+        }
+    }
 }
 
 impl r2d2::ManageConnection for Manager {

@@ -392,3 +392,87 @@ fn an_index_build_cut_by_stream_idle_timeout_does_not_go_on_running_on_the_serve
     repo.create_vector_index("item", pg_model_repo::Metric::L2)
         .unwrap();
 }
+
+const DNS_CHILD: &str = "PG_MODEL_REPO_TEST_DNS_CHILD";
+
+/// Not a test of its own: the child process of
+/// `a_resolver_that_never_answers_holds_no_login_past_its_bound`, run in a mount namespace
+/// whose /etc/resolv.conf names a DNS server that never answers.
+#[test]
+#[ignore = "the child process of a_resolver_that_never_answers_holds_no_login_past_its_bound"]
+fn child_opening_through_a_silent_resolver() {
+    let host = std::env::var(DNS_CHILD).expect("run by its parent test only");
+    let config = RepositoryConfig::new(format!("postgres://postgres@{host}:5432/postgres"))
+        .schema("dns")
+        .pool_size(1)
+        .max_overflow(0)
+        .pool_timeout(POOL_TIMEOUT)
+        .query_timeout(QUERY_TIMEOUT)
+        .reaper_interval(None);
+    let (opened, took) = timed(|| ModelRepository::open(config));
+    match opened {
+        Err(RepoError::Timeout(d)) => assert!(d.to_string().contains("resolv"), "{d}"),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    // The login's bound: connect_timeout, min(pool_timeout, 10 s) when the URL names none.
+    assert_within("open through a silent resolver", took, POOL_TIMEOUT);
+}
+
+/// DNS resolution is bounded like the rest of a login: with a resolver that takes queries and
+/// never answers (it would keep the system's getaddrinfo waiting 3 x 20 s), opening a
+/// repository by host name fails with `Timeout` within its bound.
+#[test]
+fn a_resolver_that_never_answers_holds_no_login_past_its_bound() {
+    // A DNS server that reads queries and never answers, on a loopback address of its own.
+    let silent = match std::net::UdpSocket::bind("127.0.0.77:53") {
+        Ok(socket) => socket,
+        Err(e) => {
+            println!("NOT RUN: cannot listen on 127.0.0.77:53 ({e}): needs root");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.77\noptions timeout:20 attempts:3\n",
+    )
+    .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/resolv.conf || exit 77; exec \"$@\"")
+        .arg(&resolv)
+        .arg(&exe)
+        .args([
+            "--exact",
+            "hangs::child_opening_through_a_silent_resolver",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(DNS_CHILD, "pg-model-repo-dns-test.example")
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            child.kill().unwrap();
+            panic!("opening waited on the resolver for 40 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if status.code() == Some(77) {
+        println!("NOT RUN: no mount namespace here (unshare -m and mount need CAP_SYS_ADMIN)");
+        return;
+    }
+    let mut query = [0u8; 512];
+    silent.set_nonblocking(true).unwrap();
+    assert!(
+        silent.recv(&mut query).is_ok(),
+        "the resolver was not asked"
+    );
+    assert!(status.success(), "the child failed: {status}");
+}

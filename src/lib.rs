@@ -91,6 +91,7 @@ mod config;
 mod db;
 mod embeddings;
 mod error;
+mod metrics;
 mod models;
 mod monitor;
 mod repository;

@@ -104,7 +104,7 @@ mod validate;
 pub use cache::CacheStats;
 pub use config::RepositoryConfig;
 pub use db::config::DEFAULT_APPLICATION_NAME;
-pub use db::pool::PoolState;
+pub use db::pool::{PoolState, PoolStatus};
 pub use embeddings::DEFAULT_HNSW_EF_SEARCH;
 pub use embeddings::{
     BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,

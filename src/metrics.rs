@@ -2,8 +2,10 @@
 //! database-client names for operations and the pool, the library's own counters under
 //! `pg_model_repo.`. A leaf every layer may use; without the feature every method is empty.
 //!
-//! The library never installs a recorder. Handles are looked up at every record (never kept),
-//! so a recorder installed after the repository opened still gets everything from then on.
+//! The library never installs a recorder. Handles are looked up at every record (never kept).
+//! Gauges move by increments (a connection opened is +1 idle, a checkout moves one from idle
+//! to used), so several pools of one schema add up; install the recorder before opening a
+//! repository, or its gauges start from what they missed.
 
 #[cfg(not(feature = "metrics"))]
 use std::time::Duration;
@@ -201,20 +203,25 @@ mod facade {
             Live { metrics: *self }
         }
 
-        /// The pool's open connections, `used` of them checked out.
-        pub(crate) fn connections(&self, open: u32, used: u32) {
+        /// Moves `idle` and `used` connections of the pool (+1 opened, -1 closed).
+        pub(crate) fn connections(&self, idle: f64, used: f64) {
             let pool = self.namespace;
-            let idle = f64::from(open.saturating_sub(used));
-            gauge!(CONNECTION_COUNT, POOL => pool, STATE => "idle").set(idle);
-            gauge!(CONNECTION_COUNT, POOL => pool, STATE => "used").set(f64::from(used));
+            if idle != 0.0 {
+                gauge!(CONNECTION_COUNT, POOL => pool, STATE => "idle").increment(idle);
+            }
+            if used != 0.0 {
+                gauge!(CONNECTION_COUNT, POOL => pool, STATE => "used").increment(used);
+            }
         }
 
-        pub(crate) fn pool_max(&self, max: u32) {
-            gauge!(CONNECTION_MAX, POOL => self.namespace).set(f64::from(max));
+        /// A pool of `max` connections was built (`+`) or dropped (`-`).
+        pub(crate) fn pool_max(&self, max: f64) {
+            gauge!(CONNECTION_MAX, POOL => self.namespace).increment(max);
         }
 
-        pub(crate) fn waiting(&self, threads: u64) {
-            gauge!(CONNECTION_PENDING, POOL => self.namespace).set(threads as f64);
+        /// One more thread waits for a connection (`1.0`), or one less (`-1.0`).
+        pub(crate) fn waiting(&self, delta: f64) {
+            gauge!(CONNECTION_PENDING, POOL => self.namespace).increment(delta);
         }
 
         pub(crate) fn checkout(&self, clock: Clock) {
@@ -324,11 +331,11 @@ impl Metrics {
         Live {}
     }
     #[inline(always)]
-    pub(crate) fn connections(&self, _open: u32, _used: u32) {}
+    pub(crate) fn connections(&self, _idle: f64, _used: f64) {}
     #[inline(always)]
-    pub(crate) fn pool_max(&self, _max: u32) {}
+    pub(crate) fn pool_max(&self, _max: f64) {}
     #[inline(always)]
-    pub(crate) fn waiting(&self, _threads: u64) {}
+    pub(crate) fn waiting(&self, _delta: f64) {}
     #[inline(always)]
     pub(crate) fn checkout(&self, _clock: Clock) {}
     #[inline(always)]

@@ -1,5 +1,6 @@
 //! How many of a pool's connections are open and how many are checked out, in one atomic word
-//! (one load is a consistent snapshot), the checkouts that timed out, and their gauges.
+//! (one load is a consistent snapshot), the checkouts that timed out, and the facade's gauges
+//! of the same (moved by the same events).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,22 +30,26 @@ impl Occupancy {
 
     /// A pooled connection was opened.
     pub(crate) fn opened(&self) {
-        self.report(self.packed.fetch_add(OPEN, Ordering::AcqRel) + OPEN);
+        self.packed.fetch_add(OPEN, Ordering::AcqRel);
+        self.metrics.connections(1.0, 0.0);
     }
 
-    /// A pooled connection was closed.
+    /// A pooled connection was closed (it was idle: a checked-out one is returned first).
     pub(crate) fn closed(&self) {
-        self.report(self.packed.fetch_sub(OPEN, Ordering::AcqRel) - OPEN);
+        self.packed.fetch_sub(OPEN, Ordering::AcqRel);
+        self.metrics.connections(-1.0, 0.0);
     }
 
     /// A connection was handed to a caller.
     pub(crate) fn checked_out(&self) {
-        self.report(self.packed.fetch_add(1, Ordering::AcqRel) + 1);
+        self.packed.fetch_add(1, Ordering::AcqRel);
+        self.metrics.connections(-1.0, 1.0);
     }
 
     /// A caller gave its connection back.
     pub(crate) fn returned(&self) {
-        self.report(self.packed.fetch_sub(1, Ordering::AcqRel) - 1);
+        self.packed.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections(1.0, -1.0);
     }
 
     /// A checkout that started at `clock` got its connection.
@@ -52,9 +57,9 @@ impl Occupancy {
         self.metrics.checkout(clock);
     }
 
-    /// `threads` wait for a connection now.
-    pub(crate) fn waiting(&self, threads: u64) {
-        self.metrics.waiting(threads);
+    /// A thread starts (`true`) or stops (`false`) waiting for a connection.
+    pub(crate) fn waiting(&self, starts: bool) {
+        self.metrics.waiting(if starts { 1.0 } else { -1.0 });
     }
 
     /// A checkout ran past its bound.
@@ -75,12 +80,6 @@ impl Occupancy {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
-    }
-
-    #[inline]
-    fn report(&self, packed: u64) {
-        let (open, used) = split(packed);
-        self.metrics.connections(open, used);
     }
 }
 

@@ -439,15 +439,19 @@ struct Parking {
     closing: AtomicBool,
     /// The pool's counts: a [`Conn`] is checked out until dropped.
     occupancy: Arc<Occupancy>,
+    /// The pool's size, in the facade's gauge while the pool lives.
+    max_size: u32,
 }
 
 impl Parking {
-    fn new(occupancy: Arc<Occupancy>) -> Self {
+    fn new(occupancy: Arc<Occupancy>, max_size: u32) -> Self {
+        occupancy.metrics().pool_max(f64::from(max_size));
         Parking {
             slots: Slots::default(),
             waiting: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             occupancy,
+            max_size,
         }
     }
 
@@ -477,6 +481,7 @@ impl Parking {
 impl Drop for Parking {
     fn drop(&mut self) {
         drop(self.slots.close());
+        self.occupancy.metrics().pool_max(-f64::from(self.max_size));
     }
 }
 
@@ -602,8 +607,7 @@ impl Pool {
             .error_handler(Box::new(LogErrors))
             .thread_pool(maintenance_threads())
             .build_unchecked(manager);
-        metrics.pool_max(max_size);
-        let parking = Arc::new(Parking::new(shared.occupancy.clone()));
+        let parking = Arc::new(Parking::new(shared.occupancy.clone(), max_size));
         start_parking_sweep(Arc::downgrade(&parking));
         Ok(Pool {
             inner,
@@ -664,7 +668,8 @@ impl Pool {
     fn wait(&self, deadline: Instant, interruptible: bool) -> Result<Pooled> {
         let started = Instant::now();
         let occupancy = &self.shared.occupancy;
-        occupancy.waiting(self.parking.waiting.fetch_add(1, Ordering::AcqRel) + 1);
+        self.parking.waiting.fetch_add(1, Ordering::AcqRel);
+        occupancy.waiting(true);
         // Pairs with the fence in `Parking::park` (see there).
         fence(Ordering::SeqCst);
         // r2d2 reports the last connection error once; keep it across slices.
@@ -692,7 +697,8 @@ impl Pool {
                 break Err(RepoError::pool_timeout(format!("waited {waited:?}{cause}")));
             }
         };
-        occupancy.waiting(self.parking.waiting.fetch_sub(1, Ordering::AcqRel) - 1);
+        self.parking.waiting.fetch_sub(1, Ordering::AcqRel);
+        occupancy.waiting(false);
         result
     }
 

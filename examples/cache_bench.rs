@@ -310,7 +310,8 @@ fn target_jobs<'a>(
             makers
         };
         for (method, make) in makers {
-            if wanted(method) {
+            // `get_hit+prometheus` comes with `get_hit`.
+            if wanted(method.trim_end_matches("+prometheus")) {
                 jobs.push(Job {
                     target,
                     method,

@@ -12,7 +12,14 @@
 //! ```text
 //! cargo run --release --example cache_bench -- [--seconds 2] [--rounds 4] [--reaper-rows 1000000]
 //!     [--methods get_hit,raw_select] [--threads 1,2] [--format json] [--citus]
+//!     [--recorder prometheus]
 //! ```
+//!
+//! `--recorder prometheus` (built with `--features metrics`) adds `get_hit+prometheus`: the
+//! same hits, in the same interleaved rounds, with a Prometheus recorder installed for the
+//! worker threads (with upkeep every 5 s, as the exporter does); plain `get_hit` then runs with
+//! the feature on and no recorder. `benches/metrics_overhead.sh` compares both with a build
+//! without the feature (docs/metrics.md).
 //!
 //! `--citus` measures every method on a throwaway single server and, in the same interleaved
 //! rounds, through the coordinator of a throwaway Citus cluster (two workers on this machine,
@@ -53,6 +60,8 @@ struct Args {
     json: bool,
     /// Also through a throwaway Citus cluster's coordinator (the cache distributed by key).
     citus: bool,
+    /// Also `get_hit` with a Prometheus recorder (feature `metrics`).
+    prometheus: bool,
 }
 
 fn parse_args() -> Args {
@@ -64,6 +73,7 @@ fn parse_args() -> Args {
         reaper_rows: 1_000_000,
         json: false,
         citus: false,
+        prometheus: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -83,6 +93,13 @@ fn parse_args() -> Args {
             }
             "--format" => args.json = value() == "json",
             "--citus" => args.citus = true,
+            "--recorder" => {
+                assert_eq!(value(), "prometheus", "--recorder takes prometheus");
+                if !cfg!(feature = "metrics") {
+                    panic!("--recorder needs the build with --features metrics");
+                }
+                args.prometheus = true;
+            }
             other => panic!("unknown argument {other:?}"),
         }
     }
@@ -283,8 +300,17 @@ fn target_jobs<'a>(
                 }),
             ),
         ];
+        #[cfg(feature = "metrics")]
+        let makers = {
+            let mut makers = makers;
+            if args.prometheus {
+                makers.push(("get_hit+prometheus", prometheus::get_hit(repo)));
+            }
+            makers
+        };
         for (method, make) in makers {
-            if wanted(method) {
+            // `get_hit+prometheus` comes with `get_hit`.
+            if wanted(method.trim_end_matches("+prometheus")) {
                 jobs.push(Job {
                     target,
                     method,
@@ -299,6 +325,46 @@ fn target_jobs<'a>(
         }
     }
     jobs
+}
+
+/// `get_hit` with a Prometheus recorder for the worker threads.
+#[cfg(feature = "metrics")]
+mod prometheus {
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+    use pg_model_repo::ModelRepository;
+
+    use super::{hit_key, MakeOp};
+
+    /// One recorder for the run, drained every 5 s as the exporter's own upkeep does.
+    fn recorder() -> &'static PrometheusRecorder {
+        static RECORDER: OnceLock<PrometheusRecorder> = OnceLock::new();
+        RECORDER.get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            std::thread::spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(5));
+                handle.run_upkeep();
+            });
+            recorder
+        })
+    }
+
+    pub(super) fn get_hit(repo: &ModelRepository) -> MakeOp<'_> {
+        Box::new(move |t| {
+            let r = repo.clone();
+            let recorder = recorder();
+            Box::new(move |i| {
+                metrics::with_local_recorder(recorder, || {
+                    let v: Option<Vec<f32>> = r.get_cached_predictions(&hit_key(i, t))?;
+                    assert!(v.is_some());
+                    Ok(())
+                })
+            })
+        })
+    }
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -233,6 +233,24 @@ impl RepoError {
         }
     }
 
+    /// The variant as a short snake_case name (`"timeout"`, `"not_found"`, ...): the
+    /// `error.type` of the `metrics` feature.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self {
+            RepoError::InvalidInput(_) => "invalid_input",
+            RepoError::NotFound(_) => "not_found",
+            RepoError::Conflict(_) => "conflict",
+            RepoError::DimensionMismatch { .. } => "dimension_mismatch",
+            RepoError::Corrupt(_) => "corrupt",
+            RepoError::Serialization(_) => "serialization",
+            RepoError::Timeout(_) => "timeout",
+            RepoError::Database(_) => "database",
+            RepoError::Io(_) => "io",
+            RepoError::OutcomeUnknown(_) => "outcome_unknown",
+            RepoError::PermissionDenied { .. } => "permission_denied",
+        }
+    }
+
     /// The SQLSTATE of the database error behind this one, if there is one: for `Database`,
     /// and for the server's errors mapped to `Conflict` (23505), `Timeout` (57014, 55P03)
     /// and `InvalidInput` (class 22).

@@ -19,7 +19,9 @@
 //! - **Training metrics**: named values per model version, with history
 //!   ([`ModelRepository::save_training_metrics`]).
 //! - **Monitoring**: health checks, per-operation timings, storage statistics, VACUUM ANALYZE
-//!   ([`ModelRepository::health_check`], [`ModelRepository::get_performance_metrics`], …).
+//!   ([`ModelRepository::health_check`], [`ModelRepository::get_performance_metrics`],
+//!   [`ModelRepository::pool_status`], …), and with the `metrics` feature every operation and
+//!   the pool through the `metrics` facade under OpenTelemetry's names (docs/metrics.md).
 //!
 //! ```no_run
 //! # fn main() -> pg_model_repo::Result<()> {
@@ -67,8 +69,9 @@
 //! | `training` | training metrics |
 //! | `monitor/` | per-operation timings, buffered access counts, health, storage statistics, maintenance |
 //! | `schema/` | migrations and the SQL they embed, the seed takeover, Citus distribution, the one table list, the leftovers sweep, the schema's settings |
-//! | `db/` | connection plumbing: connection settings, pool (checkout with retry) and thread-affine slots, retry, the per-call wrapper, the background thread, TLS, the binary COPY format, the hung-server watchdog (`deadline`), commits whose reply may be lost (`commit`), the tables' layout |
+//! | `db/` | connection plumbing: connection settings, pool (checkout with retry), its occupancy counts ([`PoolStatus`]) and thread-affine slots, retry, the per-call wrapper, the background thread, TLS, the binary COPY format, the hung-server watchdog (`deadline`), commits whose reply may be lost (`commit`), the tables' layout |
 //! | `error`, `validate` | [`RepoError`] with typed causes; input rules shared by every area (names, lengths, metadata, settings' ranges) |
+//! | `metrics` | a leaf: every name, unit and attribute sent through the `metrics` facade (feature `metrics`, docs/metrics.md); empty inline functions without the feature |
 //! | `throwaway` | throwaway PostgreSQL servers for tests and examples, which can be frozen, and a proxy that loses commit replies (feature `throwaway`, unix) |
 //!
 //! # Output types
@@ -91,6 +94,7 @@ mod config;
 mod db;
 mod embeddings;
 mod error;
+mod metrics;
 mod models;
 mod monitor;
 mod repository;
@@ -103,7 +107,7 @@ mod validate;
 pub use cache::CacheStats;
 pub use config::RepositoryConfig;
 pub use db::config::DEFAULT_APPLICATION_NAME;
-pub use db::pool::PoolState;
+pub use db::pool::{PoolState, PoolStatus};
 pub use embeddings::DEFAULT_HNSW_EF_SEARCH;
 pub use embeddings::{
     BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,

@@ -12,8 +12,9 @@ use crate::db::background::{Chore, Reaper};
 use crate::db::call::Call;
 use crate::db::deadline::{CallDeadline, CALL_GRACE};
 use crate::db::layout::Layout;
-use crate::db::pool::{Pool, PoolState};
+use crate::db::pool::{Pool, PoolState, PoolStatus};
 use crate::error::Result;
+use crate::metrics::{self, ErrorType, Metrics};
 use crate::monitor::counters::{AccessCounts, Buffer, Flush, FlushStatements};
 use crate::monitor::timings::{QueryMetric, Timings};
 use crate::schema::citus;
@@ -229,6 +230,7 @@ impl ModelRepository {
             config.schema_name(),
             config.redacted_target()
         );
+        metrics::describe();
         let timings = Timings::new(
             config.monitor.enable_metrics,
             config.monitor.slow_query_threshold,
@@ -349,6 +351,22 @@ impl ModelRepository {
         self.inner.pool.state()
     }
 
+    /// The pool's state now: its maximum size, open connections, idle ones (parked ones
+    /// included), those in use (a stream holds one until it returns), threads waiting for one,
+    /// and checkouts that ran past pool_timeout since the repository opened. With the
+    /// `metrics` feature the same figures go out as `db.client.connection.*` (docs/metrics.md).
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// let pool = repo.pool_status();
+    /// println!("{}/{} in use, {} waiting, {} timeouts", pool.in_use, pool.max_size, pool.waiting, pool.timeouts);
+    /// # Ok(()) }
+    /// ```
+    pub fn pool_status(&self) -> PoolStatus {
+        self.inner.pool.status()
+    }
+
     /// Per-operation timings since `open`, sorted by operation name (empty when metrics are
     /// disabled).
     ///
@@ -400,13 +418,26 @@ impl ModelRepository {
         let _deadline = CallDeadline::start(deadline);
         let call = Call::new(op, &self.inner.pool, self.inner.layout);
         let result = f(&call);
-        self.record_timing(op, started, result.is_ok());
+        self.record_timing(op, started, result.as_ref().err().map(ErrorType::from));
         result
     }
 
-    /// Records one finished operation in the timing registry.
-    pub(crate) fn record_timing(&self, op: &'static str, started: Instant, ok: bool) {
-        self.inner.timings.record(op, started.elapsed(), ok);
+    /// Records one finished operation, failed with `error` or not: the one place every
+    /// operation's time goes, to the timing registry and (feature `metrics`) the facade.
+    pub(crate) fn record_timing(
+        &self,
+        op: &'static str,
+        started: Instant,
+        error: Option<ErrorType<'_>>,
+    ) {
+        let elapsed = started.elapsed();
+        self.inner.timings.record(op, elapsed, error.is_none());
+        self.metrics().operation(op, elapsed, error);
+    }
+
+    /// The facade's labels for this repository (empty without the `metrics` feature).
+    pub(crate) fn metrics(&self) -> &Metrics {
+        self.inner.pool.metrics()
     }
 
     /// The connection pool, for work that spans several connections.
@@ -438,14 +469,17 @@ impl ModelRepository {
         &self.inner.counts
     }
 
-    /// Counts one load of a model version (buffered; written by the reaper or at close).
-    pub(crate) fn record_model_load(&self, model_name: &str, version: &str) {
+    /// Counts one load of a model version (buffered; written by the reaper or at close) and
+    /// its `bytes`.
+    pub(crate) fn record_model_load(&self, model_name: &str, version: &str, bytes: u64) {
+        self.metrics().model_bytes_loaded(bytes);
         let buffered = self.inner.counts.record_load(model_name, version);
         self.after_access(buffered);
     }
 
     /// Counts one cache lookup: a hit of `key`, or a miss.
     pub(crate) fn record_lookup(&self, key: &str, hit: bool) {
+        self.metrics().cache_lookup(hit);
         if hit {
             let buffered = self.inner.counts.record_hit(key);
             self.after_access(buffered);

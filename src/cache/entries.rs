@@ -119,7 +119,9 @@ impl ModelRepository {
             validate_key(cache_key)?;
             let ttl_us = self.ttl_micros(ttl)?;
             let bytes = encode(predictions)?;
-            store(call, cache_key, &bytes, ttl_us)
+            store(call, cache_key, &bytes, ttl_us)?;
+            self.metrics().cache_set();
+            Ok(())
         })
     }
 
@@ -318,6 +320,7 @@ impl ModelRepository {
         self.timed("cache_predictions", |call| {
             store(call, cache_key, &bytes, ttl_us)
         })?;
+        self.metrics().cache_set();
         Ok(value)
     }
 
@@ -497,7 +500,9 @@ impl Chore for PurgeExpired {
     fn work(&self, pool: &Pool, stopping: &dyn Fn() -> bool) -> Result<u64> {
         // No retry loop inside a tick: the next tick is the retry, and a stop request is not
         // kept waiting by backoff sleeps while the database is away.
-        purge_expired(pool, self.layout, Retry::Never, stopping)
+        let deleted = purge_expired(pool, self.layout, Retry::Never, stopping)?;
+        pool.metrics().cache_reaped(deleted);
+        Ok(deleted)
     }
 }
 

@@ -11,6 +11,7 @@ pub(crate) mod commit;
 pub(crate) mod config;
 pub(crate) mod deadline;
 pub(crate) mod layout;
+pub(crate) mod occupancy;
 pub(crate) mod pool;
 pub(crate) mod resolve;
 pub(crate) mod retry;

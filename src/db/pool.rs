@@ -27,11 +27,13 @@ use r2d2_postgres::PostgresConnectionManager;
 use crate::db::affinity::Slots;
 use crate::db::config::{describe_target, ConnectionConfig};
 use crate::db::deadline::{call_deadline, Bounds, Watch, WatchGroup};
+use crate::db::occupancy::Occupancy;
 use crate::db::resolve::resolve_within;
 use crate::db::retry::{self, Policy, Retry};
 use crate::db::static_key::{StaticKey, StaticMap};
 use crate::db::tls::{take_opened_watch, Connector, WatchedConnect};
 use crate::error::{is_connection_failure, RepoError, Result};
+use crate::metrics::{Clock, Metrics};
 
 /// How long a stale connection may take to prove it is alive before it is discarded (less
 /// when the checkout's own time runs out first).
@@ -68,12 +70,17 @@ pub(crate) struct PgConnection {
     /// What the hung-server watchdog knows of this session.
     watch: Watch,
     bounds: Bounds,
+    /// The pool's counts, for a pooled session (it counts as open until dropped).
+    occupancy: Option<Arc<Occupancy>>,
 }
 
 impl Drop for PgConnection {
     /// Closing a session sends a farewell; it must not block on a hung server.
     fn drop(&mut self) {
         self.watch.closing(self.is_broken());
+        if let Some(occupancy) = &self.occupancy {
+            occupancy.closed();
+        }
     }
 }
 
@@ -94,6 +101,7 @@ impl PgConnection {
             dynamic_statements: HashMap::new(),
             watch,
             bounds,
+            occupancy: None,
         };
         conn.client.batch_execute(session_setup)?;
         conn.watch.disarm();
@@ -214,15 +222,18 @@ pub(crate) struct PoolShared {
     session_setup: String,
     /// Every connection of the pool, so closing can cut those still checked out.
     watches: WatchGroup,
+    /// Open and checked-out connections, timed-out checkouts.
+    occupancy: Arc<Occupancy>,
 }
 
 impl PoolShared {
-    fn new(session_setup: String) -> Self {
+    fn new(session_setup: String, metrics: Metrics) -> Self {
         PoolShared {
             epoch: AtomicU64::new(0),
             session_epoch: AtomicU64::new(0),
             session_setup,
             watches: WatchGroup::default(),
+            occupancy: Arc::new(Occupancy::new(metrics)),
         }
     }
 
@@ -364,7 +375,10 @@ pub(crate) fn connect_in(config: &ConnectionConfig, group: &WatchGroup) -> Resul
 }
 
 fn connect_watched(config: &ConnectionConfig, group: Option<WatchGroup>) -> Result<PgConnection> {
-    let shared = Arc::new(PoolShared::new(session_setup_sql(config)));
+    let shared = Arc::new(PoolShared::new(
+        session_setup_sql(config),
+        Metrics::new(&config.schema),
+    ));
     let manager = Manager::new(config, shared, group)?;
     let conn = manager.open()?;
     conn.watch.arm(conn.bounds.stream);
@@ -393,6 +407,8 @@ impl r2d2::ManageConnection for Manager {
         let mut conn = self.open()?;
         conn.epoch = epoch;
         conn.session_epoch = session_epoch;
+        self.shared.occupancy.opened();
+        conn.occupancy = Some(self.shared.occupancy.clone());
         Ok(conn)
     }
 
@@ -440,16 +456,31 @@ type Pooled = Box<r2d2::PooledConnection<Manager>>;
 /// The parking slots in front of r2d2 and what decides whether a returned connection may be
 /// parked. Held by the pool handles and by every checked-out [`Conn`]; when the last of them
 /// goes, whatever is parked returns to r2d2.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Parking {
     slots: Slots<Pooled>,
     /// Callers waiting on r2d2 for a connection right now.
     waiting: AtomicU64,
     /// Set by [`Pool::begin_close`]: waiting checkouts give up.
     closing: AtomicBool,
+    /// The pool's counts: a [`Conn`] is checked out until dropped.
+    occupancy: Arc<Occupancy>,
+    /// The pool's size, in the facade's gauge while the pool lives.
+    max_size: u32,
 }
 
 impl Parking {
+    fn new(occupancy: Arc<Occupancy>, max_size: u32) -> Self {
+        occupancy.metrics().pool_max(f64::from(max_size));
+        Parking {
+            slots: Slots::default(),
+            waiting: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            occupancy,
+            max_size,
+        }
+    }
+
     /// Takes back a connection returned by its caller: parked in the calling thread's slot,
     /// unless someone waits on r2d2 (who would not see it there), the pool is closing, or the
     /// connection is done for; then r2d2 gets it (and drops it if it is done for).
@@ -476,6 +507,7 @@ impl Parking {
 impl Drop for Parking {
     fn drop(&mut self) {
         drop(self.slots.close());
+        self.occupancy.metrics().pool_max(-f64::from(self.max_size));
     }
 }
 
@@ -506,6 +538,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             conn.watch.disarm();
+            self.parking.occupancy.returned();
             self.parking.park(conn);
         }
     }
@@ -545,6 +578,28 @@ pub(crate) struct Pool {
     parking: Arc<Parking>,
 }
 
+/// The pool's state: [`ModelRepository::pool_status`](crate::ModelRepository::pool_status).
+///
+/// `size`, `idle` and `in_use` come from one atomic read, so `idle + in_use == size` always
+/// holds; `waiting` and `timeouts` are read just after.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStatus {
+    /// The most connections the pool opens (pool_size + max_overflow).
+    pub max_size: u32,
+    /// Open connections.
+    pub size: u32,
+    /// Open and not in use (waiting in the pool, or parked for the thread that used them
+    /// last).
+    pub idle: u32,
+    /// Checked out by a call (a stream holds one until it returns).
+    pub in_use: u32,
+    /// Threads waiting for a connection now.
+    pub waiting: u32,
+    /// Checkouts that ran past pool_timeout (or their call's deadline) since the pool opened.
+    pub timeouts: u64,
+}
+
 /// A snapshot of the pool's occupancy.
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -564,7 +619,8 @@ impl Pool {
     /// Builds the pool without waiting for its connections (they open in the background and on
     /// demand).
     pub(crate) fn new(config: &ConnectionConfig) -> Result<Self> {
-        let shared = Arc::new(PoolShared::new(session_setup_sql(config)));
+        let metrics = Metrics::new(&config.schema);
+        let shared = Arc::new(PoolShared::new(session_setup_sql(config), metrics));
         let manager = Manager::new(config, shared.clone(), Some(shared.watches.clone()))?;
         let max_size = config.pool_size.saturating_add(config.max_overflow).max(1);
         let inner = r2d2::Pool::builder()
@@ -577,7 +633,7 @@ impl Pool {
             .error_handler(Box::new(LogErrors))
             .thread_pool(maintenance_threads())
             .build_unchecked(manager);
-        let parking = Arc::new(Parking::default());
+        let parking = Arc::new(Parking::new(shared.occupancy.clone(), max_size));
         start_parking_sweep(Arc::downgrade(&parking));
         Ok(Pool {
             inner,
@@ -618,6 +674,7 @@ impl Pool {
         if interruptible && self.parking.closing.load(Ordering::Acquire) {
             return Err(RepoError::pool_timeout("the repository is closing"));
         }
+        let clock = Clock::start();
         let previous = CHECKOUT_DEADLINE.replace(Some(deadline));
         let found = match self.unpark(self.parking.slots.take_own(), deadline) {
             Some(conn) => Ok(conn),
@@ -627,14 +684,18 @@ impl Pool {
             },
         };
         CHECKOUT_DEADLINE.set(previous);
-        found.map(|conn| self.out(conn))
+        let conn = self.out(found?);
+        self.shared.occupancy.waited(clock);
+        Ok(conn)
     }
 
     /// Waits for a connection: one parked by another thread, or one from r2d2 (returned, or
     /// newly opened).
     fn wait(&self, deadline: Instant, interruptible: bool) -> Result<Pooled> {
         let started = Instant::now();
+        let occupancy = &self.shared.occupancy;
         self.parking.waiting.fetch_add(1, Ordering::AcqRel);
+        occupancy.waiting(true);
         // Pairs with the fence in `Parking::park` (see there).
         fence(Ordering::SeqCst);
         // r2d2 reports the last connection error once; keep it across slices.
@@ -658,10 +719,12 @@ impl Pool {
             if left <= slice {
                 let waited = started.elapsed();
                 let cause = cause.map(|e| format!(": {e}")).unwrap_or_default();
+                occupancy.timed_out();
                 break Err(RepoError::pool_timeout(format!("waited {waited:?}{cause}")));
             }
         };
         self.parking.waiting.fetch_sub(1, Ordering::AcqRel);
+        occupancy.waiting(false);
         result
     }
 
@@ -694,6 +757,7 @@ impl Pool {
 
     fn out(&self, conn: Pooled) -> Conn {
         conn.watch.arm(conn.bounds.statement);
+        self.shared.occupancy.checked_out();
         Conn {
             conn: Some(conn),
             parking: self.parking.clone(),
@@ -782,6 +846,26 @@ impl Pool {
     /// How long a checkout waits for a connection (pool_timeout).
     pub(crate) fn timeout(&self) -> Duration {
         self.inner.connection_timeout()
+    }
+
+    /// Open, idle and checked-out connections, waiting threads and timed-out checkouts.
+    pub(crate) fn status(&self) -> PoolStatus {
+        let occupancy = &self.shared.occupancy;
+        let (size, in_use) = occupancy.snapshot();
+        let waiting = self.parking.waiting.load(Ordering::Acquire);
+        PoolStatus {
+            max_size: self.inner.max_size(),
+            size,
+            idle: size.saturating_sub(in_use),
+            in_use,
+            waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+            timeouts: occupancy.timeouts(),
+        }
+    }
+
+    /// The facade's labels for this pool's schema.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        self.shared.occupancy.metrics()
     }
 
     /// Connections open and idle (parked ones included) right now.

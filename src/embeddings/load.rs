@@ -255,7 +255,8 @@ fn write_batch(
             storage,
             streams,
             progress,
-        ),
+        )
+        .inspect(|()| count_rows(call, LoadMethod::ParallelCopy, records.len() as u64)),
         Path::Upsert(method) => {
             if matches!(method, LoadMethod::Insert | LoadMethod::MultiRowInsert) {
                 // Only the COPY encoder checks values as it goes.
@@ -265,8 +266,14 @@ fn write_batch(
             in_load_transaction(conn, &batch.types, |tx| {
                 upsert(tx, batch, method, direct, storage, progress)
             })
+            .inspect(|()| count_rows(call, method, records.len() as u64))
         }
     }
+}
+
+/// Counts `rows` loaded by `method` (feature `metrics`; nothing otherwise).
+fn count_rows(call: &Call<'_>, method: LoadMethod, rows: u64) {
+    call.pool().metrics().rows_loaded(method.as_str(), rows);
 }
 
 /// What a load into fresh storage of `entity_type` writes.
@@ -305,8 +312,10 @@ pub(crate) fn load_fresh(
             let mut extra: Vec<_> = (1..n).map_while(|_| pool.try_get()).collect();
             let extra_refs: Vec<&mut PgConnection> = extra.iter_mut().map(|c| &mut **c).collect();
             fresh::load_streams(pool, conn, extra_refs, plan, source, progress)
+                .inspect(|&rows| count_rows(call, LoadMethod::ParallelCopy, rows))
         }
-        _ => fresh::load_single(pool, conn, plan, source, progress),
+        _ => fresh::load_single(pool, conn, plan, source, progress)
+            .inspect(|&rows| count_rows(call, LoadMethod::Copy, rows)),
     }
 }
 
@@ -330,7 +339,8 @@ fn load_stream(
             dimension,
             first_index: 0,
         }];
-        return stream_merge(conn, &types, storage, source);
+        return stream_merge(conn, &types, storage, source)
+            .inspect(|&rows| count_rows(call, LoadMethod::Copy, rows));
     }
     let parallel = (method == LoadMethod::ParallelCopy).then_some(streams);
     let plan = fresh_plan(call, entity_type, dimension, Keep::OldRows, storage, None);

@@ -73,6 +73,7 @@ impl ModelRepository {
             let (size, checksum) = chunks.finish();
             store_model(call, &request.sized(size, checksum), &read[0])
         })
+        .inspect(|info| self.metrics().model_bytes_saved(info.size_bytes))
     }
 
     /// Streams a version's bytes to `writer` in memory bounded by a few chunks (an inline
@@ -133,7 +134,7 @@ impl ModelRepository {
                 return Ok(None);
             };
             self.settle_checksum(call, &mut info, &hash)?;
-            self.record_model_load(&info.model_name, &info.version);
+            self.record_model_load(&info.model_name, &info.version, written);
             Ok(Some(info))
         })
     }

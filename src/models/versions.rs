@@ -239,6 +239,7 @@ impl ModelRepository {
             }
             save_chunked(call, &self.chunked_save(&request), ChunkSource::Slice(data))
         })
+        .inspect(|info| self.metrics().model_bytes_saved(info.size_bytes))
     }
 
     /// How a chunked save of `request` runs with this repository's settings.
@@ -377,7 +378,7 @@ impl ModelRepository {
             return Ok(None);
         };
         self.settle_checksum(call, &mut info, &hash)?;
-        self.record_model_load(&info.model_name, &info.version);
+        self.record_model_load(&info.model_name, &info.version, data.len() as u64);
         Ok(Some((info, data)))
     }
 

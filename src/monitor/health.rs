@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use crate::db::layout::Layout;
 use crate::db::pool::{Conn, PgConnection};
 use crate::error::{RepoError, Result};
+use crate::metrics::ErrorType;
 use crate::monitor::{CheckResult, HealthReport, HealthStatus};
 use crate::repository::ModelRepository;
 use crate::schema::tables;
@@ -32,11 +33,9 @@ impl ModelRepository {
         let started = Instant::now();
         let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_checks()))
             .unwrap_or_else(|_| unhealthy("database", "the health check panicked".to_owned()));
-        self.record_timing(
-            "health_check",
-            started,
-            report.status != HealthStatus::Unhealthy,
-        );
+        let failed =
+            (report.status == HealthStatus::Unhealthy).then(|| ErrorType::other("unhealthy"));
+        self.record_timing("health_check", started, failed);
         report
     }
 

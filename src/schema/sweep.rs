@@ -67,6 +67,7 @@ pub(crate) fn sweep(
         match sweep_one(pool, leftover, min_age, retry) {
             Ok(0) => {}
             Ok(n) => {
+                pool.metrics().leftovers_swept(n);
                 log::info!(
                     "pg-model-repo: swept {n} {} older than {min_age:?}",
                     leftover.what

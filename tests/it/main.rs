@@ -21,6 +21,8 @@ mod hangs;
 mod interop;
 mod large_models;
 mod lost_replies;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod migration_status;
 mod model_sql;
 mod models;

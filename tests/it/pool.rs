@@ -6,7 +6,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use pg_model_repo::{ModelRepository, RepositoryConfig};
+use pg_model_repo::{ModelRepository, PoolStatus, RepoError, RepositoryConfig, TimeoutKind};
 
 use crate::common::{admin, drop_schema, sessions_named, unique_schema, url_with_app_name};
 
@@ -307,4 +307,144 @@ fn connections_over_a_unix_domain_socket_work_as_over_tcp() {
         "every session of the repository is on the socket"
     );
     repo.close();
+}
+
+/// Threads that each hold one pooled connection (a stream paused in its callback) until
+/// [`release`](Holders::release).
+pub(crate) struct Holders {
+    release: Vec<mpsc::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Holders {
+    /// Lets every holder finish its stream and waits for it.
+    pub(crate) fn release(self) {
+        drop(self.release);
+        for thread in self.threads {
+            thread.join().expect("a holder thread panicked");
+        }
+    }
+}
+
+/// Starts `n` threads that each hold a pooled connection; returns once all of them do.
+pub(crate) fn hold_connections(repo: &ModelRepository, n: usize) -> Holders {
+    repo.save_embeddings("held", "h1", &[1.0]).unwrap();
+    let (held, holding) = mpsc::channel();
+    let mut holders = Holders {
+        release: Vec::new(),
+        threads: Vec::new(),
+    };
+    for _ in 0..n {
+        let (release, released) = mpsc::channel::<()>();
+        let (repo, held) = (repo.clone(), held.clone());
+        holders.threads.push(std::thread::spawn(move || {
+            repo.for_each_embedding("held", &mut |_, _| {
+                held.send(()).unwrap();
+                // Returns when the sender is dropped.
+                let _ = released.recv();
+            })
+            .unwrap();
+        }));
+        holders.release.push(release);
+    }
+    for _ in 0..n {
+        holding
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a holder never got its connection");
+    }
+    holders
+}
+
+/// Polls `repo.pool_status()` until `done` says so (at most `within`).
+pub(crate) fn wait_for_status(
+    repo: &ModelRepository,
+    within: Duration,
+    done: impl Fn(&PoolStatus) -> bool,
+) -> PoolStatus {
+    let started = Instant::now();
+    loop {
+        let status = repo.pool_status();
+        if done(&status) || started.elapsed() > within {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn pool_status_counts_connections_in_use_a_waiting_thread_and_a_timed_out_checkout() {
+    let (repo, schema) = open("pool-status", |c| {
+        c.pool_size(1)
+            .max_overflow(1)
+            .pool_timeout(Duration::from_millis(800))
+    });
+    let status = repo.pool_status();
+    assert_eq!(
+        (status.max_size, status.waiting, status.timeouts),
+        (2, 0, 0)
+    );
+    let holders = hold_connections(&repo, 2);
+    let status = repo.pool_status();
+    assert_eq!((status.size, status.in_use, status.idle), (2, 2, 0));
+
+    let waiter = {
+        let repo = repo.clone();
+        std::thread::spawn(move || repo.get_cached_predictions::<u32>("k"))
+    };
+    let status = wait_for_status(&repo, Duration::from_secs(5), |s| s.waiting == 1);
+    assert_eq!((status.waiting, status.in_use, status.timeouts), (1, 2, 0));
+    let error = waiter.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&error, RepoError::Timeout(t) if t.kind() == TimeoutKind::PoolCheckout),
+        "{error:?}"
+    );
+    let status = repo.pool_status();
+    assert_eq!((status.waiting, status.timeouts), (0, 1));
+
+    holders.release();
+    let status = repo.pool_status();
+    assert_eq!(
+        (status.size, status.in_use, status.idle, status.timeouts),
+        (2, 0, 2, 1)
+    );
+    drop(repo);
+    drop_schema(&schema);
+}
+
+/// Read while four threads share two connections: every snapshot adds up.
+#[test]
+fn pool_status_stays_consistent_while_threads_contend_for_connections() {
+    let (repo, schema) = open("pool-status-busy", |c| c.pool_size(1).max_overflow(1));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut seen_waiting = 0;
+    std::thread::scope(|s| {
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..150 {
+                        call(&repo);
+                    }
+                })
+            })
+            .collect();
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let st = repo.pool_status();
+                assert_eq!(st.idle + st.in_use, st.size, "{st:?}");
+                assert!(st.size <= st.max_size && st.waiting <= 4, "{st:?}");
+            }
+        });
+        while callers.iter().any(|c| !c.is_finished()) {
+            seen_waiting = seen_waiting.max(repo.pool_status().waiting);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let status = repo.pool_status();
+    assert_eq!((status.in_use, status.waiting, status.timeouts), (0, 0, 0));
+    assert!(
+        seen_waiting >= 1,
+        "four threads on two connections never waited"
+    );
+    drop(repo);
+    drop_schema(&schema);
 }

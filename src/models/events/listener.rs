@@ -15,6 +15,7 @@ use crate::db::config::ConnectionConfig;
 use crate::db::deadline::WatchGroup;
 use crate::db::pool::{connect_in, quote_ident, PgConnection};
 use crate::error::{RepoError, Result};
+use crate::metrics::Metrics;
 use crate::models::events::payload::{parse, ModelEvent};
 
 /// How many events a subscription holds for its reader. When they are not read fast enough,
@@ -236,6 +237,7 @@ pub(crate) fn start(
     config: ConnectionConfig,
     channel: String,
     subscriptions: &Subscriptions,
+    metrics: &Metrics,
 ) -> Result<ModelEvents> {
     let stop = Arc::new(Stop::default());
     let conn = open(&config, &channel, &stop.watches)?;
@@ -251,9 +253,11 @@ pub(crate) fn start(
         resync_pending: false,
         overflow_logged: false,
     };
+    let live = metrics.subscription();
     let thread = std::thread::Builder::new()
         .name("pg-model-repo-events".to_owned())
         .spawn(move || {
+            let _live = live;
             let _done = done;
             let stop = listener.stop.clone();
             listener.run(conn);

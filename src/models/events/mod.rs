@@ -65,6 +65,7 @@ impl ModelRepository {
                 self.config().sessions(),
                 events.channel.clone(),
                 &events.subscriptions,
+                self.metrics(),
             )
         })
     }

@@ -49,10 +49,14 @@ pub enum LoadMethod {
     Insert,
     /// Upserts of about 1000 rows per statement, from arrays (`unnest`).
     MultiRowInsert,
-    /// Binary COPY over one connection, encoded in parallel, then merged with an upsert.
+    /// Binary COPY over one connection, encoded in parallel: into fresh storage created in the
+    /// load's transaction (COPY FREEZE, the key built after) for a type without rows or a
+    /// reload of most of one, straight into the type's table for new keys, else staged and
+    /// merged with an upsert (docs/embeddings.md has the table of paths).
     Copy,
-    /// Binary COPY over several connections into a staging table, then one merging
-    /// transaction.
+    /// Binary COPY over several connections: each stream straight into the fresh storage of a
+    /// type without rows, a refresh or a reload (no merge pass; one short transaction builds
+    /// the key and swaps it in), else into a staging table merged in one transaction.
     ParallelCopy,
 }
 

@@ -7,7 +7,7 @@
 //! cargo run --release --example load_bench -- [--rows 100000] [--dim 384] [--rounds 3]
 //!     [--methods server_copy_file,server_copy_parallel,insert,multi_row_insert,copy,
 //!                parallel_copy,copy_append,parallel_copy_append,psycopg_seed_schema,
-//!                replace,upsert_reload,reload_rebuild,server_copy_out,read_stream]
+//!                replace,replace_iter,upsert_reload,reload_rebuild,server_copy_out,read_stream]
 //!     [--streams 1,2,4] [--format table|json] [--plot FILE.svg] [--crossover] [--citus]
 //! ```
 //!
@@ -16,6 +16,8 @@
 //! `upsert_reload` saves the same keys again with `batch_save_embeddings` (what a nightly
 //! refresh does), `reload_rebuild` with `load_embeddings(…, Copy)`: both report
 //! `bytes_per_row_after`, the type's storage right after the load, before any VACUUM.
+//! `replace_iter` is `replace_embeddings_iter` from rows made as they are pulled (its
+//! `peak MiB+` is what the refresh holds in memory).
 //! `server_copy_parallel` is the physical limit of parallel streams: the server's own COPYs of
 //! 1/N of the file each, at once, into an unindexed table of the type's shape, the key built
 //! after. The parallel methods (`parallel_copy`, `parallel_copy_append`,
@@ -84,7 +86,7 @@ pub struct Args {
 /// Every measurement, in the order they are reported (the ceilings first). Within a round
 /// they run in this order too, except that `upsert_reload` and the reads run right after the
 /// `LoadMethod`s, on the table `copy` loaded.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     "server_copy_file",
     "server_copy_parallel",
     "insert",
@@ -95,6 +97,7 @@ pub const ALL: [&str; 14] = [
     "parallel_copy_append",
     "psycopg_seed_schema",
     "replace",
+    "replace_iter",
     "upsert_reload",
     "reload_rebuild",
     "server_copy_out",
@@ -1073,7 +1076,35 @@ fn run_round(
             replace(url, args, batch, &inputs.replacement)?,
         );
     }
+    if inputs.wants("replace_iter") {
+        record("replace_iter".to_owned(), replace_iter(url, args)?);
+    }
     Ok(())
+}
+
+/// `replace_embeddings_iter` of rows made as they are pulled, none held by the caller: its
+/// peak RSS over the process's before it is what the refresh itself holds.
+fn replace_iter(url: &str, args: &Args) -> Result<Sample, Box<dyn Error>> {
+    let repo = open(url, "replace_iter")?;
+    settle(url);
+    let dim = args.dim;
+    let mut rows = (0..args.rows).map(|i| {
+        let vector = (0..dim)
+            .map(|j| ((i * 31 + j) % 1000) as f32 / 1000.0)
+            .collect();
+        Embedding::new(ENTITY_TYPE, format!("e{i}"), vector)
+    });
+    let input = current_rss();
+    reset_peak_rss();
+    let report = repo.replace_embeddings_iter(ENTITY_TYPE, &mut rows)?;
+    let mut sample = Sample::timed(report.rows, report.elapsed);
+    sample.peak_rss_over_input_mib = match (peak_rss(), input) {
+        (Some(peak), Some(input)) => Some(peak.saturating_sub(input) as f64 / 1048576.0),
+        _ => None,
+    };
+    sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
+    drop_schema(url, repo)?;
+    Ok(sample)
 }
 
 /// Records a sample under `method`, or `method@streams` for a parallel one.

@@ -1,5 +1,5 @@
-//! HNSW indexes per entity type (pgvector): building one (`embedding_vector_index_create`,
-//! sql/V006, with progress in the log), knowing which types have one (a short-lived cache, so
+//! HNSW indexes per entity type (pgvector): building one (concurrently, `index_build`, or by
+//! `embedding_vector_index_create`, sql/V006, with progress in the log), knowing which types have one (a short-lived cache, so
 //! a search costs one round trip), and the approximate search through it.
 
 use std::collections::HashMap;
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use postgres::{GenericClient, Statement};
 
 use crate::db::pool::{begin_unbounded, PgConnection, Pool};
+use crate::embeddings::index_build::build_concurrently;
 use crate::embeddings::types::{Metric, Neighbor};
 use crate::error::{RepoError, Result};
 
@@ -104,7 +105,7 @@ impl IndexCache {
 }
 
 /// pgvector's operator for a metric.
-fn operator(metric: Metric) -> &'static str {
+pub(crate) fn operator(metric: Metric) -> &'static str {
     match metric {
         Metric::L2 => "<->",
         Metric::Cosine => "<=>",
@@ -114,7 +115,7 @@ fn operator(metric: Metric) -> &'static str {
 
 /// A string as a SQL literal (an escape string when it holds a backslash, so that the
 /// server's standard_conforming_strings does not matter).
-fn sql_literal(s: &str) -> String {
+pub(crate) fn sql_literal(s: &str) -> String {
     if s.contains('\\') {
         format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
     } else {
@@ -239,6 +240,13 @@ pub(crate) fn build_index(
                 })
         });
         let built = (|| -> Result<bool> {
+            if let Some(built) = build_concurrently(conn.unbounded_client(), entity_type, metric)? {
+                return Ok(built);
+            }
+            log::info!(
+                "pg-model-repo: this role does not own the storage of {entity_type:?}: its \
+                 index is built by the schema owner's function, and writers of the type wait"
+            );
             let mut tx = begin_unbounded(conn)?;
             let created: bool = tx
                 .query_one(CREATE_INDEX, &[&entity_type, &metric.as_str()])?

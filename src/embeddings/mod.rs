@@ -1,6 +1,7 @@
 //! Entity embeddings: the public types and how vectors are stored (`types`), input rules
 //! (`check`), the per-type dimension registry (`registry`), single saves, reads and streaming
-//! reads (`store`), similarity search (`search`, exact scoring in `exact`), and batch loads: the plan and the single-connection paths (`load`), the
+//! reads (`store`), similarity search (`search`, exact scoring in `exact`, filters in `filter` and
+//! `filtered`), and batch loads: the plan and the single-connection paths (`load`), the
 //! binary COPY rows (`encode`) and the multi-connection `ParallelCopy` (`parallel`). Uses the
 //! plumbing in `db` only.
 
@@ -11,8 +12,11 @@ mod check;
 mod copy_rows;
 mod encode;
 mod exact;
+mod filter;
+mod filtered;
 mod fresh;
 mod index;
+mod index_build;
 mod load;
 mod parallel;
 mod plan;
@@ -24,6 +28,8 @@ mod store;
 mod types;
 mod upsert;
 
+pub use filter::{SearchFilter, MAX_FILTER_IDS};
+pub use filtered::{EXACT_CANDIDATES_MAX, FILTERED_MAX_SCAN_TUPLES};
 pub use plan::BATCH_COPY_CROSSOVER;
 pub use search::MAX_NEAREST_K;
 pub(crate) use settings::EmbeddingSettings;

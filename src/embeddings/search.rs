@@ -8,9 +8,10 @@ use crate::db::pool::{unbounded, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::exact::Scorer;
+use crate::embeddings::filter::RowFilter;
 use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
 use crate::embeddings::store::{copy_out_type, detect_storage, known_storage, open_stream};
-use crate::embeddings::types::{Metric, Neighbor, Storage};
+use crate::embeddings::types::{decode_column, Metric, Neighbor, Storage};
 use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
 use crate::schema::settings::PGVECTOR_INSTALL_HINT;
@@ -187,7 +188,7 @@ impl ModelRepository {
         }
         // Nothing reaches the caller before the end, so a failed attempt may be repeated.
         call.with_conn(Retry::Idempotent, |conn| {
-            exact_search(conn, entity_type, queries, k, metric)
+            exact_search(conn, entity_type, queries, k, metric, None)
         })
     }
 
@@ -245,7 +246,7 @@ impl ModelRepository {
     }
 }
 
-fn check_k(k: usize) -> Result<()> {
+pub(crate) fn check_k(k: usize) -> Result<()> {
     if k == 0 || k > MAX_NEAREST_K {
         return Err(RepoError::invalid(format!(
             "k must be within 1..={MAX_NEAREST_K}, not {k}"
@@ -255,7 +256,7 @@ fn check_k(k: usize) -> Result<()> {
 }
 
 /// One query's own rules: those of a stored vector, and not zero under Cosine.
-fn check_query(query: &[f32], metric: Metric) -> Result<()> {
+pub(crate) fn check_query(query: &[f32], metric: Metric) -> Result<()> {
     check_vector(query)?;
     if metric == Metric::Cosine && query.iter().all(|v| *v == 0.0) {
         return Err(RepoError::invalid(
@@ -266,7 +267,7 @@ fn check_query(query: &[f32], metric: Metric) -> Result<()> {
 }
 
 /// Every query's rules, and one length for all (the first query's); errors name the query.
-fn check_queries(entity_type: &str, queries: &[&[f32]], metric: Metric) -> Result<()> {
+pub(crate) fn check_queries(entity_type: &str, queries: &[&[f32]], metric: Metric) -> Result<()> {
     for (i, q) in queries.iter().enumerate() {
         check_query(q, metric).map_err(|e| prefixed(&format!("query {i}"), e))?;
     }
@@ -284,20 +285,22 @@ fn check_queries(entity_type: &str, queries: &[&[f32]], metric: Metric) -> Resul
     }
 }
 
-fn prefixed(what: &str, error: RepoError) -> RepoError {
+pub(crate) fn prefixed(what: &str, error: RepoError) -> RepoError {
     match error {
         RepoError::InvalidInput(_) => error.with_context(what),
         other => other,
     }
 }
 
-/// The exact answer: the type streamed once by binary COPY, scored as it arrives.
-fn exact_search(
+/// The exact answer among the rows `filter` lets through: a candidate set's rows fetched by
+/// key, else the type streamed once by binary COPY, scored as they arrive.
+pub(crate) fn exact_search(
     conn: &mut PgConnection,
     entity_type: &str,
     queries: &[&[f32]],
     k: usize,
     metric: Metric,
+    filter: Option<&RowFilter<'_>>,
 ) -> Result<Vec<Vec<Neighbor>>> {
     let watch = conn.watch().clone();
     let mut tx = conn.client().build_transaction().read_only(true).start()?;
@@ -323,9 +326,13 @@ fn exact_search(
     }
     let started = std::time::Instant::now();
     let mut scorer = Scorer::new(metric, k, dimension, queries);
-    let mut reader = tx.copy_out(&copy_out_type(entity_type))?;
-    let rows = scorer.score_stream(&mut reader, stream.storage)?;
-    drop(reader);
+    let rows = match filter.and_then(RowFilter::candidates) {
+        Some(ids) => score_candidates(&mut tx, entity_type, &ids, dimension, &mut scorer)?,
+        None => {
+            let mut reader = tx.copy_out(&copy_out_type(entity_type))?;
+            scorer.score_stream(&mut reader, stream.storage, filter)?
+        }
+    };
     tx.commit()?;
     log::debug!(
         "pg-model-repo: exact search of {} queries over {rows} rows of {entity_type:?} in {:?}",
@@ -333,4 +340,31 @@ fn exact_search(
         started.elapsed()
     );
     Ok(scorer.finish())
+}
+
+const SELECT_CANDIDATES: &str = "SELECT entity_id::text, embeddings FROM embeddings \
+     WHERE entity_type = $1 AND entity_id = ANY($2::text[])";
+
+/// Scores the rows of a candidate set (fetched by key); returns how many exist.
+fn score_candidates(
+    tx: &mut postgres::Transaction<'_>,
+    entity_type: &str,
+    ids: &[&str],
+    dimension: usize,
+    scorer: &mut Scorer,
+) -> Result<u64> {
+    let mut found: Vec<(String, Vec<f32>)> = Vec::with_capacity(ids.len());
+    for row in tx.query(SELECT_CANDIDATES, &[&entity_type, &ids])? {
+        let id: String = row.try_get(0)?;
+        let vector = decode_column(&row, 1)?.unwrap_or_default();
+        if vector.len() != dimension {
+            return Err(RepoError::corrupt(format!(
+                "entity {id:?} has {} values; its type's dimension is {dimension}",
+                vector.len()
+            )));
+        }
+        found.push((id, vector));
+    }
+    scorer.score_rows(found.iter().map(|(id, v)| (id.as_str(), v.as_slice())));
+    Ok(found.len() as u64)
 }

@@ -106,8 +106,9 @@ pub use db::config::DEFAULT_APPLICATION_NAME;
 pub use db::pool::PoolState;
 pub use embeddings::DEFAULT_HNSW_EF_SEARCH;
 pub use embeddings::{
-    BatchReport, Embedding, LoadMethod, Metric, Neighbor, SearchFilter, BATCH_COPY_CROSSOVER,
-    EXACT_CANDIDATES_MAX, FILTERED_MAX_SCAN_TUPLES, MAX_FILTER_IDS, MAX_NEAREST_K,
+    BatchReport, Embedding, LoadMethod, Metric, Neighbor, SearchFilter, VectorPrecision,
+    BATCH_COPY_CROSSOVER, EXACT_CANDIDATES_MAX, FILTERED_MAX_SCAN_TUPLES, MAX_FILTER_IDS,
+    MAX_NEAREST_K,
 };
 pub use error::{ErrorDetail, RepoError, Result, TimeoutDetail, TimeoutKind};
 pub use models::ModelInfo;

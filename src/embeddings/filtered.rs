@@ -11,7 +11,7 @@ use crate::db::pool::PgConnection;
 use crate::db::retry::Retry;
 use crate::embeddings::check::ENTITY_TYPE_MAX;
 use crate::embeddings::filter::{RowFilter, SearchFilter};
-use crate::embeddings::index::{operator, sql_literal, TypeInfo};
+use crate::embeddings::index::{sql_literal, TypeInfo};
 use crate::embeddings::search::{check_k, check_queries, check_query, exact_search, prefixed};
 use crate::embeddings::store::known_storage;
 use crate::embeddings::types::{Metric, Neighbor, Storage};
@@ -198,14 +198,11 @@ impl ModelRepository {
 /// filter's parts that are present, in the order among, exclude, prefix.
 fn filtered_hnsw_sql(
     entity_type: &str,
-    dimension: usize,
+    info: &TypeInfo,
     metric: Metric,
     filter: &RowFilter<'_>,
 ) -> String {
-    let distance = format!(
-        "embeddings::vector({dimension}) {} $1::vector({dimension})",
-        operator(metric)
-    );
+    let distance = info.distance(metric);
     let mut conditions = String::new();
     let mut n = 2;
     let mut next = || {
@@ -254,7 +251,7 @@ fn filtered_hnsw(
     ef_search: usize,
     filter: &RowFilter<'_>,
 ) -> Result<Vec<Vec<Neighbor>>> {
-    let sql = filtered_hnsw_sql(entity_type, info.dimension, metric, filter);
+    let sql = filtered_hnsw_sql(entity_type, info, metric, filter);
     let statement = conn.prepare_cached_dynamic(&sql)?;
     let limit = k as i64;
     let exclude: Vec<&str> = filter.exclude.iter().copied().collect();

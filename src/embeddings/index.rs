@@ -20,16 +20,19 @@ const TYPE_INFO_TTL: Duration = Duration::from_secs(2);
 /// HNSW in pgvector takes vectors of at most this many dimensions.
 pub(crate) const HNSW_MAX_DIMENSION: usize = 2000;
 
+/// ... and halfvecs of at most this many.
+pub(crate) const HNSW_MAX_HALF_DIMENSION: usize = 4000;
+
 /// The most candidates `hnsw.ef_search` may ask for.
 const EF_SEARCH_MAX: usize = 1000;
 
 /// How often an index build reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-const TYPE_INFO: &str = "SELECT r.dimension, \
+const TYPE_INFO: &str = "SELECT r.dimension, r.vector_precision = 'f16' AS half, \
          coalesce(array_agg(i.metric::text) FILTER (WHERE i.metric IS NOT NULL), '{}') AS metrics \
      FROM embedding_types r LEFT JOIN embedding_vector_indexes i ON i.entity_type = r.entity_type \
-     WHERE r.entity_type = $1 AND r.storage IS NOT NULL GROUP BY r.dimension";
+     WHERE r.entity_type = $1 AND r.storage IS NOT NULL GROUP BY r.dimension, r.vector_precision";
 
 const CREATE_INDEX: &str = "SELECT embedding_vector_index_create($1, $2)";
 
@@ -44,7 +47,28 @@ const ESTIMATED_ROWS: &str = "SELECT greatest(c.reltuples, 0)::int8 FROM embeddi
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TypeInfo {
     pub dimension: usize,
+    /// Stored as f16 (`halfvec`, sql/V010).
+    pub half: bool,
     pub indexed: Vec<Metric>,
+}
+
+impl TypeInfo {
+    /// The distance expression the type's HNSW indexes order by, to the query `$1` (a
+    /// `vector`; rounded to f16 for an f16 type).
+    pub(crate) fn distance(&self, metric: Metric) -> String {
+        let d = self.dimension;
+        if self.half {
+            format!(
+                "embeddings_half::halfvec({d}) {} $1::vector({d})::halfvec({d})",
+                operator(metric)
+            )
+        } else {
+            format!(
+                "embeddings::vector({d}) {} $1::vector({d})",
+                operator(metric)
+            )
+        }
+    }
 }
 
 /// What this repository knows of its types' indexes, for [`TYPE_INFO_TTL`].
@@ -83,6 +107,7 @@ impl IndexCache {
                 let metrics: Vec<String> = row.try_get("metrics")?;
                 Some(TypeInfo {
                     dimension: usize::try_from(dimension).unwrap_or(0),
+                    half: row.try_get("half")?,
                     indexed: metrics.iter().filter_map(|m| m.parse().ok()).collect(),
                 })
             }
@@ -126,11 +151,8 @@ pub(crate) fn sql_literal(s: &str) -> String {
 /// The search through a type's index: the type is a literal, so the planner keeps only its
 /// partition and orders by the indexed expression; `$1` is the query, `$2` is k. The few
 /// results are sorted again by (distance, entity_id) so that ties come in a stable order.
-pub(crate) fn hnsw_sql(entity_type: &str, dimension: usize, metric: Metric) -> String {
-    let distance = format!(
-        "embeddings::vector({dimension}) {} $1::vector({dimension})",
-        operator(metric)
-    );
+pub(crate) fn hnsw_sql(entity_type: &str, info: &TypeInfo, metric: Metric) -> String {
+    let distance = info.distance(metric);
     format!(
         "SELECT entity_id, distance FROM ( \
              SELECT entity_id::text AS entity_id, ({distance})::float4 AS distance \
@@ -145,13 +167,13 @@ pub(crate) fn hnsw_sql(entity_type: &str, dimension: usize, metric: Metric) -> S
 pub(crate) fn hnsw_search(
     conn: &mut PgConnection,
     entity_type: &str,
-    dimension: usize,
+    info: &TypeInfo,
     queries: &[&[f32]],
     k: usize,
     metric: Metric,
     ef_search: usize,
 ) -> Result<Vec<Vec<Neighbor>>> {
-    let sql = hnsw_sql(entity_type, dimension, metric);
+    let sql = hnsw_sql(entity_type, info, metric);
     let limit = k as i64;
     let statement = conn.prepare_cached_dynamic(&sql)?;
     if k <= ef_search {
@@ -200,12 +222,12 @@ fn run_queries<C: GenericClient>(
 pub(crate) fn explain_hnsw(
     conn: &mut PgConnection,
     entity_type: &str,
-    dimension: usize,
+    info: &TypeInfo,
     query: &[f32],
     k: usize,
     metric: Metric,
 ) -> Result<String> {
-    let sql = format!("EXPLAIN {}", hnsw_sql(entity_type, dimension, metric));
+    let sql = format!("EXPLAIN {}", hnsw_sql(entity_type, info, metric));
     let vector = pgvector::Vector::from(query.to_vec());
     let rows = conn.client().query(&sql, &[&vector, &(k as i64)])?;
     let lines = rows
@@ -323,11 +345,21 @@ fn watch_progress(
 }
 
 /// Rules of an index, before any build: pgvector storage and HNSW's dimension limit.
-pub(crate) fn check_indexable(entity_type: &str, dimension: usize) -> Result<()> {
-    if dimension > HNSW_MAX_DIMENSION {
+pub(crate) fn check_indexable(entity_type: &str, info: &TypeInfo) -> Result<()> {
+    let (dimension, most) = if info.half {
+        (info.dimension, HNSW_MAX_HALF_DIMENSION)
+    } else {
+        (info.dimension, HNSW_MAX_DIMENSION)
+    };
+    if dimension > most {
         return Err(RepoError::invalid(format!(
             "entity type {entity_type:?} has {dimension} dimensions; pgvector's HNSW indexes \
-             take at most {HNSW_MAX_DIMENSION}"
+             take at most {most}{}",
+            if info.half {
+                " halfvec dimensions"
+            } else {
+                " (4,000 for a type declared f16)"
+            }
         )));
     }
     Ok(())

@@ -10,7 +10,7 @@ use crate::error::Result;
 
 /// The type's storage, its dimension, and whether this session may index it itself.
 const STORAGE: &str = "SELECT r.storage, r.dimension, c.reltuples::float8, \
-         pg_has_role(c.relowner, 'USAGE') AS owned \
+         pg_has_role(c.relowner, 'USAGE') AS owned, embedding_storage_is_half(r.storage) AS half \
      FROM embedding_types r JOIN pg_class c ON c.oid = to_regclass(quote_ident(r.storage)) \
      WHERE r.entity_type = $1 AND r.storage IS NOT NULL";
 
@@ -27,6 +27,8 @@ struct Target {
     storage: String,
     dimension: i32,
     rows: f64,
+    /// An f16 type's storage (halfvec, sql/V010).
+    half: bool,
 }
 
 /// What a concurrent build did: `None` when this session may not build concurrently (the
@@ -50,6 +52,7 @@ pub(crate) fn build_concurrently(
             storage: row.try_get("storage")?,
             dimension: row.try_get("dimension")?,
             rows: row.try_get(2)?,
+            half: row.try_get("half")?,
         };
         with_session_settings(client, &target, |client| build(client, &target, metric))?;
         client.execute(RECORD, &[&entity_type, &metric.as_str()])?;
@@ -100,9 +103,14 @@ fn with_session_settings(
 /// expression searches order by), after dropping an invalid one a failed build left.
 fn build(client: &mut Client, target: &Target, metric: Metric) -> Result<()> {
     let ops = match metric {
-        Metric::L2 => "vector_l2_ops",
-        Metric::Cosine => "vector_cosine_ops",
-        Metric::InnerProduct => "vector_ip_ops",
+        Metric::L2 => "l2_ops",
+        Metric::Cosine => "cosine_ops",
+        Metric::InnerProduct => "ip_ops",
+    };
+    let (column, kind) = if target.half {
+        ("embeddings_half", "halfvec")
+    } else {
+        ("embeddings", "vector")
     };
     let name = format!("{}_hnsw_{}", target.storage, metric.as_str());
     let invalid: bool = client.query_one(INVALID, &[&name])?.try_get(0)?;
@@ -117,7 +125,7 @@ fn build(client: &mut Client, target: &Target, metric: Metric) -> Result<()> {
     client.batch_execute(&format!("ANALYZE {table}"))?;
     client.batch_execute(&format!(
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} \
-             USING hnsw ((embeddings::vector({dim})) {ops})",
+             USING hnsw (({column}::{kind}({dim})) {kind}_{ops})",
         index = crate::db::pool::quote_ident(&name),
         dim = target.dimension,
     ))?;

@@ -11,6 +11,7 @@ use crate::embeddings::check::{
     ENTITY_TYPE_MAX,
 };
 use crate::embeddings::copy_rows::Source;
+use crate::embeddings::declare::check_f16_range;
 use crate::embeddings::fresh::{self, Keep};
 use crate::embeddings::parallel::load_parallel;
 use crate::embeddings::plan::{choose, type_state, Path, Plan};
@@ -188,6 +189,7 @@ impl ModelRepository {
                             .map_err(|e| at_index(t.first_index, e))?;
                     }
                     call.with_conn(Retry::Idempotent, |conn| {
+                        check_f16_range(conn.client(), batch)?;
                         write_batch(call, conn, &checked, plan, storage, streams, &mut report)
                     })
                     .map_err(|e| first_offender(batch, e))

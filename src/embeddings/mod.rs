@@ -10,6 +10,7 @@ mod sql;
 
 mod check;
 mod copy_rows;
+mod declare;
 mod encode;
 mod exact;
 mod filter;
@@ -34,7 +35,7 @@ pub use plan::BATCH_COPY_CROSSOVER;
 pub use search::MAX_NEAREST_K;
 pub(crate) use settings::EmbeddingSettings;
 pub use settings::DEFAULT_HNSW_EF_SEARCH;
-pub use types::{BatchReport, Embedding, LoadMethod, Metric, Neighbor};
+pub use types::{BatchReport, Embedding, LoadMethod, Metric, Neighbor, VectorPrecision};
 
 use crate::error::{RepoError, Result};
 use crate::repository::{ModelRepository, Registration};

@@ -10,7 +10,9 @@ use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::exact::Scorer;
 use crate::embeddings::filter::RowFilter;
 use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
-use crate::embeddings::store::{copy_out_type, detect_storage, known_storage, open_stream};
+use crate::embeddings::store::{
+    copy_out_type, detect_storage, known_storage, open_stream, value_expression,
+};
 use crate::embeddings::types::{decode_column, Metric, Neighbor, Storage};
 use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
@@ -122,7 +124,7 @@ impl ModelRepository {
                 let Some(info) = self.index_cache().lookup(conn, entity_type, true)? else {
                     return Ok(false);
                 };
-                check_indexable(entity_type, info.dimension)?;
+                check_indexable(entity_type, &info)?;
                 build_index(call.pool(), conn, entity_type, metric)
             });
             self.index_cache().forget(entity_type);
@@ -163,7 +165,7 @@ impl ModelRepository {
             call.with_conn(Retry::Idempotent, |conn| {
                 match self.index_cache().lookup(conn, entity_type, true)? {
                     Some(info) if info.indexed.contains(&metric) && info.dimension == query.len() => {
-                        explain_hnsw(conn, entity_type, info.dimension, query, k, metric)
+                        explain_hnsw(conn, entity_type, &info, query, k, metric)
                     }
                     _ => Ok(exact()),
                 }
@@ -226,15 +228,7 @@ impl ModelRepository {
                         index: Some(i),
                     });
                 }
-                match hnsw_search(
-                    conn,
-                    entity_type,
-                    info.dimension,
-                    queries,
-                    k,
-                    metric,
-                    ef_search,
-                ) {
+                match hnsw_search(conn, entity_type, &info, queries, k, metric, ef_search) {
                     Err(e) if !fresh && e.code().is_some() => {
                         cache.forget(entity_type);
                         fresh = true;
@@ -327,9 +321,12 @@ pub(crate) fn exact_search(
     let started = std::time::Instant::now();
     let mut scorer = Scorer::new(metric, k, dimension, queries);
     let rows = match filter.and_then(RowFilter::candidates) {
-        Some(ids) => score_candidates(&mut tx, entity_type, &ids, dimension, &mut scorer)?,
+        Some(ids) => {
+            let sql = select_candidates(stream.storage);
+            score_candidates(&mut tx, &sql, entity_type, &ids, dimension, &mut scorer)?
+        }
         None => {
-            let mut reader = tx.copy_out(&copy_out_type(entity_type))?;
+            let mut reader = tx.copy_out(&copy_out_type(entity_type, stream.storage))?;
             scorer.score_stream(&mut reader, stream.storage, filter)?
         }
     };
@@ -342,19 +339,26 @@ pub(crate) fn exact_search(
     Ok(scorer.finish())
 }
 
-const SELECT_CANDIDATES: &str = "SELECT entity_id::text, embeddings FROM embeddings \
-     WHERE entity_type = $1 AND entity_id = ANY($2::text[])";
+/// The rows of a candidate set.
+fn select_candidates(storage: Storage) -> String {
+    format!(
+        "SELECT entity_id::text, {} FROM embeddings \
+         WHERE entity_type = $1 AND entity_id = ANY($2::text[])",
+        value_expression(storage)
+    )
+}
 
 /// Scores the rows of a candidate set (fetched by key); returns how many exist.
 fn score_candidates(
     tx: &mut postgres::Transaction<'_>,
+    sql: &str,
     entity_type: &str,
     ids: &[&str],
     dimension: usize,
     scorer: &mut Scorer,
 ) -> Result<u64> {
     let mut found: Vec<(String, Vec<f32>)> = Vec::with_capacity(ids.len());
-    for row in tx.query(SELECT_CANDIDATES, &[&entity_type, &ids])? {
+    for row in tx.query(sql, &[&entity_type, &ids])? {
         let id: String = row.try_get(0)?;
         let vector = decode_column(&row, 1)?.unwrap_or_default();
         if vector.len() != dimension {

@@ -8,6 +8,10 @@ use std::collections::HashMap;
 use pg_model_repo::{Embedding, LoadMethod, Metric, ModelRepository, RepoError, VectorStorage};
 
 use crate::common::{self, assert_invalid, count, TestRepo};
+
+/// Half-size vectors (types declared f16), run with the rest of this module.
+#[path = "half_vectors.rs"]
+mod half_vectors;
 use crate::search::{assert_neighbors, plane, plane_answers, search_during_writes};
 
 /// Fails the test unless the server can run pgvector.

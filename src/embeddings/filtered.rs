@@ -228,15 +228,13 @@ fn filtered_hnsw_sql(
     )
 }
 
-/// The settings of an iterative filtered scan, for one transaction. Citus passes SET LOCAL
-/// on to the shards only when told to (elsewhere `citus.*` is an unused placeholder).
-fn scan_settings(k: usize, ef_search: usize) -> String {
+/// A k above the session's ef_search needs more candidates for this query: pgvector takes
+/// at most 1000. Citus passes SET LOCAL on to the shards only when told to (elsewhere
+/// `citus.*` is an unused placeholder).
+fn wider_scan(k: usize) -> String {
     format!(
-        "SET LOCAL citus.propagate_set_commands = 'local'; \
-         SET LOCAL hnsw.ef_search = {}; \
-         SET LOCAL hnsw.iterative_scan = relaxed_order; \
-         SET LOCAL hnsw.max_scan_tuples = {FILTERED_MAX_SCAN_TUPLES}",
-        ef_search.max(k).min(EF_SEARCH_MAX)
+        "SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL hnsw.ef_search = {}",
+        k.min(EF_SEARCH_MAX)
     )
 }
 
@@ -254,9 +252,25 @@ fn filtered_hnsw(
     let sql = filtered_hnsw_sql(entity_type, info, metric, filter);
     let statement = conn.prepare_cached_dynamic(&sql)?;
     let limit = k as i64;
-    let exclude: Vec<&str> = filter.exclude.iter().copied().collect();
+    if k <= ef_search {
+        return run_filtered(conn.client(), &statement, queries, limit, filter);
+    }
     let mut tx = conn.client().transaction()?;
-    tx.batch_execute(&scan_settings(k, ef_search))?;
+    tx.batch_execute(&wider_scan(k))?;
+    let answers = run_filtered(&mut tx, &statement, queries, limit, filter)?;
+    tx.commit()?;
+    Ok(answers)
+}
+
+/// Runs the filtered statement once per query (the parameters of [`filtered_hnsw_sql`]).
+fn run_filtered<C: GenericClient>(
+    client: &mut C,
+    statement: &postgres::Statement,
+    queries: &[&[f32]],
+    limit: i64,
+    filter: &RowFilter<'_>,
+) -> Result<Vec<Vec<Neighbor>>> {
+    let exclude: Vec<&str> = filter.exclude.iter().copied().collect();
     let mut answers = Vec::with_capacity(queries.len());
     for q in queries {
         let vector = pgvector::Vector::from(q.to_vec());
@@ -270,9 +284,8 @@ fn filtered_hnsw(
         if let Some(prefix) = &filter.prefix {
             params.push(prefix);
         }
-        answers.push(neighbors(&mut tx, &statement, &params)?);
+        answers.push(neighbors(client, statement, &params)?);
     }
-    tx.commit()?;
     Ok(answers)
 }
 

@@ -152,8 +152,8 @@ BEGIN
     PERFORM embedding_ddl_lock();
     INSERT INTO embedding_types AS r (entity_type, dimension, vector_precision)
     VALUES (p_type, p_dim, p_precision)
-    ON CONFLICT (entity_type) DO UPDATE SET dimension = p_dim, vector_precision = p_precision,
-                                            updated_at = now();
+    ON CONFLICT (entity_type) DO UPDATE SET dimension = EXCLUDED.dimension,
+        vector_precision = EXCLUDED.vector_precision, updated_at = EXCLUDED.updated_at;
     IF v_storage IS NOT NULL AND to_regclass(quote_ident(v_storage)) IS NOT NULL THEN
         PERFORM embedding_lock_all();
         EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_storage);
@@ -335,5 +335,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (10, 'V010__half_size_vectors.sql', '08516bd83c4896a8f5db476debb3cdfb8d6dee7c0f0cafb6bef430709797770b')
+    VALUES (10, 'V010__half_size_vectors.sql', '8287758389bc832d77a6de393ef7f6906aedb16552d21a80b2dca0c1fe1d6b94')
     ON CONFLICT (version) DO NOTHING;

@@ -18,6 +18,11 @@ const STORAGE: &str = "SELECT r.storage, r.dimension, c.reltuples::float8, \
 const INVALID: &str = "SELECT EXISTS (SELECT 1 FROM pg_index i \
      WHERE i.indexrelid = to_regclass(quote_ident($1)) AND NOT i.indisvalid)";
 
+/// pgvector's schema: a build on Citus runs on the workers, whose sessions do not have it on
+/// their search_path, so the type and operator class are named with it.
+const EXTENSION_SCHEMA: &str = "SELECT quote_ident(n.nspname) FROM pg_extension e \
+     JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'";
+
 const RECORD: &str = "INSERT INTO embedding_vector_indexes (entity_type, metric) \
      VALUES ($1, $2) ON CONFLICT (entity_type, metric) DO NOTHING";
 
@@ -120,12 +125,13 @@ fn build(client: &mut Client, target: &Target, metric: Metric) -> Result<()> {
             crate::db::pool::quote_ident(&name)
         ))?;
     }
+    let ext: String = client.query_one(EXTENSION_SCHEMA, &[])?.try_get(0)?;
     let table = crate::db::pool::quote_ident(&target.storage);
     // Separate statements: a concurrent build cannot run inside a multi-statement string.
     client.batch_execute(&format!("ANALYZE {table}"))?;
     client.batch_execute(&format!(
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} \
-             USING hnsw (({column}::{kind}({dim})) {kind}_{ops})",
+             USING hnsw (({column}::{ext}.{kind}({dim})) {ext}.{kind}_{ops})",
         index = crate::db::pool::quote_ident(&name),
         dim = target.dimension,
     ))?;

@@ -298,3 +298,93 @@ fn f16_storage_takes_at_most_060_of_the_f32_layouts_bytes() {
         "halfvec {half} bytes, vector {full} bytes"
     );
 }
+
+/// `value(r, i)` of tests/it/python_storages.py, in the same f32 arithmetic.
+fn python_value(r: usize, i: usize) -> f32 {
+    ((r * 7 + i) % 13) as f32 * 0.1f32 - 0.6f32
+}
+
+fn python_row(r: usize) -> Vec<f32> {
+    (0..16).map(|i| python_value(r, i)).collect()
+}
+
+fn run_python_storages(mode: &str, schema: &str, storage: &str, entity_type: &str) -> bool {
+    let probe = std::process::Command::new(crate::common::python())
+        .args(["-c", "import psycopg, numpy, pgvector"])
+        .output();
+    if !probe.is_ok_and(|p| p.status.success()) {
+        eprintln!(
+            "half_vectors: python storage cross-check NOT RUN (python3 cannot import psycopg, \
+             numpy and pgvector); to run it: pip install 'psycopg[binary]' numpy pgvector"
+        );
+        return false;
+    }
+    let output = std::process::Command::new(crate::common::python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/it/python_storages.py"
+        ))
+        .args([
+            mode,
+            &crate::common::server_url(),
+            schema,
+            storage,
+            entity_type,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "python_storages.py {mode} {storage}: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    true
+}
+
+#[test]
+fn python_reads_and_writes_every_storage_and_the_library_reads_it_back() {
+    let pgvector = repo();
+    pgvector
+        .declare_embedding_type("half", 16, VectorPrecision::F16)
+        .unwrap();
+    let bytea = bytea_repo();
+    for (repo, storage, entity_type) in [
+        (&pgvector, "vector", "full"),
+        (&pgvector, "halfvec", "half"),
+        (&bytea, "bytea", "raw"),
+    ] {
+        let rows: Vec<Embedding> = (0..5)
+            .map(|r| Embedding::new(entity_type, format!("r{r}"), python_row(r)))
+            .collect();
+        repo.load_embeddings(&rows, LoadMethod::Copy).unwrap();
+        if !run_python_storages("read", &repo.schema, storage, entity_type) {
+            return;
+        }
+        run_python_storages("write", &repo.schema, storage, entity_type);
+        for r in 0..5 {
+            let got = repo
+                .get_embeddings(entity_type, &format!("p{r}"))
+                .unwrap()
+                .unwrap();
+            if storage == "halfvec" {
+                assert_within_f16(&got, &python_row(r));
+            } else {
+                assert_eq!(got, python_row(r), "{storage}");
+            }
+        }
+        // Python's upsert over rows of the type replaces them.
+        run_python_storages("write", &repo.schema, storage, entity_type);
+        assert_eq!(stored_count(repo, entity_type), 10);
+    }
+}
+
+fn stored_count(repo: &TestRepo, entity_type: &str) -> i64 {
+    repo.sql()
+        .query_one(
+            "SELECT count(*) FROM embeddings WHERE entity_type = $1",
+            &[&entity_type],
+        )
+        .unwrap()
+        .get(0)
+}

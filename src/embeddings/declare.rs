@@ -122,3 +122,30 @@ pub(crate) fn check_f16_values<'a, C: GenericClient>(
         None => Ok(()),
     }
 }
+
+/// Whether `entity_type` is declared f16 (for the iterator forms, which check each record as
+/// it comes).
+pub(crate) fn is_f16(call: &crate::db::call::Call<'_>, entity_type: &str) -> Result<bool> {
+    call.with_conn(Retry::Idempotent, |conn| {
+        let types = [entity_type];
+        Ok(!conn
+            .client()
+            .query(F16_TYPES, &[&types.as_slice()])?
+            .is_empty())
+    })
+}
+
+/// One record of an f16 type: `InvalidInput` naming it when a value is outside f16's range.
+pub(crate) fn check_f16_record(index: usize, e: &Embedding) -> Result<()> {
+    match e.vector.iter().position(|v| v.abs() >= F16_OVERFLOW) {
+        Some(at) => Err(RepoError::invalid_record(
+            index,
+            format!(
+                "vector value {at} is {}, outside the range of entity type {:?}, declared f16 \
+                 (magnitudes below 65,520)",
+                e.vector[at], e.entity_type
+            ),
+        )),
+        None => Ok(()),
+    }
+}

@@ -107,8 +107,7 @@ pub use db::pool::PoolState;
 pub use embeddings::DEFAULT_HNSW_EF_SEARCH;
 pub use embeddings::{
     BatchReport, Embedding, LoadMethod, Metric, Neighbor, SearchFilter, VectorPrecision,
-    BATCH_COPY_CROSSOVER, EXACT_CANDIDATES_MAX, FILTERED_MAX_SCAN_TUPLES, MAX_FILTER_IDS,
-    MAX_NEAREST_K,
+    BATCH_COPY_CROSSOVER, FILTERED_MAX_SCAN_TUPLES, MAX_FILTER_IDS, MAX_NEAREST_K,
 };
 pub use error::{ErrorDetail, RepoError, Result, TimeoutDetail, TimeoutKind};
 pub use models::ModelInfo;

@@ -30,7 +30,7 @@ mod types;
 mod upsert;
 
 pub use filter::{SearchFilter, MAX_FILTER_IDS};
-pub use filtered::{EXACT_CANDIDATES_MAX, FILTERED_MAX_SCAN_TUPLES};
+pub use filtered::FILTERED_MAX_SCAN_TUPLES;
 pub use plan::BATCH_COPY_CROSSOVER;
 pub use search::MAX_NEAREST_K;
 pub(crate) use settings::EmbeddingSettings;

@@ -632,15 +632,14 @@ fn indexed_filtered_searches_return_k_whenever_k_rows_pass() {
         .nearest_embeddings_filtered("item", &q, 1, Metric::L2, &without_top)
         .unwrap();
     assert_eq!(found[0].entity_id, top[1].entity_id);
-    // A candidate set above the exact crossover goes through the index: 5,000 candidates,
-    // every query answers k and most of the true neighbours.
+    // A large candidate set goes through the index: 5,000 candidates, every query answers k
+    // and most of the true neighbours.
     let mut among: Vec<String> = rows
         .iter()
         .step_by(2)
         .map(|e| e.entity_id.clone())
         .collect();
     among.sort();
-    assert!(among.len() > pg_model_repo::EXACT_CANDIDATES_MAX);
     let candidates = SearchFilter {
         among: Some(among.clone()),
         ..Default::default()
@@ -670,7 +669,7 @@ fn indexed_filtered_searches_return_k_whenever_k_rows_pass() {
             .all(|n| among.binary_search(&n.entity_id).is_ok()));
     }
     assert!(hits * 10 >= total * 9, "recall {hits}/{total}");
-    // A small candidate set is exact.
+    // A small candidate set is exact (the planner fetches it by key and sorts it).
     let few = SearchFilter {
         among: Some(among[..50].to_vec()),
         ..Default::default()

@@ -182,8 +182,10 @@ pub(crate) fn hnsw_search(
     // An HNSW scan returns at most ef_search rows: a larger k needs more candidates, and
     // past pgvector's limit of 1000 an iterative scan.
     let mut tx = conn.client().transaction()?;
+    // Citus passes SET LOCAL on to the shards only when told to (elsewhere `citus.*` is an
+    // unused placeholder): a schema-based cluster's one shard answered ef_search rows.
     tx.batch_execute(&format!(
-        "SET LOCAL hnsw.ef_search = {}",
+        "SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL hnsw.ef_search = {}",
         k.min(EF_SEARCH_MAX)
     ))?;
     if k > EF_SEARCH_MAX {

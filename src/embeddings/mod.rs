@@ -1,9 +1,10 @@
 //! Entity embeddings: the public types and how vectors are stored (`types`), input rules
-//! (`check`), the per-type dimension registry (`registry`), single saves, reads and streaming
-//! reads (`store`), similarity search (`search`, exact scoring in `exact`, filters in `filter` and
-//! `filtered`), and batch loads: the plan and the single-connection paths (`load`), the
-//! binary COPY rows (`encode`) and the multi-connection `ParallelCopy` (`parallel`). Uses the
-//! plumbing in `db` only.
+//! (`check`), the per-type dimension registry (`registry`) and precision declarations
+//! (`declare`), single saves, reads and streaming reads (`store`), similarity search
+//! (`search`, exact scoring in `exact`, filters in `filter` and `filtered`, HNSW indexes in
+//! `index` and their concurrent builds in `index_build`), and batch loads: the plan and the
+//! single-connection paths (`load`), the binary COPY rows (`encode`) and the multi-connection
+//! `ParallelCopy` (`parallel`). Uses the plumbing in `db` only.
 
 #[macro_use]
 mod sql;

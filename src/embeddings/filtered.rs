@@ -177,8 +177,8 @@ impl ModelRepository {
                 filter,
             ) {
                 // What was known of the type is stale (a refresh swapped its storage, say):
-                // the exact path answers.
-                Err(e) if e.code().is_some() => {
+                // the exact path answers. A timeout is the caller's budget, spent.
+                Err(e) if e.code().is_some() && !matches!(e, RepoError::Timeout(_)) => {
                     cache.forget(entity_type);
                     Ok(None)
                 }

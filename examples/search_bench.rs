@@ -6,8 +6,16 @@
 //! ```text
 //! cargo run --release --example search_bench -- [--rows 100000] [--dim 384] [--queries 1000]
 //!     [--k 10] [--rounds 3] [--clusters 100] [--metric l2|cosine|inner_product]
-//!     [--ef-search 100] [--format table|json]
+//!     [--ef-search 100] [--storage f32,halfvec] [--format table|json]
 //! ```
+//!
+//! Per storage (`f32`: pgvector `vector`; `halfvec`: types declared `VectorPrecision::F16`),
+//! the unfiltered methods and the filtered ones at 1% and 10% selectivity (an entity_id
+//! prefix: ids are `c<00-99>-e<n>`, category n % 100; `c00` passes 1%, `c0` 10%):
+//! `library_filtered_hnsw`, `raw_sql_filtered_hnsw` (the library's statement with the same
+//! session settings) and `library_filtered_exact` (the exact type, which is also the truth for
+//! recall). Every row reports the type's `bytes_per_row` (heap, indexes and TOAST over rows)
+//! and `index_build_s`.
 //!
 //! Data: `--clusters` centres drawn uniformly from [-1, 1]^dim, every vector a centre plus
 //! Gaussian noise (sigma 0.15 per coordinate), seeded (rows: 42, queries: 43), so recall
@@ -24,12 +32,12 @@ use std::time::{Duration, Instant};
 
 use pg_model_repo::throwaway::database_url_or_start;
 use pg_model_repo::{
-    Embedding, Metric, ModelRepository, Neighbor, RepositoryConfig, VectorStorage,
-    DEFAULT_HNSW_EF_SEARCH,
+    Embedding, Metric, ModelRepository, Neighbor, RepositoryConfig, SearchFilter, VectorPrecision,
+    VectorStorage, DEFAULT_HNSW_EF_SEARCH, FILTERED_MAX_SCAN_TUPLES,
 };
 
-const INDEXED: &str = "bench";
-const EXACT: &str = "bench_exact";
+/// The selectivities of the filtered methods, with the entity_id prefix that passes each.
+const SELECTIVITIES: [(f64, &str); 2] = [(0.01, "c00-"), (0.10, "c0")];
 const SIGMA: f32 = 0.15;
 
 #[derive(Debug, Clone)]
@@ -42,6 +50,7 @@ struct Args {
     clusters: usize,
     metric: Metric,
     ef_search: u32,
+    storages: Vec<String>,
     json: bool,
 }
 
@@ -55,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         clusters: 100,
         metric: Metric::L2,
         ef_search: DEFAULT_HNSW_EF_SEARCH,
+        storages: vec!["f32".to_owned()],
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -71,6 +81,12 @@ fn parse_args() -> Result<Args, String> {
             "--ef-search" => a.ef_search = num(value()?)? as u32,
             "--metric" => a.metric = value()?.parse().map_err(|e| format!("{e}"))?,
             "--format" => a.json = value()? == "json",
+            "--storage" => {
+                a.storages = value()?.split(',').map(str::to_owned).collect();
+                if let Some(bad) = a.storages.iter().find(|s| *s != "f32" && *s != "halfvec") {
+                    return Err(format!("unknown storage {bad} (f32, halfvec)"));
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -113,6 +129,15 @@ impl Generator {
 #[derive(Debug, Clone, serde::Serialize)]
 struct Measurement {
     method: &'static str,
+    /// The fraction of rows the filter passes (absent when unfiltered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    selectivity: Option<f64>,
+    storage: String,
+    bytes_per_row: f64,
+    index_build_s: f64,
+    /// Queries answered with fewer than k neighbours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    short_answers: Option<usize>,
     threads: usize,
     queries: usize,
     seconds: f64,
@@ -133,18 +158,28 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
-/// The library's SQL for an indexed search (mirrors `embeddings::index::hnsw_sql`).
-fn raw_sql(dim: usize, metric: Metric) -> String {
+/// The library's SQL for an indexed search (mirrors `embeddings::index::hnsw_sql` and, with a
+/// prefix filter as `$3`, `embeddings::filtered::filtered_hnsw_sql`).
+fn raw_sql(entity_type: &str, dim: usize, metric: Metric, half: bool, filtered: bool) -> String {
     let op = match metric {
         Metric::L2 => "<->",
         Metric::Cosine => "<=>",
         Metric::InnerProduct => "<#>",
     };
-    let distance = format!("embeddings::vector({dim}) {op} $1::vector({dim})");
+    let distance = if half {
+        format!("embeddings_half::halfvec({dim}) {op} $1::vector({dim})::halfvec({dim})")
+    } else {
+        format!("embeddings::vector({dim}) {op} $1::vector({dim})")
+    };
+    let filter = if filtered {
+        " AND starts_with(entity_id, $3::text)"
+    } else {
+        ""
+    };
     format!(
         "SELECT entity_id, distance FROM ( \
              SELECT entity_id::text AS entity_id, ({distance})::float4 AS distance \
-             FROM embeddings WHERE entity_type = '{INDEXED}' \
+             FROM embeddings WHERE entity_type = '{entity_type}'{filter} \
              ORDER BY {distance} LIMIT $2) AS nearest \
          ORDER BY distance, entity_id"
     )
@@ -194,6 +229,11 @@ fn single_queries(
     latencies.sort();
     let m = Measurement {
         method,
+        selectivity: None,
+        storage: String::new(),
+        bytes_per_row: 0.0,
+        index_build_s: 0.0,
+        short_answers: None,
         threads,
         queries: queries.len(),
         seconds,
@@ -265,12 +305,13 @@ for row in top[:3]:
 fn numpy_bruteforce(
     url: &str,
     schema: &str,
+    exact_type: &str,
     args: &Args,
     queries_file: &std::path::Path,
     storage: &str,
 ) -> Result<Measurement, String> {
     let out = std::process::Command::new("python3")
-        .args(["-c", NUMPY, url, schema, EXACT])
+        .args(["-c", NUMPY, url, schema, exact_type])
         .arg(args.dim.to_string())
         .arg(queries_file)
         .arg(args.k.to_string())
@@ -292,6 +333,11 @@ fn numpy_bruteforce(
         .ok_or_else(|| format!("numpy run failed: {}", String::from_utf8_lossy(&out.stderr)))?;
     Ok(Measurement {
         method: "numpy_bruteforce",
+        selectivity: None,
+        storage: "f32".to_owned(),
+        bytes_per_row: 0.0,
+        index_build_s: 0.0,
+        short_answers: None,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         queries: args.queries,
         seconds,
@@ -321,34 +367,117 @@ fn main_with(args: Args) -> Result<(), Box<dyn Error>> {
 }
 
 fn run(repo: &ModelRepository, url: &str, schema: &str, args: &Args) -> Result<(), Box<dyn Error>> {
-    let log = |m: String| {
-        if !args.json {
-            eprintln!("{m}");
-        }
-    };
+    let mut g = Generator::new(args.clusters, args.dim, 43);
+    let queries: Vec<Vec<f32>> = (0..args.queries).map(|_| g.next_vector()).collect();
+    let mut result = Vec::new();
+    for storage in &args.storages {
+        result.extend(run_storage(repo, url, schema, args, storage, &queries)?);
+    }
+    report(args, &result)
+}
+
+/// One storage's types, loaded and indexed: (indexed type, exact type, bytes per row, index
+/// build seconds).
+fn load_storage(
+    repo: &ModelRepository,
+    url: &str,
+    schema: &str,
+    args: &Args,
+    storage: &str,
+) -> Result<(String, String, f64, f64), Box<dyn Error>> {
+    let indexed = format!("bench_{storage}");
+    let exact = format!("bench_{storage}_exact");
     let t0 = Instant::now();
-    for t in [INDEXED, EXACT] {
+    for t in [&indexed, &exact] {
+        if storage == "halfvec" {
+            repo.declare_embedding_type(t, args.dim, VectorPrecision::F16)?;
+        }
         let mut g = Generator::new(args.clusters, args.dim, 42);
-        let mut rows =
-            (0..args.rows).map(|i| Embedding::new(t, format!("e{i:07}"), g.next_vector()));
+        let mut rows = (0..args.rows).map(|i| {
+            Embedding::new(
+                t.as_str(),
+                format!("c{:02}-e{i:07}", i % 100),
+                g.next_vector(),
+            )
+        });
         repo.replace_embeddings_iter(t, &mut rows)?;
     }
-    log(format!(
-        "loaded 2 x {} rows of {} dims in {:?}",
+    eprintln!(
+        "{storage}: loaded 2 x {} rows of {} dims in {:?}",
         args.rows,
         args.dim,
         t0.elapsed()
-    ));
+    );
     let t0 = Instant::now();
-    repo.create_vector_index(INDEXED, args.metric)?;
-    log(format!(
-        "built the HNSW index ({}) in {:?}",
-        args.metric,
-        t0.elapsed()
-    ));
-    log(repo.explain_nearest_embeddings(INDEXED, &vec![0.5; args.dim], args.k, args.metric)?);
-    let mut g = Generator::new(args.clusters, args.dim, 43);
-    let queries: Vec<Vec<f32>> = (0..args.queries).map(|_| g.next_vector()).collect();
+    repo.create_vector_index(&indexed, args.metric)?;
+    let build = t0.elapsed().as_secs_f64();
+    let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+    c.batch_execute(&format!("SET search_path TO \"{schema}\""))?;
+    let bytes: i64 = c
+        .query_one(
+            "SELECT pg_total_relation_size(storage::regclass) FROM embedding_types \
+             WHERE entity_type = $1",
+            &[&indexed],
+        )?
+        .get(0);
+    let per_row = bytes as f64 / args.rows as f64;
+    eprintln!(
+        "{storage}: built the HNSW index ({}) in {build:.1} s; {per_row:.0} bytes a row",
+        args.metric
+    );
+    Ok((indexed, exact, per_row, build))
+}
+
+/// A raw session set up as the library's (search_path, the HNSW settings), with `sql`
+/// prepared.
+fn raw_session(
+    url: &str,
+    schema: &str,
+    args: &Args,
+    sql: &str,
+) -> Result<std::sync::Mutex<(postgres::Client, postgres::Statement)>, Box<dyn Error>> {
+    let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+    c.batch_execute(&format!(
+        "SET search_path TO \"{schema}\", pgvector, public; SET hnsw.ef_search = {}; \
+         SET hnsw.iterative_scan = relaxed_order; SET hnsw.max_scan_tuples = {}",
+        args.ef_search, FILTERED_MAX_SCAN_TUPLES
+    ))?;
+    let st = c.prepare(sql)?;
+    Ok(std::sync::Mutex::new((c, st)))
+}
+
+fn exact_batch(method: &'static str, seconds: f64, queries: usize) -> Measurement {
+    Measurement {
+        method,
+        selectivity: None,
+        storage: String::new(),
+        bytes_per_row: 0.0,
+        index_build_s: 0.0,
+        short_answers: None,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        queries,
+        seconds,
+        qps: queries as f64 / seconds,
+        p50_us: None,
+        p99_us: None,
+        recall_at_10: None,
+    }
+}
+
+fn run_storage(
+    repo: &ModelRepository,
+    url: &str,
+    schema: &str,
+    args: &Args,
+    storage: &str,
+    queries: &[Vec<f32>],
+) -> Result<Vec<Measurement>, Box<dyn Error>> {
+    let (indexed, exact_type, per_row, build) = load_storage(repo, url, schema, args, storage)?;
+    let half = storage == "halfvec";
+    eprintln!(
+        "{}",
+        repo.explain_nearest_embeddings(&indexed, &vec![0.5; args.dim], args.k, args.metric)?
+    );
     let queries_file =
         std::env::temp_dir().join(format!("search_bench_q_{}.f32", std::process::id()));
     std::fs::write(
@@ -359,38 +488,37 @@ fn run(repo: &ModelRepository, url: &str, schema: &str, args: &Args) -> Result<(
             .flat_map(|v| v.to_le_bytes())
             .collect::<Vec<u8>>(),
     )?;
-
-    // Raw sessions, set up as the library's (search_path, ef_search), one per thread.
-    let sql = raw_sql(args.dim, args.metric);
-    let raw: Vec<std::sync::Mutex<(postgres::Client, postgres::Statement)>> = (0..2)
-        .map(|_| -> Result<_, Box<dyn Error>> {
-            let mut c = postgres::Client::connect(url, postgres::NoTls)?;
-            c.batch_execute(&format!(
-                "SET search_path TO \"{schema}\", pgvector, public; SET hnsw.ef_search = {}",
-                args.ef_search
-            ))?;
-            let st = c.prepare(&sql)?;
-            Ok(std::sync::Mutex::new((c, st)))
-        })
-        .collect::<Result<_, _>>()?;
+    let sql = raw_sql(&indexed, args.dim, args.metric, half, false);
+    let raw = [
+        raw_session(url, schema, args, &sql)?,
+        raw_session(url, schema, args, &sql)?,
+    ];
+    let filtered_sql = raw_sql(&indexed, args.dim, args.metric, half, true);
+    let raw_filtered = raw_session(url, schema, args, &filtered_sql)?;
     let k = args.k;
     let ids = |n: Vec<Neighbor>| n.into_iter().map(|x| x.entity_id).collect::<Vec<_>>();
     let library = |_: usize, q: &[f32]| {
         ids(repo
-            .nearest_embeddings(INDEXED, q, k, args.metric)
+            .nearest_embeddings(&indexed, q, k, args.metric)
             .expect("library search"))
     };
-    let raw_run = |t: usize, q: &[f32]| {
-        let mut guard = raw[t].lock().expect("raw session");
+    let raw_query = |session: &std::sync::Mutex<(postgres::Client, postgres::Statement)>,
+                     q: &[f32],
+                     prefix: Option<&str>| {
+        let mut guard = session.lock().expect("raw session");
         let (client, statement) = &mut *guard;
         let v = pgvector::Vector::from(q.to_vec());
-        client
-            .query(&*statement, &[&v, &(k as i64)])
-            .expect("raw search")
+        let limit = k as i64;
+        let rows = match prefix {
+            Some(p) => client.query(&*statement, &[&v, &limit, &p]),
+            None => client.query(&*statement, &[&v, &limit]),
+        };
+        rows.expect("raw search")
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect::<Vec<_>>()
     };
+    let raw_run = |t: usize, q: &[f32]| raw_query(&raw[t], q, None);
     // Warm-up, untimed: every session prepares its statements and settles on its plan.
     for q in queries.iter().take(50) {
         library(0, q);
@@ -402,52 +530,140 @@ fn run(repo: &ModelRepository, url: &str, schema: &str, args: &Args) -> Result<(
     for round in 0..args.rounds {
         let mut this = Vec::new();
         for threads in [1, 2] {
-            let (m, a) = single_queries("library_hnsw", threads, &queries, &library);
+            let (m, a) = single_queries("library_hnsw", threads, queries, &library);
             this.push((m, Some(a)));
-            let (m, a) = single_queries("raw_sql_hnsw", threads, &queries, &raw_run);
+            let (m, a) = single_queries("raw_sql_hnsw", threads, queries, &raw_run);
             this.push((m, Some(a)));
         }
         let t0 = Instant::now();
-        let exact = repo.nearest_embeddings_many(EXACT, &queries, k, args.metric)?;
-        let seconds = t0.elapsed().as_secs_f64();
+        let exact = repo.nearest_embeddings_many(&exact_type, queries, k, args.metric)?;
         let exact_answers: Answers = exact.into_iter().map(ids).collect();
         this.push((
-            Measurement {
-                method: "library_exact_batch",
-                threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-                queries: queries.len(),
-                seconds,
-                qps: queries.len() as f64 / seconds,
-                p50_us: None,
-                p99_us: None,
-                recall_at_10: None,
-            },
+            exact_batch(
+                "library_exact_batch",
+                t0.elapsed().as_secs_f64(),
+                queries.len(),
+            ),
             None,
         ));
-        match numpy_bruteforce(url, schema, args, &queries_file, "vector") {
-            Ok(m) => this.push((m, None)),
-            Err(e) => numpy_note = Some(e),
+        if !half {
+            match numpy_bruteforce(url, schema, &exact_type, args, &queries_file, "vector") {
+                Ok(m) => this.push((m, None)),
+                Err(e) => numpy_note = Some(e),
+            }
         }
         let mut measured = Vec::new();
         for (mut m, answers) in this {
             if let Some(a) = answers {
                 m.recall_at_10 = Some(recall(&a, &exact_answers, k));
+                m.short_answers = Some(a.iter().filter(|x| x.len() < k).count());
             }
-            log(format!(
-                "round {round}: {} x{}: {:.3} s, {:.0} q/s{}",
-                m.method,
-                m.threads,
-                m.seconds,
-                m.qps,
-                m.recall_at_10
-                    .map_or(String::new(), |r| format!(", recall@10 {r:.3}"))
-            ));
             measured.push(m);
+        }
+        for (selectivity, prefix) in SELECTIVITIES {
+            measured.extend(filtered_round(
+                repo,
+                args,
+                queries,
+                &indexed,
+                &exact_type,
+                selectivity,
+                prefix,
+                &raw_filtered,
+                &raw_query,
+            )?);
+        }
+        for m in &mut measured {
+            m.storage = storage.to_owned();
+            m.bytes_per_row = per_row;
+            m.index_build_s = build;
+            if !args.json {
+                eprintln!(
+                    "{storage} round {round}: {} {} x{}: {:.3} s, {:.0} q/s{}",
+                    m.method,
+                    m.selectivity.map_or(String::new(), |s| format!("{s}")),
+                    m.threads,
+                    m.seconds,
+                    m.qps,
+                    m.recall_at_10
+                        .map_or(String::new(), |r| format!(", recall@10 {r:.3}"))
+                );
+            }
         }
         all.push(measured);
     }
     let _ = std::fs::remove_file(&queries_file);
-    // Medians per method, over the rounds.
+    if let Some(note) = &numpy_note {
+        eprintln!("numpy_bruteforce not measured: {note}");
+    }
+    Ok(medians(&all))
+}
+
+type RawQuery<'a> = dyn Fn(
+        &std::sync::Mutex<(postgres::Client, postgres::Statement)>,
+        &[f32],
+        Option<&str>,
+    ) -> Vec<String>
+    + Sync
+    + 'a;
+
+/// One round of the filtered methods at one selectivity.
+#[allow(clippy::too_many_arguments)]
+fn filtered_round(
+    repo: &ModelRepository,
+    args: &Args,
+    queries: &[Vec<f32>],
+    indexed: &str,
+    exact_type: &str,
+    selectivity: f64,
+    prefix: &str,
+    raw_filtered: &std::sync::Mutex<(postgres::Client, postgres::Statement)>,
+    raw_query: &RawQuery<'_>,
+) -> Result<Vec<Measurement>, Box<dyn Error>> {
+    let k = args.k;
+    let filter = SearchFilter {
+        id_prefix: Some(prefix.to_owned()),
+        ..Default::default()
+    };
+    let ids = |n: Vec<Neighbor>| n.into_iter().map(|x| x.entity_id).collect::<Vec<_>>();
+    let t0 = Instant::now();
+    let exact =
+        repo.nearest_embeddings_filtered_many(exact_type, queries, k, args.metric, &filter)?;
+    let mut exact_m = exact_batch(
+        "library_filtered_exact",
+        t0.elapsed().as_secs_f64(),
+        queries.len(),
+    );
+    let truth: Answers = exact.into_iter().map(ids).collect();
+    exact_m.short_answers = Some(truth.iter().filter(|a| a.len() < k).count());
+    let library = |_: usize, q: &[f32]| {
+        ids(repo
+            .nearest_embeddings_filtered(indexed, q, k, args.metric, &filter)
+            .expect("library filtered search"))
+    };
+    let raw = |_: usize, q: &[f32]| raw_query(raw_filtered, q, Some(prefix));
+    let mut out = Vec::new();
+    for (method, run) in [
+        (
+            "library_filtered_hnsw",
+            &library as &(dyn Fn(usize, &[f32]) -> Vec<String> + Sync),
+        ),
+        ("raw_sql_filtered_hnsw", &raw),
+    ] {
+        let (mut m, a) = single_queries(method, 1, queries, run);
+        m.recall_at_10 = Some(recall(&a, &truth, k));
+        m.short_answers = Some(a.iter().filter(|x| x.len() < k).count());
+        out.push(m);
+    }
+    out.push(exact_m);
+    for m in &mut out {
+        m.selectivity = Some(selectivity);
+    }
+    Ok(out)
+}
+
+/// Medians per method, over the rounds.
+fn medians(all: &[Vec<Measurement>]) -> Vec<Measurement> {
     let mut result: Vec<Measurement> = Vec::new();
     for (i, first) in all[0].iter().enumerate() {
         let col = |f: &dyn Fn(&Measurement) -> Option<f64>| -> Option<f64> {
@@ -460,14 +676,20 @@ fn run(repo: &ModelRepository, url: &str, schema: &str, args: &Args) -> Result<(
             p50_us: col(&|m| m.p50_us),
             p99_us: col(&|m| m.p99_us),
             recall_at_10: col(&|m| m.recall_at_10),
+            short_answers: all
+                .iter()
+                .filter_map(|r| r.get(i))
+                .filter_map(|m| m.short_answers)
+                .max(),
             ..first.clone()
         });
     }
-    if let Some(note) = &numpy_note {
-        eprintln!("numpy_bruteforce not measured: {note}");
-    }
+    result
+}
+
+fn report(args: &Args, result: &[Measurement]) -> Result<(), Box<dyn Error>> {
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        println!("{}", serde_json::to_string_pretty(result)?);
         return Ok(());
     }
     println!(
@@ -475,39 +697,87 @@ fn run(repo: &ModelRepository, url: &str, schema: &str, args: &Args) -> Result<(
         args.rows, args.dim, args.queries, args.k, args.metric, args.ef_search, args.rounds
     );
     println!(
-        "{:<20} {:>7} {:>9} {:>10} {:>9} {:>9} {:>10}",
-        "method", "threads", "seconds", "qps", "p50_us", "p99_us", "recall@10"
+        "{:<22} {:>7} {:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>8} {:>8}",
+        "method",
+        "storage",
+        "sel",
+        "threads",
+        "seconds",
+        "qps",
+        "p50_us",
+        "p99_us",
+        "recall@10",
+        "short",
+        "",
+        "B/row",
+        "build_s"
     );
     let opt = |v: Option<f64>, p: usize| v.map_or("-".to_owned(), |x| format!("{x:.p$}"));
-    for m in &result {
+    for m in result {
         println!(
-            "{:<20} {:>7} {:>9.3} {:>10.1} {:>9} {:>9} {:>10}",
+            "{:<22} {:>7} {:>5} {:>7} {:>8.3} {:>9.1} {:>9} {:>9} {:>9} {:>9} {:>5} {:>8.0} {:>8.1}",
             m.method,
+            m.storage,
+            opt(m.selectivity, 2),
             m.threads,
             m.seconds,
             m.qps,
             opt(m.p50_us, 0),
             opt(m.p99_us, 0),
-            opt(m.recall_at_10, 3)
+            opt(m.recall_at_10, 3),
+            m.short_answers.map_or("-".to_owned(), |n| n.to_string()),
+            "",
+            m.bytes_per_row,
+            m.index_build_s
         );
     }
-    let find = |method: &str, threads: usize| {
-        result
-            .iter()
-            .find(|m| m.method == method && (threads == 0 || m.threads == threads))
+    let find = |method: &str, storage: &str, sel: Option<f64>, threads: usize| {
+        result.iter().find(|m| {
+            m.method == method
+                && m.storage == storage
+                && m.selectivity == sel
+                && (threads == 0 || m.threads == threads)
+        })
     };
-    for t in [1, 2] {
-        if let (Some(l), Some(r)) = (find("library_hnsw", t), find("raw_sql_hnsw", t)) {
+    for storage in &args.storages {
+        for t in [1, 2] {
+            if let (Some(l), Some(r)) = (
+                find("library_hnsw", storage, None, t),
+                find("raw_sql_hnsw", storage, None, t),
+            ) {
+                println!(
+                    "{storage}: library / raw SQL QPS at {t} thread(s): {:.2} (target >= 0.9)",
+                    l.qps / r.qps
+                );
+            }
+        }
+        for (sel, _) in SELECTIVITIES {
+            if let (Some(l), Some(r)) = (
+                find("library_filtered_hnsw", storage, Some(sel), 1),
+                find("raw_sql_filtered_hnsw", storage, Some(sel), 1),
+            ) {
+                println!("{storage}: filtered {sel}: library / raw SQL QPS {:.2} (target >= 0.9), recall@10 {:.3} (target >= 0.95), short answers {:?}", l.qps / r.qps, l.recall_at_10.unwrap_or(0.0), l.short_answers);
+            }
+        }
+        if let (Some(l), Some(n)) = (
+            find("library_exact_batch", storage, None, 0),
+            find("numpy_bruteforce", storage, None, 0),
+        ) {
             println!(
-                "library / raw SQL QPS at {t} thread(s): {:.2} (target >= 0.9)",
-                l.qps / r.qps
+                "{storage}: exact batch / numpy throughput: {:.2} (target >= 0.5)",
+                l.qps / n.qps
             );
         }
     }
-    if let (Some(l), Some(n)) = (find("library_exact_batch", 0), find("numpy_bruteforce", 0)) {
+    if let (Some(h), Some(f)) = (
+        find("library_hnsw", "halfvec", None, 1),
+        find("library_hnsw", "f32", None, 1),
+    ) {
         println!(
-            "exact batch / numpy throughput: {:.2} (target >= 0.5)",
-            l.qps / n.qps
+            "halfvec / f32: bytes per row {:.2} (target <= 0.60), index build {:.2} (target <= 0.85), halfvec recall@10 {:.3}",
+            h.bytes_per_row / f.bytes_per_row,
+            h.index_build_s / f.index_build_s,
+            h.recall_at_10.unwrap_or(0.0)
         );
     }
     Ok(())

@@ -49,7 +49,8 @@ BEGIN
             'embedding_replace_commit(text, text, integer)', 'embedding_type_drop(text)',
             'embedding_vector_index_create(text, text)', 'embedding_load_begin(text, integer)',
             'embedding_load_commit(text, text, integer, boolean)',
-            'embedding_load_abandon(bigint, double precision)']
+            'embedding_load_abandon(bigint, double precision)',
+            'embedding_type_declare(text, integer, text)']
     LOOP
         IF to_regprocedure(format('%I.%s', v_schema, v_table)) IS NOT NULL THEN
             EXECUTE format('ALTER FUNCTION %I.%s SET citus.multi_shard_modify_mode = sequential',

@@ -11,8 +11,11 @@
 //! - **Embeddings**: vectors per (entity type, id) with one dimension per type, batch loads by
 //!   INSERT, multi-row INSERT, binary COPY or parallel COPY ([`LoadMethod`]), streaming reads
 //!   ([`ModelRepository::batch_save_embeddings`], [`ModelRepository::for_each_embedding`], …),
-//!   and nearest-neighbour search, exact on any storage or through pgvector's HNSW indexes
-//!   ([`ModelRepository::nearest_embeddings`], [`ModelRepository::create_vector_index`]).
+//!   and nearest-neighbour search, exact on any storage or through pgvector's HNSW indexes,
+//!   filtered by candidates, exclusions or an id prefix, over f32 or half-size (f16) types
+//!   ([`ModelRepository::nearest_embeddings`], [`ModelRepository::create_vector_index`],
+//!   [`ModelRepository::nearest_embeddings_filtered`],
+//!   [`ModelRepository::declare_embedding_type`]).
 //! - **Prediction cache**: CBOR values with a TTL judged by the database clock, Redis-style glob
 //!   clearing, buffered hit counts and a background reaper
 //!   ([`ModelRepository::get_or_compute`], [`ModelRepository::clear_cache`], …).
@@ -110,7 +113,8 @@ pub use db::config::DEFAULT_APPLICATION_NAME;
 pub use db::pool::{PoolState, PoolStatus};
 pub use embeddings::DEFAULT_HNSW_EF_SEARCH;
 pub use embeddings::{
-    BatchReport, Embedding, LoadMethod, Metric, Neighbor, BATCH_COPY_CROSSOVER, MAX_NEAREST_K,
+    BatchReport, Embedding, LoadMethod, Metric, Neighbor, SearchFilter, VectorPrecision,
+    BATCH_COPY_CROSSOVER, FILTERED_MAX_SCAN_TUPLES, MAX_FILTER_IDS, MAX_NEAREST_K,
 };
 pub use error::{ErrorDetail, RepoError, Result, TimeoutDetail, TimeoutKind};
 pub use models::ModelInfo;

@@ -9,7 +9,9 @@
 //! score, widened by its proven rounding bound, could still enter a query's top-k are scored
 //! again in f64. The bound is the classic one for a dot product of n terms in any summation
 //! order: |fl(q·x) - q·x| <= gamma_n * sum |q_i x_i| <= gamma_n * |q| |x|, with gamma_n about
-//! n * 2^-24; this code uses (n + 8) * 2^-23, twice that.
+//! n * 2^-24; this code uses (n + 8) * 2^-23, twice that. The bound holds only for a sum that
+//! never overflowed: a non-finite f32 score (values near f32::MAX, 1e20 squared) is never
+//! screened, the row is scored in f64.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -19,6 +21,7 @@ use rayon::prelude::*;
 
 use crate::db::binary_copy::RowReader;
 use crate::embeddings::encode::on_cpu_pool;
+use crate::embeddings::filter::RowFilter;
 use crate::embeddings::types::Storage;
 use crate::embeddings::types::{Metric, Neighbor};
 use crate::error::{RepoError, Result};
@@ -234,10 +237,29 @@ impl Scorer {
             .collect()
     }
 
+    /// Scores rows already in memory (a candidate set's vectors), in blocks.
+    pub(crate) fn score_rows<'r>(&mut self, rows: impl IntoIterator<Item = (&'r str, &'r [f32])>) {
+        let capacity = (BLOCK_BYTES / (4 * self.dim)).clamp(64, 16_384);
+        let mut block = Block::new(capacity, self.dim);
+        for (id, vector) in rows {
+            block.push(id, vector);
+            if block.is_full() {
+                self.score_block(&block);
+                block.clear();
+            }
+        }
+        self.score_block(&block);
+    }
+
     /// Reads a binary COPY stream of (entity_id, vector) rows stored as `storage` and scores
-    /// every row: this thread parses blocks while a scoring thread has the rayon pool score
-    /// the previous one. Returns the rows read.
-    pub(crate) fn score_stream(&mut self, reader: &mut dyn Read, storage: Storage) -> Result<u64> {
+    /// every row that passes `filter`: this thread parses blocks while a scoring thread has
+    /// the rayon pool score the previous one. Returns the rows read.
+    pub(crate) fn score_stream(
+        &mut self,
+        reader: &mut dyn Read,
+        storage: Storage,
+        filter: Option<&RowFilter<'_>>,
+    ) -> Result<u64> {
         let dim = self.dim;
         let capacity = (BLOCK_BYTES / (4 * dim)).clamp(64, 16_384);
         let (full_tx, full_rx) = crossbeam_channel::bounded::<Block>(1);
@@ -257,7 +279,7 @@ impl Scorer {
                         let _ = empty_tx.send(block);
                     }
                 })?;
-            let read = read_blocks(reader, storage, dim, &full_tx, &empty_rx);
+            let read = read_blocks(reader, storage, dim, filter, &full_tx, &empty_rx);
             // Hang up, so the worker ends after the last block.
             drop(full_tx);
             drop(empty_rx);
@@ -307,6 +329,7 @@ fn read_blocks(
     reader: &mut dyn Read,
     storage: Storage,
     dim: usize,
+    filter: Option<&RowFilter<'_>>,
     full: &crossbeam_channel::Sender<Block>,
     empty: &crossbeam_channel::Receiver<Block>,
 ) -> Result<u64> {
@@ -318,6 +341,10 @@ fn read_blocks(
     while let Some(fields) = rows.next_row()? {
         let id = std::str::from_utf8(&fields[0])
             .map_err(|e| RepoError::corrupt(format!("entity_id is not UTF-8: {e}")))?;
+        count += 1;
+        if filter.is_some_and(|f| !f.passes(id)) {
+            continue;
+        }
         storage.decode_into(&fields[1], &mut vector)?;
         if vector.len() != dim {
             return Err(RepoError::corrupt(format!(
@@ -326,7 +353,6 @@ fn read_blocks(
             )));
         }
         block.push(id, &vector);
-        count += 1;
         if block.is_full() {
             full.send(block).map_err(|_| scoring_stopped())?;
             block = empty.recv().map_err(|_| scoring_stopped())?;
@@ -351,7 +377,11 @@ fn score_rows(
 ) {
     let dim = q.len();
     for (row, (&dot, &(x_sq, x_norm))) in row_dots.iter().zip(norms).enumerate() {
-        if let Some(threshold) = state.best.threshold() {
+        // An f32 dot product that overflowed (large but finite values) bounds nothing: the
+        // row is scored exactly. A finite one had no overflow anywhere in its sum (an
+        // infinity never comes back finite), so the rounding bound holds.
+        let screened = dot.is_finite().then(|| state.best.threshold()).flatten();
+        if let Some(threshold) = screened {
             let threshold = f64::from(threshold);
             let bound = gamma * state.norm * x_norm + 1e-30;
             let dot = f64::from(dot);

@@ -1,5 +1,5 @@
-//! HNSW indexes per entity type (pgvector): building one (`embedding_vector_index_create`,
-//! sql/V006, with progress in the log), knowing which types have one (a short-lived cache, so
+//! HNSW indexes per entity type (pgvector): building one (concurrently, `index_build`, or by
+//! `embedding_vector_index_create`, sql/V006, with progress in the log), knowing which types have one (a short-lived cache, so
 //! a search costs one round trip), and the approximate search through it.
 
 use std::collections::HashMap;
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use postgres::{GenericClient, Statement};
 
 use crate::db::pool::{begin_unbounded, PgConnection, Pool};
+use crate::embeddings::index_build::build_concurrently;
 use crate::embeddings::types::{Metric, Neighbor};
 use crate::error::{RepoError, Result};
 
@@ -19,16 +20,19 @@ const TYPE_INFO_TTL: Duration = Duration::from_secs(2);
 /// HNSW in pgvector takes vectors of at most this many dimensions.
 pub(crate) const HNSW_MAX_DIMENSION: usize = 2000;
 
+/// ... and halfvecs of at most this many.
+pub(crate) const HNSW_MAX_HALF_DIMENSION: usize = 4000;
+
 /// The most candidates `hnsw.ef_search` may ask for.
 const EF_SEARCH_MAX: usize = 1000;
 
 /// How often an index build reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-const TYPE_INFO: &str = "SELECT r.dimension, \
+const TYPE_INFO: &str = "SELECT r.dimension, r.vector_precision = 'f16' AS half, \
          coalesce(array_agg(i.metric::text) FILTER (WHERE i.metric IS NOT NULL), '{}') AS metrics \
      FROM embedding_types r LEFT JOIN embedding_vector_indexes i ON i.entity_type = r.entity_type \
-     WHERE r.entity_type = $1 AND r.storage IS NOT NULL GROUP BY r.dimension";
+     WHERE r.entity_type = $1 AND r.storage IS NOT NULL GROUP BY r.dimension, r.vector_precision";
 
 const CREATE_INDEX: &str = "SELECT embedding_vector_index_create($1, $2)";
 
@@ -43,7 +47,28 @@ const ESTIMATED_ROWS: &str = "SELECT greatest(c.reltuples, 0)::int8 FROM embeddi
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TypeInfo {
     pub dimension: usize,
+    /// Stored as f16 (`halfvec`, sql/V010).
+    pub half: bool,
     pub indexed: Vec<Metric>,
+}
+
+impl TypeInfo {
+    /// The distance expression the type's HNSW indexes order by, to the query `$1` (a
+    /// `vector`; rounded to f16 for an f16 type).
+    pub(crate) fn distance(&self, metric: Metric) -> String {
+        let d = self.dimension;
+        if self.half {
+            format!(
+                "embeddings_half::halfvec({d}) {} $1::vector({d})::halfvec({d})",
+                operator(metric)
+            )
+        } else {
+            format!(
+                "embeddings::vector({d}) {} $1::vector({d})",
+                operator(metric)
+            )
+        }
+    }
 }
 
 /// What this repository knows of its types' indexes, for [`TYPE_INFO_TTL`].
@@ -82,6 +107,7 @@ impl IndexCache {
                 let metrics: Vec<String> = row.try_get("metrics")?;
                 Some(TypeInfo {
                     dimension: usize::try_from(dimension).unwrap_or(0),
+                    half: row.try_get("half")?,
                     indexed: metrics.iter().filter_map(|m| m.parse().ok()).collect(),
                 })
             }
@@ -104,7 +130,7 @@ impl IndexCache {
 }
 
 /// pgvector's operator for a metric.
-fn operator(metric: Metric) -> &'static str {
+pub(crate) fn operator(metric: Metric) -> &'static str {
     match metric {
         Metric::L2 => "<->",
         Metric::Cosine => "<=>",
@@ -114,7 +140,7 @@ fn operator(metric: Metric) -> &'static str {
 
 /// A string as a SQL literal (an escape string when it holds a backslash, so that the
 /// server's standard_conforming_strings does not matter).
-fn sql_literal(s: &str) -> String {
+pub(crate) fn sql_literal(s: &str) -> String {
     if s.contains('\\') {
         format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
     } else {
@@ -125,11 +151,8 @@ fn sql_literal(s: &str) -> String {
 /// The search through a type's index: the type is a literal, so the planner keeps only its
 /// partition and orders by the indexed expression; `$1` is the query, `$2` is k. The few
 /// results are sorted again by (distance, entity_id) so that ties come in a stable order.
-pub(crate) fn hnsw_sql(entity_type: &str, dimension: usize, metric: Metric) -> String {
-    let distance = format!(
-        "embeddings::vector({dimension}) {} $1::vector({dimension})",
-        operator(metric)
-    );
+pub(crate) fn hnsw_sql(entity_type: &str, info: &TypeInfo, metric: Metric) -> String {
+    let distance = info.distance(metric);
     format!(
         "SELECT entity_id, distance FROM ( \
              SELECT entity_id::text AS entity_id, ({distance})::float4 AS distance \
@@ -144,13 +167,13 @@ pub(crate) fn hnsw_sql(entity_type: &str, dimension: usize, metric: Metric) -> S
 pub(crate) fn hnsw_search(
     conn: &mut PgConnection,
     entity_type: &str,
-    dimension: usize,
+    info: &TypeInfo,
     queries: &[&[f32]],
     k: usize,
     metric: Metric,
     ef_search: usize,
 ) -> Result<Vec<Vec<Neighbor>>> {
-    let sql = hnsw_sql(entity_type, dimension, metric);
+    let sql = hnsw_sql(entity_type, info, metric);
     let limit = k as i64;
     let statement = conn.prepare_cached_dynamic(&sql)?;
     if k <= ef_search {
@@ -159,8 +182,10 @@ pub(crate) fn hnsw_search(
     // An HNSW scan returns at most ef_search rows: a larger k needs more candidates, and
     // past pgvector's limit of 1000 an iterative scan.
     let mut tx = conn.client().transaction()?;
+    // Citus passes SET LOCAL on to the shards only when told to (elsewhere `citus.*` is an
+    // unused placeholder): a schema-based cluster's one shard answered ef_search rows.
     tx.batch_execute(&format!(
-        "SET LOCAL hnsw.ef_search = {}",
+        "SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL hnsw.ef_search = {}",
         k.min(EF_SEARCH_MAX)
     ))?;
     if k > EF_SEARCH_MAX {
@@ -199,12 +224,12 @@ fn run_queries<C: GenericClient>(
 pub(crate) fn explain_hnsw(
     conn: &mut PgConnection,
     entity_type: &str,
-    dimension: usize,
+    info: &TypeInfo,
     query: &[f32],
     k: usize,
     metric: Metric,
 ) -> Result<String> {
-    let sql = format!("EXPLAIN {}", hnsw_sql(entity_type, dimension, metric));
+    let sql = format!("EXPLAIN {}", hnsw_sql(entity_type, info, metric));
     let vector = pgvector::Vector::from(query.to_vec());
     let rows = conn.client().query(&sql, &[&vector, &(k as i64)])?;
     let lines = rows
@@ -239,6 +264,13 @@ pub(crate) fn build_index(
                 })
         });
         let built = (|| -> Result<bool> {
+            if let Some(built) = build_concurrently(conn.unbounded_client(), entity_type, metric)? {
+                return Ok(built);
+            }
+            log::info!(
+                "pg-model-repo: this role does not own the storage of {entity_type:?}: its \
+                 index is built by the schema owner's function, and writers of the type wait"
+            );
             let mut tx = begin_unbounded(conn)?;
             let created: bool = tx
                 .query_one(CREATE_INDEX, &[&entity_type, &metric.as_str()])?
@@ -315,11 +347,21 @@ fn watch_progress(
 }
 
 /// Rules of an index, before any build: pgvector storage and HNSW's dimension limit.
-pub(crate) fn check_indexable(entity_type: &str, dimension: usize) -> Result<()> {
-    if dimension > HNSW_MAX_DIMENSION {
+pub(crate) fn check_indexable(entity_type: &str, info: &TypeInfo) -> Result<()> {
+    let (dimension, most) = if info.half {
+        (info.dimension, HNSW_MAX_HALF_DIMENSION)
+    } else {
+        (info.dimension, HNSW_MAX_DIMENSION)
+    };
+    if dimension > most {
         return Err(RepoError::invalid(format!(
             "entity type {entity_type:?} has {dimension} dimensions; pgvector's HNSW indexes \
-             take at most {HNSW_MAX_DIMENSION}"
+             take at most {most}{}",
+            if info.half {
+                " halfvec dimensions"
+            } else {
+                " (4,000 for a type declared f16)"
+            }
         )));
     }
     Ok(())

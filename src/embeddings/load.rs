@@ -11,6 +11,7 @@ use crate::embeddings::check::{
     ENTITY_TYPE_MAX,
 };
 use crate::embeddings::copy_rows::Source;
+use crate::embeddings::declare::{check_f16_range, check_f16_record, is_f16};
 use crate::embeddings::fresh::{self, Keep};
 use crate::embeddings::parallel::load_parallel;
 use crate::embeddings::plan::{choose, type_state, Path, Plan};
@@ -136,8 +137,14 @@ impl ModelRepository {
             // The iterator cannot be replayed: the storage must be known before it is read.
             let storage = known_storage(self.storage(), call)?;
             check_storage_dimension(storage, dimension)?;
-            let mut check =
-                |i: usize, e: &Embedding| one_type_record(&entity_type, dimension, i, e);
+            let half = is_f16(call, &entity_type)?;
+            let mut check = |i: usize, e: &Embedding| {
+                one_type_record(&entity_type, dimension, i, e)?;
+                if half {
+                    check_f16_record(i, e)?;
+                }
+                Ok(())
+            };
             let streams = self.load_streams();
             let loaded = call.with_live_conn(|conn| {
                 let source = Source::Iter {
@@ -188,6 +195,7 @@ impl ModelRepository {
                             .map_err(|e| at_index(t.first_index, e))?;
                     }
                     call.with_conn(Retry::Idempotent, |conn| {
+                        check_f16_range(conn.client(), batch)?;
                         write_batch(call, conn, &checked, plan, storage, streams, &mut report)
                     })
                     .map_err(|e| first_offender(batch, e))

@@ -1,18 +1,24 @@
 //! Entity embeddings: the public types and how vectors are stored (`types`), input rules
-//! (`check`), the per-type dimension registry (`registry`), single saves, reads and streaming
-//! reads (`store`), similarity search (`search`, exact scoring in `exact`), and batch loads: the plan and the single-connection paths (`load`), the
-//! binary COPY rows (`encode`) and the multi-connection `ParallelCopy` (`parallel`). Uses the
-//! plumbing in `db` only.
+//! (`check`), the per-type dimension registry (`registry`) and precision declarations
+//! (`declare`), single saves, reads and streaming reads (`store`), similarity search
+//! (`search`, exact scoring in `exact`, filters in `filter` and `filtered`, HNSW indexes in
+//! `index` and their concurrent builds in `index_build`), and batch loads: the plan and the
+//! single-connection paths (`load`), the binary COPY rows (`encode`) and the multi-connection
+//! `ParallelCopy` (`parallel`). Uses the plumbing in `db` only.
 
 #[macro_use]
 mod sql;
 
 mod check;
 mod copy_rows;
+mod declare;
 mod encode;
 mod exact;
+mod filter;
+mod filtered;
 mod fresh;
 mod index;
+mod index_build;
 mod load;
 mod parallel;
 mod plan;
@@ -24,11 +30,13 @@ mod store;
 mod types;
 mod upsert;
 
+pub use filter::{SearchFilter, MAX_FILTER_IDS};
+pub use filtered::FILTERED_MAX_SCAN_TUPLES;
 pub use plan::BATCH_COPY_CROSSOVER;
 pub use search::MAX_NEAREST_K;
 pub(crate) use settings::EmbeddingSettings;
 pub use settings::DEFAULT_HNSW_EF_SEARCH;
-pub use types::{BatchReport, Embedding, LoadMethod, Metric, Neighbor};
+pub use types::{BatchReport, Embedding, LoadMethod, Metric, Neighbor, VectorPrecision};
 
 use crate::error::{RepoError, Result};
 use crate::repository::{ModelRepository, Registration};

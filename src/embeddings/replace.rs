@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::db::retry::Retry;
 use crate::embeddings::check::{at_index, check_batch, check_key, check_shape, ENTITY_TYPE_MAX};
 use crate::embeddings::copy_rows::Source;
+use crate::embeddings::declare::{check_f16_range, check_f16_record, is_f16};
 use crate::embeddings::fresh::Keep;
 use crate::embeddings::load::{fresh_plan, load_fresh};
 use crate::embeddings::store::{known_storage, with_storage};
@@ -83,6 +84,7 @@ impl ModelRepository {
                 check_storage_dimension(storage, dimension)?;
                 // Repeating it after a failure replaces again with the same set.
                 call.with_conn(Retry::Idempotent, |conn| {
+                    check_f16_range(conn.client(), batch)?;
                     let mut report = |done: u64| progress(done, total);
                     let plan = fresh_plan(
                         call,
@@ -135,8 +137,14 @@ impl ModelRepository {
             check_storage_dimension(storage, dimension)?;
             let streams = self.refresh_streams();
             let mut all = std::iter::once(first).chain(&mut *rows);
-            let mut check =
-                |i: usize, e: &Embedding| check_replacement_record(entity_type, dimension, i, e);
+            let half = is_f16(call, entity_type)?;
+            let mut check = |i: usize, e: &Embedding| {
+                check_replacement_record(entity_type, dimension, i, e)?;
+                if half {
+                    check_f16_record(i, e)?;
+                }
+                Ok(())
+            };
             let copied = call.with_live_conn(|conn| {
                 let plan = fresh_plan(call, entity_type, dimension, Keep::Nothing, storage, None);
                 let source = Source::Iter {

@@ -8,9 +8,12 @@ use crate::db::pool::{unbounded, PgConnection};
 use crate::db::retry::Retry;
 use crate::embeddings::check::{check_vector, ENTITY_TYPE_MAX};
 use crate::embeddings::exact::Scorer;
+use crate::embeddings::filter::RowFilter;
 use crate::embeddings::index::{build_index, check_indexable, explain_hnsw, hnsw_search};
-use crate::embeddings::store::{copy_out_type, detect_storage, known_storage, open_stream};
-use crate::embeddings::types::{Metric, Neighbor, Storage};
+use crate::embeddings::store::{
+    copy_out_type, detect_storage, known_storage, open_stream, value_expression,
+};
+use crate::embeddings::types::{decode_column, Metric, Neighbor, Storage};
 use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
 use crate::schema::settings::PGVECTOR_INSTALL_HINT;
@@ -121,7 +124,7 @@ impl ModelRepository {
                 let Some(info) = self.index_cache().lookup(conn, entity_type, true)? else {
                     return Ok(false);
                 };
-                check_indexable(entity_type, info.dimension)?;
+                check_indexable(entity_type, &info)?;
                 build_index(call.pool(), conn, entity_type, metric)
             });
             self.index_cache().forget(entity_type);
@@ -162,7 +165,7 @@ impl ModelRepository {
             call.with_conn(Retry::Idempotent, |conn| {
                 match self.index_cache().lookup(conn, entity_type, true)? {
                     Some(info) if info.indexed.contains(&metric) && info.dimension == query.len() => {
-                        explain_hnsw(conn, entity_type, info.dimension, query, k, metric)
+                        explain_hnsw(conn, entity_type, &info, query, k, metric)
                     }
                     _ => Ok(exact()),
                 }
@@ -187,7 +190,7 @@ impl ModelRepository {
         }
         // Nothing reaches the caller before the end, so a failed attempt may be repeated.
         call.with_conn(Retry::Idempotent, |conn| {
-            exact_search(conn, entity_type, queries, k, metric)
+            exact_search(conn, entity_type, queries, k, metric, None)
         })
     }
 
@@ -225,15 +228,7 @@ impl ModelRepository {
                         index: Some(i),
                     });
                 }
-                match hnsw_search(
-                    conn,
-                    entity_type,
-                    info.dimension,
-                    queries,
-                    k,
-                    metric,
-                    ef_search,
-                ) {
+                match hnsw_search(conn, entity_type, &info, queries, k, metric, ef_search) {
                     Err(e) if !fresh && e.code().is_some() => {
                         cache.forget(entity_type);
                         fresh = true;
@@ -245,7 +240,7 @@ impl ModelRepository {
     }
 }
 
-fn check_k(k: usize) -> Result<()> {
+pub(crate) fn check_k(k: usize) -> Result<()> {
     if k == 0 || k > MAX_NEAREST_K {
         return Err(RepoError::invalid(format!(
             "k must be within 1..={MAX_NEAREST_K}, not {k}"
@@ -255,7 +250,7 @@ fn check_k(k: usize) -> Result<()> {
 }
 
 /// One query's own rules: those of a stored vector, and not zero under Cosine.
-fn check_query(query: &[f32], metric: Metric) -> Result<()> {
+pub(crate) fn check_query(query: &[f32], metric: Metric) -> Result<()> {
     check_vector(query)?;
     if metric == Metric::Cosine && query.iter().all(|v| *v == 0.0) {
         return Err(RepoError::invalid(
@@ -266,7 +261,7 @@ fn check_query(query: &[f32], metric: Metric) -> Result<()> {
 }
 
 /// Every query's rules, and one length for all (the first query's); errors name the query.
-fn check_queries(entity_type: &str, queries: &[&[f32]], metric: Metric) -> Result<()> {
+pub(crate) fn check_queries(entity_type: &str, queries: &[&[f32]], metric: Metric) -> Result<()> {
     for (i, q) in queries.iter().enumerate() {
         check_query(q, metric).map_err(|e| prefixed(&format!("query {i}"), e))?;
     }
@@ -284,20 +279,22 @@ fn check_queries(entity_type: &str, queries: &[&[f32]], metric: Metric) -> Resul
     }
 }
 
-fn prefixed(what: &str, error: RepoError) -> RepoError {
+pub(crate) fn prefixed(what: &str, error: RepoError) -> RepoError {
     match error {
         RepoError::InvalidInput(_) => error.with_context(what),
         other => other,
     }
 }
 
-/// The exact answer: the type streamed once by binary COPY, scored as it arrives.
-fn exact_search(
+/// The exact answer among the rows `filter` lets through: a candidate set's rows fetched by
+/// key, else the type streamed once by binary COPY, scored as they arrive.
+pub(crate) fn exact_search(
     conn: &mut PgConnection,
     entity_type: &str,
     queries: &[&[f32]],
     k: usize,
     metric: Metric,
+    filter: Option<&RowFilter<'_>>,
 ) -> Result<Vec<Vec<Neighbor>>> {
     let watch = conn.watch().clone();
     let mut tx = conn.client().build_transaction().read_only(true).start()?;
@@ -323,9 +320,16 @@ fn exact_search(
     }
     let started = std::time::Instant::now();
     let mut scorer = Scorer::new(metric, k, dimension, queries);
-    let mut reader = tx.copy_out(&copy_out_type(entity_type))?;
-    let rows = scorer.score_stream(&mut reader, stream.storage)?;
-    drop(reader);
+    let rows = match filter.and_then(RowFilter::candidates) {
+        Some(ids) => {
+            let sql = select_candidates(stream.storage);
+            score_candidates(&mut tx, &sql, entity_type, &ids, dimension, &mut scorer)?
+        }
+        None => {
+            let mut reader = tx.copy_out(&copy_out_type(entity_type, stream.storage))?;
+            scorer.score_stream(&mut reader, stream.storage, filter)?
+        }
+    };
     tx.commit()?;
     log::debug!(
         "pg-model-repo: exact search of {} queries over {rows} rows of {entity_type:?} in {:?}",
@@ -333,4 +337,38 @@ fn exact_search(
         started.elapsed()
     );
     Ok(scorer.finish())
+}
+
+/// The rows of a candidate set.
+fn select_candidates(storage: Storage) -> String {
+    format!(
+        "SELECT entity_id::text, {} FROM embeddings \
+         WHERE entity_type = $1 AND entity_id = ANY($2::text[])",
+        value_expression(storage)
+    )
+}
+
+/// Scores the rows of a candidate set (fetched by key); returns how many exist.
+fn score_candidates(
+    tx: &mut postgres::Transaction<'_>,
+    sql: &str,
+    entity_type: &str,
+    ids: &[&str],
+    dimension: usize,
+    scorer: &mut Scorer,
+) -> Result<u64> {
+    let mut found: Vec<(String, Vec<f32>)> = Vec::with_capacity(ids.len());
+    for row in tx.query(sql, &[&entity_type, &ids])? {
+        let id: String = row.try_get(0)?;
+        let vector = decode_column(&row, 1)?.unwrap_or_default();
+        if vector.len() != dimension {
+            return Err(RepoError::corrupt(format!(
+                "entity {id:?} has {} values; its type's dimension is {dimension}",
+                vector.len()
+            )));
+        }
+        found.push((id, vector));
+    }
+    scorer.score_rows(found.iter().map(|(id, v)| (id.as_str(), v.as_slice())));
+    Ok(found.len() as u64)
 }

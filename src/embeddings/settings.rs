@@ -1,5 +1,6 @@
 //! The embeddings' settings: how many candidates an HNSW search keeps.
 
+use crate::embeddings::filtered::FILTERED_MAX_SCAN_TUPLES;
 use crate::error::{RepoError, Result};
 use crate::validate::count_within;
 
@@ -25,9 +26,16 @@ impl Default for EmbeddingSettings {
 }
 
 impl EmbeddingSettings {
-    /// What every session sets: the search's candidate count.
+    /// What every session sets: the search's candidate count, and pgvector 0.8's iterative
+    /// index scans for filtered searches (a scan goes on past ef_search until k rows passed
+    /// the filter or it visited [`FILTERED_MAX_SCAN_TUPLES`]; an unfiltered search never gets
+    /// there). Older pgvector ignores the two it does not know, with a warning.
     pub(crate) fn session_settings(&self) -> Vec<(&'static str, String)> {
-        vec![("hnsw.ef_search", self.hnsw_ef_search.to_string())]
+        vec![
+            ("hnsw.ef_search", self.hnsw_ef_search.to_string()),
+            ("hnsw.iterative_scan", "relaxed_order".to_owned()),
+            ("hnsw.max_scan_tuples", FILTERED_MAX_SCAN_TUPLES.to_string()),
+        ]
     }
 
     pub(crate) fn validate(&self) -> Result<()> {

@@ -11,11 +11,13 @@ macro_rules! insert_embeddings {
 
 /// The upsert clause every embeddings write shares: `created_at` is kept, `updated_at` moves
 /// (to the new row's default, `now()`: Citus allows no function call in `DO UPDATE SET`).
+/// `embeddings_half` too: an f16 type's trigger (sql/V010) has moved the proposed row's value
+/// there before the conflict is seen.
 macro_rules! on_key_update {
     () => {
         " ON CONFLICT (entity_type, entity_id) DO UPDATE \
-         SET embeddings = EXCLUDED.embeddings, dimension = EXCLUDED.dimension, \
-         updated_at = EXCLUDED.updated_at"
+         SET embeddings = EXCLUDED.embeddings, embeddings_half = EXCLUDED.embeddings_half, \
+         dimension = EXCLUDED.dimension, updated_at = EXCLUDED.updated_at"
     };
 }
 

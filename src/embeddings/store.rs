@@ -50,13 +50,66 @@ fn save_if_registered(storage: Storage) -> &'static str {
     }
 }
 
-const SELECT_ONE: &str =
-    "SELECT embeddings FROM embeddings WHERE entity_type = $1 AND entity_id = $2";
+/// A row's vector as the storage reads it: an f16 type's (pgvector only) lives in
+/// `embeddings_half` and is read widened to `vector` (sql/V010), as a literal for `concat!`.
+macro_rules! value_of {
+    (bytea) => {
+        "embeddings"
+    };
+    (vector) => {
+        "coalesce(embeddings, embeddings_half::vector)"
+    };
+    (e bytea) => {
+        "e.embeddings"
+    };
+    (e vector) => {
+        "coalesce(e.embeddings, e.embeddings_half::vector)"
+    };
+}
 
-const SELECT_MANY: &str = "SELECT e.embeddings \
-     FROM unnest($2::text[]) WITH ORDINALITY AS k(entity_id, ord) \
-     LEFT JOIN embeddings e ON e.entity_type = $1 AND e.entity_id = k.entity_id \
-     ORDER BY k.ord";
+/// The value expression of a storage (see [`value_of!`]).
+pub(crate) fn value_expression(storage: Storage) -> &'static str {
+    match storage {
+        Storage::Bytea => value_of!(bytea),
+        Storage::Vector => value_of!(vector),
+    }
+}
+
+macro_rules! select_one {
+    ($storage:tt) => {
+        concat!(
+            "SELECT ",
+            value_of!($storage),
+            " FROM embeddings WHERE entity_type = $1 AND entity_id = $2"
+        )
+    };
+}
+
+macro_rules! select_many {
+    ($storage:tt) => {
+        concat!(
+            "SELECT ",
+            value_of!(e $storage),
+            " FROM unnest($2::text[]) WITH ORDINALITY AS k(entity_id, ord) \
+             LEFT JOIN embeddings e ON e.entity_type = $1 AND e.entity_id = k.entity_id \
+             ORDER BY k.ord"
+        )
+    };
+}
+
+fn select_one(storage: Storage) -> &'static str {
+    match storage {
+        Storage::Bytea => select_one!(bytea),
+        Storage::Vector => select_one!(vector),
+    }
+}
+
+fn select_many(storage: Storage) -> &'static str {
+    match storage {
+        Storage::Bytea => select_many!(bytea),
+        Storage::Vector => select_many!(vector),
+    }
+}
 
 /// The column type of `embeddings.embeddings` (bytea or vector), as a literal for `concat!`.
 macro_rules! storage_type {
@@ -81,10 +134,11 @@ const SET_STREAM_TYPE: &str = concat!(
 
 /// The streaming read of one type. COPY takes no parameters, so the (checked) type is a
 /// literal; a session setting would not reach the shards of a Citus cluster.
-pub(crate) fn copy_out_type(entity_type: &str) -> String {
+pub(crate) fn copy_out_type(entity_type: &str, storage: Storage) -> String {
     format!(
-        "COPY (SELECT entity_id, embeddings FROM embeddings WHERE entity_type = {}) \
+        "COPY (SELECT entity_id, {} FROM embeddings WHERE entity_type = {}) \
          TO STDOUT (FORMAT binary)",
+        value_expression(storage),
         crate::db::quote_literal(entity_type)
     )
 }
@@ -156,14 +210,16 @@ impl ModelRepository {
     pub fn get_embeddings(&self, entity_type: &str, entity_id: &str) -> Result<Option<Vec<f32>>> {
         self.timed("get_embeddings", |call| {
             check_key(entity_type, entity_id)?;
-            call.with_conn(Retry::Idempotent, |conn| {
-                let statement = conn.prepare_cached(SELECT_ONE)?;
-                let row = conn
-                    .client()
-                    .query_opt(&statement, &[&entity_type, &entity_id])?;
-                Ok(match row {
-                    Some(r) => decode_column(&r, 0)?,
-                    None => None,
+            with_storage(self.storage(), call, |storage| {
+                call.with_conn(Retry::Idempotent, |conn| {
+                    let statement = conn.prepare_cached(select_one(storage))?;
+                    let row = conn
+                        .client()
+                        .query_opt(&statement, &[&entity_type, &entity_id])?;
+                    Ok(match row {
+                        Some(r) => decode_column(&r, 0)?,
+                        None => None,
+                    })
                 })
             })
         })
@@ -192,12 +248,14 @@ impl ModelRepository {
             if entity_ids.is_empty() {
                 return Ok(Vec::new());
             }
-            call.with_conn(Retry::Idempotent, |conn| {
-                let statement = conn.prepare_cached(SELECT_MANY)?;
-                let rows = conn
-                    .client()
-                    .query(&statement, &[&entity_type, &entity_ids])?;
-                rows.iter().map(|r| decode_column(r, 0)).collect()
+            with_storage(self.storage(), call, |storage| {
+                call.with_conn(Retry::Idempotent, |conn| {
+                    let statement = conn.prepare_cached(select_many(storage))?;
+                    let rows = conn
+                        .client()
+                        .query(&statement, &[&entity_type, &entity_ids])?;
+                    rows.iter().map(|r| decode_column(r, 0)).collect()
+                })
             })
         })
     }
@@ -260,7 +318,7 @@ fn stream_type(call: &Call<'_>, entity_type: &str, f: &mut dyn FnMut(&str, &[f32
             .start()?;
         crate::db::pool::unbounded(&mut tx)?;
         let storage = open_stream(&mut tx, entity_type)?.storage;
-        let mut reader = tx.copy_out(&copy_out_type(entity_type))?;
+        let mut reader = tx.copy_out(&copy_out_type(entity_type, storage))?;
         let mut delivered = 0u64;
         let result = read_rows(&mut reader, storage, &mut |id, v| {
             delivered += 1;

@@ -337,3 +337,25 @@ pub struct Neighbor {
     /// Its distance to the query under the search's metric (smaller is closer).
     pub distance: f32,
 }
+
+/// How a type stores its values: f32 (4 bytes a dimension) or f16 (2 bytes a dimension,
+/// pgvector's `halfvec`; read back widened to f32, with a relative error up to 2^-11).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum VectorPrecision {
+    /// 32-bit floats, exactly as given.
+    #[default]
+    F32,
+    /// 16-bit floats (IEEE 754 half precision): values rounded to nearest; a value whose
+    /// magnitude rounds beyond 65,504 is refused at write.
+    F16,
+}
+
+impl VectorPrecision {
+    /// The name the registry keeps: `f32` or `f16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VectorPrecision::F32 => "f32",
+            VectorPrecision::F16 => "f16",
+        }
+    }
+}

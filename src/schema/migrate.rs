@@ -95,7 +95,17 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/V009__models_for_every_client.sql"),
         when: When::Always,
     },
+    Migration {
+        version: 10,
+        name: "V010__half_size_vectors.sql",
+        sql: include_str!("../../sql/V010__half_size_vectors.sql"),
+        when: When::Always,
+    },
 ];
+
+/// The migration that gives each type a precision: converting a schema to pgvector (V006,
+/// which redefines the storage functions) after it was applied runs its statements again.
+const HALF_SIZE_VECTORS: usize = MIGRATIONS.len() - 1;
 
 /// Has the schema stored any vector yet (quarantined ones included)?
 const HAS_VECTORS: &str = "SELECT EXISTS (SELECT 1 FROM embeddings) \
@@ -353,6 +363,9 @@ fn apply_pending(
     let (layout, found) = create_schema(&mut tx, schema, config.settings.citus)?;
     let pending = pending(&mut tx, storage)?;
     let building = pending.first().is_some_and(|m| m.version == 1);
+    let half_size_pending = pending
+        .iter()
+        .any(|m| m.version == MIGRATIONS[HALF_SIZE_VECTORS].version);
     if layout != Layout::Local {
         citus::before_migrations(&mut tx, schema, &found, building, wait)?;
     }
@@ -375,6 +388,9 @@ fn apply_pending(
         };
         if !applied {
             continue;
+        }
+        if migration.when == When::VectorStorage && !half_size_pending {
+            tx.batch_execute(MIGRATIONS[HALF_SIZE_VECTORS].sql)?;
         }
         report.applied.push(migration.name.to_owned());
         if migration.version == 1 {

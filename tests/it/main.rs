@@ -31,6 +31,7 @@ mod pool;
 mod retention;
 mod schema;
 mod search;
+mod search_filtered;
 #[cfg(feature = "pgvector")]
 mod search_pgvector;
 mod security;

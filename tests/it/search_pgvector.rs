@@ -8,6 +8,10 @@ use std::collections::HashMap;
 use pg_model_repo::{Embedding, LoadMethod, Metric, ModelRepository, RepoError, VectorStorage};
 
 use crate::common::{self, assert_invalid, count, TestRepo};
+
+/// Half-size vectors (types declared f16), run with the rest of this module.
+#[path = "half_vectors.rs"]
+mod half_vectors;
 use crate::search::{assert_neighbors, plane, plane_answers, search_during_writes};
 
 /// Fails the test unless the server can run pgvector.
@@ -589,4 +593,165 @@ fn k_beyond_ef_search_still_returns_k_neighbours() {
         assert_eq!(got.len(), k);
         assert!(got.windows(2).all(|w| w[0].distance <= w[1].distance));
     }
+}
+
+/// The ids of an answer.
+fn answer_ids(found: &[pg_model_repo::Neighbor]) -> Vec<String> {
+    found.iter().map(|n| n.entity_id.clone()).collect()
+}
+
+#[test]
+fn indexed_filtered_searches_return_k_whenever_k_rows_pass() {
+    use crate::search_filtered::{brute_force, random_rows};
+    use pg_model_repo::SearchFilter;
+    let repo = pgvector_repo();
+    // 10 of 10,000 rows have the prefix: the filter removes 99.9% of the type.
+    let rows = random_rows(10_000, 16, 1000, 5);
+    repo.batch_save_embeddings(&rows).unwrap();
+    repo.create_vector_index("item", Metric::L2).unwrap();
+    let q = rows[17].vector.clone();
+    let prefix = SearchFilter {
+        id_prefix: Some("keep".into()),
+        ..Default::default()
+    };
+    for k in [5, 10, 20] {
+        let found = repo
+            .nearest_embeddings_filtered("item", &q, k, Metric::L2, &prefix)
+            .unwrap();
+        assert_eq!(found.len(), k.min(10), "k={k}");
+        let expected = brute_force(&rows, &q, k, Metric::L2, |id| id.starts_with("keep"));
+        assert_eq!(answer_ids(&found), expected);
+    }
+    // Excluding the top hit returns the next one.
+    let top = repo.nearest_embeddings("item", &q, 2, Metric::L2).unwrap();
+    let without_top = SearchFilter {
+        exclude: vec![top[0].entity_id.clone()],
+        ..Default::default()
+    };
+    let found = repo
+        .nearest_embeddings_filtered("item", &q, 1, Metric::L2, &without_top)
+        .unwrap();
+    assert_eq!(found[0].entity_id, top[1].entity_id);
+    // A large candidate set goes through the index: 5,000 candidates, every query answers k
+    // and most of the true neighbours.
+    let mut among: Vec<String> = rows
+        .iter()
+        .step_by(2)
+        .map(|e| e.entity_id.clone())
+        .collect();
+    among.sort();
+    let candidates = SearchFilter {
+        among: Some(among.clone()),
+        ..Default::default()
+    };
+    let queries: Vec<Vec<f32>> = rows
+        .iter()
+        .skip(1)
+        .step_by(500)
+        .map(|e| e.vector.clone())
+        .collect();
+    let answers = repo
+        .nearest_embeddings_filtered_many("item", &queries, 10, Metric::L2, &candidates)
+        .unwrap();
+    let (mut hits, mut total) = (0, 0);
+    for (q, found) in queries.iter().zip(&answers) {
+        assert_eq!(found.len(), 10);
+        let expected = brute_force(&rows, q, 10, Metric::L2, |id| {
+            among.binary_search(&id.to_owned()).is_ok()
+        });
+        hits += found
+            .iter()
+            .filter(|n| expected.contains(&n.entity_id))
+            .count();
+        total += 10;
+        assert!(found
+            .iter()
+            .all(|n| among.binary_search(&n.entity_id).is_ok()));
+    }
+    assert!(hits * 10 >= total * 9, "recall {hits}/{total}");
+    // A small candidate set is exact (the planner fetches it by key and sorts it).
+    let few = SearchFilter {
+        among: Some(among[..50].to_vec()),
+        ..Default::default()
+    };
+    let found = repo
+        .nearest_embeddings_filtered("item", &q, 10, Metric::L2, &few)
+        .unwrap();
+    let expected = brute_force(&rows, &q, 10, Metric::L2, |id| {
+        among[..50].iter().any(|a| a == id)
+    });
+    assert_eq!(answer_ids(&found), expected);
+}
+
+#[test]
+fn the_exact_search_finds_the_nearest_neighbour_among_large_values_in_vector_storage() {
+    crate::search_filtered::exact_with_large_values(&pgvector_repo());
+}
+
+/// Issue 27's fault: the index build held writers of its type off for the whole build. Writes
+/// go on while the build runs, each within 1 s (the repository's query timeout is 2 s); the
+/// blocking build failed the first write after it started.
+#[test]
+fn an_index_build_does_not_block_writers_of_its_type() {
+    require_pgvector();
+    let repo = TestRepo::with_config(|c| {
+        c.vector_storage(VectorStorage::Pgvector)
+            .query_timeout(std::time::Duration::from_secs(2))
+    });
+    let data = clustered("item", 50, 600, 64, 9);
+    repo.load_embeddings(&data, LoadMethod::Copy).unwrap();
+    let building = std::sync::atomic::AtomicBool::new(true);
+    let (mut during, mut seen_building) = (0, false);
+    std::thread::scope(|scope| {
+        let build = scope.spawn(|| {
+            let built = repo.create_vector_index("item", Metric::L2);
+            building.store(false, std::sync::atomic::Ordering::SeqCst);
+            built
+        });
+        let mut sql = repo.sql();
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        while building.load(std::sync::atomic::Ordering::SeqCst) {
+            // The build is under way once its index exists in the catalog (on a cluster,
+            // the workers build the shards' indexes: the coordinator has no progress row).
+            seen_building |= sql
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname LIKE 'embeddings\\_%\\_hnsw\\_l2' \
+                     AND relnamespace = current_schema()::regnamespace)",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, bool>(0);
+            let t = std::time::Instant::now();
+            repo.save_embeddings("item", &format!("new{n}"), &[0.5; 64])
+                .unwrap();
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(1),
+                "{:?}",
+                t.elapsed()
+            );
+            n += 1;
+            if seen_building && building.load(std::sync::atomic::Ordering::SeqCst) {
+                during += 1;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(started.elapsed() < std::time::Duration::from_secs(300));
+        }
+        build.join().unwrap().unwrap();
+    });
+    assert!(
+        during > 0,
+        "the build ended before any write was tried during it"
+    );
+    // The index serves searches and holds the rows written meanwhile.
+    if !cfg!(feature = "citus") {
+        assert!(repo
+            .explain_nearest_embeddings("item", &[0.5; 64], 5, Metric::L2)
+            .unwrap()
+            .contains("hnsw"));
+    }
+    let found = repo
+        .nearest_embeddings("item", &[0.5; 64], 1, Metric::L2)
+        .unwrap();
+    assert!(found[0].entity_id.starts_with("new"), "{found:?}");
 }

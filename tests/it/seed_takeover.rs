@@ -482,7 +482,8 @@ fn migrate_takes_over_a_database_the_seed_built_keeping_every_row() {
             "V005__model_chunks.sql",
             "V007__citus_ready.sql",
             "V008__fresh_storage_loads.sql",
-            "V009__models_for_every_client.sql"
+            "V009__models_for_every_client.sql",
+            "V010__half_size_vectors.sql"
         ]
     );
     let takeover: &SeedTakeoverReport = report.seed_takeover.as_ref().unwrap();

@@ -1,0 +1,151 @@
+//! Declaring a type before its first row: its dimension and precision
+//! (`embedding_type_declare`, sql/V010), and the f16 range rule of writes to an f16 type.
+
+use std::collections::HashMap;
+
+use postgres::GenericClient;
+
+use crate::db::retry::Retry;
+use crate::embeddings::check::ENTITY_TYPE_MAX;
+use crate::embeddings::types::{Embedding, VectorPrecision, PGVECTOR_MAX_DIMENSION};
+use crate::error::{RepoError, Result};
+use crate::repository::ModelRepository;
+use crate::validate;
+
+const DECLARE: &str = "SELECT embedding_type_declare($1, $2, $3)";
+
+const F16_TYPES: &str = "SELECT entity_type::text FROM embedding_types \
+     WHERE entity_type = ANY($1::text[]) AND vector_precision = 'f16'";
+
+/// The smallest magnitude pgvector's halfvec refuses: it rounds to infinity in f16.
+const F16_OVERFLOW: f32 = 65_520.0;
+
+impl ModelRepository {
+    /// Registers `entity_type` before its first row, with its dimension and precision:
+    /// [`VectorPrecision::F16`] stores 2 bytes a dimension (pgvector's `halfvec`; reads
+    /// return f32 widened from f16, within a relative error of 2^-11; a value whose
+    /// magnitude is 65,520 or more is `InvalidInput` at write; HNSW indexes up to 4,000
+    /// dimensions). Types never change precision silently: only this call sets it.
+    ///
+    /// Declaring a type again with the same values is a no-op; with other values it is
+    /// [`RepoError::Conflict`] while the type has rows (drop or replace it first), else it is
+    /// redeclared (its HNSW indexes are forgotten). F16 on a schema that stores vectors as
+    /// BYTEA is `InvalidInput` (it needs pgvector); so is a dimension of 0 or above 16,000.
+    ///
+    /// ```no_run
+    /// # fn main() -> pg_model_repo::Result<()> {
+    /// # let repo = pg_model_repo::ModelRepository::connect("postgres://app@localhost/ml")?;
+    /// use pg_model_repo::VectorPrecision;
+    /// repo.declare_embedding_type("item", 1536, VectorPrecision::F16)?;
+    /// repo.save_embeddings("item", "i1", &vec![0.25; 1536])?;
+    /// # Ok(()) }
+    /// ```
+    pub fn declare_embedding_type(
+        &self,
+        entity_type: &str,
+        dimension: usize,
+        precision: VectorPrecision,
+    ) -> Result<()> {
+        self.timed("declare_embedding_type", |call| {
+            validate::name("entity_type", entity_type, ENTITY_TYPE_MAX)?;
+            if dimension == 0 || dimension > PGVECTOR_MAX_DIMENSION {
+                return Err(RepoError::invalid(format!(
+                    "dimension must be within 1..={PGVECTOR_MAX_DIMENSION}, not {dimension}"
+                )));
+            }
+            let dim = dimension as i32;
+            let outcome: String = call
+                .with_conn(Retry::Idempotent, |conn| {
+                    let row = conn
+                        .client()
+                        .query_one(DECLARE, &[&entity_type, &dim, &precision.as_str()])?;
+                    Ok(row.try_get(0)?)
+                })
+                .map_err(|e| match e.code().map(|c| c.code()) {
+                    Some("0A000") => RepoError::invalid(e.to_string()),
+                    _ => e,
+                })?;
+            self.index_cache().forget(entity_type);
+            if outcome == "has_rows" {
+                return Err(RepoError::conflict(format!(
+                    "entity type {entity_type:?} has rows with another dimension or precision: \
+                     drop it or replace it before declaring it as {dimension} x {}",
+                    precision.as_str()
+                )));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The first record (by index) that an f16 type cannot hold: `InvalidInput` naming it. Costs
+/// nothing for records within f16's range; otherwise one registry read.
+pub(crate) fn check_f16_range<C: GenericClient>(client: &mut C, batch: &[Embedding]) -> Result<()> {
+    check_f16_values(client, batch.len(), |i| {
+        (batch[i].entity_type.as_str(), batch[i].vector.as_slice())
+    })
+}
+
+/// [`check_f16_range`] of `n` records that `record` hands out by index.
+pub(crate) fn check_f16_values<'a, C: GenericClient>(
+    client: &mut C,
+    n: usize,
+    record: impl Fn(usize) -> (&'a str, &'a [f32]),
+) -> Result<()> {
+    let large: Vec<usize> = (0..n)
+        .filter(|&i| record(i).1.iter().any(|v| v.abs() >= F16_OVERFLOW))
+        .collect();
+    if large.is_empty() {
+        return Ok(());
+    }
+    let mut types: Vec<&str> = large.iter().map(|&i| record(i).0).collect();
+    types.sort_unstable();
+    types.dedup();
+    let half: HashMap<String, ()> = client
+        .query(F16_TYPES, &[&types])?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, ())))
+        .collect::<Result<_>>()?;
+    match large.into_iter().find(|&i| half.contains_key(record(i).0)) {
+        Some(i) => {
+            let (entity_type, v) = record(i);
+            let at = v.iter().position(|x| x.abs() >= F16_OVERFLOW).unwrap_or(0);
+            Err(RepoError::invalid_record(
+                i,
+                format!(
+                    "vector value {at} is {}, outside the range of entity type {:?}, \
+                     declared f16 (magnitudes below 65,520)",
+                    v[at], entity_type
+                ),
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Whether `entity_type` is declared f16 (for the iterator forms, which check each record as
+/// it comes).
+pub(crate) fn is_f16(call: &crate::db::call::Call<'_>, entity_type: &str) -> Result<bool> {
+    call.with_conn(Retry::Idempotent, |conn| {
+        let types = [entity_type];
+        Ok(!conn
+            .client()
+            .query(F16_TYPES, &[&types.as_slice()])?
+            .is_empty())
+    })
+}
+
+/// One record of an f16 type: `InvalidInput` naming it when a value is outside f16's range.
+pub(crate) fn check_f16_record(index: usize, e: &Embedding) -> Result<()> {
+    match e.vector.iter().position(|v| v.abs() >= F16_OVERFLOW) {
+        Some(at) => Err(RepoError::invalid_record(
+            index,
+            format!(
+                "vector value {at} is {}, outside the range of entity type {:?}, declared f16 \
+                 (magnitudes below 65,520)",
+                e.vector[at], e.entity_type
+            ),
+        )),
+        None => Ok(()),
+    }
+}

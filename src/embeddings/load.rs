@@ -327,8 +327,8 @@ pub(crate) fn load_fresh(
     }
 }
 
-/// An iterator's load: fresh storage for a type without rows, else an upsert (staged by COPY
-/// in constant memory, then merged).
+/// An iterator's load: fresh storage for a type without rows, else (or when `embeddings` has
+/// row triggers of its own) an upsert (staged by COPY in constant memory, then merged).
 #[allow(clippy::too_many_arguments)]
 fn load_stream(
     call: &Call<'_>,
@@ -341,7 +341,7 @@ fn load_stream(
     source: Source<'_>,
 ) -> Result<u64> {
     let state = type_state(conn.client(), entity_type, &[])?;
-    if state.has_rows {
+    if state.has_rows || state.row_triggers {
         let types = [TypeDim {
             entity_type,
             dimension,

@@ -56,6 +56,10 @@ pub(crate) struct TypeState {
     /// Keys of the batch's sample that the type has, and the sample's size.
     pub(crate) sampled_stored: usize,
     pub(crate) sampled: usize,
+    /// `embeddings` has row triggers of its own (an audit, a check another team added): the
+    /// rows go through the table, where they fire, never into fresh storage, where they would
+    /// not (a partition attached with its rows in fires no row trigger).
+    pub(crate) row_triggers: bool,
 }
 
 /// The type's state in one round trip: whether it has rows, about how many, and how many of
@@ -65,7 +69,9 @@ const TYPE_STATE: &str = "SELECT \
        coalesce((SELECT greatest(c.reltuples, 0)::int8 FROM embedding_types r \
                  JOIN pg_class c ON c.oid = to_regclass(quote_ident(r.storage)) \
                  WHERE r.entity_type = $1), 0), \
-       (SELECT count(*) FROM embeddings e WHERE e.entity_type = $1 AND e.entity_id = ANY($2))";
+       (SELECT count(*) FROM embeddings e WHERE e.entity_type = $1 AND e.entity_id = ANY($2)), \
+       EXISTS (SELECT 1 FROM pg_trigger t \
+               WHERE t.tgrelid = 'embeddings'::regclass AND NOT t.tgisinternal)";
 
 /// The exact count, where the planner has none yet (a table never analyzed).
 const COUNT_ROWS: &str = "SELECT count(*) FROM embeddings WHERE entity_type = $1";
@@ -88,6 +94,7 @@ pub(crate) fn type_state<C: GenericClient>(
         rows: row.try_get::<_, i64>(1)?.max(0) as u64,
         sampled_stored: row.try_get::<_, i64>(2)?.max(0) as usize,
         sampled: sample.len(),
+        row_triggers: row.try_get(3)?,
     };
     if state.has_rows && state.rows == 0 {
         state.rows = client
@@ -117,6 +124,9 @@ pub(crate) fn choose(
     }
     let streams = method == LoadMethod::ParallelCopy;
     let state = state()?;
+    if state.row_triggers {
+        return Ok(Path::Upsert(method));
+    }
     if !state.has_rows {
         return Ok(Path::Fresh { streams });
     }
@@ -150,6 +160,29 @@ mod tests {
             rows,
             sampled_stored,
             sampled: 64,
+            row_triggers: false,
+        }
+    }
+
+    #[test]
+    fn row_triggers_on_embeddings_keep_every_load_in_the_table() {
+        let triggered = |s: TypeState| TypeState {
+            row_triggers: true,
+            ..s
+        };
+        for s in [
+            state(false, 0, 0),
+            state(true, 100_000, 64),
+            state(true, 10, 0),
+        ] {
+            assert_eq!(
+                path(COPY, 100_000, true, triggered(s)),
+                Path::Upsert(LoadMethod::Copy)
+            );
+            assert_eq!(
+                path(PARALLEL, 100_000, true, triggered(s)),
+                Path::Upsert(LoadMethod::ParallelCopy)
+            );
         }
     }
 

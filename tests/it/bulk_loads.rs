@@ -600,3 +600,47 @@ fn loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
         "loads in opposite key orders deadlocked (and were retried)"
     );
 }
+
+/// Row triggers on `embeddings` (an audit, a check another team added) fire for every loaded
+/// row: with one, loads go through the table, never into fresh storage, where a partition
+/// attached with its rows in would fire none. A row the trigger refuses fails the load whole.
+#[test]
+fn row_triggers_on_embeddings_fire_for_every_load() {
+    let repo = TestRepo::new();
+    let mut sql = repo.sql();
+    sql.batch_execute(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.entity_id = 'poison' THEN
+                 RAISE check_violation USING MESSAGE = 'poison refused';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON embeddings
+             FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    )
+    .unwrap();
+    let mut poisoned = set("t", "k", 3_000, 4, 1.0);
+    poisoned.push(Embedding::new("t", "poison", vec![0.0; 4]));
+    // A new type (fresh storage without the trigger), then a type with rows (a reload).
+    for base in [0, 3_000] {
+        if base > 0 {
+            repo.load_embeddings(&set("t", "k", base, 4, 0.5), LoadMethod::Copy)
+                .unwrap();
+        }
+        for method in LoadMethod::ALL {
+            let err = repo.load_embeddings(&poisoned, method).unwrap_err();
+            assert_eq!(
+                err.code().map(|c| c.code()),
+                Some("23514"),
+                "{method}: {err}"
+            );
+            assert_eq!(count(&repo, "embeddings"), base as i64, "{method}");
+        }
+        let err = repo
+            .load_embeddings_iter(&mut poisoned.clone().into_iter(), LoadMethod::Copy)
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("23514"), "iter: {err}");
+        assert_eq!(count(&repo, "embeddings"), base as i64, "iter");
+    }
+}

@@ -28,7 +28,9 @@ wait "$recorder" 2>/dev/null || true
 exec 3>&-
 wait "$client" || true
 grep -E '^(rows|done)' "$work/out"
-echo "== samples per process (999 Hz on every CPU: ~1 ms of CPU each)"
+echo "== samples in all (999 Hz on every CPU: ~1 ms of CPU each), then per process"
+perf report -i "$work/perf.data" --stdio 2>/dev/null | grep -m1 -E '^# (Samples|Total Lost|Event count)' || true
+perf report -i "$work/perf.data" --stdio --header-only 2>/dev/null | grep -E 'sample_freq|duration' | head -3 || true
 perf report -i "$work/perf.data" --no-children --sort comm --stdio 2>/dev/null \
     | grep -E '^ +[0-9]' | head -8
 echo "== top symbols (process, library, symbol)"

@@ -11,8 +11,7 @@
 //!   rows x dim float32 `.npy` (every check of the files included, process start included)
 //!   against the library's `replace_embeddings` of the same rows already in memory.
 //! - `load` (no replace): the tool's non-replace load against `load_embeddings(…, Copy)` from
-//!   memory. PROVISIONAL: until `ModelRepository::load_embeddings_iter` lands the tool's
-//!   non-replace path collects every row (a shim), so its memory grows with the file.
+//!   memory (the tool streams through `load_embeddings_iter`, in constant memory).
 //! - `export`: `pg-model-repo embeddings export` to `.npy` + ids against
 //!   `for_each_embedding` into a closure that only touches the values.
 //! - `models push` / `models pull` of a model-mib file: peak RSS and MiB/s.
@@ -280,7 +279,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("|---|---|---|---|---|");
     let names = [
         "load --replace (replace_embeddings)",
-        "load, no replace (load_embeddings Copy; PROVISIONAL: shim collects rows)",
+        "load, no replace (load_embeddings Copy)",
         "export (for_each_embedding)",
     ];
     for (pair, name) in names.iter().enumerate() {

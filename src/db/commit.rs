@@ -122,25 +122,14 @@ fn run_tracked_as<T>(
             }) => {
                 pool.note_failure(&mut conn, &error);
                 conn.poison();
+                // Its pool slot is free before the server is asked on another connection.
                 drop(conn);
-                if hung {
-                    // Asking a hung server would hang the caller again.
-                    return Ok(Outcome::Unknown { xid, cause: error });
-                }
-                match status(pool, xid, checkout) {
-                    Ok(Status::Committed) => {
-                        log::info!(
-                            "pg-model-repo: {op}: COMMIT failed ({error}); the server says \
-                             it committed"
-                        );
-                        Ok(Outcome::Committed(value))
-                    }
-                    // Nothing happened: the error and the caller's retry policy decide
-                    // whether it is repeated.
-                    Ok(Status::Aborted) => Err(error),
-                    Ok(Status::InProgress | Status::Forgotten) | Err(_) => {
-                        Ok(Outcome::Unknown { xid, cause: error })
-                    }
+                match verdict(pool, op, xid, error, hung, checkout) {
+                    Verdict::Committed => Ok(Outcome::Committed(value)),
+                    // Nothing happened: the error and the caller's retry policy decide whether it
+                    // is repeated.
+                    Verdict::Aborted(error) => Err(error),
+                    Verdict::Unknown(cause) => Ok(Outcome::Unknown { xid, cause }),
                 }
             }
         }
@@ -195,18 +184,45 @@ pub(crate) fn settle(
     let error = RepoError::from(e);
     pool.note_failure(conn, &error);
     conn.poison();
-    if hung {
-        return Err(unknown(op, xid, &error));
+    match verdict(pool, op, xid, error, hung, Checkout::Pool) {
+        Verdict::Committed => Ok(()),
+        Verdict::Aborted(error) => Err(error),
+        Verdict::Unknown(cause) => Err(unknown(op, xid, &cause)),
     }
-    match status(pool, xid, Checkout::Pool) {
+}
+
+/// What a COMMIT of a transaction that failed came to.
+enum Verdict {
+    Committed,
+    /// It did not commit: here is why the COMMIT failed.
+    Aborted(RepoError),
+    /// The server could not be asked (it hangs, or it no longer knows): the COMMIT's error.
+    Unknown(RepoError),
+}
+
+/// Settles a COMMIT of transaction `xid` that failed with `error`: the server's commit log is
+/// asked on a pooled connection, unless the watchdog cut the one that sent it (`hung`: asking
+/// a hung server would hang the caller again).
+fn verdict(
+    pool: &Pool,
+    op: &str,
+    xid: i64,
+    error: RepoError,
+    hung: bool,
+    checkout: Checkout,
+) -> Verdict {
+    if hung {
+        return Verdict::Unknown(error);
+    }
+    match status(pool, xid, checkout) {
         Ok(Status::Committed) => {
             log::info!(
                 "pg-model-repo: {op}: COMMIT failed ({error}); the server says it committed"
             );
-            Ok(())
+            Verdict::Committed
         }
-        Ok(Status::Aborted) => Err(error),
-        Ok(Status::InProgress | Status::Forgotten) | Err(_) => Err(unknown(op, xid, &error)),
+        Ok(Status::Aborted) => Verdict::Aborted(error),
+        Ok(Status::InProgress | Status::Forgotten) | Err(_) => Verdict::Unknown(error),
     }
 }
 

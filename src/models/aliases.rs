@@ -305,3 +305,19 @@ pub(crate) fn drop_aliases_to(
         .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
         .collect()
 }
+
+/// The `AliasDeleted` events of the aliases [`drop_aliases_to`] removed.
+pub(crate) fn dropped_alias_notices<'a>(
+    model_name: &'a str,
+    dropped: &'a [(String, String)],
+) -> impl Iterator<Item = Notice<'a>> {
+    dropped.iter().map(move |(alias, version)| {
+        Notice::alias(
+            ModelEventKind::AliasDeleted,
+            model_name,
+            alias,
+            version,
+            None,
+        )
+    })
+}

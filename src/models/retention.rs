@@ -9,7 +9,7 @@ use postgres::Transaction;
 use crate::db::call::Call;
 use crate::db::retry::Retry;
 use crate::error::Result;
-use crate::models::aliases::drop_aliases_to;
+use crate::models::aliases::{drop_aliases_to, dropped_alias_notices};
 use crate::models::chunked::delete_sets;
 use crate::models::events::{notify, ModelEventKind, Notice};
 use crate::repository::ModelRepository;
@@ -299,15 +299,7 @@ impl ModelRepository {
                     )
                 })
                 .collect();
-            notices.extend(dropped.iter().map(|(alias, version)| {
-                Notice::alias(
-                    ModelEventKind::AliasDeleted,
-                    model_name,
-                    alias,
-                    version,
-                    None,
-                )
-            }));
+            notices.extend(dropped_alias_notices(model_name, &dropped));
             notify(tx, channel, &notices)?;
             Ok(report)
         })

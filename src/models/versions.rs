@@ -14,7 +14,7 @@ use crate::db::hex_sha256;
 use crate::db::pool::begin_snapshot;
 use crate::db::retry::Retry;
 use crate::error::{RepoError, Result};
-use crate::models::aliases::drop_aliases_to;
+use crate::models::aliases::{drop_aliases_to, dropped_alias_notices};
 use crate::models::chunked::{
     delete_released, layout_columns, release_sets, save_chunked, stream_chunks, ChunkSource,
     ChunkedSave, Layout,
@@ -454,15 +454,7 @@ impl ModelRepository {
                         &literal,
                         Some(save_seq),
                     )];
-                    events.extend(dropped.iter().map(|(alias, version)| {
-                        Notice::alias(
-                            ModelEventKind::AliasDeleted,
-                            model_name,
-                            alias,
-                            version,
-                            None,
-                        )
-                    }));
+                    events.extend(dropped_alias_notices(model_name, &dropped));
                     notify(tx, channel, &events)?;
                 }
                 Ok(deleted)
@@ -509,15 +501,7 @@ impl ModelRepository {
                         Notice::version(ModelEventKind::CleanedUp, model_name, version, Some(*seq))
                     })
                     .collect();
-                events.extend(dropped.iter().map(|(alias, version)| {
-                    Notice::alias(
-                        ModelEventKind::AliasDeleted,
-                        model_name,
-                        alias,
-                        version,
-                        None,
-                    )
-                }));
+                events.extend(dropped_alias_notices(model_name, &dropped));
                 notify(tx, channel, &events)?;
                 Ok((removed.len() as u64, chunk_sets))
             })?;

@@ -9,28 +9,7 @@ use std::time::Duration;
 
 use pg_model_repo::{Embedding, LoadMethod, RepoError, RepositoryConfig};
 
-use crate::common::{self, count, terminate_sessions, TestRepo};
-
-fn set(entity_type: &str, prefix: &str, n: usize, dim: usize, value: f32) -> Vec<Embedding> {
-    (0..n)
-        .map(|i| Embedding::new(entity_type, format!("{prefix}{i:06}"), vec![value; dim]))
-        .collect()
-}
-
-/// The storage tables of the test's schema (attached or not).
-fn storage_tables(repo: &TestRepo) -> Vec<String> {
-    repo.sql()
-        .query(
-            "SELECT relname::text FROM pg_class
-             WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'
-               AND relname ~ '^embeddings_[0-9]+_[0-9]+$' ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
+use crate::common::{self, count, terminate_sessions, uniform_batch, TestRepo};
 
 /// Loads in progress or left behind.
 fn loads(repo: &TestRepo) -> i64 {
@@ -80,12 +59,12 @@ fn a_record_refused_late_writes_nothing_on_every_path() {
     for (n, (label, method, has_rows, same_keys)) in PATHS.iter().enumerate() {
         let ty = format!("late_{n}");
         if *has_rows {
-            repo.load_embeddings(&set(&ty, "k", 20_000, 16, 1.0), LoadMethod::Copy)
+            repo.load_embeddings(&uniform_batch(&ty, "k", 20_000, 16, 1.0), LoadMethod::Copy)
                 .unwrap();
         }
-        let tables = storage_tables(&repo);
+        let tables = common::storage_tables(&repo);
         let prefix = if *same_keys { "k" } else { "n" };
-        let mut batch = set(&ty, prefix, 20_000, 16, 2.0);
+        let mut batch = uniform_batch(&ty, prefix, 20_000, 16, 2.0);
         batch[19_990].vector[7] = f32::NAN;
         let err = repo.load_embeddings(&batch, *method).unwrap_err();
         match &err {
@@ -100,7 +79,7 @@ fn a_record_refused_late_writes_nothing_on_every_path() {
         assert_eq!(values(&repo, &ty), expected, "{label}");
         assert_eq!(registered(&repo, &ty), *has_rows, "{label}");
         assert_eq!(
-            storage_tables(&repo),
+            common::storage_tables(&repo),
             tables,
             "{label}: a table stayed behind"
         );
@@ -108,7 +87,7 @@ fn a_record_refused_late_writes_nothing_on_every_path() {
     }
     // The iterator form: a NaN late in the stream, a key twice.
     for method in [LoadMethod::Copy, LoadMethod::ParallelCopy] {
-        let mut rows = set("late_iter", "k", 20_000, 16, 3.0);
+        let mut rows = uniform_batch("late_iter", "k", 20_000, 16, 3.0);
         rows[15_000].vector[0] = f32::INFINITY;
         let err = repo
             .load_embeddings_iter(&mut rows.into_iter(), method)
@@ -117,7 +96,7 @@ fn a_record_refused_late_writes_nothing_on_every_path() {
             matches!(&err, RepoError::InvalidInput(d) if d.record() == Some(15_000)),
             "{err}"
         );
-        let mut rows = set("late_iter", "k", 20_000, 16, 3.0);
+        let mut rows = uniform_batch("late_iter", "k", 20_000, 16, 3.0);
         rows[17_000].entity_id = rows[3].entity_id.clone();
         let err = repo
             .load_embeddings_iter(&mut rows.into_iter(), method)
@@ -140,11 +119,14 @@ fn a_stream_whose_connection_is_killed_leaves_nothing_visible() {
             .load_streams(3)
             .reaper_interval(None)
     });
-    repo.load_embeddings(&set("kept", "k", 5_000, 16, 1.0), LoadMethod::Copy)
-        .unwrap();
+    repo.load_embeddings(
+        &uniform_batch("kept", "k", 5_000, 16, 1.0),
+        LoadMethod::Copy,
+    )
+    .unwrap();
     for (label, method, has_rows, _) in PATHS.iter().filter(|p| p.1 == LoadMethod::ParallelCopy) {
         let ty = if *has_rows { "kept" } else { "killed" };
-        let batch = set(ty, "k", 40_000, 16, 2.0);
+        let batch = uniform_batch(ty, "k", 40_000, 16, 2.0);
         let kills = AtomicUsize::new(0);
         // Every attempt (the load is retried) dies midway.
         let result = repo.load_embeddings_with_progress(&batch, *method, &mut |done, _| {
@@ -158,15 +140,15 @@ fn a_stream_whose_connection_is_killed_leaves_nothing_visible() {
         assert!(values(&repo, "killed").is_empty(), "{label}");
     }
     assert_eq!(
-        storage_tables(&repo).len(),
+        common::storage_tables(&repo).len(),
         1,
         "{:?}",
-        storage_tables(&repo)
+        common::storage_tables(&repo)
     );
     assert_eq!(loads(&repo), 0);
     // And the repository works on.
     repo.load_embeddings(
-        &set("killed", "k", 1_000, 16, 4.0),
+        &uniform_batch("killed", "k", 1_000, 16, 4.0),
         LoadMethod::ParallelCopy,
     )
     .unwrap();
@@ -176,11 +158,14 @@ fn a_stream_whose_connection_is_killed_leaves_nothing_visible() {
 #[test]
 fn a_panicking_producer_leaves_nothing_visible() {
     let repo = TestRepo::with_config(|c| c.pool_size(3).max_overflow(3).load_streams(3));
-    repo.load_embeddings(&set("kept", "k", 5_000, 16, 1.0), LoadMethod::Copy)
-        .unwrap();
+    repo.load_embeddings(
+        &uniform_batch("kept", "k", 5_000, 16, 1.0),
+        LoadMethod::Copy,
+    )
+    .unwrap();
     for method in [LoadMethod::Copy, LoadMethod::ParallelCopy] {
         for ty in ["kept", "fresh"] {
-            let panicking = set(ty, "k", 40_000, 16, 2.0)
+            let panicking = uniform_batch(ty, "k", 40_000, 16, 2.0)
                 .into_iter()
                 .enumerate()
                 .map(|(i, e)| {
@@ -194,7 +179,7 @@ fn a_panicking_producer_leaves_nothing_visible() {
             assert!(outcome.is_err(), "the panic reaches the caller");
         }
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut rows = set("kept", "r", 40_000, 16, 3.0)
+            let mut rows = uniform_batch("kept", "r", 40_000, 16, 3.0)
                 .into_iter()
                 .enumerate()
                 .map(|(i, e)| {
@@ -206,19 +191,25 @@ fn a_panicking_producer_leaves_nothing_visible() {
         assert!(outcome.is_err());
         assert_eq!(values(&repo, "kept"), vec![(1.0, 5_000)], "{method}");
         assert!(!registered(&repo, "fresh"), "{method}");
-        assert_eq!(storage_tables(&repo).len(), 1, "{method}");
+        assert_eq!(common::storage_tables(&repo).len(), 1, "{method}");
         assert_eq!(loads(&repo), 0, "{method}");
     }
-    repo.load_embeddings(&set("fresh", "k", 1_000, 16, 4.0), LoadMethod::ParallelCopy)
-        .unwrap();
+    repo.load_embeddings(
+        &uniform_batch("fresh", "k", 1_000, 16, 4.0),
+        LoadMethod::ParallelCopy,
+    )
+    .unwrap();
     assert_eq!(values(&repo, "fresh"), vec![(4.0, 1_000)]);
 }
 
 #[test]
 fn readers_see_the_old_set_or_the_new_never_a_mix() {
     let repo = TestRepo::with_config(|c| c.pool_size(3).max_overflow(3).load_streams(2));
-    repo.load_embeddings(&set("swap", "k", 10_000, 8, 0.0), LoadMethod::Copy)
-        .unwrap();
+    repo.load_embeddings(
+        &uniform_batch("swap", "k", 10_000, 8, 0.0),
+        LoadMethod::Copy,
+    )
+    .unwrap();
     let done = AtomicBool::new(false);
     let mixes = AtomicUsize::new(0);
     let reads = AtomicUsize::new(0);
@@ -241,7 +232,7 @@ fn readers_see_the_old_set_or_the_new_never_a_mix() {
             }
         });
         for round in 1..=6 {
-            let batch = set("swap", "k", 10_000, 8, round as f32);
+            let batch = uniform_batch("swap", "k", 10_000, 8, round as f32);
             let method = [LoadMethod::Copy, LoadMethod::ParallelCopy][round % 2];
             repo.load_embeddings(&batch, method).unwrap();
         }
@@ -260,8 +251,11 @@ fn a_writer_during_a_rebuild_loses_nothing() {
             .load_streams(2)
             .query_timeout(Duration::from_secs(20))
     });
-    repo.load_embeddings(&set("busy", "k", 20_000, 8, 0.0), LoadMethod::Copy)
-        .unwrap();
+    repo.load_embeddings(
+        &uniform_batch("busy", "k", 20_000, 8, 0.0),
+        LoadMethod::Copy,
+    )
+    .unwrap();
     let done = AtomicBool::new(false);
     let written = std::thread::scope(|s| {
         let writer = s.spawn(|| {
@@ -275,7 +269,7 @@ fn a_writer_during_a_rebuild_loses_nothing() {
         });
         for round in 1..=4 {
             let method = [LoadMethod::Copy, LoadMethod::ParallelCopy][round % 2];
-            repo.load_embeddings(&set("busy", "k", 20_000, 8, round as f32), method)
+            repo.load_embeddings(&uniform_batch("busy", "k", 20_000, 8, round as f32), method)
                 .unwrap();
         }
         done.store(true, Ordering::Relaxed);
@@ -296,7 +290,7 @@ fn a_writer_during_a_rebuild_loses_nothing() {
 #[test]
 fn a_reload_keeps_created_at_and_no_dead_rows() {
     let repo = TestRepo::new();
-    let first = set("stamp", "k", 5_000, 96, 1.0);
+    let first = uniform_batch("stamp", "k", 5_000, 96, 1.0);
     repo.load_embeddings(&first, LoadMethod::Copy).unwrap();
     let stamp = |repo: &TestRepo, id: &str| -> (std::time::SystemTime, std::time::SystemTime) {
         let row = repo
@@ -311,8 +305,8 @@ fn a_reload_keeps_created_at_and_no_dead_rows() {
     };
     let (created, updated) = stamp(&repo, "k000042");
     std::thread::sleep(Duration::from_millis(20));
-    let mut again = set("stamp", "k", 5_000, 96, 2.0);
-    again.extend(set("stamp", "z", 100, 96, 2.0));
+    let mut again = uniform_batch("stamp", "k", 5_000, 96, 2.0);
+    again.extend(uniform_batch("stamp", "z", 100, 96, 2.0));
     repo.load_embeddings(&again, LoadMethod::ParallelCopy)
         .unwrap();
     let (created2, updated2) = stamp(&repo, "k000042");
@@ -355,14 +349,14 @@ fn the_sweep_spares_a_live_load_and_drops_a_dead_ones_table() {
     repo.sql()
         .batch_execute("UPDATE embedding_loads SET started_at = now() - interval '2 hours'")
         .unwrap();
-    assert_eq!(storage_tables(&repo).len(), 1);
+    assert_eq!(common::storage_tables(&repo).len(), 1);
     // A live load that waits midway while the sweep runs, its record made just as old.
     let midway = Arc::new(Barrier::new(2));
     let resume = Arc::new(Barrier::new(2));
     std::thread::scope(|s| {
         let (midway2, resume2) = (midway.clone(), resume.clone());
         let loader = s.spawn(|| {
-            let mut rows = set("live", "k", 20_000, 8, 1.0)
+            let mut rows = uniform_batch("live", "k", 20_000, 8, 1.0)
                 .into_iter()
                 .enumerate()
                 .map(move |(i, e)| {
@@ -387,7 +381,7 @@ fn the_sweep_spares_a_live_load_and_drops_a_dead_ones_table() {
         loader.join().unwrap().unwrap();
     });
     assert_eq!(values(&repo, "live"), vec![(1.0, 20_000)]);
-    assert_eq!(storage_tables(&repo).len(), 1);
+    assert_eq!(common::storage_tables(&repo).len(), 1);
     assert_eq!(loads(&repo), 0);
 }
 
@@ -399,9 +393,9 @@ fn refreshes_of_one_type_queue_and_of_two_types_never_deadlock() {
             .load_streams(2)
             .query_timeout(Duration::from_secs(2))
     });
-    repo.replace_embeddings("a", &set("a", "k", 100, 8, 0.0))
+    repo.replace_embeddings("a", &uniform_batch("a", "k", 100, 8, 0.0))
         .unwrap();
-    repo.replace_embeddings("b", &set("b", "k", 100, 8, 0.0))
+    repo.replace_embeddings("b", &uniform_batch("b", "k", 100, 8, 0.0))
         .unwrap();
     let start = Barrier::new(3);
     std::thread::scope(|s| {
@@ -410,7 +404,7 @@ fn refreshes_of_one_type_queue_and_of_two_types_never_deadlock() {
             s.spawn(move || {
                 start.wait();
                 for round in 0..3 {
-                    let batch = set("a", "k", 60_000, 8, value + round as f32);
+                    let batch = uniform_batch("a", "k", 60_000, 8, value + round as f32);
                     repo.replace_embeddings("a", &batch).unwrap();
                 }
             })
@@ -420,7 +414,7 @@ fn refreshes_of_one_type_queue_and_of_two_types_never_deadlock() {
         let other = s.spawn(|| {
             start.wait();
             for round in 0..3 {
-                let mut rows = set("b", "k", 60_000, 8, round as f32).into_iter();
+                let mut rows = uniform_batch("b", "k", 60_000, 8, round as f32).into_iter();
                 repo.replace_embeddings_iter("b", &mut rows).unwrap();
             }
         });
@@ -434,7 +428,7 @@ fn refreshes_of_one_type_queue_and_of_two_types_never_deadlock() {
         "{a:?}"
     );
     assert_eq!(values(&repo, "b"), vec![(2.0, 60_000)]);
-    assert_eq!(storage_tables(&repo).len(), 2);
+    assert_eq!(common::storage_tables(&repo).len(), 2);
 }
 
 #[test]
@@ -463,14 +457,7 @@ fn first_saves_of_a_new_type_from_many_threads_never_deadlock() {
         }
     });
     assert_eq!(repo.get_all_embeddings("crowd").unwrap().len(), 24);
-    let deadlocks: i64 = postgres::Client::connect(&server.url(), postgres::NoTls)
-        .unwrap()
-        .query_one(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let deadlocks = deadlocks_on(&server);
     assert_eq!(deadlocks, 0, "23 of 24 threads used to deadlock here");
     repo.close();
 }
@@ -478,7 +465,7 @@ fn first_saves_of_a_new_type_from_many_threads_never_deadlock() {
 #[test]
 fn a_repeatable_read_reader_across_a_refresh_sees_what_the_docs_say() {
     let repo = TestRepo::with_config(|c| c.query_timeout(Duration::from_secs(5)));
-    repo.replace_embeddings("rr", &set("rr", "k", 1_000, 8, 1.0))
+    repo.replace_embeddings("rr", &uniform_batch("rr", "k", 1_000, 8, 1.0))
         .unwrap();
     let count_of = |sql: &mut postgres::Transaction<'_>| -> i64 {
         sql.query_one(
@@ -498,7 +485,8 @@ fn a_repeatable_read_reader_across_a_refresh_sees_what_the_docs_say() {
         .unwrap();
     assert_eq!(count_of(&mut reader), 1_000);
     std::thread::scope(|s| {
-        let refresh = s.spawn(|| repo.replace_embeddings("rr", &set("rr", "n", 2_000, 8, 2.0)));
+        let refresh =
+            s.spawn(|| repo.replace_embeddings("rr", &uniform_batch("rr", "n", 2_000, 8, 2.0)));
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(count_of(&mut reader), 1_000, "still the old set");
         assert!(!refresh.is_finished(), "the swap waits for the reader");
@@ -528,7 +516,7 @@ fn a_repeatable_read_reader_across_a_refresh_sees_what_the_docs_say() {
             .query_one("SELECT count(*) FROM prediction_cache", &[])
             .unwrap();
         repo.drop_embedding_type("rr").unwrap();
-        repo.load_embeddings(&set("rr", "m", 3_000, 8, 3.0), method)
+        repo.load_embeddings(&uniform_batch("rr", "m", 3_000, 8, 3.0), method)
             .unwrap();
         assert_eq!(count_of(&mut reader), expected, "{method}");
         reader.commit().unwrap();
@@ -555,8 +543,11 @@ fn loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
     )
     .unwrap();
     // A type with rows, so that these loads upsert into it rather than rebuild it.
-    repo.load_embeddings(&set("t", "base", 40_000, 8, 0.0), LoadMethod::Copy)
-        .unwrap();
+    repo.load_embeddings(
+        &uniform_batch("t", "base", 40_000, 8, 0.0),
+        LoadMethod::Copy,
+    )
+    .unwrap();
     let pairs = [
         (LoadMethod::Copy, LoadMethod::Copy),
         (LoadMethod::Copy, LoadMethod::ParallelCopy),
@@ -564,7 +555,7 @@ fn loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
         (LoadMethod::MultiRowInsert, LoadMethod::Copy),
     ];
     for (round, (first, second)) in pairs.into_iter().enumerate() {
-        let forward = set("t", &format!("r{round}-"), 6_000, 8, round as f32);
+        let forward = uniform_batch("t", &format!("r{round}-"), 6_000, 8, round as f32);
         let backward: Vec<Embedding> = forward.iter().rev().cloned().collect();
         // New keys first (COPY straight into the table), then the same keys again (merges).
         for pass in 0..2 {
@@ -587,14 +578,7 @@ fn loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
     );
     // Closed: every backend has exited, and reported its deadlocks.
     repo.close();
-    let deadlocks: i64 = postgres::Client::connect(&server.url(), postgres::NoTls)
-        .unwrap()
-        .query_one(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let deadlocks = deadlocks_on(&server);
     assert_eq!(
         deadlocks, 0,
         "loads in opposite key orders deadlocked (and were retried)"
@@ -607,33 +591,13 @@ fn loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
 #[test]
 fn row_triggers_on_embeddings_fire_for_every_load() {
     let repo = TestRepo::new();
-    let mut sql = repo.sql();
-    // Citus refuses triggers on distributed tables unless told (a plain server keeps the
-    // setting as a placeholder).
-    sql.batch_execute("SET citus.enable_unsafe_triggers = on")
-        .unwrap();
-    sql.batch_execute(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF NEW.entity_id = 'poison' THEN
-                 RAISE check_violation USING MESSAGE = 'poison refused';
-             END IF;
-             RETURN NEW;
-         END $$",
-    )
-    .unwrap();
-    // One statement at a time: Citus sends each to the workers as it is.
-    sql.batch_execute(
-        "CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON embeddings
-             FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
-    )
-    .unwrap();
-    let mut poisoned = set("t", "k", 3_000, 4, 1.0);
+    common::refuse_poison_rows(&mut repo.sql());
+    let mut poisoned = uniform_batch("t", "k", 3_000, 4, 1.0);
     poisoned.push(Embedding::new("t", "poison", vec![0.0; 4]));
     // A new type (fresh storage without the trigger), then a type with rows (a reload).
     for base in [0, 3_000] {
         if base > 0 {
-            repo.load_embeddings(&set("t", "k", base, 4, 0.5), LoadMethod::Copy)
+            repo.load_embeddings(&uniform_batch("t", "k", base, 4, 0.5), LoadMethod::Copy)
                 .unwrap();
         }
         for method in LoadMethod::ALL {
@@ -660,4 +624,17 @@ fn assert_refused_by_the_trigger(err: &RepoError, what: &str) {
         "{what}: {err}"
     );
     assert!(err.to_string().contains("poison refused"), "{what}: {err}");
+}
+
+/// The deadlocks `server`'s database has counted (a server of the test's own: the count is
+/// the test's alone).
+fn deadlocks_on(server: &pg_model_repo::throwaway::ThrowawayServer) -> i64 {
+    postgres::Client::connect(&server.url(), postgres::NoTls)
+        .unwrap()
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
 }

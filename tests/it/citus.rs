@@ -214,21 +214,7 @@ fn a_schema_based_repository_lives_whole_on_one_node_and_repositories_spread() {
 fn a_batch_refused_midway_on_one_worker_leaves_nothing_on_any() {
     let repo = repo(CitusMode::RowBased);
     repo.save_embeddings("user", "first", &[1.0, 2.0]).unwrap();
-    let mut sql = repo.sql();
-    for statement in [
-        "SET citus.enable_unsafe_triggers = on",
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF NEW.entity_id = 'poison' THEN
-                 RAISE check_violation USING MESSAGE = 'poison refused';
-             END IF;
-             RETURN NEW;
-         END $$",
-        "CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON embeddings
-             FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
-    ] {
-        sql.batch_execute(statement).unwrap();
-    }
+    common::refuse_poison_rows(&mut repo.sql());
     let mut batch = vectors("user", 3000, 2);
     batch.push(Embedding::new("user", "poison", vec![0.0, 0.0]));
     for method in LoadMethod::ALL {

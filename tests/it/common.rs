@@ -306,3 +306,55 @@ pub fn python() -> String {
         .filter(|p| !p.trim().is_empty())
         .unwrap_or_else(|| "python3".to_owned())
 }
+
+/// `n` vectors of `entity_type`, ids `<prefix>000000`, `<prefix>000001`, …, every value `value`.
+pub fn uniform_batch(
+    entity_type: &str,
+    prefix: &str,
+    n: usize,
+    dim: usize,
+    value: f32,
+) -> Vec<pg_model_repo::Embedding> {
+    (0..n)
+        .map(|i| {
+            pg_model_repo::Embedding::new(entity_type, format!("{prefix}{i:06}"), vec![value; dim])
+        })
+        .collect()
+}
+
+/// The storage tables of the test's schema, attached or not (every table named
+/// embeddings_<id>_<n>).
+pub fn storage_tables(repo: &TestRepo) -> Vec<String> {
+    repo.sql()
+        .query(
+            "SELECT relname::text FROM pg_class
+             WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'
+               AND relname ~ '^embeddings_[0-9]+_[0-9]+$' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// A row trigger on `embeddings` that refuses the entity_id `poison` (check_violation,
+/// "poison refused"), as another team's check would. One statement at a time: Citus sends
+/// each to the workers as it is, and refuses triggers on distributed tables unless told (a
+/// plain server keeps the setting as a placeholder).
+pub fn refuse_poison_rows(sql: &mut postgres::Client) {
+    for statement in [
+        "SET citus.enable_unsafe_triggers = on",
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.entity_id = 'poison' THEN
+                 RAISE check_violation USING MESSAGE = 'poison refused';
+             END IF;
+             RETURN NEW;
+         END $$",
+        "CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON embeddings
+             FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ] {
+        sql.batch_execute(statement).unwrap();
+    }
+}

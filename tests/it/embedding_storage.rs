@@ -7,28 +7,9 @@ use std::sync::Arc;
 
 use pg_model_repo::{Embedding, ModelRepository, RepoError, RepositoryConfig, VectorStorage};
 
-use crate::common::{self, assert_invalid, count, terminate_sessions, TestRepo, PLAIN_SCHEMA};
-
-fn set(entity_type: &str, prefix: &str, n: usize, dim: usize, value: f32) -> Vec<Embedding> {
-    (0..n)
-        .map(|i| Embedding::new(entity_type, format!("{prefix}{i:05}"), vec![value; dim]))
-        .collect()
-}
-
-/// The storage tables of this schema (every table named embeddings_<id>_<n>).
-fn storage_tables(repo: &TestRepo) -> Vec<String> {
-    repo.sql()
-        .query(
-            "SELECT relname::text FROM pg_class
-             WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'
-               AND relname ~ '^embeddings_[0-9]+_[0-9]+$' ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
+use crate::common::{
+    self, assert_invalid, count, terminate_sessions, uniform_batch, TestRepo, PLAIN_SCHEMA,
+};
 
 fn registered_dimension(repo: &TestRepo, entity_type: &str) -> Option<i32> {
     repo.sql()
@@ -43,12 +24,12 @@ fn registered_dimension(repo: &TestRepo, entity_type: &str) -> Option<i32> {
 #[test]
 fn a_full_refresh_replaces_the_whole_set_of_its_type_only() {
     let repo = TestRepo::new();
-    repo.batch_save_embeddings(&set("user", "old", 500, 8, 1.0))
+    repo.batch_save_embeddings(&uniform_batch("user", "old", 500, 8, 1.0))
         .unwrap();
-    repo.batch_save_embeddings(&set("item", "i", 10, 4, 9.0))
+    repo.batch_save_embeddings(&uniform_batch("item", "i", 10, 4, 9.0))
         .unwrap();
     let report = repo
-        .replace_embeddings("user", &set("user", "new", 300, 8, 2.0))
+        .replace_embeddings("user", &uniform_batch("user", "new", 300, 8, 2.0))
         .unwrap();
     assert_eq!((report.rows, report.bytes), (300, 300 * 8 * 4));
     let users = repo.get_all_embeddings("user").unwrap();
@@ -57,7 +38,7 @@ fn a_full_refresh_replaces_the_whole_set_of_its_type_only() {
     assert!(users.values().all(|v| v == &vec![2.0; 8]));
     assert_eq!(repo.get_all_embeddings("item").unwrap().len(), 10);
     // One storage table per type: the old one is gone, not left as dead rows.
-    assert_eq!(storage_tables(&repo).len(), 2);
+    assert_eq!(common::storage_tables(&repo).len(), 2);
     // Ordinary saves go on into the new storage.
     repo.save_embeddings("user", "later", &[3.0; 8]).unwrap();
     assert_eq!(count(&repo, "embeddings"), 311);
@@ -66,13 +47,16 @@ fn a_full_refresh_replaces_the_whole_set_of_its_type_only() {
 #[test]
 fn a_full_refresh_may_change_the_dimension_and_the_database_enforces_the_new_one() {
     let repo = common::bytea_repo();
-    repo.batch_save_embeddings(&set("doc", "d", 50, 384, 0.5))
+    repo.batch_save_embeddings(&uniform_batch("doc", "d", 50, 384, 0.5))
         .unwrap();
-    repo.replace_embeddings("doc", &set("doc", "d", 40, 768, 0.25))
+    repo.replace_embeddings("doc", &uniform_batch("doc", "d", 40, 768, 0.25))
         .unwrap();
     assert_eq!(registered_dimension(&repo, "doc"), Some(768));
     assert_eq!(
-        repo.get_embeddings("doc", "d00001").unwrap().unwrap().len(),
+        repo.get_embeddings("doc", "d000001")
+            .unwrap()
+            .unwrap()
+            .len(),
         768
     );
     match repo.save_embeddings("doc", "x", &[1.0; 384]) {
@@ -100,7 +84,7 @@ fn a_full_refresh_may_change_the_dimension_and_the_database_enforces_the_new_one
 #[test]
 fn a_full_refresh_of_a_new_type_creates_it() {
     let repo = TestRepo::new();
-    repo.replace_embeddings("fresh", &set("fresh", "f", 20, 3, 1.0))
+    repo.replace_embeddings("fresh", &uniform_batch("fresh", "f", 20, 3, 1.0))
         .unwrap();
     assert_eq!(registered_dimension(&repo, "fresh"), Some(3));
     assert_eq!(repo.get_all_embeddings("fresh").unwrap().len(), 20);
@@ -109,32 +93,32 @@ fn a_full_refresh_of_a_new_type_creates_it() {
 #[test]
 fn bad_refreshes_are_invalid_input_and_change_nothing() {
     let repo = TestRepo::new();
-    let old = set("user", "u", 20, 4, 1.0);
+    let old = uniform_batch("user", "u", 20, 4, 1.0);
     repo.batch_save_embeddings(&old).unwrap();
-    let mut other_type = set("user", "n", 5, 4, 2.0);
+    let mut other_type = uniform_batch("user", "n", 5, 4, 2.0);
     other_type[3].entity_type = "item".into();
-    let mut mixed = set("user", "n", 5, 4, 2.0);
+    let mut mixed = uniform_batch("user", "n", 5, 4, 2.0);
     mixed[2].vector = vec![1.0; 5];
-    let mut duplicate = set("user", "n", 5, 4, 2.0);
+    let mut duplicate = uniform_batch("user", "n", 5, 4, 2.0);
     duplicate[4].entity_id = duplicate[1].entity_id.clone();
-    let mut nan = set("user", "n", 5, 4, 2.0);
+    let mut nan = uniform_batch("user", "n", 5, 4, 2.0);
     nan[1].vector[0] = f32::NAN;
     for bad in [vec![], other_type, mixed, duplicate, nan] {
         assert_invalid(repo.replace_embeddings("user", &bad));
         let mut rows = bad.into_iter();
         assert_invalid(repo.replace_embeddings_iter("user", &mut rows));
     }
-    assert_invalid(repo.replace_embeddings(" ", &set(" ", "n", 1, 4, 2.0)));
+    assert_invalid(repo.replace_embeddings(" ", &uniform_batch(" ", "n", 1, 4, 2.0)));
     let users = repo.get_all_embeddings("user").unwrap();
     assert_eq!(users.len(), 20);
     assert!(users.values().all(|v| v == &vec![1.0; 4]));
-    assert_eq!(storage_tables(&repo).len(), 1);
+    assert_eq!(common::storage_tables(&repo).len(), 1);
 }
 
 #[test]
 fn an_iterator_refresh_streams_and_checks_every_record() {
     let repo = TestRepo::new();
-    repo.batch_save_embeddings(&set("user", "u", 10, 16, 1.0))
+    repo.batch_save_embeddings(&uniform_batch("user", "u", 10, 16, 1.0))
         .unwrap();
     // 20,000 records made on the fly, never held as a whole.
     let mut rows =
@@ -156,15 +140,15 @@ fn an_iterator_refresh_streams_and_checks_every_record() {
         other => panic!("expected InvalidInput, got {other:?}"),
     }
     assert_eq!(count(&repo, "embeddings"), 20_000);
-    assert_eq!(storage_tables(&repo).len(), 1);
+    assert_eq!(common::storage_tables(&repo).len(), 1);
 }
 
 /// Readers see the old set or the new one, whole: never a mix, never an empty type.
 #[test]
 fn readers_never_see_a_mix_or_an_empty_type_across_fifty_refreshes() {
     let repo = TestRepo::new();
-    let a = set("user", "a", 200, 8, 1.0);
-    let b = set("user", "b", 150, 8, 2.0);
+    let a = uniform_batch("user", "a", 200, 8, 1.0);
+    let b = uniform_batch("user", "b", 150, 8, 2.0);
     repo.replace_embeddings("user", &a).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicUsize::new(0));
@@ -194,7 +178,7 @@ fn readers_never_see_a_mix_or_an_empty_type_across_fifty_refreshes() {
         r.join().unwrap();
     }
     assert!(reads.load(Ordering::Relaxed) > 50, "the readers ran");
-    assert_eq!(storage_tables(&repo).len(), 1);
+    assert_eq!(common::storage_tables(&repo).len(), 1);
 }
 
 /// A repository whose sessions carry their own application_name, so a test can kill them.
@@ -214,9 +198,9 @@ fn tagged(tag: &str) -> (TestRepo, String) {
 #[test]
 fn a_refresh_whose_connection_is_killed_leaves_the_old_set_and_no_storage_behind() {
     let (repo, app) = tagged("kill_replace");
-    let old = set("user", "old", 100, 32, 1.0);
+    let old = uniform_batch("user", "old", 100, 32, 1.0);
     repo.batch_save_embeddings(&old).unwrap();
-    let new = set("user", "new", 50_000, 32, 2.0);
+    let new = uniform_batch("user", "new", 50_000, 32, 2.0);
     // Killed at every progress report: every attempt dies mid-COPY.
     let kills = AtomicUsize::new(0);
     let result = repo.replace_embeddings_with_progress("user", &new, &mut |_, _| {
@@ -236,7 +220,7 @@ fn a_refresh_whose_connection_is_killed_leaves_the_old_set_and_no_storage_behind
     let users = repo.get_all_embeddings("user").unwrap();
     assert_eq!(users.len(), 100);
     assert!(users.values().all(|v| v == &vec![1.0; 32]));
-    assert_eq!(storage_tables(&repo).len(), 1);
+    assert_eq!(common::storage_tables(&repo).len(), 1);
     // And the repository works on.
     repo.replace_embeddings("user", &new[..10]).unwrap();
     assert_eq!(count(&repo, "embeddings"), 10);
@@ -245,16 +229,16 @@ fn a_refresh_whose_connection_is_killed_leaves_the_old_set_and_no_storage_behind
 #[test]
 fn dropping_a_type_removes_its_vectors_and_its_dimension() {
     let repo = TestRepo::new();
-    repo.batch_save_embeddings(&set("user", "u", 30, 4, 1.0))
+    repo.batch_save_embeddings(&uniform_batch("user", "u", 30, 4, 1.0))
         .unwrap();
-    repo.batch_save_embeddings(&set("item", "i", 5, 2, 1.0))
+    repo.batch_save_embeddings(&uniform_batch("item", "i", 5, 2, 1.0))
         .unwrap();
     assert_eq!(repo.drop_embedding_type("user").unwrap(), 30);
     assert_eq!(repo.drop_embedding_type("user").unwrap(), 0);
     assert_eq!(repo.drop_embedding_type("never").unwrap(), 0);
     assert_eq!(registered_dimension(&repo, "user"), None);
-    assert_eq!(repo.get_embeddings("user", "u00001").unwrap(), None);
-    assert_eq!(storage_tables(&repo).len(), 1);
+    assert_eq!(repo.get_embeddings("user", "u000001").unwrap(), None);
+    assert_eq!(common::storage_tables(&repo).len(), 1);
     // The next save fixes a new dimension.
     repo.save_embeddings("user", "u", &[1.0; 7]).unwrap();
     assert_eq!(registered_dimension(&repo, "user"), Some(7));
@@ -271,7 +255,7 @@ fn a_failed_first_write_leaves_its_type_unregistered() {
             "ALTER TABLE embeddings ADD CONSTRAINT no_poison CHECK (entity_id <> 'poison')",
         )
         .unwrap();
-    let mut b = set("fresh", "f", 10, 3, 1.0);
+    let mut b = uniform_batch("fresh", "f", 10, 3, 1.0);
     b[9].entity_id = "poison".into();
     assert!(repo.batch_save_embeddings(&b).is_err());
     assert!(repo.save_embeddings("fresh", "poison", &[1.0; 3]).is_err());
@@ -416,14 +400,14 @@ fn storage_indexes(repo: &TestRepo) -> Vec<(String, String, bool)> {
 #[test]
 fn each_type_storage_has_one_index_its_primary_key() {
     let repo = TestRepo::new();
-    repo.batch_save_embeddings(&set("user", "u", 500, 8, 1.0))
+    repo.batch_save_embeddings(&uniform_batch("user", "u", 500, 8, 1.0))
         .unwrap();
-    repo.replace_embeddings("item", &set("item", "i", 500, 8, 1.0))
+    repo.replace_embeddings("item", &uniform_batch("item", "i", 500, 8, 1.0))
         .unwrap();
-    repo.replace_embeddings("user", &set("user", "v", 500, 8, 2.0))
+    repo.replace_embeddings("user", &uniform_batch("user", "v", 500, 8, 2.0))
         .unwrap();
     let indexes = storage_indexes(&repo);
-    let tables = storage_tables(&repo);
+    let tables = common::storage_tables(&repo);
     assert_eq!(tables.len(), 2, "{tables:?}");
     assert_eq!(indexes.len(), 2, "{indexes:?}");
     for (table, index, primary) in &indexes {
@@ -437,9 +421,9 @@ fn each_type_storage_has_one_index_its_primary_key() {
 #[test]
 fn a_refreshed_type_is_analyzed_in_its_refresh() {
     let repo = TestRepo::with_config(|c| c.vector_storage(VectorStorage::Bytea));
-    repo.replace_embeddings("user", &set("user", "u", 2_000, 8, 1.0))
+    repo.replace_embeddings("user", &uniform_batch("user", "u", 2_000, 8, 1.0))
         .unwrap();
-    let tables = storage_tables(&repo);
+    let tables = common::storage_tables(&repo);
     let analyzed: i64 = repo
         .sql()
         .query_one(

@@ -20,7 +20,7 @@ use crate::embeddings::encode::{Prefix, Stamps};
 use crate::embeddings::sql::COLUMNS;
 use crate::embeddings::types::Storage;
 use crate::error::{RepoError, Result};
-use crate::schema::sweep::Leftover;
+use crate::schema::sweep::{owner_lock_key, try_owner_lock, Leftover};
 
 const BEGIN: &str =
     "SELECT load_id, storage, registered, created FROM embedding_load_begin($1, $2)";
@@ -29,11 +29,19 @@ const COMMIT: &str = "SELECT embedding_load_commit($1, $2, $3, $4)";
 const ABANDON: &str = "SELECT embedding_load_abandon($1, 0)";
 const FORGET_TYPE: &str = "SELECT embedding_type_forget($1)";
 
-/// A live load keeps its id locked (session advisory lock, class 1886221875) from its begin to
+/// A live load keeps its id locked (session advisory lock) from its begin to
 /// its end, so the sweep never drops its table however long it runs; a dead session's lock
 /// is gone with it.
-const LOCK_LOAD: &str = "SELECT pg_advisory_lock(1886221875, ($1::int8 % 2147483647)::int4)";
-const UNLOCK_LOAD: &str = "SELECT pg_advisory_unlock(1886221875, ($1::int8 % 2147483647)::int4)";
+const LOCK_LOAD: &str = concat!(
+    "SELECT pg_advisory_lock(",
+    owner_lock_key!("fresh_load", "$1"),
+    ")"
+);
+const UNLOCK_LOAD: &str = concat!(
+    "SELECT pg_advisory_unlock(",
+    owner_lock_key!("fresh_load", "$1"),
+    ")"
+);
 
 /// Tables of loads whose process died before their commit: old enough, and their load id not
 /// locked by a live load.
@@ -41,7 +49,7 @@ pub(crate) const LOADS: Leftover = Leftover {
     what: "tables of dead loads into fresh storage",
     candidates: "SELECT load_id FROM embedding_loads \
                  WHERE started_at < now() - $1 * interval '1 second'",
-    try_lock: "SELECT pg_try_advisory_xact_lock(1886221875, ($1::int8 % 2147483647)::int4)",
+    try_lock: try_owner_lock!("fresh_load", "1886221875"),
     delete: "SELECT 1 WHERE embedding_load_abandon($1, $2)",
 };
 

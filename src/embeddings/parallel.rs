@@ -15,16 +15,21 @@ use crate::embeddings::registry::in_load_transaction;
 use crate::embeddings::sql::COLUMNS;
 use crate::embeddings::types::{Embedding, Storage};
 use crate::error::{RepoError, Result};
-use crate::schema::sweep::Leftover;
+use crate::schema::sweep::{owner_lock_key, try_owner_lock, Leftover};
 
 /// One load id per part of a parallel load, each locked (a session advisory lock) by the
 /// loading connection until the load ends: the leftover sweep skips a live load's rows however
 /// long it runs, and a dead session's locks are gone with it.
-const NEXT_LOAD_IDS: &str = "SELECT id, pg_advisory_lock(1886221873, (id % 2147483647)::int4) \
-     FROM (SELECT nextval('embeddings_load_seq') AS id FROM generate_series(1, $1)) ids";
-const UNLOCK_LOAD_IDS: &str =
-    "SELECT count(pg_advisory_unlock(1886221873, (id % 2147483647)::int4)) \
-     FROM unnest($1::int8[]) AS ids(id)";
+const NEXT_LOAD_IDS: &str = concat!(
+    "SELECT id, pg_advisory_lock(",
+    owner_lock_key!("staged_load", "id"),
+    ") FROM (SELECT nextval('embeddings_load_seq') AS id FROM generate_series(1, $1)) ids"
+);
+const UNLOCK_LOAD_IDS: &str = concat!(
+    "SELECT count(pg_advisory_unlock(",
+    owner_lock_key!("staged_load", "id"),
+    ")) FROM unnest($1::int8[]) AS ids(id)"
+);
 
 /// Staged rows of a `ParallelCopy` whose process died before it merged or cleared them: old
 /// enough, and their load id not locked by a live load.
@@ -32,7 +37,7 @@ pub(crate) const STAGED_ROWS: Leftover = Leftover {
     what: "staged embedding rows of dead ParallelCopy loads",
     candidates: "SELECT DISTINCT load_id FROM embeddings_staging \
                  WHERE staged_at < now() - $1 * interval '1 second'",
-    try_lock: "SELECT pg_try_advisory_xact_lock(1886221873, ($1::int8 % 2147483647)::int4)",
+    try_lock: try_owner_lock!("staged_load", "1886221873"),
     delete: "DELETE FROM embeddings_staging \
              WHERE load_id = $1 AND staged_at < now() - $2 * interval '1 second'",
 };

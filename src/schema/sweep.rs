@@ -14,6 +14,39 @@ use crate::error::Result;
 /// live load or save leaves its staged rows unclaimed.
 pub(crate) const LEFTOVER_AGE: Duration = Duration::from_secs(60 * 60);
 
+/// The advisory lock key (two int4) by which a live owner holds group `$id` (an int8 SQL
+/// expression) of leftover `$kind` in the connection's schema: the kind and the schema hashed,
+/// and the id modulo 2^31. Ids come from each schema's own sequences, so the schema is part
+/// of the key: a live save or load in one repository never holds (or waits on) another's.
+macro_rules! owner_lock_key {
+    ($kind:literal, $id:literal) => {
+        concat!(
+            "hashtext('pg-model-repo.",
+            $kind,
+            ".' || current_schema()), ((",
+            $id,
+            ")::int8 % 2147483647)::int4"
+        )
+    };
+}
+pub(crate) use owner_lock_key;
+
+/// The sweep's [`Leftover::try_lock`] for a kind: its key, and the key of releases before the
+/// schema was part of it (`$legacy_class`, the id modulo 2^31), which an older process still
+/// running against the schema holds; a group is free when neither is held.
+macro_rules! try_owner_lock {
+    ($kind:literal, $legacy_class:literal) => {
+        concat!(
+            "SELECT pg_try_advisory_xact_lock(",
+            $crate::schema::sweep::owner_lock_key!($kind, "$1"),
+            ") AND pg_try_advisory_xact_lock(",
+            $legacy_class,
+            ", ($1::int8 % 2147483647)::int4)"
+        )
+    };
+}
+pub(crate) use try_owner_lock;
+
 /// One kind of leftover, in groups (a load's or a save's id) that a live owner keeps locked
 /// with a session advisory lock. The lock is tried by a statement of its own that reads no
 /// table, so that on a Citus cluster it runs on the coordinator, where the owners lock.

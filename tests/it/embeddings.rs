@@ -833,7 +833,9 @@ fn concurrent_loads_of_overlapping_keys_in_opposite_orders_never_deadlock() {
 }
 
 /// Rows a dead `ParallelCopy` left in staging go with the sweep once they are old; a live
-/// load's rows (its session holds its load ids' locks) and recent rows stay.
+/// load's rows (its session holds its load ids' locks, or an older release's session the
+/// lock without the schema) and recent rows stay. Load ids come from each schema's own
+/// sequence: a live load of the same id in another schema spares nothing here.
 #[test]
 fn staged_rows_of_dead_loads_are_swept_by_age_and_live_loads_keep_theirs() {
     let repo = common::bytea_repo();
@@ -842,19 +844,31 @@ fn staged_rows_of_dead_loads_are_swept_by_age_and_live_loads_keep_theirs() {
             "INSERT INTO embeddings_staging (load_id, entity_type, entity_id, embeddings, dimension, staged_at)
              SELECT l.id, 'user', l.tag || g, '\\x00000000', 1, now() - l.age
              FROM (VALUES (101, 'dead', interval '2 hours'), (102, 'live', interval '2 hours'),
-                          (103, 'recent', interval '1 minute')) AS l(id, tag, age),
+                          (103, 'recent', interval '1 minute'), (104, 'old_release', interval '2 hours'))
+                  AS l(id, tag, age),
                   generate_series(1, 5) g",
         )
         .unwrap();
-    let mut live = common::admin();
-    live.execute("SELECT pg_advisory_lock(1886221873, 102)", &[])
+    const LIVE: &str =
+        "SELECT pg_advisory_lock(hashtext('pg-model-repo.staged_load.' || current_schema()), $1)";
+    let mut live = repo.sql();
+    live.execute(LIVE, &[&102i32]).unwrap();
+    let mut older_release = common::admin();
+    older_release
+        .execute("SELECT pg_advisory_lock(1886221873, 104)", &[])
         .unwrap();
+    let other = TestRepo::new();
+    let mut elsewhere = other.sql();
+    elsewhere.execute(LIVE, &[&101i32]).unwrap();
     let report = repo.optimize_database().unwrap();
-    assert_eq!(report.leftovers_removed, 5);
-    assert_eq!(staged_rows(&repo), 10);
-    // Once the live load ends (it releases its locks), its old rows go too.
-    live.execute("SELECT pg_advisory_unlock(1886221873, 102)", &[])
+    assert_eq!(report.leftovers_removed, 5, "only the dead load's rows go");
+    assert_eq!(staged_rows(&repo), 15);
+    // Once the live loads end (they release their locks), their old rows go too.
+    live.execute(&LIVE.replace("_lock(", "_unlock("), &[&102i32])
         .unwrap();
-    assert_eq!(repo.optimize_database().unwrap().leftovers_removed, 5);
+    older_release
+        .execute("SELECT pg_advisory_unlock(1886221873, 104)", &[])
+        .unwrap();
+    assert_eq!(repo.optimize_database().unwrap().leftovers_removed, 10);
     assert_eq!(staged_rows(&repo), 5);
 }

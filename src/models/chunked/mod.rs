@@ -12,17 +12,16 @@ use crate::db::call::Call;
 use crate::db::pool::begin_unbounded;
 use crate::db::retry::Retry;
 use crate::error::{RepoError, Result};
-use crate::schema::sweep::Leftover;
+use crate::schema::sweep::{try_owner_lock, Leftover};
 
 pub(crate) use load::stream_chunks;
 pub(crate) use save::{save_chunked, ChunkReader, ChunkSource, ChunkedSave};
 
-/// The advisory lock key of a chunk set (`$set` is its id): class "mchk" (0x6d63686b), and the
-/// id modulo 2^31. A save holds a session lock on it while it lives, so the sweep never takes
-/// a live save's staged chunks.
+/// The advisory lock key of a chunk set in this schema (`$set` is its id). A save holds a
+/// session lock on it while it lives, so the sweep never takes a live save's staged chunks.
 macro_rules! set_lock_key {
     ($set:literal) => {
-        concat!("1835231339, (", $set, " % 2147483647)::int4")
+        $crate::schema::sweep::owner_lock_key!("chunk_set", $set)
     };
 }
 pub(crate) use set_lock_key;
@@ -111,11 +110,8 @@ pub(crate) const STAGED_CHUNKS: Leftover = Leftover {
          WHERE c.staged_at < now() - $1 * interval '1 second' AND ",
         unpublished!()
     ),
-    try_lock: concat!(
-        "SELECT pg_try_advisory_xact_lock(",
-        set_lock_key!("$1::int8"),
-        ")"
-    ),
+    // Before the schema was part of the key: class "mchk" (0x6d63686b).
+    try_lock: try_owner_lock!("chunk_set", "1835231339"),
     delete: concat!(
         "DELETE FROM ml_model_chunks c \
          WHERE c.chunk_set = $1 AND c.staged_at < now() - $2 * interval '1 second' AND ",
@@ -212,8 +208,13 @@ mod tests {
     }
 
     #[test]
-    fn the_lock_class_spells_mchk() {
-        assert_eq!(set_lock_key!("x"), "1835231339, (x % 2147483647)::int4");
+    fn the_lock_key_names_the_kind_and_the_schema_and_the_legacy_class_spells_mchk() {
+        assert_eq!(
+            set_lock_key!("x"),
+            "hashtext('pg-model-repo.chunk_set.' || current_schema()), ((x)::int8 % 2147483647)::int4"
+        );
+        assert!(STAGED_CHUNKS.try_lock.contains(set_lock_key!("$1")));
+        assert!(STAGED_CHUNKS.try_lock.contains("1835231339, ($1::int8"));
         assert_eq!(1835231339i32.to_be_bytes(), *b"mchk");
     }
 }

@@ -130,14 +130,21 @@ pub(crate) fn mode_for_new_schema(tx: &mut Transaction<'_>, mode: CitusMode) -> 
     })
 }
 
-/// One database-wide lock (transaction-level) around distributing a schema: Citus's own
-/// metadata locks make concurrent `create_distributed_table` calls of different schemas
-/// deadlock (40P01), so first opens of several repositories at once take turns here.
+/// One database-wide lock (transaction-level) around every migration on a Citus coordinator:
+/// Citus's own metadata locks make concurrent `create_distributed_table` calls of different
+/// schemas deadlock (40P01), so first opens of several repositories at once take turns here.
+/// It is the migration's first lock, taken before its `CREATE SCHEMA` (which Citus sends to
+/// the workers): a migration that waits for it holds nothing on any node that the one
+/// distributing now could need.
 const DISTRIBUTION_LOCK: &str = "SELECT pg_advisory_xact_lock(7163041856271826961)";
 
-/// Takes [`DISTRIBUTION_LOCK`], waiting at most `wait` (pool_timeout, as for the schema's
-/// migration lock: another repository's distribution may take longer than a statement).
-fn take_distribution_lock(tx: &mut Transaction<'_>, wait: Duration) -> Result<()> {
+/// Takes [`DISTRIBUTION_LOCK`] where the database has Citus (returns whether it has), waiting
+/// at most `wait` (pool_timeout, as for the schema's migration lock: another repository's
+/// distribution may take longer than a statement).
+pub(crate) fn take_distribution_lock(tx: &mut Transaction<'_>, wait: Duration) -> Result<bool> {
+    if !tx.query_one(HAS_CITUS, &[])?.try_get::<_, bool>(0)? {
+        return Ok(false);
+    }
     let before: String = tx.query_one("SHOW lock_timeout", &[])?.try_get(0)?;
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = {}",
@@ -145,7 +152,7 @@ fn take_distribution_lock(tx: &mut Transaction<'_>, wait: Duration) -> Result<()
     ))?;
     tx.batch_execute(DISTRIBUTION_LOCK)?;
     tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&before])?;
-    Ok(())
+    Ok(true)
 }
 
 /// Before the migrations run on Citus: triggers may be created on distributed tables (they
@@ -156,11 +163,9 @@ pub(crate) fn before_migrations(
     schema: &str,
     found: &Found,
     building: bool,
-    wait: Duration,
 ) -> Result<()> {
     tx.batch_execute("SET LOCAL citus.enable_unsafe_triggers = on")?;
     if building {
-        take_distribution_lock(tx, wait)?;
         if found.distributed_schema {
             tx.execute(
                 "SELECT citus_schema_undistribute(quote_ident($1)::regnamespace)",
@@ -178,12 +183,7 @@ pub(crate) fn before_migrations(
 }
 
 /// Runs `sql/citus.sql` for `layout` (idempotent: what is distributed already is left alone).
-pub(crate) fn distribute(
-    tx: &mut Transaction<'_>,
-    schema: &str,
-    layout: Layout,
-    wait: Duration,
-) -> Result<()> {
+pub(crate) fn distribute(tx: &mut Transaction<'_>, schema: &str, layout: Layout) -> Result<()> {
     if layout == Layout::Local {
         return Ok(());
     }
@@ -191,7 +191,6 @@ pub(crate) fn distribute(
         "pg-model-repo: distributing schema {schema} on Citus ({}-based)",
         layout.as_str()
     );
-    take_distribution_lock(tx, wait)?;
     tx.execute(
         "SELECT set_config('pg_model_repo.citus_mode', $1, true), \
                 set_config('citus.enable_ddl_propagation', 'on', true)",

@@ -350,8 +350,9 @@ fn apply_with_retries(
     }
 }
 
-/// `wait` bounds the optional conversion's wait for the database-wide extension lock (other
-/// repositories' first opens), as it bounds the wait for this schema's migration lock.
+/// `wait` bounds the waits for the database-wide locks other repositories' first opens take
+/// (the optional conversion's extension lock; on Citus, the distribution lock, taken first),
+/// as it bounds the wait for this schema's migration lock.
 fn apply_pending(
     client: &mut Client,
     config: &Target<'_>,
@@ -360,6 +361,7 @@ fn apply_pending(
     let schema = config.connection.schema.as_str();
     let storage = config.settings.vector_storage;
     let mut tx = client.transaction()?;
+    citus::take_distribution_lock(&mut tx, wait)?;
     let (layout, found) = create_schema(&mut tx, schema, config.settings.citus)?;
     let pending = pending(&mut tx, storage)?;
     let building = pending.first().is_some_and(|m| m.version == 1);
@@ -367,7 +369,7 @@ fn apply_pending(
         .iter()
         .any(|m| m.version == MIGRATIONS[HALF_SIZE_VECTORS].version);
     if layout != Layout::Local {
-        citus::before_migrations(&mut tx, schema, &found, building, wait)?;
+        citus::before_migrations(&mut tx, schema, &found, building)?;
     }
     let mut report = MigrationReport::default();
     let mut takeover = if building {
@@ -401,7 +403,7 @@ fn apply_pending(
     }
     // Read again: a migration may have added a table (pgvector's index list) to distribute.
     if building || citus::incomplete(layout, &citus::inspect(&mut tx, schema)?) {
-        citus::distribute(&mut tx, schema, layout, wait)?;
+        citus::distribute(&mut tx, schema, layout)?;
         if layout != Layout::Local {
             report.distributed = Some(layout.as_str().to_owned());
         }

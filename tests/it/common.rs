@@ -56,6 +56,10 @@ pub fn server_url() -> String {
         let mut settings = TEST_SERVER_SETTINGS.to_vec();
         // Fewer shards than Citus's 32: each test creates a schema of its own.
         settings.push(("citus.shard_count", "4"));
+        // Prepared transactions that sessions killed mid-commit by the fault tests leave on
+        // the workers are settled within a second (Citus's default: a minute), so the locks
+        // they hold do not hold up other tests' DDL.
+        settings.push(("citus.recover_2pc_interval", "1s"));
         if citus_schema_based() {
             settings.push(("citus.enable_schema_based_sharding", "on"));
         }
@@ -234,9 +238,26 @@ impl Drop for TestRepo {
     }
 }
 
+/// Drops a test's schema, waiting at most 5 s a try for its locks (three tries; a schema it
+/// cannot drop is left to the throwaway server, with a warning). On a Citus cluster a session
+/// a test killed mid-commit can leave a prepared transaction on a worker until Citus settles it
+/// (every `citus.recover_2pc_interval`); a DROP waiting for it holds the schema's reference
+/// tables, and every other test's first open, which creates reference tables and so locks
+/// those of the whole cluster, would wait behind it. So the drop settles them first.
 pub fn drop_schema(schema: &str) {
-    if let Ok(mut client) = postgres::Client::connect(&server_url(), postgres::NoTls) {
-        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+    let Ok(mut client) = postgres::Client::connect(&server_url(), postgres::NoTls) else {
+        return;
+    };
+    let drop = format!("SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+    for attempt in 1..=3 {
+        if cfg!(feature = "citus") {
+            let _ = client.batch_execute("SELECT recover_prepared_transactions()");
+        }
+        match client.batch_execute(&drop) {
+            Ok(()) => return,
+            Err(e) if attempt < 3 => log::info!("dropping schema {schema}: {e}; trying again"),
+            Err(e) => log::warn!("schema {schema} left on the test server: {e}"),
+        }
     }
 }
 

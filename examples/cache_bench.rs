@@ -207,16 +207,25 @@ impl Job<'_> {
     }
 }
 
+/// One target's repositories: the one every method shares, and with `--recorder prometheus`
+/// the one `get_hit+prometheus` uses.
+struct Repos<'a> {
+    shared: &'a ModelRepository,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    prometheus: Option<&'a ModelRepository>,
+}
+
 /// The jobs of one target: every wanted method at every thread count.
 fn target_jobs<'a>(
     args: &Args,
     target: &'static str,
     url: &'a str,
-    repo: &'a ModelRepository,
+    repos: Repos<'a>,
     value: &'a [f32],
     next_group: Arc<Vec<AtomicU64>>,
     wanted: &dyn Fn(&str) -> bool,
 ) -> Vec<Job<'a>> {
+    let repo = repos.shared;
     let mut jobs = Vec::new();
     for &threads in &args.threads {
         assert!(
@@ -303,7 +312,7 @@ fn target_jobs<'a>(
         #[cfg(feature = "metrics")]
         let makers = {
             let mut makers = makers;
-            if args.prometheus {
+            if let Some(repo) = repos.prometheus {
                 makers.push(("get_hit+prometheus", prometheus::get_hit(repo)));
             }
             makers
@@ -334,7 +343,7 @@ mod prometheus {
     use std::time::Duration;
 
     use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
-    use pg_model_repo::ModelRepository;
+    use pg_model_repo::{ModelRepository, RepositoryConfig};
 
     use super::{hit_key, MakeOp};
 
@@ -352,6 +361,16 @@ mod prometheus {
         })
     }
 
+    /// The same repository as `get_hit`'s, opened (its pool's handles registered) with the
+    /// recorder installed for this thread: the library registers its handles when a pool is
+    /// built, as an application that installs its recorder first has them.
+    pub(super) fn open(config: RepositoryConfig) -> pg_model_repo::Result<ModelRepository> {
+        metrics::with_local_recorder(recorder(), || ModelRepository::open(config))
+    }
+
+    /// Each hit runs with the recorder installed for its thread too: what the library
+    /// registers at a first record (an operation's histogram) goes to it, as to a recorder an
+    /// application installs for the process.
     pub(super) fn get_hit(repo: &ModelRepository) -> MakeOp<'_> {
         Box::new(move |t| {
             let r = repo.clone();
@@ -365,6 +384,30 @@ mod prometheus {
             })
         })
     }
+}
+
+/// Per target, with `--recorder prometheus`: the repository `get_hit+prometheus` uses.
+#[cfg(feature = "metrics")]
+fn prometheus_repos(
+    args: &Args,
+    targets: &[(&'static str, String)],
+) -> Result<Vec<Option<ModelRepository>>> {
+    targets
+        .iter()
+        .map(|(_, url)| {
+            args.prometheus
+                .then(|| prometheus::open(RepositoryConfig::new(url.clone()).schema(SCHEMA)))
+                .transpose()
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "metrics"))]
+fn prometheus_repos(
+    _args: &Args,
+    targets: &[(&'static str, String)],
+) -> Result<Vec<Option<ModelRepository>>> {
+    Ok(targets.iter().map(|_| None).collect())
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -430,13 +473,25 @@ fn main() -> Result<()> {
         }
         repos.push(repo);
     }
+    let prometheus_repos = prometheus_repos(&args, &targets)?;
     let mut jobs: Vec<Job<'_>> = Vec::new();
-    for ((target, url), repo) in targets.iter().zip(&repos) {
+    for (((target, url), repo), prometheus_repo) in
+        targets.iter().zip(&repos).zip(&prometheus_repos)
+    {
         // Each clear_prefix operation clears the next unused group of its thread.
         let next_group: Arc<Vec<AtomicU64>> =
             Arc::new((0..2 * MAX_THREADS).map(|_| AtomicU64::new(0)).collect());
         jobs.extend(target_jobs(
-            &args, target, url, repo, &value, next_group, &wanted,
+            &args,
+            target,
+            url,
+            Repos {
+                shared: repo,
+                prometheus: prometheus_repo.as_ref(),
+            },
+            &value,
+            next_group,
+            &wanted,
         ));
     }
     // Interleaved rounds: on a shared machine, load from others drifts; every method sees

@@ -2,10 +2,12 @@
 //! database-client names for operations and the pool, the library's own counters under
 //! `pg_model_repo.`. A leaf every layer may use; without the feature every method is empty.
 //!
-//! The library never installs a recorder. Handles are looked up at every record (never kept).
-//! Gauges move by increments (a connection opened is +1 idle, a checkout moves one from idle
-//! to used), so several pools of one schema add up; install the recorder before opening a
-//! repository, or its gauges start from what they missed.
+//! The library never installs a recorder. Each pool registers its handles once, when it is
+//! built, with the recorder installed then (an operation's histogram at its first record), and
+//! records through them: no key is built and no registry searched on a hot path. So install
+//! the recorder before opening a repository; one opened before it records nothing. Gauges
+//! move by increments (a connection opened is +1 idle, a checkout moves one from idle to
+//! used), so several pools of one schema add up.
 
 #[cfg(not(feature = "metrics"))]
 use std::time::Duration;
@@ -72,11 +74,11 @@ impl<'a> From<&'a RepoError> for ErrorType<'a> {
     }
 }
 
-/// The facade's side of one repository (or pool): the schema its records are labelled with.
-#[derive(Clone, Copy, Debug)]
+/// The facade's side of one repository (or pool): its handles, labelled with its schema.
+#[derive(Clone, Debug)]
 pub(crate) struct Metrics {
     #[cfg(feature = "metrics")]
-    namespace: &'static str,
+    handles: std::sync::Arc<facade::Handles>,
 }
 
 /// When a checkout started (nothing without the feature: no clock is read).
@@ -97,20 +99,25 @@ impl Clock {
 }
 
 /// Held while a subscription's thread runs: the subscriptions gauge counts it until dropped.
-#[derive(Debug)]
 pub(crate) struct Live {
     #[cfg(feature = "metrics")]
-    metrics: Metrics,
+    subscriptions: ::metrics::Gauge,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
 }
 
 #[cfg(feature = "metrics")]
 mod facade {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
     use std::time::Duration;
 
     use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
-    use ::metrics::{histogram, Unit};
+    use ::metrics::{histogram, Counter, Gauge, Histogram, Unit};
 
     use super::names::*;
     use super::{Clock, ErrorType, Live, Metrics};
@@ -130,7 +137,7 @@ mod facade {
         let mut names = NAMES
             .get_or_init(Default::default)
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(PoisonError::into_inner);
         match names.get(schema) {
             Some(name) => name,
             None => {
@@ -141,10 +148,84 @@ mod facade {
         }
     }
 
+    /// One pool's handles, registered when it is built. Failed operations, loads by method
+    /// and subscriptions are rare: theirs are looked up when they happen.
+    pub(crate) struct Handles {
+        namespace: &'static str,
+        /// Each operation's histogram of successes, registered at its first record.
+        operations: RwLock<HashMap<&'static str, Histogram>>,
+        cache_hits: Counter,
+        cache_misses: Counter,
+        cache_sets: Counter,
+        cache_reaped: Counter,
+        bytes_saved: Counter,
+        bytes_loaded: Counter,
+        swept: Counter,
+        idle: Gauge,
+        used: Gauge,
+        max: Gauge,
+        pending: Gauge,
+        wait_time: Histogram,
+        timeouts: Counter,
+    }
+
+    impl std::fmt::Debug for Handles {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Handles")
+                .field("namespace", &self.namespace)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl Handles {
+        fn register(namespace: &'static str) -> Self {
+            let ns = namespace;
+            Handles {
+                namespace,
+                operations: RwLock::default(),
+                cache_hits: counter!(CACHE_HITS, NAMESPACE => ns),
+                cache_misses: counter!(CACHE_MISSES, NAMESPACE => ns),
+                cache_sets: counter!(CACHE_SETS, NAMESPACE => ns),
+                cache_reaped: counter!(CACHE_REAPED, NAMESPACE => ns),
+                bytes_saved: counter!(MODEL_BYTES_SAVED, NAMESPACE => ns),
+                bytes_loaded: counter!(MODEL_BYTES_LOADED, NAMESPACE => ns),
+                swept: counter!(LEFTOVERS_SWEPT, NAMESPACE => ns),
+                idle: gauge!(CONNECTION_COUNT, POOL => ns, STATE => "idle"),
+                used: gauge!(CONNECTION_COUNT, POOL => ns, STATE => "used"),
+                max: gauge!(CONNECTION_MAX, POOL => ns),
+                pending: gauge!(CONNECTION_PENDING, POOL => ns),
+                wait_time: histogram!(CONNECTION_WAIT_TIME, POOL => ns),
+                timeouts: counter!(CONNECTION_TIMEOUTS, POOL => ns),
+            }
+        }
+
+        fn succeeded(&self, op: &'static str, seconds: f64) {
+            let known = self
+                .operations
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(h) = known.get(op) {
+                h.record(seconds);
+                return;
+            }
+            drop(known);
+            let ns = self.namespace;
+            self.operations
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(op)
+                .or_insert_with(|| {
+                    histogram!(OPERATION_DURATION, SYSTEM => "postgresql", OPERATION => op,
+                        NAMESPACE => ns)
+                })
+                .record(seconds);
+        }
+    }
+
     impl Metrics {
         pub(crate) fn new(schema: &str) -> Self {
             Metrics {
-                namespace: intern(schema),
+                handles: Arc::new(Handles::register(intern(schema))),
             }
         }
 
@@ -154,15 +235,19 @@ mod facade {
             elapsed: Duration,
             error: Option<ErrorType<'_>>,
         ) {
-            let ns = self.namespace;
+            let ns = self.handles.namespace;
             let seconds = elapsed.as_secs_f64();
             match error {
-                None => histogram!(OPERATION_DURATION, SYSTEM => "postgresql", OPERATION => op, NAMESPACE => ns)
-                    .record(seconds),
-                Some(ErrorType { kind, code: None }) => histogram!(OPERATION_DURATION, SYSTEM => "postgresql",
+                None => self.handles.succeeded(op, seconds),
+                Some(ErrorType { kind, code: None }) => {
+                    histogram!(OPERATION_DURATION, SYSTEM => "postgresql",
                     OPERATION => op, NAMESPACE => ns, ERROR => kind)
-                .record(seconds),
-                Some(ErrorType { kind, code: Some(code) }) => histogram!(OPERATION_DURATION,
+                    .record(seconds)
+                }
+                Some(ErrorType {
+                    kind,
+                    code: Some(code),
+                }) => histogram!(OPERATION_DURATION,
                     SYSTEM => "postgresql", OPERATION => op, NAMESPACE => ns, ERROR => kind,
                     STATUS => code.to_owned())
                 .record(seconds),
@@ -170,73 +255,74 @@ mod facade {
         }
 
         pub(crate) fn cache_lookup(&self, hit: bool) {
-            let name = if hit { CACHE_HITS } else { CACHE_MISSES };
-            counter!(name, NAMESPACE => self.namespace).increment(1);
+            let h = &self.handles;
+            if hit { &h.cache_hits } else { &h.cache_misses }.increment(1);
         }
 
         pub(crate) fn cache_set(&self) {
-            counter!(CACHE_SETS, NAMESPACE => self.namespace).increment(1);
+            self.handles.cache_sets.increment(1);
         }
 
         pub(crate) fn cache_reaped(&self, rows: u64) {
-            counter!(CACHE_REAPED, NAMESPACE => self.namespace).increment(rows);
+            self.handles.cache_reaped.increment(rows);
         }
 
         pub(crate) fn rows_loaded(&self, method: &'static str, rows: u64) {
-            counter!(ROWS_LOADED, NAMESPACE => self.namespace, "method" => method).increment(rows);
+            counter!(ROWS_LOADED, NAMESPACE => self.handles.namespace, "method" => method)
+                .increment(rows);
         }
 
         pub(crate) fn model_bytes_saved(&self, bytes: u64) {
-            counter!(MODEL_BYTES_SAVED, NAMESPACE => self.namespace).increment(bytes);
+            self.handles.bytes_saved.increment(bytes);
         }
 
         pub(crate) fn model_bytes_loaded(&self, bytes: u64) {
-            counter!(MODEL_BYTES_LOADED, NAMESPACE => self.namespace).increment(bytes);
+            self.handles.bytes_loaded.increment(bytes);
         }
 
         pub(crate) fn leftovers_swept(&self, rows: u64) {
-            counter!(LEFTOVERS_SWEPT, NAMESPACE => self.namespace).increment(rows);
+            self.handles.swept.increment(rows);
         }
 
         pub(crate) fn subscription(&self) -> Live {
-            gauge!(EVENT_SUBSCRIPTIONS, NAMESPACE => self.namespace).increment(1.0);
-            Live { metrics: *self }
+            let subscriptions = gauge!(EVENT_SUBSCRIPTIONS, NAMESPACE => self.handles.namespace);
+            subscriptions.increment(1.0);
+            Live { subscriptions }
         }
 
         /// Moves `idle` and `used` connections of the pool (+1 opened, -1 closed).
         pub(crate) fn connections(&self, idle: f64, used: f64) {
-            let pool = self.namespace;
             if idle != 0.0 {
-                gauge!(CONNECTION_COUNT, POOL => pool, STATE => "idle").increment(idle);
+                self.handles.idle.increment(idle);
             }
             if used != 0.0 {
-                gauge!(CONNECTION_COUNT, POOL => pool, STATE => "used").increment(used);
+                self.handles.used.increment(used);
             }
         }
 
         /// A pool of `max` connections was built (`+`) or dropped (`-`).
         pub(crate) fn pool_max(&self, max: f64) {
-            gauge!(CONNECTION_MAX, POOL => self.namespace).increment(max);
+            self.handles.max.increment(max);
         }
 
         /// One more thread waits for a connection (`1.0`), or one less (`-1.0`).
         pub(crate) fn waiting(&self, delta: f64) {
-            gauge!(CONNECTION_PENDING, POOL => self.namespace).increment(delta);
+            self.handles.pending.increment(delta);
         }
 
         pub(crate) fn checkout(&self, clock: Clock) {
             let waited = clock.started.elapsed().as_secs_f64();
-            histogram!(CONNECTION_WAIT_TIME, POOL => self.namespace).record(waited);
+            self.handles.wait_time.record(waited);
         }
 
         pub(crate) fn checkout_timed_out(&self) {
-            counter!(CONNECTION_TIMEOUTS, POOL => self.namespace).increment(1);
+            self.handles.timeouts.increment(1);
         }
     }
 
     impl Drop for Live {
         fn drop(&mut self) {
-            gauge!(EVENT_SUBSCRIPTIONS, NAMESPACE => self.metrics.namespace).decrement(1.0);
+            self.subscriptions.decrement(1.0);
         }
     }
 
@@ -346,3 +432,138 @@ impl Metrics {
 #[cfg(not(feature = "metrics"))]
 #[inline(always)]
 pub(crate) fn describe() {}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use std::time::Duration;
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::Metrics;
+
+    /// Handles are registered when a pool's `Metrics` is built (an operation's histogram at
+    /// its first record): with the recorder installed then, later records reach it wherever
+    /// they are made; built before, they reach nothing.
+    #[test]
+    fn handles_go_to_the_recorder_installed_when_the_pool_was_built() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let before = Metrics::new("handles_before");
+        let after = metrics::with_local_recorder(&recorder, || {
+            let after = Metrics::new("handles_after");
+            after.operation("get_cached_predictions", Duration::from_millis(3), None);
+            after
+        });
+        before.operation("get_cached_predictions", Duration::from_millis(3), None);
+        for m in [&before, &after] {
+            m.cache_lookup(true);
+        }
+        after.operation("get_cached_predictions", Duration::from_millis(5), None);
+        let seen: Vec<(String, Vec<String>, DebugValue)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let (name, labels) = key.key().clone().into_parts();
+                let labels = labels.iter().map(|l| format!("{}={}", l.key(), l.value()));
+                (name.as_str().to_owned(), labels.collect(), value)
+            })
+            .collect();
+        assert!(seen
+            .iter()
+            .all(|(_, labels, _)| !labels.contains(&"db.namespace=handles_before".to_owned())));
+        let hits = seen
+            .iter()
+            .find(|(name, _, _)| name == "pg_model_repo.cache.hits")
+            .expect("the hit of the pool built with the recorder");
+        assert_eq!(hits.2, DebugValue::Counter(1));
+        let durations = seen
+            .iter()
+            .find(|(name, _, _)| name == "db.client.operation.duration")
+            .expect("the operation's histogram, registered at its first record");
+        match &durations.2 {
+            DebugValue::Histogram(values) => assert_eq!(values.len(), 2),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// What the facade costs a cache hit, without the server: the records a hit makes, timed in a
+/// loop, through the handles the library keeps and through handles looked up at every record
+/// (as before they were kept). A measurement, not a check:
+/// `cargo test --release --features metrics --lib facade_cost -- --ignored --nocapture`
+/// (docs/metrics.md).
+#[cfg(all(test, feature = "metrics"))]
+mod cost {
+    use std::time::{Duration, Instant};
+
+    use metrics::{counter, gauge, histogram};
+
+    use super::{Clock, Metrics};
+
+    const HITS: u32 = 1_000_000;
+
+    /// A hit's records: the checkout (idle -> used, its wait), the operation, the hit, the
+    /// return (used -> idle).
+    fn kept(m: &Metrics) {
+        m.connections(-1.0, 1.0);
+        m.checkout(Clock::start());
+        m.operation("get_cached_predictions", Duration::from_micros(50), None);
+        m.cache_lookup(true);
+        m.connections(1.0, -1.0);
+    }
+
+    /// The same records with every handle looked up at the record.
+    fn looked_up(ns: &'static str) {
+        let state = "db.client.connection.state";
+        let pool = "db.client.connection.pool.name";
+        gauge!("db.client.connection.count", pool => ns, state => "idle").decrement(1.0);
+        gauge!("db.client.connection.count", pool => ns, state => "used").increment(1.0);
+        let started = Instant::now();
+        histogram!("db.client.connection.wait_time", pool => ns)
+            .record(started.elapsed().as_secs_f64());
+        histogram!("db.client.operation.duration", "db.system.name" => "postgresql",
+            "db.operation.name" => "get_cached_predictions", "db.namespace" => ns)
+        .record(50e-6);
+        counter!("pg_model_repo.cache.hits", "db.namespace" => ns).increment(1);
+        gauge!("db.client.connection.count", pool => ns, state => "idle").increment(1.0);
+        gauge!("db.client.connection.count", pool => ns, state => "used").decrement(1.0);
+    }
+
+    fn per_hit(mut hit: impl FnMut()) -> Duration {
+        for _ in 0..HITS / 10 {
+            hit();
+        }
+        let started = Instant::now();
+        for _ in 0..HITS {
+            hit();
+        }
+        started.elapsed() / HITS
+    }
+
+    fn report(recorder: &str, kept_ns: Duration, looked_up_ns: Duration) {
+        println!(
+            "{recorder}: {kept_ns:?} a hit through kept handles, {looked_up_ns:?} looking them up"
+        );
+    }
+
+    #[test]
+    #[ignore = "a measurement: run with --release --ignored --nocapture"]
+    fn facade_cost() {
+        let m = Metrics::new("facade_cost");
+        report(
+            "no recorder",
+            per_hit(|| kept(&m)),
+            per_hit(|| looked_up("facade_cost")),
+        );
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, || {
+            let m = Metrics::new("facade_cost_prometheus");
+            report(
+                "Prometheus recorder",
+                per_hit(|| kept(&m)),
+                per_hit(|| looked_up("facade_cost_prometheus")),
+            );
+        });
+    }
+}

@@ -29,9 +29,8 @@ const COMMIT: &str = "SELECT embedding_load_commit($1, $2, $3, $4)";
 const ABANDON: &str = "SELECT embedding_load_abandon($1, 0)";
 const FORGET_TYPE: &str = "SELECT embedding_type_forget($1)";
 
-/// A live load keeps its id locked (session advisory lock) from its begin to
-/// its end, so the sweep never drops its table however long it runs; a dead session's lock
-/// is gone with it.
+/// A live load keeps its id locked (session advisory lock) from its begin to its end, so the
+/// sweep never drops its table however long it runs; a dead session's lock is gone with it.
 const LOCK_LOAD: &str = concat!(
     "SELECT pg_advisory_lock(",
     owner_lock_key!("fresh_load", "$1"),

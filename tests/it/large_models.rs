@@ -363,6 +363,60 @@ fn seed_style_sql_readers_see_inline_bytes_and_a_null_model_data_for_chunked_one
     assert!(row.get::<_, bool>(1));
 }
 
+/// Chunk set ids come from each schema's own sequence, so two repositories' saves use the
+/// same ids: a live save of set N in one repository must not spare another's dead set N.
+#[test]
+fn a_live_save_in_another_repository_spares_none_of_this_ones_leftovers() {
+    let here = small_chunks();
+    let there = small_chunks();
+    let (pause, paused) = std::sync::mpsc::channel::<()>();
+    let (resume_tx, resume) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        // Owned by this closure: should an assertion below fail, the paused save is released.
+        let resume_tx = resume_tx;
+        let there = &there;
+        let saver = s.spawn(move || {
+            let mut reader = ReaderWithHook {
+                inner: Generated::new(17, 8 * u64::from(CHUNK)),
+                before: 4 * u64::from(CHUNK),
+                then: Some(|| {
+                    pause.send(()).unwrap();
+                    resume.recv().unwrap();
+                }),
+                read: 0,
+            };
+            there.save_model_from_reader("m", "live", &mut reader, &json!({}))
+        });
+        paused.recv().unwrap();
+        let started = Instant::now();
+        while chunk_rows(there, "m", "live") == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let live_set: i64 = there
+            .sql()
+            .query_one("SELECT min(chunk_set) FROM ml_model_chunks", &[])
+            .unwrap()
+            .get(0);
+        // A save of this repository that died with the same set id, two hours ago.
+        here.sql()
+            .execute(
+                "INSERT INTO ml_model_chunks (model_name, version, chunk_set, chunk_no, checksum, data, staged_at)
+                 SELECT 'm', 'dead', $1, n, encode(sha256('\\x00'), 'hex'), '\\x00', now() - interval '2 hours'
+                 FROM generate_series(0, 2) n",
+                &[&live_set],
+            )
+            .unwrap();
+        assert_eq!(here.optimize_database().unwrap().leftovers_removed, 3);
+        assert_eq!(chunk_rows(&here, "m", "dead"), 0);
+        resume_tx.send(()).unwrap();
+        saver.join().unwrap().unwrap();
+    });
+    assert!(
+        there.load_model("m", "live").unwrap().unwrap() == Generated::bytes(17, 8 * CHUNK as usize)
+    );
+}
+
 /// A reader that fails after `after` bytes.
 struct FailingReader {
     inner: Generated,

@@ -369,30 +369,7 @@ fn seed_style_sql_readers_see_inline_bytes_and_a_null_model_data_for_chunked_one
 fn a_live_save_in_another_repository_spares_none_of_this_ones_leftovers() {
     let here = small_chunks();
     let there = small_chunks();
-    let (pause, paused) = std::sync::mpsc::channel::<()>();
-    let (resume_tx, resume) = std::sync::mpsc::channel::<()>();
-    std::thread::scope(|s| {
-        // Owned by this closure: should an assertion below fail, the paused save is released.
-        let resume_tx = resume_tx;
-        let there = &there;
-        let saver = s.spawn(move || {
-            let mut reader = ReaderWithHook {
-                inner: Generated::new(17, 8 * u64::from(CHUNK)),
-                before: 4 * u64::from(CHUNK),
-                then: Some(|| {
-                    pause.send(()).unwrap();
-                    resume.recv().unwrap();
-                }),
-                read: 0,
-            };
-            there.save_model_from_reader("m", "live", &mut reader, &json!({}))
-        });
-        paused.recv().unwrap();
-        let started = Instant::now();
-        while chunk_rows(there, "m", "live") == 0 {
-            assert!(started.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    while_a_save_is_paused(&there, 17, 8, 1, || {
         let live_set: i64 = there
             .sql()
             .query_one("SELECT min(chunk_set) FROM ml_model_chunks", &[])
@@ -409,12 +386,50 @@ fn a_live_save_in_another_repository_spares_none_of_this_ones_leftovers() {
             .unwrap();
         assert_eq!(here.optimize_database().unwrap().leftovers_removed, 3);
         assert_eq!(chunk_rows(&here, "m", "dead"), 0);
-        resume_tx.send(()).unwrap();
-        saver.join().unwrap().unwrap();
     });
     assert!(
         there.load_model("m", "live").unwrap().unwrap() == Generated::bytes(17, 8 * CHUNK as usize)
     );
+}
+
+/// Runs `while_paused` while a save into `repo` (model "m", version "live", `chunks` chunks of
+/// `Generated` seed `seed`) is paused halfway with at least `staged` of its chunks in the
+/// table; then lets the save finish, which must succeed.
+fn while_a_save_is_paused(
+    repo: &TestRepo,
+    seed: u64,
+    chunks: u64,
+    staged: i64,
+    while_paused: impl FnOnce(),
+) {
+    let (pause, paused) = std::sync::mpsc::channel::<()>();
+    let (resume_tx, resume) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        // Owned by this closure: should an assertion below fail, the paused save is released
+        // (its reader panics) instead of waiting forever.
+        let resume_tx = resume_tx;
+        let saver = s.spawn(move || {
+            let mut reader = ReaderWithHook {
+                inner: Generated::new(seed, chunks * u64::from(CHUNK)),
+                before: chunks / 2 * u64::from(CHUNK),
+                then: Some(|| {
+                    pause.send(()).unwrap();
+                    resume.recv().unwrap();
+                }),
+                read: 0,
+            };
+            repo.save_model_from_reader("m", "live", &mut reader, &json!({}))
+        });
+        paused.recv().unwrap();
+        let started = Instant::now();
+        while chunk_rows(repo, "m", "live") < staged {
+            assert!(started.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        while_paused();
+        resume_tx.send(()).unwrap();
+        saver.join().unwrap().unwrap();
+    });
 }
 
 /// A reader that fails after `after` bytes.
@@ -839,38 +854,12 @@ fn the_sweep_spares_a_live_saves_chunks_and_published_ones() {
     let data = Generated::bytes(14, 12 * CHUNK as usize);
     repo.save_model("m", "published", &data, &json!({}))
         .unwrap();
-    let (pause, paused) = std::sync::mpsc::channel::<()>();
-    let (resume_tx, resume) = std::sync::mpsc::channel::<()>();
-    std::thread::scope(|s| {
-        // Owned by this closure: should an assertion below fail, the paused save is released
-        // (its reader panics) instead of waiting forever.
-        let resume_tx = resume_tx;
-        let repo = &repo;
-        let saver = s.spawn(move || {
-            let mut reader = ReaderWithHook {
-                inner: Generated::new(15, 12 * u64::from(CHUNK)),
-                before: 6 * u64::from(CHUNK),
-                then: Some(|| {
-                    pause.send(()).unwrap();
-                    resume.recv().unwrap();
-                }),
-                read: 0,
-            };
-            repo.save_model_from_reader("m", "live", &mut reader, &json!({}))
-        });
-        paused.recv().unwrap();
-        let started = Instant::now();
-        while chunk_rows(repo, "m", "live") < 4 {
-            assert!(started.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    while_a_save_is_paused(&repo, 15, 12, 4, || {
         // Every chunk looks old: only the live save's lock protects its staged chunks.
         repo.sql()
             .batch_execute("UPDATE ml_model_chunks SET staged_at = now() - interval '2 hours'")
             .unwrap();
         assert_eq!(repo.optimize_database().unwrap().leftovers_removed, 0);
-        resume_tx.send(()).unwrap();
-        saver.join().unwrap().unwrap();
     });
     repo.sql()
         .batch_execute("UPDATE ml_model_chunks SET staged_at = now() - interval '2 hours'")

@@ -138,12 +138,12 @@ pub(crate) fn mode_for_new_schema(tx: &mut Transaction<'_>, mode: CitusMode) -> 
 /// distributing now could need.
 const DISTRIBUTION_LOCK: &str = "SELECT pg_advisory_xact_lock(7163041856271826961)";
 
-/// Takes [`DISTRIBUTION_LOCK`] where the database has Citus (returns whether it has), waiting
-/// at most `wait` (pool_timeout, as for the schema's migration lock: another repository's
-/// distribution may take longer than a statement).
-pub(crate) fn take_distribution_lock(tx: &mut Transaction<'_>, wait: Duration) -> Result<bool> {
+/// Takes [`DISTRIBUTION_LOCK`] where the database has Citus, waiting at most `wait`
+/// (pool_timeout, as for the schema's migration lock: another repository's distribution may
+/// take longer than a statement).
+pub(crate) fn take_distribution_lock(tx: &mut Transaction<'_>, wait: Duration) -> Result<()> {
     if !tx.query_one(HAS_CITUS, &[])?.try_get::<_, bool>(0)? {
-        return Ok(false);
+        return Ok(());
     }
     let before: String = tx.query_one("SHOW lock_timeout", &[])?.try_get(0)?;
     tx.batch_execute(&format!(
@@ -152,7 +152,7 @@ pub(crate) fn take_distribution_lock(tx: &mut Transaction<'_>, wait: Duration) -
     ))?;
     tx.batch_execute(DISTRIBUTION_LOCK)?;
     tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&before])?;
-    Ok(true)
+    Ok(())
 }
 
 /// Before the migrations run on Citus: triggers may be created on distributed tables (they

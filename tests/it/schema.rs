@@ -301,11 +301,16 @@ impl std::io::Write for SlowWriter {
 
 #[test]
 fn a_full_pool_times_out_after_pool_timeout_and_never_hangs() {
-    let repo = TestRepo::with_config(|c| {
-        c.pool_size(1)
+    // Built first with the suite's bounds: on a Citus cluster a first open waits its turn to
+    // distribute the schema, which can take longer than this test's pool_timeout.
+    let built = TestRepo::new();
+    let repo = ModelRepository::open(
+        config(&built.schema)
+            .pool_size(1)
             .max_overflow(0)
-            .pool_timeout(Duration::from_millis(400))
-    });
+            .pool_timeout(Duration::from_millis(400)),
+    )
+    .unwrap();
     repo.save_model("m", "1", b"x", &json!({})).unwrap();
     std::thread::scope(|s| {
         let holder = s

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example load_bench -- [--rows 100000] [--dim 384] [--rounds 3]
-//!     [--methods server_copy_file,server_copy_parallel,insert,multi_row_insert,copy,
+//!     [--methods server_copy_file,client_copy_file,server_copy_parallel,insert,multi_row_insert,copy,
 //!                parallel_copy,copy_append,parallel_copy_append,psycopg_seed_schema,
 //!                replace,replace_iter,upsert_reload,reload_rebuild,server_copy_out,read_stream]
 //!     [--streams 1,2,4] [--format table|json] [--plot FILE.svg] [--crossover] [--citus]
@@ -86,8 +86,9 @@ pub struct Args {
 /// Every measurement, in the order they are reported (the ceilings first). Within a round
 /// they run in this order too, except that `upsert_reload` and the reads run right after the
 /// `LoadMethod`s, on the table `copy` loaded.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     "server_copy_file",
+    "client_copy_file",
     "server_copy_parallel",
     "insert",
     "multi_row_insert",
@@ -498,6 +499,45 @@ fn server_copy_file(
     Ok(sample)
 }
 
+/// The ceiling of any client: the ceiling's file, read into memory before the clock starts,
+/// sent as it is by one `COPY … FROM STDIN` in 1 MiB writes into the same table as the
+/// ceiling (no encoding, no check). Its ratio to `server_copy_file` is what carrying the rows
+/// over a connection costs on this machine.
+fn client_copy_file(
+    url: &str,
+    path: &str,
+    dim: usize,
+    cpu: Option<CpuProbe<'_>>,
+) -> Result<Sample, Box<dyn Error>> {
+    let bytes = std::fs::read(path)?;
+    let repo = open(url, "client_ceiling")?;
+    let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+    c.batch_execute(&format!(
+        "SET search_path TO {}",
+        repo.config().schema_name()
+    ))?;
+    settle(url);
+    let mut sample = with_cpu(cpu, || {
+        let started = Instant::now();
+        c.query_one(
+            "SELECT * FROM embedding_type_ensure($1, $2)",
+            &[&ENTITY_TYPE, &(dim as i32)],
+        )?;
+        let mut copy = c.copy_in(&format!(
+            "COPY embeddings ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))?;
+        for piece in bytes.chunks(1 << 20) {
+            copy.write_all(piece)?;
+        }
+        let rows = copy.finish()?;
+        Ok(Sample::timed(rows, started.elapsed()))
+    })?;
+    drop(c);
+    sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
+    drop_schema(url, repo)?;
+    Ok(sample)
+}
+
 /// The physical limit of parallel streams: `parts.len()` sessions at once, each the server's
 /// own COPY of one part file into one unindexed table of the type's shape (distributed
 /// first, through a Citus coordinator), then the key. Timed from the table's creation.
@@ -840,11 +880,12 @@ pub fn run(args: &Args) -> Result<Vec<Measurement>, Box<dyn Error>> {
     } else {
         Vec::new()
     };
-    let copy_file = if wants("server_copy_file") || wants("psycopg_seed_schema") {
-        Some(CopyFile::write(&batch)?)
-    } else {
-        None
-    };
+    let copy_file =
+        if wants("server_copy_file") || wants("client_copy_file") || wants("psycopg_seed_schema") {
+            Some(CopyFile::write(&batch)?)
+        } else {
+            None
+        };
     let part_files = if wants("server_copy_parallel") {
         args.streams
             .iter()
@@ -973,6 +1014,13 @@ fn run_round(
         record(
             "server_copy_file".to_owned(),
             server_copy_file(url, path, args.dim, inputs.cpu)?,
+        );
+    }
+
+    if let (true, Some(path)) = (inputs.wants("client_copy_file"), copy_path) {
+        record(
+            "client_copy_file".to_owned(),
+            client_copy_file(url, path, args.dim, inputs.cpu)?,
         );
     }
 

@@ -101,11 +101,19 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/V010__half_size_vectors.sql"),
         when: When::Always,
     },
+    Migration {
+        version: 11,
+        name: "V011__carry_over_by_key.sql",
+        sql: include_str!("../../sql/V011__carry_over_by_key.sql"),
+        when: When::Always,
+    },
 ];
 
-/// The migration that gives each type a precision: converting a schema to pgvector (V006,
-/// which redefines the storage functions) after it was applied runs its statements again.
-const HALF_SIZE_VECTORS: usize = MIGRATIONS.len() - 1;
+/// The migration that gives each type a precision. Converting a schema to pgvector (V006,
+/// which redefines the storage functions) after it was applied runs its statements again,
+/// and those of every later migration applied already (they redefine some of V010's
+/// functions in turn), in order.
+const HALF_SIZE_VECTORS: usize = 8;
 
 /// Has the schema stored any vector yet (quarantined ones included)?
 const HAS_VECTORS: &str = "SELECT EXISTS (SELECT 1 FROM embeddings) \
@@ -365,9 +373,7 @@ fn apply_pending(
     let (layout, found) = create_schema(&mut tx, schema, config.settings.citus)?;
     let pending = pending(&mut tx, storage)?;
     let building = pending.first().is_some_and(|m| m.version == 1);
-    let half_size_pending = pending
-        .iter()
-        .any(|m| m.version == MIGRATIONS[HALF_SIZE_VECTORS].version);
+    let pending_versions: Vec<i32> = pending.iter().map(|m| m.version).collect();
     if layout != Layout::Local {
         citus::before_migrations(&mut tx, schema, &found, building)?;
     }
@@ -391,8 +397,12 @@ fn apply_pending(
         if !applied {
             continue;
         }
-        if migration.when == When::VectorStorage && !half_size_pending {
-            tx.batch_execute(MIGRATIONS[HALF_SIZE_VECTORS].sql)?;
+        if migration.when == When::VectorStorage {
+            for later in &MIGRATIONS[HALF_SIZE_VECTORS..] {
+                if !pending_versions.contains(&later.version) {
+                    tx.batch_execute(later.sql)?;
+                }
+            }
         }
         report.applied.push(migration.name.to_owned());
         if migration.version == 1 {
@@ -726,6 +736,14 @@ mod tests {
                 migration.name
             );
         }
+    }
+
+    #[test]
+    fn the_migrations_run_again_after_a_pgvector_conversion_start_at_v010() {
+        assert_eq!(
+            MIGRATIONS[HALF_SIZE_VECTORS].name,
+            "V010__half_size_vectors.sql"
+        );
     }
 
     #[test]

@@ -336,6 +336,66 @@ fn a_reload_keeps_created_at_and_no_dead_rows() {
     assert_eq!(dead.unwrap_or(0), 0);
 }
 
+/// The created_at of every row of the type, by key.
+fn created(repo: &TestRepo, entity_type: &str) -> std::collections::HashMap<String, String> {
+    repo.sql()
+        .query(
+            "SELECT entity_id, created_at::text FROM embeddings WHERE entity_type = $1",
+            &[&entity_type],
+        )
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+#[test]
+fn a_reload_carries_over_every_row_it_lacks_however_many() {
+    // The carry-over (sql/V011) counts the keys a reload lacks from the key indexes and
+    // fetches those by key when they are few, or reads every old row when they are many or
+    // the old table's pages are not all visible (rows written by streams): each branch here.
+    let repo = TestRepo::new();
+    let n = 4_000;
+    repo.load_embeddings(&uniform_batch("carry", "k", n, 16, 1.0), LoadMethod::Copy)
+        .unwrap();
+    let mut expected: Vec<f32> = vec![1.0; n];
+    // (value, which keys the reload holds, method): none lacking; 2% lacking (by key); 40%
+    // lacking (every old row read); 2% lacking after a load by streams.
+    type Keys = fn(usize) -> bool;
+    let rounds: [(f32, Keys, LoadMethod); 5] = [
+        (2.0, |_| true, LoadMethod::Copy),
+        (3.0, |i| i % 50 != 7, LoadMethod::Copy),
+        (4.0, |i| i % 5 < 3, LoadMethod::Copy),
+        (5.0, |_| true, LoadMethod::ParallelCopy),
+        (6.0, |i| i % 50 != 9, LoadMethod::Copy),
+    ];
+    for (value, holds, method) in rounds {
+        let before = created(&repo, "carry");
+        std::thread::sleep(Duration::from_millis(5));
+        let batch: Vec<Embedding> = (0..n)
+            .filter(|&i| holds(i))
+            .map(|i| Embedding::new("carry", format!("k{i:06}"), vec![value; 16]))
+            .collect();
+        let report = repo.load_embeddings(&batch, method).unwrap();
+        assert_eq!(report.rows, batch.len() as u64);
+        for (i, v) in expected.iter_mut().enumerate() {
+            if holds(i) {
+                *v = value;
+            }
+        }
+        let all = repo.get_all_embeddings("carry").unwrap();
+        assert_eq!(all.len(), n, "reload of {value}");
+        for (i, v) in expected.iter().enumerate() {
+            assert_eq!(
+                all[&format!("k{i:06}")],
+                vec![*v; 16],
+                "k{i:06} after {value}"
+            );
+        }
+        assert_eq!(created(&repo, "carry"), before, "created_at after {value}");
+    }
+}
+
 #[test]
 fn the_sweep_spares_a_live_load_and_drops_a_dead_ones_table() {
     let repo = TestRepo::with_config(|c| c.pool_size(3).max_overflow(3).load_streams(2));

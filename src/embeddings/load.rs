@@ -318,13 +318,27 @@ pub(crate) fn load_fresh(
     match streams {
         Some(n) if n > 1 => {
             let mut extra: Vec<_> = (1..n).map_while(|_| pool.try_get()).collect();
+            if extra.is_empty() {
+                // No second connection free: one stream, which may as well freeze its rows.
+                return load_single(call, conn, plan, source, progress);
+            }
             let extra_refs: Vec<&mut PgConnection> = extra.iter_mut().map(|c| &mut **c).collect();
             fresh::load_streams(pool, conn, extra_refs, plan, source, progress)
                 .inspect(|&rows| count_rows(call, LoadMethod::ParallelCopy, rows))
         }
-        _ => fresh::load_single(pool, conn, plan, source, progress)
-            .inspect(|&rows| count_rows(call, LoadMethod::Copy, rows)),
+        _ => load_single(call, conn, plan, source, progress),
     }
+}
+
+fn load_single(
+    call: &Call<'_>,
+    conn: &mut PgConnection,
+    plan: fresh::Plan<'_>,
+    source: Source<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    fresh::load_single(call.pool(), conn, plan, source, progress)
+        .inspect(|&rows| count_rows(call, LoadMethod::Copy, rows))
 }
 
 /// An iterator's load: fresh storage for a type without rows, else (or when `embeddings` has

@@ -4,7 +4,8 @@
 //! was measured with it (`scripts`: see docs/embeddings.md, "Where the time goes").
 //!
 //! Methods: `copy`, `parallel_copy` (each into a new type), `replace`, `reload` (the same keys
-//! again, `load_embeddings(…, Copy)`). Uses `DATABASE_URL`, else a throwaway server.
+//! again, `load_embeddings(…, Copy)`), `append` (new keys into a type holding as many,
+//! `load_embeddings(…, Copy)`). Uses `DATABASE_URL`, else a throwaway server.
 
 use std::io::BufRead;
 use std::time::Instant;
@@ -35,11 +36,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if method == "replace" || method == "reload" {
         repo.load_embeddings(&batch, LoadMethod::Copy)?;
     }
+    if method == "append" {
+        let base: Vec<Embedding> = batch
+            .iter()
+            .map(|e| Embedding::new("profile", format!("base-{}", e.entity_id), e.vector.clone()))
+            .collect();
+        repo.load_embeddings(&base, LoadMethod::Copy)?;
+    }
     println!("ready");
     std::io::stdin().lock().lines().next().transpose()?;
     let started = Instant::now();
     let report = match method.as_str() {
-        "copy" | "reload" => repo.load_embeddings(&batch, LoadMethod::Copy)?,
+        "copy" | "reload" | "append" => repo.load_embeddings(&batch, LoadMethod::Copy)?,
         "parallel_copy" => repo.load_embeddings(&batch, LoadMethod::ParallelCopy)?,
         "replace" => repo.replace_embeddings("profile", &batch)?,
         other => return Err(format!("unknown method {other}").into()),

@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 
 use postgres::GenericClient;
+use rayon::prelude::*;
 
 use crate::db::retry::Retry;
 use crate::embeddings::check::ENTITY_TYPE_MAX;
+use crate::embeddings::encode::on_cpu_pool;
 use crate::embeddings::types::{Embedding, VectorPrecision, PGVECTOR_MAX_DIMENSION};
 use crate::error::{RepoError, Result};
 use crate::repository::ModelRepository;
@@ -78,12 +80,45 @@ impl ModelRepository {
     }
 }
 
-/// The first record (by index) that an f16 type cannot hold: `InvalidInput` naming it. Costs
-/// nothing for records within f16's range; otherwise one registry read.
-pub(crate) fn check_f16_range<C: GenericClient>(client: &mut C, batch: &[Embedding]) -> Result<()> {
-    check_f16_values(client, batch.len(), |i| {
-        (batch[i].entity_type.as_str(), batch[i].vector.as_slice())
-    })
+/// Batches of at least this many values ask the server which of their types are f16 before
+/// looking at a value (one round trip, about what a scan of a million values costs), and
+/// scan only those types' records: a batch of f32 types is not read twice.
+const ASK_FIRST_VALUES: usize = 1 << 20;
+
+/// The first record (by index) of `batch`, whose types are `types`, that an f16 type cannot
+/// hold: `InvalidInput` naming it. A small batch is scanned first (one registry read only
+/// when a value is out of f16's range); a large one asks first.
+pub(crate) fn check_f16_range<C: GenericClient>(
+    client: &mut C,
+    batch: &[Embedding],
+    types: &[&str],
+) -> Result<()> {
+    let values: usize = batch.iter().map(|e| e.vector.len()).sum();
+    if values < ASK_FIRST_VALUES {
+        return check_f16_values(client, batch.len(), |i| {
+            (batch[i].entity_type.as_str(), batch[i].vector.as_slice())
+        });
+    }
+    let half = f16_types(client, types)?;
+    if half.is_empty() {
+        return Ok(());
+    }
+    let first = on_cpu_pool(|| {
+        batch.par_iter().enumerate().find_map_first(|(i, e)| {
+            let checked = half.contains_key(e.entity_type.as_str());
+            checked.then(|| check_f16_record(i, e).err()).flatten()
+        })
+    });
+    first.map_or(Ok(()), Err)
+}
+
+/// The types among `types` declared f16.
+fn f16_types<C: GenericClient>(client: &mut C, types: &[&str]) -> Result<HashMap<String, ()>> {
+    client
+        .query(F16_TYPES, &[&types])?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, ())))
+        .collect()
 }
 
 /// [`check_f16_range`] of `n` records that `record` hands out by index.
@@ -101,11 +136,7 @@ pub(crate) fn check_f16_values<'a, C: GenericClient>(
     let mut types: Vec<&str> = large.iter().map(|&i| record(i).0).collect();
     types.sort_unstable();
     types.dedup();
-    let half: HashMap<String, ()> = client
-        .query(F16_TYPES, &[&types])?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, ())))
-        .collect::<Result<_>>()?;
+    let half = f16_types(client, &types)?;
     match large.into_iter().find(|&i| half.contains_key(record(i).0)) {
         Some(i) => {
             let (entity_type, v) = record(i);

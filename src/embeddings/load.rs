@@ -194,8 +194,9 @@ impl ModelRepository {
                         check_storage_dimension(storage, t.dimension)
                             .map_err(|e| at_index(t.first_index, e))?;
                     }
+                    let types: Vec<&str> = checked.types.iter().map(|t| t.entity_type).collect();
                     call.with_conn(Retry::Idempotent, |conn| {
-                        check_f16_range(conn.client(), batch)?;
+                        check_f16_range(conn.client(), batch, &types)?;
                         write_batch(call, conn, &checked, plan, storage, streams, &mut report)
                     })
                     .map_err(|e| first_offender(batch, e))

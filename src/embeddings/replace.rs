@@ -84,7 +84,7 @@ impl ModelRepository {
                 check_storage_dimension(storage, dimension)?;
                 // Repeating it after a failure replaces again with the same set.
                 call.with_conn(Retry::Idempotent, |conn| {
-                    check_f16_range(conn.client(), batch)?;
+                    check_f16_range(conn.client(), batch, &[entity_type])?;
                     let mut report = |done: u64| progress(done, total);
                     let plan = fresh_plan(
                         call,

@@ -189,6 +189,52 @@ fn precision_never_changes_silently() {
 }
 
 #[test]
+fn a_large_batch_is_checked_against_f16_range_for_its_f16_types_only() {
+    // Above a million values a load asks which of its types are f16 before it scans
+    // (declare::ASK_FIRST_VALUES): the same rule as a small batch's scan.
+    let repo = repo();
+    repo.declare_embedding_type("hbig", 512, VectorPrecision::F16)
+        .unwrap();
+    let mut batch: Vec<Embedding> = (0..2_100)
+        .map(|i| {
+            let (entity_type, value) = if i % 2 == 0 {
+                ("hbig", 0.5)
+            } else {
+                ("fbig", 1e6)
+            };
+            Embedding::new(entity_type, format!("e{i:05}"), vec![value; 512])
+        })
+        .collect();
+    batch[2_050].vector[300] = -70_000.0;
+    for method in [LoadMethod::Copy, LoadMethod::MultiRowInsert] {
+        match repo.load_embeddings(&batch, method) {
+            Err(RepoError::InvalidInput(d)) => {
+                assert!(d.to_string().contains("record 2050"), "{method}: {d}");
+            }
+            other => panic!("{method}: expected InvalidInput, got {other:?}"),
+        }
+    }
+    let only_half: Vec<Embedding> = batch
+        .iter()
+        .filter(|e| e.entity_type == "hbig")
+        .cloned()
+        .collect();
+    assert_invalid(repo.replace_embeddings("hbig", &only_half));
+    assert!(repo.get_all_embeddings("hbig").unwrap().is_empty());
+    assert!(repo.get_all_embeddings("fbig").unwrap().is_empty());
+    batch[2_050].vector[300] = -65_504.0;
+    repo.load_embeddings(&batch, LoadMethod::Copy).unwrap();
+    assert_eq!(
+        repo.get_embeddings("fbig", "e00001").unwrap().unwrap(),
+        vec![1e6; 512]
+    );
+    assert_eq!(
+        repo.get_embeddings("hbig", "e02050").unwrap().unwrap()[300],
+        -65_504.0
+    );
+}
+
+#[test]
 fn f16_types_are_searched_exactly_with_filters_and_through_hnsw_up_to_4000_dimensions() {
     let repo = repo();
     repo.declare_embedding_type("item", 32, VectorPrecision::F16)

@@ -457,46 +457,20 @@ impl Drop for CopyFile {
 }
 
 /// The ceiling: the server's own COPY from the file into the table the library loads into,
-/// in a fresh repository schema: the type is registered first (its empty partition with its
-/// CHECKs and key index), then the file is copied into the partitioned `embeddings`, whose
-/// rows route into that partition. Only the COPY is timed.
+/// in a fresh repository schema: the type is registered (its empty partition with its CHECKs
+/// and key index), then the file is copied into the partitioned `embeddings`, whose rows
+/// route into that partition. Both are timed, as a library load of a new type does both.
 fn server_copy_file(
     url: &str,
     path: &str,
     dim: usize,
     cpu: Option<CpuProbe<'_>>,
 ) -> Result<Sample, Box<dyn Error>> {
-    let repo = open(url, "ceiling")?;
-    let mut c = postgres::Client::connect(url, postgres::NoTls)?;
-    c.batch_execute(&format!(
-        "SET search_path TO {}",
-        repo.config().schema_name()
-    ))?;
-    settle(url);
-    let mut sample = with_cpu(cpu, || {
-        // The same work as a library load of a new type: its storage is created first (a
-        // partition, on a cluster one per shard), then filled.
-        let started = Instant::now();
-        c.query_one(
-            "SELECT * FROM embedding_type_ensure($1, $2)",
-            &[&ENTITY_TYPE, &(dim as i32)],
-        )?;
-        let registered = started.elapsed();
-        let rows = c.execute(
-            &format!(
-                "COPY embeddings ({COLUMNS}) FROM '{}' (FORMAT binary)",
-                path.replace('\'', "''")
-            ),
-            &[],
-        )?;
-        let elapsed = started.elapsed();
-        eprintln!("    (the type's storage took {registered:?} of {elapsed:?})");
-        Ok(Sample::timed(rows, elapsed))
-    })?;
-    drop(c);
-    sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);
-    drop_schema(url, repo)?;
-    Ok(sample)
+    let sql = format!(
+        "COPY embeddings ({COLUMNS}) FROM '{}' (FORMAT binary)",
+        path.replace('\'', "''")
+    );
+    into_a_new_type(url, "ceiling", dim, cpu, |c| Ok(c.execute(&sql, &[])?))
 }
 
 /// The ceiling of any client: the ceiling's file, read into memory before the clock starts,
@@ -510,7 +484,27 @@ fn client_copy_file(
     cpu: Option<CpuProbe<'_>>,
 ) -> Result<Sample, Box<dyn Error>> {
     let bytes = std::fs::read(path)?;
-    let repo = open(url, "client_ceiling")?;
+    into_a_new_type(url, "client_ceiling", dim, cpu, |c| {
+        let mut copy = c.copy_in(&format!(
+            "COPY embeddings ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))?;
+        for piece in bytes.chunks(1 << 20) {
+            copy.write_all(piece)?;
+        }
+        Ok(copy.finish()?)
+    })
+}
+
+/// Times, in a fresh repository schema, the registration of the bench's type and then
+/// `copy` (which returns the rows it stored) on a plain session of its own.
+fn into_a_new_type(
+    url: &str,
+    name: &str,
+    dim: usize,
+    cpu: Option<CpuProbe<'_>>,
+    copy: impl FnOnce(&mut postgres::Client) -> Result<u64, Box<dyn Error>>,
+) -> Result<Sample, Box<dyn Error>> {
+    let repo = open(url, name)?;
     let mut c = postgres::Client::connect(url, postgres::NoTls)?;
     c.batch_execute(&format!(
         "SET search_path TO {}",
@@ -523,14 +517,11 @@ fn client_copy_file(
             "SELECT * FROM embedding_type_ensure($1, $2)",
             &[&ENTITY_TYPE, &(dim as i32)],
         )?;
-        let mut copy = c.copy_in(&format!(
-            "COPY embeddings ({COLUMNS}) FROM STDIN (FORMAT binary)"
-        ))?;
-        for piece in bytes.chunks(1 << 20) {
-            copy.write_all(piece)?;
-        }
-        let rows = copy.finish()?;
-        Ok(Sample::timed(rows, started.elapsed()))
+        let registered = started.elapsed();
+        let rows = copy(&mut c)?;
+        let elapsed = started.elapsed();
+        eprintln!("    (the type's storage took {registered:?} of {elapsed:?})");
+        Ok(Sample::timed(rows, elapsed))
     })?;
     drop(c);
     sample.bytes_per_row = Some(repo_bytes_per_row(&repo)?);

@@ -1,7 +1,7 @@
 //! Declaring a type before its first row: its dimension and precision
 //! (`embedding_type_declare`, sql/V010), and the f16 range rule of writes to an f16 type.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use postgres::GenericClient;
 use rayon::prelude::*;
@@ -87,88 +87,69 @@ const ASK_FIRST_VALUES: usize = 1 << 20;
 
 /// The first record (by index) of `batch`, whose types are `types`, that an f16 type cannot
 /// hold: `InvalidInput` naming it. A small batch is scanned first (one registry read only
-/// when a value is out of f16's range); a large one asks first.
+/// when a value is out of f16's range); a large one asks first, then scans only its f16
+/// types' records, on the rayon pool.
 pub(crate) fn check_f16_range<C: GenericClient>(
     client: &mut C,
     batch: &[Embedding],
     types: &[&str],
 ) -> Result<()> {
-    let values: usize = batch.iter().map(|e| e.vector.len()).sum();
-    if values < ASK_FIRST_VALUES {
-        return check_f16_values(client, batch.len(), |i| {
-            (batch[i].entity_type.as_str(), batch[i].vector.as_slice())
-        });
-    }
-    let half = f16_types(client, types)?;
+    let small = batch.iter().map(|e| e.vector.len()).sum::<usize>() < ASK_FIRST_VALUES;
+    let half = if small {
+        let mut out_of_range: Vec<&str> = batch
+            .iter()
+            .filter(|e| first_out_of_f16_range(&e.vector).is_some())
+            .map(|e| e.entity_type.as_str())
+            .collect();
+        if out_of_range.is_empty() {
+            return Ok(());
+        }
+        out_of_range.sort_unstable();
+        out_of_range.dedup();
+        f16_types(client, &out_of_range)?
+    } else {
+        f16_types(client, types)?
+    };
     if half.is_empty() {
         return Ok(());
     }
-    let first = on_cpu_pool(|| {
-        batch.par_iter().enumerate().find_map_first(|(i, e)| {
-            let checked = half.contains_key(e.entity_type.as_str());
-            checked.then(|| check_f16_record(i, e).err()).flatten()
-        })
-    });
+    let refused = |(i, e): (usize, &Embedding)| {
+        let checked = half.contains(e.entity_type.as_str());
+        checked.then(|| check_f16_record(i, e).err()).flatten()
+    };
+    let first = if small {
+        batch.iter().enumerate().find_map(refused)
+    } else {
+        on_cpu_pool(|| batch.par_iter().enumerate().find_map_first(refused))
+    };
     first.map_or(Ok(()), Err)
 }
 
 /// The types among `types` declared f16.
-fn f16_types<C: GenericClient>(client: &mut C, types: &[&str]) -> Result<HashMap<String, ()>> {
+fn f16_types<C: GenericClient>(client: &mut C, types: &[&str]) -> Result<HashSet<String>> {
     client
         .query(F16_TYPES, &[&types])?
         .iter()
-        .map(|r| Ok((r.try_get(0)?, ())))
+        .map(|r| Ok(r.try_get(0)?))
         .collect()
-}
-
-/// [`check_f16_range`] of `n` records that `record` hands out by index.
-pub(crate) fn check_f16_values<'a, C: GenericClient>(
-    client: &mut C,
-    n: usize,
-    record: impl Fn(usize) -> (&'a str, &'a [f32]),
-) -> Result<()> {
-    let large: Vec<usize> = (0..n)
-        .filter(|&i| record(i).1.iter().any(|v| v.abs() >= F16_OVERFLOW))
-        .collect();
-    if large.is_empty() {
-        return Ok(());
-    }
-    let mut types: Vec<&str> = large.iter().map(|&i| record(i).0).collect();
-    types.sort_unstable();
-    types.dedup();
-    let half = f16_types(client, &types)?;
-    match large.into_iter().find(|&i| half.contains_key(record(i).0)) {
-        Some(i) => {
-            let (entity_type, v) = record(i);
-            let at = v.iter().position(|x| x.abs() >= F16_OVERFLOW).unwrap_or(0);
-            Err(RepoError::invalid_record(
-                i,
-                format!(
-                    "vector value {at} is {}, outside the range of entity type {:?}, \
-                     declared f16 (magnitudes below 65,520)",
-                    v[at], entity_type
-                ),
-            ))
-        }
-        None => Ok(()),
-    }
 }
 
 /// Whether `entity_type` is declared f16 (for the iterator forms, which check each record as
 /// it comes).
 pub(crate) fn is_f16(call: &crate::db::call::Call<'_>, entity_type: &str) -> Result<bool> {
     call.with_conn(Retry::Idempotent, |conn| {
-        let types = [entity_type];
-        Ok(!conn
-            .client()
-            .query(F16_TYPES, &[&types.as_slice()])?
-            .is_empty())
+        Ok(!f16_types(conn.client(), &[entity_type])?.is_empty())
     })
+}
+
+/// The first value of `vector` that f16 cannot hold.
+fn first_out_of_f16_range(vector: &[f32]) -> Option<usize> {
+    vector.iter().position(|v| v.abs() >= F16_OVERFLOW)
 }
 
 /// One record of an f16 type: `InvalidInput` naming it when a value is outside f16's range.
 pub(crate) fn check_f16_record(index: usize, e: &Embedding) -> Result<()> {
-    match e.vector.iter().position(|v| v.abs() >= F16_OVERFLOW) {
+    match first_out_of_f16_range(&e.vector) {
         Some(at) => Err(RepoError::invalid_record(
             index,
             format!(

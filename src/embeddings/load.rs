@@ -331,6 +331,7 @@ pub(crate) fn load_fresh(
     }
 }
 
+/// Loads into fresh storage over `conn` alone, with FREEZE where the layout allows.
 fn load_single(
     call: &Call<'_>,
     conn: &mut PgConnection,

@@ -113,7 +113,19 @@ const MIGRATIONS: &[Migration] = &[
 /// which redefines the storage functions) after it was applied runs its statements again,
 /// and those of every later migration applied already (they redefine some of V010's
 /// functions in turn), in order.
-const HALF_SIZE_VECTORS: usize = 8;
+const HALF_SIZE_VECTORS: usize = position_of(10);
+
+/// The index in [`MIGRATIONS`] of the migration numbered `version` (at compile time).
+const fn position_of(version: i32) -> usize {
+    let mut i = 0;
+    while i < MIGRATIONS.len() {
+        if MIGRATIONS[i].version == version {
+            return i;
+        }
+        i += 1;
+    }
+    panic!("no migration has this number")
+}
 
 /// Has the schema stored any vector yet (quarantined ones included)?
 const HAS_VECTORS: &str = "SELECT EXISTS (SELECT 1 FROM embeddings) \

@@ -107,6 +107,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/V011__carry_over_by_key.sql"),
         when: When::Always,
     },
+    Migration {
+        version: 12,
+        name: "V012__load_begin_waits_its_turn_on_citus.sql",
+        sql: include_str!("../../sql/V012__load_begin_waits_its_turn_on_citus.sql"),
+        when: When::Always,
+    },
 ];
 
 /// The migration that gives each type a precision. Converting a schema to pgvector (V006,
@@ -424,11 +430,15 @@ fn apply_pending(
         }
     }
     // Read again: a migration may have added a table (pgvector's index list) to distribute.
-    if building || citus::incomplete(layout, &citus::inspect(&mut tx, schema)?) {
+    let incomplete = building || citus::incomplete(layout, &citus::inspect(&mut tx, schema)?);
+    // A migration that redefines a function sql/citus.sql configures (CREATE OR REPLACE
+    // resets a function's settings) on a distributed schema: citus.sql configures it again.
+    let redefined = layout != Layout::Local && !report.applied.is_empty();
+    if incomplete || redefined {
         citus::distribute(&mut tx, schema, layout)?;
-        if layout != Layout::Local {
-            report.distributed = Some(layout.as_str().to_owned());
-        }
+    }
+    if incomplete && layout != Layout::Local {
+        report.distributed = Some(layout.as_str().to_owned());
     }
     tx.commit()?;
     Ok(report)

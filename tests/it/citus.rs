@@ -467,3 +467,50 @@ fn a_worker_stopped_mid_load_and_mid_read_fails_typed_leaves_nothing_partial_and
         .all(|(got, e)| got.as_ref() == Some(&e.vector)));
     repo.close();
 }
+
+/// The functions sql/citus.sql runs in sequential mode keep that setting after a migration
+/// redefines one of them (CREATE OR REPLACE resets a function's settings): here the schema
+/// is put back to before V012 (its record deleted, its function's settings reset, as the
+/// redefinition leaves them) and migrated again, in both modes.
+#[test]
+fn a_migration_that_redefines_a_function_keeps_its_citus_settings() {
+    let sequential = |sql: &mut postgres::Client| -> Vec<String> {
+        sql.query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p
+             WHERE p.pronamespace = current_schema()::regnamespace
+               AND 'citus.multi_shard_modify_mode=sequential' = ANY (p.proconfig)
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    for mode in [CitusMode::RowBased, CitusMode::SchemaBased] {
+        let repo = repo(mode);
+        let mut sql = repo.sql();
+        let before = sequential(&mut sql);
+        assert!(
+            before.contains(&"embedding_load_begin(text,integer)".to_owned()),
+            "{mode:?}: {before:?}"
+        );
+        sql.batch_execute(
+            "ALTER FUNCTION embedding_load_begin(text, integer) RESET ALL;
+             DELETE FROM model_repo_migrations WHERE version = 12",
+        )
+        .unwrap();
+        assert_eq!(sequential(&mut sql).len(), before.len() - 1, "{mode:?}");
+        let report =
+            ModelRepository::migrate_with_report(&common::config(&repo.schema).citus(mode))
+                .unwrap();
+        assert_eq!(
+            report.applied,
+            vec!["V012__load_begin_waits_its_turn_on_citus.sql"],
+            "{mode:?}"
+        );
+        assert_eq!(sequential(&mut sql), before, "{mode:?}");
+        repo.replace_embeddings("t", &vectors("t", 100, 4)).unwrap();
+        assert_eq!(repo.get_all_embeddings("t").unwrap().len(), 100);
+    }
+}

@@ -484,7 +484,8 @@ fn migrate_takes_over_a_database_the_seed_built_keeping_every_row() {
             "V008__fresh_storage_loads.sql",
             "V009__models_for_every_client.sql",
             "V010__half_size_vectors.sql",
-            "V011__carry_over_by_key.sql"
+            "V011__carry_over_by_key.sql",
+            "V012__load_begin_waits_its_turn_on_citus.sql"
         ]
     );
     let takeover: &SeedTakeoverReport = report.seed_takeover.as_ref().unwrap();

@@ -23,8 +23,9 @@ use rayon::prelude::*;
 use crate::db::binary_copy::{self, io_error};
 use crate::db::pool::{begin_unbounded, PgConnection, Pool};
 use crate::embeddings::encode::{
-    cpu_threads, encode_chunk, encode_indexed, on_cpu_pool, rows_per_chunk, Prefix, Stamps,
+    cpu_threads, encode_chunk, encode_indexed, on_cpu_pool, rows_per_chunk, Prefix,
 };
+use crate::embeddings::stamps::Stamps;
 use crate::embeddings::types::{Embedding, Storage};
 use crate::error::{RepoError, Result};
 

@@ -5,6 +5,7 @@
 use std::sync::OnceLock;
 
 use crate::db::binary_copy;
+use crate::embeddings::stamps::Stamps;
 use crate::embeddings::types::{Embedding, Storage};
 use crate::error::{RepoError, Result};
 
@@ -46,17 +47,6 @@ pub(crate) enum Prefix {
     LoadId(i64),
 }
 
-/// The timestamps a rebuild writes after each record (created_at, updated_at), as
-/// PostgreSQL's binary timestamptz (microseconds since 2000-01-01 UTC): a key the type had
-/// keeps its `created_at`, a new one takes the load's time, and every row is updated now.
-#[derive(Debug)]
-pub(crate) struct Stamps {
-    /// The type's keys and their `created_at`.
-    pub(crate) created: std::collections::HashMap<String, i64>,
-    /// The load's time.
-    pub(crate) now: i64,
-}
-
 /// The binary COPY rows of `records` (entity_type, entity_id, embeddings, dimension, with
 /// the prefix in front), the vector in the storage's binary form. `first_index` is the batch
 /// index of `records[0]`: a vector with a NaN or infinite value fails the chunk with
@@ -88,8 +78,14 @@ pub(crate) fn encode_indexed<'e>(
         .clone()
         .map(|(_, e)| 40 + e.entity_type.len() + e.entity_id.len() + 4 * e.vector.len())
         .sum();
+    // The stored created_at of the chunk's keys, looked up at once (the pass that reads them
+    // may still be going).
+    let created = match stamps {
+        Some(stamps) => stamps.created_of(records.clone().map(|(_, e)| e.entity_id.as_str()))?,
+        None => Vec::new(),
+    };
     let mut out = Vec::with_capacity(size);
-    for (index, e) in records {
+    for (k, (index, e)) in records.enumerate() {
         binary_copy::row(&mut out, fields);
         if let Prefix::LoadId(id) = prefix {
             binary_copy::int8(&mut out, id);
@@ -115,8 +111,7 @@ pub(crate) fn encode_indexed<'e>(
         }
         binary_copy::int4(&mut out, e.vector.len() as i32);
         if let Some(stamps) = stamps {
-            let created = stamps.created.get(&e.entity_id).copied();
-            binary_copy::int8(&mut out, created.unwrap_or(stamps.now));
+            binary_copy::int8(&mut out, created[k]);
             binary_copy::int8(&mut out, stamps.now);
         }
     }

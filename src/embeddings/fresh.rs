@@ -6,18 +6,15 @@
 //! until the swap). A load that fails drops its table at once; one whose process died leaves
 //! it to the leftovers sweep ([`LOADS`]), which skips a table whose load id is still locked.
 
-use std::collections::HashMap;
-
 use postgres::Transaction;
 
-use crate::db::binary_copy::RowReader;
 use crate::db::commit::{settle, txid};
 use crate::db::layout::Layout;
 use crate::db::pool::{begin_unbounded, quote_ident, PgConnection, Pool};
-use crate::db::quote_literal;
 use crate::embeddings::copy_rows::{copy_in_streams, copy_in_tx, Source, Target};
-use crate::embeddings::encode::{Prefix, Stamps};
+use crate::embeddings::encode::Prefix;
 use crate::embeddings::sql::COLUMNS;
+use crate::embeddings::stamps::{with_stamps, Stamps};
 use crate::embeddings::types::Storage;
 use crate::error::{RepoError, Result};
 use crate::schema::sweep::{owner_lock_key, try_owner_lock, Leftover};
@@ -99,21 +96,22 @@ pub(crate) fn load_single(
     }
     let fresh = begin(conn, &plan)?;
     let loaded = guarded(|| {
-        let stamps = kept_stamps(conn, &plan)?;
-        let mut tx = begin_unbounded(conn)?;
-        tx.execute(TRUNCATE, &[&fresh.table])?;
-        let target = Target {
-            sql: &copy_sql(&fresh.table, true, stamps.is_some()),
-            prefix: Prefix::None,
-            stamps: stamps.as_ref(),
-            storage: plan.storage,
-        };
-        let rows = copy_in_tx(&mut tx, target, source, progress)?;
-        check_count(&plan, rows)?;
-        let xid = commit(&mut tx, &fresh, &plan)?;
-        let committed = tx.commit();
-        settle(pool, conn, "load", xid, committed)?;
-        Ok(rows)
+        kept_stamps(pool, conn, &plan, |conn, stamps| {
+            let mut tx = begin_unbounded(conn)?;
+            tx.execute(TRUNCATE, &[&fresh.table])?;
+            let target = Target {
+                sql: &copy_sql(&fresh.table, true, stamps.is_some()),
+                prefix: Prefix::None,
+                stamps,
+                storage: plan.storage,
+            };
+            let rows = copy_in_tx(&mut tx, target, source, progress)?;
+            check_count(&plan, rows)?;
+            let xid = commit(&mut tx, &fresh, &plan)?;
+            let committed = tx.commit();
+            settle(pool, conn, "load", xid, committed)?;
+            Ok(rows)
+        })
     });
     finish(pool, conn, &fresh, &plan, loaded)
 }
@@ -131,22 +129,23 @@ pub(crate) fn load_streams(
 ) -> Result<u64> {
     let fresh = begin(conn, &plan)?;
     let loaded = guarded(|| {
-        let stamps = kept_stamps(conn, &plan)?;
-        let target = Target {
-            sql: &copy_sql(&fresh.table, false, stamps.is_some()),
-            prefix: Prefix::None,
-            stamps: stamps.as_ref(),
-            storage: plan.storage,
-        };
-        let mut streams: Vec<&mut PgConnection> = vec![&mut *conn];
-        streams.extend(extra);
-        let rows = copy_in_streams(pool, streams, target, source, progress)?;
-        check_count(&plan, rows)?;
-        let mut tx = begin_unbounded(conn)?;
-        let xid = commit(&mut tx, &fresh, &plan)?;
-        let committed = tx.commit();
-        settle(pool, conn, "load", xid, committed)?;
-        Ok(rows)
+        kept_stamps(pool, conn, &plan, |conn, stamps| {
+            let target = Target {
+                sql: &copy_sql(&fresh.table, false, stamps.is_some()),
+                prefix: Prefix::None,
+                stamps,
+                storage: plan.storage,
+            };
+            let mut streams: Vec<&mut PgConnection> = vec![&mut *conn];
+            streams.extend(extra);
+            let rows = copy_in_streams(pool, streams, target, source, progress)?;
+            check_count(&plan, rows)?;
+            let mut tx = begin_unbounded(conn)?;
+            let xid = commit(&mut tx, &fresh, &plan)?;
+            let committed = tx.commit();
+            settle(pool, conn, "load", xid, committed)?;
+            Ok(rows)
+        })
     });
     finish(pool, conn, &fresh, &plan, loaded)
 }
@@ -195,37 +194,20 @@ fn copy_sql(table: &str, freeze: bool, stamps: bool) -> String {
     )
 }
 
-/// The server's clock, in PostgreSQL's binary timestamptz.
-const NOW_MICROS: &str =
-    "SELECT (extract(epoch FROM now() - timestamptz '2000-01-01 00:00:00+00') * 1000000)::int8";
-
-/// For a load that keeps the type's rows: when the type has rows, their keys' `created_at`,
-/// so the rows the load writes again keep theirs (as an upsert does) and every row it writes
-/// is updated at the same time. Read before the load (one pass over the type's keys); a key
-/// another session writes meanwhile takes the load's time.
-fn kept_stamps(conn: &mut PgConnection, plan: &Plan<'_>) -> Result<Option<Stamps>> {
-    if plan.keep != Keep::OldRows {
-        return Ok(None);
+/// Runs `work` for a load that keeps the type's rows with their keys' stored `created_at`
+/// (see `stamps`), so the rows the load writes again keep theirs (as an upsert does) and
+/// every row it writes is updated at the same time; for a refresh, or a type with no rows,
+/// with none.
+fn kept_stamps<T>(
+    pool: &Pool,
+    conn: &mut PgConnection,
+    plan: &Plan<'_>,
+    work: impl FnOnce(&mut PgConnection, Option<&Stamps>) -> Result<T>,
+) -> Result<T> {
+    match plan.keep {
+        Keep::OldRows => with_stamps(pool, conn, plan.entity_type, work),
+        Keep::Nothing => work(conn, None),
     }
-    let client = conn.unbounded_client();
-    let now: i64 = client.query_one(NOW_MICROS, &[])?.try_get(0)?;
-    let sql = format!(
-        "COPY (SELECT entity_id, created_at FROM embeddings WHERE entity_type = {}) \
-         TO STDOUT (FORMAT binary)",
-        quote_literal(plan.entity_type)
-    );
-    let mut out = client.copy_out(sql.as_str())?;
-    let mut rows = RowReader::new(&mut out, 2)?;
-    let mut created = HashMap::new();
-    while let Some(row) = rows.next_row()? {
-        let id = String::from_utf8(row[0].clone())
-            .map_err(|e| RepoError::corrupt(format!("entity_id is not UTF-8: {e}")))?;
-        let micros = <[u8; 8]>::try_from(row[1].as_slice())
-            .map(i64::from_be_bytes)
-            .map_err(|_| RepoError::corrupt("created_at is not a timestamptz"))?;
-        created.insert(id, micros);
-    }
-    Ok((!created.is_empty()).then_some(Stamps { created, now }))
 }
 
 /// Registers the type if new and creates the load's table (committed), its id locked by this

@@ -26,6 +26,7 @@ mod registry;
 mod replace;
 mod search;
 mod settings;
+mod stamps;
 mod store;
 mod types;
 mod upsert;

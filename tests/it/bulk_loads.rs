@@ -336,6 +336,126 @@ fn a_reload_keeps_created_at_and_no_dead_rows() {
     assert_eq!(dead.unwrap_or(0), 0);
 }
 
+/// A reload reads the stored created_at on a second connection while its rows go out, or
+/// first on its own when the pool has no second one free: either way every stored key keeps
+/// its created_at and every new one takes the load's time, whatever the batch's order (here
+/// reversed, new keys in between: the first rows sent are the last stored).
+#[test]
+fn a_reload_keeps_created_at_whether_read_alongside_or_first() {
+    for (label, pool_size) in [("alongside", 4), ("first", 1)] {
+        let repo = TestRepo::with_config(|c| c.pool_size(pool_size).max_overflow(0));
+        let first = uniform_batch("stamp", "k", 20_000, 8, 1.0);
+        repo.load_embeddings(&first, LoadMethod::Copy).unwrap();
+        let before = created(&repo, "stamp");
+        std::thread::sleep(Duration::from_millis(20));
+        let mut again: Vec<Embedding> = Vec::new();
+        for (i, e) in first.iter().rev().enumerate() {
+            again.push(Embedding::new("stamp", e.entity_id.clone(), vec![2.0; 8]));
+            if i % 100 == 0 {
+                again.push(Embedding::new("stamp", format!("new{i:05}"), vec![2.0; 8]));
+            }
+        }
+        for method in [LoadMethod::Copy, LoadMethod::ParallelCopy] {
+            repo.load_embeddings(&again, method).unwrap();
+            let after = created(&repo, "stamp");
+            assert_eq!(after.len(), 20_200, "{label} {method:?}");
+            for (key, stamp) in &before {
+                assert_eq!(&after[key], stamp, "{label} {method:?}: {key}");
+            }
+            let new_keys: std::collections::HashSet<&String> = after
+                .iter()
+                .filter(|(k, _)| k.starts_with("new"))
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(new_keys.len(), 1, "{label} {method:?}: one load, one time");
+            assert!(!before.values().any(|v| new_keys.contains(v)), "{label}");
+            assert_eq!(
+                values(&repo, "stamp"),
+                vec![(2.0, 20_200)],
+                "{label} {method:?}"
+            );
+        }
+    }
+}
+
+/// The second connection that reads the stored created_at of a reload dies in the middle of
+/// its pass, at every attempt (the load is retried): the reload fails typed, nothing of it is
+/// visible, no table is left, and the next reload works. (The read is caught in the act by
+/// polling pg_stat_activity; an attempt whose reads all ended before a kill landed is a reload
+/// that succeeded, and the next tries again.)
+#[test]
+fn a_reload_whose_created_at_reader_is_killed_leaves_nothing_visible() {
+    let app = format!("kill_stamps_{}", std::process::id());
+    let url = common::url_with_app_name(&app);
+    let repo = TestRepo::with_config(|c| {
+        RepositoryConfig::new(url)
+            .schema(c.schema_name())
+            .pool_size(3)
+            .max_overflow(0)
+            .reaper_interval(None)
+    });
+    let rows = 300_000;
+    repo.load_embeddings(&uniform_batch("kept", "k", rows, 2, 0.0), LoadMethod::Copy)
+        .unwrap();
+    let mut current = 0.0;
+    let mut failed = None;
+    for attempt in 1..=5 {
+        let value = attempt as f32;
+        let done = AtomicBool::new(false);
+        let (result, kills) = std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut admin = common::admin();
+                let mut kills = 0;
+                while !done.load(Ordering::Acquire) {
+                    let n: i64 = admin
+                        .query_one(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                             WHERE application_name = $1 AND state = 'active' \
+                               AND query LIKE 'COPY (SELECT entity_id, created_at%'",
+                            &[&app],
+                        )
+                        .unwrap()
+                        .get(0);
+                    kills += n;
+                }
+                kills
+            });
+            let batch = uniform_batch("kept", "k", rows, 2, value);
+            let result = repo.load_embeddings(&batch, LoadMethod::Copy);
+            done.store(true, Ordering::Release);
+            (result, watcher.join().unwrap())
+        });
+        match result {
+            Ok(_) => current = value,
+            Err(e) => {
+                assert!(kills > 0, "attempt {attempt}: {e}");
+                assert!(
+                    matches!(e, RepoError::Database(_) | RepoError::Io(_)),
+                    "attempt {attempt}: {e:?}"
+                );
+                failed = Some(e);
+            }
+        }
+        assert_eq!(
+            values(&repo, "kept"),
+            vec![(current, rows)],
+            "attempt {attempt}"
+        );
+        assert_eq!(common::storage_tables(&repo).len(), 1, "attempt {attempt}");
+        assert_eq!(loads(&repo), 0, "attempt {attempt}");
+        if failed.is_some() {
+            break;
+        }
+    }
+    assert!(
+        failed.is_some(),
+        "no attempt's reads were all caught in the act"
+    );
+    repo.load_embeddings(&uniform_batch("kept", "k", rows, 2, 9.0), LoadMethod::Copy)
+        .unwrap();
+    assert_eq!(values(&repo, "kept"), vec![(9.0, rows)]);
+}
+
 /// The created_at of every row of the type, by key.
 fn created(repo: &TestRepo, entity_type: &str) -> std::collections::HashMap<String, String> {
     repo.sql()

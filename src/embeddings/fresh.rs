@@ -68,6 +68,10 @@ pub(crate) struct Plan<'a> {
     pub(crate) layout: Layout,
     /// Rows the source holds, when known in advance (a slice): the server's count must match.
     pub(crate) expected: Option<u64>,
+    /// The type had rows when the load was planned: a load that keeps them reads their
+    /// `created_at` (see `stamps`); a type planned empty has none to keep (a key another
+    /// session writes meanwhile takes the load's time, as it would anyway).
+    pub(crate) stored: bool,
 }
 
 /// A load begun: its table, created and committed, locked by the session that began it.
@@ -196,8 +200,8 @@ fn copy_sql(table: &str, freeze: bool, stamps: bool) -> String {
 
 /// Runs `work` for a load that keeps the type's rows with their keys' stored `created_at`
 /// (see `stamps`), so the rows the load writes again keep theirs (as an upsert does) and
-/// every row it writes is updated at the same time; for a refresh, or a type with no rows,
-/// with none.
+/// every row it writes is updated at the same time; for a refresh, or a type planned with no
+/// rows, with none.
 fn kept_stamps<T>(
     pool: &Pool,
     conn: &mut PgConnection,
@@ -205,8 +209,8 @@ fn kept_stamps<T>(
     work: impl FnOnce(&mut PgConnection, Option<&Stamps>) -> Result<T>,
 ) -> Result<T> {
     match plan.keep {
-        Keep::OldRows => with_stamps(pool, conn, plan.entity_type, work),
-        Keep::Nothing => work(conn, None),
+        Keep::OldRows if plan.stored => with_stamps(pool, conn, plan.entity_type, work),
+        Keep::OldRows | Keep::Nothing => work(conn, None),
     }
 }
 

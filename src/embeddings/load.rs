@@ -228,23 +228,28 @@ fn write_batch(
     let records = batch.records;
     let one_type: Option<&TypeDim<'_>> = (batch.types.len() == 1).then(|| &batch.types[0]);
     let mut sampled_stored = None;
+    let mut has_rows = false;
     let path = choose(plan, records.len(), one_type.is_some(), || {
         let t = one_type.expect("looked at for one type only");
         let state = type_state(conn.client(), t.entity_type, records)?;
         sampled_stored = Some(state.sampled_stored);
+        has_rows = state.has_rows;
         Ok(state)
     })?;
     match path {
         Path::Fresh { streams: parallel } => {
             let t = one_type.expect("fresh storage is for one type");
-            let plan = fresh_plan(
-                call,
-                t.entity_type,
-                t.dimension,
-                Keep::OldRows,
-                storage,
-                Some(records.len() as u64),
-            );
+            let plan = fresh::Plan {
+                stored: has_rows,
+                ..fresh_plan(
+                    call,
+                    t.entity_type,
+                    t.dimension,
+                    Keep::OldRows,
+                    storage,
+                    Some(records.len() as u64),
+                )
+            };
             load_fresh(
                 call,
                 conn,
@@ -301,6 +306,7 @@ pub(crate) fn fresh_plan<'a>(
         storage,
         layout: call.layout(),
         expected,
+        stored: false,
     }
 }
 

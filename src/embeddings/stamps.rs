@@ -18,10 +18,9 @@ use crate::db::pool::{PgConnection, Pool};
 use crate::db::quote_literal;
 use crate::error::{RepoError, Result};
 
-/// The server's clock, in PostgreSQL's binary timestamptz, and whether the type has rows.
-const NOW_AND_STORED: &str =
-    "SELECT (extract(epoch FROM now() - timestamptz '2000-01-01 00:00:00+00') * 1000000)::int8, \
-            EXISTS (SELECT 1 FROM embeddings WHERE entity_type = $1)";
+/// The server's clock, in PostgreSQL's binary timestamptz.
+const NOW_MICROS: &str =
+    "SELECT (extract(epoch FROM now() - timestamptz '2000-01-01 00:00:00+00') * 1000000)::int8";
 
 /// Stored keys handed to the encoders at a time.
 const BATCH: usize = 1024;
@@ -108,20 +107,17 @@ impl Stamps {
     }
 }
 
-/// Runs `work` with the type's stored `created_at` (over `conn`), or with none when the type
-/// has no rows: read concurrently on a second connection from `pool` when one is free, else
-/// first on `conn`. The read's failure is the call's.
+/// Runs `work` (over `conn`) with the type's stored `created_at`: read concurrently on a
+/// second connection from `pool` when one is free, else first on `conn`. The read's failure
+/// is the call's.
 pub(crate) fn with_stamps<T>(
     pool: &Pool,
     conn: &mut PgConnection,
     entity_type: &str,
     work: impl FnOnce(&mut PgConnection, Option<&Stamps>) -> Result<T>,
 ) -> Result<T> {
-    let row = conn.client().query_one(NOW_AND_STORED, &[&entity_type])?;
-    let stamps = Stamps::new(row.try_get(0)?, Read::Going);
-    if !row.try_get::<_, bool>(1)? {
-        return work(conn, None);
-    }
+    let now: i64 = conn.client().query_one(NOW_MICROS, &[])?.try_get(0)?;
+    let stamps = Stamps::new(now, Read::Going);
     let Some(mut reader) = pool.try_get() else {
         read_stored(conn, entity_type, &stamps)?;
         stamps.end(Read::Done);

@@ -63,9 +63,11 @@ pub(crate) struct TypeState {
 }
 
 /// The type's state in one round trip: whether it has rows, about how many, and how many of
-/// an evenly spaced sample of the batch's keys it holds.
+/// an evenly spaced sample of the batch's keys it holds. (`LIMIT 1` inside `EXISTS` changes
+/// nothing on one server; through a Citus coordinator it is what stops each shard at its first
+/// row: without it the coordinator collected every row of the type, 200 ms for 100k.)
 const TYPE_STATE: &str = "SELECT \
-       EXISTS (SELECT 1 FROM embeddings e WHERE e.entity_type = $1), \
+       EXISTS (SELECT 1 FROM embeddings e WHERE e.entity_type = $1 LIMIT 1), \
        coalesce((SELECT greatest(c.reltuples, 0)::int8 FROM embedding_types r \
                  JOIN pg_class c ON c.oid = to_regclass(quote_ident(r.storage)) \
                  WHERE r.entity_type = $1), 0), \

@@ -176,8 +176,9 @@ fn insert_multi_row(
     Ok(())
 }
 
+/// (`LIMIT 1`: see `plan::TYPE_STATE`, for a Citus coordinator.)
 const ANY_ROWS_OF_TYPES: &str =
-    "SELECT EXISTS (SELECT 1 FROM embeddings WHERE entity_type = ANY($1::text[]))";
+    "SELECT EXISTS (SELECT 1 FROM embeddings WHERE entity_type = ANY($1::text[]) LIMIT 1)";
 
 /// The staging table of `Copy`; its vectors are of the storage's type.
 fn create_stage(storage: Storage) -> String {

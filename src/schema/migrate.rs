@@ -134,8 +134,8 @@ const fn position_of(version: i32) -> usize {
 }
 
 /// Has the schema stored any vector yet (quarantined ones included)?
-const HAS_VECTORS: &str = "SELECT EXISTS (SELECT 1 FROM embeddings) \
-     OR EXISTS (SELECT 1 FROM embeddings_quarantine)";
+const HAS_VECTORS: &str = "SELECT EXISTS (SELECT 1 FROM embeddings LIMIT 1) \
+     OR EXISTS (SELECT 1 FROM embeddings_quarantine LIMIT 1)";
 
 /// Is pgvector installed in this database, or can it be created (its files are on the
 /// server)?

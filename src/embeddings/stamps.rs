@@ -136,11 +136,22 @@ pub(crate) fn with_stamps<T>(
             read
         });
         let worked = work(conn, Some(&stamps));
-        // A failed read failed the load (its encoders stop at the first key it had not read).
-        match read.join() {
-            Ok(Ok(())) => worked,
-            Ok(Err(e)) => Err(e),
-            Err(panic) => std::panic::resume_unwind(panic),
+        let read = read
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        match (worked, read) {
+            // Every key the encoders asked for was answered before the read failed (a key it
+            // had not reached would have failed them): the load is right, and committed.
+            (Ok(rows), Err(e)) => {
+                log::debug!(
+                    "pg-model-repo: the created_at read failed after the load used it ({e})"
+                );
+                Ok(rows)
+            }
+            // A failed read failed the load (its encoders stop at the first key it had not
+            // read): its error is the cause.
+            (Err(_), Err(e)) => Err(e),
+            (worked, Ok(())) => worked,
         }
     })
 }

@@ -14,7 +14,7 @@ use crate::embeddings::copy_rows::Source;
 use crate::embeddings::declare::{check_f16_range, check_f16_record, is_f16};
 use crate::embeddings::fresh::{self, Keep};
 use crate::embeddings::parallel::load_parallel;
-use crate::embeddings::plan::{choose, type_state, Path, Plan};
+use crate::embeddings::plan::{choose, type_state, Path, Plan, TypeState};
 use crate::embeddings::registry::in_load_transaction;
 use crate::embeddings::store::{known_storage, with_storage};
 use crate::embeddings::types::{
@@ -227,20 +227,18 @@ fn write_batch(
 ) -> Result<()> {
     let records = batch.records;
     let one_type: Option<&TypeDim<'_>> = (batch.types.len() == 1).then(|| &batch.types[0]);
-    let mut sampled_stored = None;
-    let mut has_rows = false;
+    let mut seen: Option<TypeState> = None;
     let path = choose(plan, records.len(), one_type.is_some(), || {
         let t = one_type.expect("looked at for one type only");
         let state = type_state(conn.client(), t.entity_type, records)?;
-        sampled_stored = Some(state.sampled_stored);
-        has_rows = state.has_rows;
+        seen = Some(state);
         Ok(state)
     })?;
     match path {
         Path::Fresh { streams: parallel } => {
             let t = one_type.expect("fresh storage is for one type");
             let plan = fresh::Plan {
-                stored: has_rows,
+                stored: seen.is_some_and(|s| s.has_rows),
                 ..fresh_plan(
                     call,
                     t.entity_type,
@@ -276,7 +274,7 @@ fn write_batch(
                 // Only the COPY encoder checks values as it goes.
                 check_all_values(records)?;
             }
-            let direct = sampled_stored == Some(0);
+            let direct = seen.is_some_and(|s| s.sampled_stored == 0);
             in_load_transaction(conn, &batch.types, |tx| {
                 upsert(tx, batch, method, direct, storage, progress)
             })

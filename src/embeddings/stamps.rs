@@ -51,11 +51,12 @@ enum Read {
 }
 
 impl Stamps {
-    fn new(now: i64, read: Read) -> Self {
+    /// Before the pass starts.
+    fn new(now: i64) -> Self {
         Stamps {
             book: Mutex::new(Book {
                 created: HashMap::new(),
-                read,
+                read: Read::Going,
             }),
             arrived: Condvar::new(),
             now,
@@ -117,7 +118,7 @@ pub(crate) fn with_stamps<T>(
     work: impl FnOnce(&mut PgConnection, Option<&Stamps>) -> Result<T>,
 ) -> Result<T> {
     let now: i64 = conn.client().query_one(NOW_MICROS, &[])?.try_get(0)?;
-    let stamps = Stamps::new(now, Read::Going);
+    let stamps = Stamps::new(now);
     let Some(mut reader) = pool.try_get() else {
         read_stored(conn, entity_type, &stamps)?;
         stamps.end(Read::Done);
@@ -187,7 +188,7 @@ mod tests {
 
     #[test]
     fn a_key_waits_for_the_pass_and_a_new_key_takes_the_loads_time_once_it_ends() {
-        let stamps = Stamps::new(99, Read::Going);
+        let stamps = Stamps::new(99);
         std::thread::scope(|s| {
             let encoder = s.spawn(|| stamps.created_of(["b", "a", "new"].into_iter()));
             stamps.add(&mut vec![("a".to_owned(), 1)]);
@@ -200,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_failed_pass_fails_the_keys_it_had_not_reached() {
-        let stamps = Stamps::new(99, Read::Going);
+        let stamps = Stamps::new(99);
         stamps.add(&mut vec![("a".to_owned(), 1)]);
         assert_eq!(stamps.created_of(["a"].into_iter()).unwrap(), vec![1]);
         stamps.end(Read::Failed("connection lost".into()));

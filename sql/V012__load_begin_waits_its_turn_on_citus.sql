@@ -15,6 +15,7 @@ CREATE OR REPLACE FUNCTION embedding_load_begin(p_type text, p_dim integer,
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     v_method "char";
+    v_citus boolean := EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus');
 BEGIN
     PERFORM embedding_type_lock(p_type);
     SELECT r.dimension INTO registered FROM embedding_types r WHERE r.entity_type = p_type;
@@ -24,13 +25,13 @@ BEGIN
         registered := p_dim;
     END IF;
     load_id := nextval('embeddings_load_seq');
-    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+    IF v_citus THEN
         -- Before the table is made: its LIKE embeddings and its distribution beside embeddings
         -- come after every swap that started first.
         PERFORM embedding_ddl_lock();
     END IF;
     storage := embedding_storage_new(p_type, p_dim);
-    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+    IF v_citus THEN
         -- Placed beside embeddings before any row comes, so the COPY streams write straight
         -- to the nodes: by entity_id (row-based), or whole beside the schema's other tables
         -- (a distributed schema).
@@ -56,5 +57,5 @@ CREATE TABLE IF NOT EXISTS model_repo_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO model_repo_migrations (version, name, checksum)
-    VALUES (12, 'V012__load_begin_waits_its_turn_on_citus.sql', '405b718abb3e5a243690dd50f3988a7bbc3b404fb50bb48e12f463336f07aff6')
+    VALUES (12, 'V012__load_begin_waits_its_turn_on_citus.sql', '202bce446c07cc0bb84cc3e43146ffbcd2e6d34039d320478f3508f14474ad73')
     ON CONFLICT (version) DO NOTHING;
